@@ -1,0 +1,125 @@
+"""LoRA: a frozen base linear plus a trainable low-rank update.
+
+    y = base(x) + dropout(x) · Aᵀ · Bᵀ · (alpha / rank)
+
+A (rank, in) starts Kaiming-uniform, B (out, rank) starts at zero, so the adapted model
+equals the base at step 0. The base may be an `nn.Linear` or any frozen module with
+`in_features`, `out_features`, a forward, and either a `.weight` or an `add_(delta)`
+method (the quantised linears in `greentune.quant`), so LoRA, ReLoRA's merge and
+quantised bases share one code path.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+# Leaf module names per recipe target. Covers Llama/Mistral/Mixtral/Qwen2/Qwen3/OLMoE
+# naming; dense MLP names also match a Qwen2-MoE shared expert.
+TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base` with a rank-`rank` update scaled by `alpha / rank`."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        device = next(iter(base.buffers()), None)
+        ref = getattr(base, "weight", None)
+        dtype = ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float32
+        device = ref.device if isinstance(ref, torch.Tensor) else (device.device if device is not None else None)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_()
+
+    @torch.no_grad()
+    def reset_lora_(self) -> None:
+        """A ← Kaiming-uniform (as PEFT: a=√5), B ← 0: the update starts at exactly zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The dense update B·A·scale, shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        """Add the update into the base in place (dequantise → add → re-quantise for quantised bases)."""
+        delta = self.delta()
+        if hasattr(self.base, "add_"):
+            self.base.add_(delta.float())
+        else:
+            self.base.weight.add_(delta.to(self.base.weight.dtype))
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def target_names(targets: list[str]) -> set[str]:
+    names: set[str] = set()
+    for t in targets:
+        names.update(TARGET_MODULES.get(t, ()))
+    return names
+
+
+def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
+    """Freeze `model` and wrap every targeted linear in a `LoRALinear`; return the wrapped paths.
+
+    Raises UserError when no module matches (e.g. an architecture with other names).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    leaves = target_names(targets)
+    wrapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        if _leaf(name) in leaves and not isinstance(module, LoRALinear) and hasattr(module, "in_features") \
+                and ".experts." not in name:
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, _leaf(name), LoRALinear(module, rank, alpha, dropout))
+            wrapped.append(name)
+    if leaves and not wrapped:
+        raise UserError(f"LoRA targets {targets} matched no module in {type(model).__name__} "
+                        f"(looked for {sorted(leaves)})")
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def fuse_all_(model: nn.Module) -> int:
+    """Merge every LoRA update into its base and put the plain base modules back."""
+    count = 0
+    for name, module in list(lora_modules(model).items()):
+        module.fuse_()
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, _leaf(name), module.base)
+        count += 1
+    return count
+
+
+LAYER_RE = re.compile(r"\.layers\.(\d+)\.")

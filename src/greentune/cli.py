@@ -1,0 +1,105 @@
+"""The `greentune` command: parses arguments and calls the library; nothing else.
+
+A `UserError` becomes one line on stderr and exit code 2; anything else is a bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _cmd_train(ns) -> int:
+    from .pipeline import train
+
+    result = train(ns.recipe, run_dir=ns.run_dir, resume=ns.resume, progress=not ns.quiet)
+    if result.stopped:
+        print(f"stopped at step {result.steps}: {result.stopped}; continue with --resume")
+        return 0
+    ppl = f"{result.eval_ppl:.3f}" if result.eval_ppl is not None else "n/a"
+    print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s; "
+          f"eval perplexity {ppl}; run dir {result.run_dir}")
+    return 0
+
+
+def _cmd_eval(ns) -> int:
+    from .evaluate import evaluate_path
+
+    report = evaluate_path(ns.target, ns.data, max_seq_len=ns.max_seq_len, batch_size=ns.batch_size)
+    if ns.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"perplexity {report['perplexity']:.4f}  loss {report['loss']:.4f}  "
+              f"{report['tokens']:,} tokens  {report['tokens_per_s']:,.0f} tokens/s  ({report['model']})")
+    return 0
+
+
+def _cmd_demo(ns) -> int:
+    from .demo.run import run_demo
+
+    run_demo(out_dir=Path(ns.out), quick=ns.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greentune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a built-in small model and real text")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="fewer steps (for tests)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="run a recipe: reuse → adapt → train → merge → export → report")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--run-dir", default=None, help="default runs/<recipe name>")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity and tokens/s of a run or model folder on a data file")
+    p.add_argument("target", help="run dir or HF model folder")
+    p.add_argument("--data", required=True, help=".jsonl / .txt / folder of .txt")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the run's, else 512")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def _quiet_transformers(verbose: bool) -> None:
+    """transformers' own weight-loading bars and notices would drown greentune's output."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_transformers(ns.verbose)
+    try:
+        return ns.func(ns)
+    except UserError as err:
+        print(f"greentune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("greentune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

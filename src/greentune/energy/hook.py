@@ -1,0 +1,106 @@
+"""The training loop's energy hook: per-step joules in metrics, ledger intervals, the budget.
+
+Wiring (in the pipeline)::
+
+    hook = EnergyHook(meter, ledger, interval_steps=recipe.energy.interval_steps,
+                      budget_kwh=recipe.energy.budget_kwh)
+    run_training(..., hooks=[hook, ...])
+
+What it does:
+
+* every step adds to the metrics line ``joules`` (cumulative IT joules of training so
+  far, carried across `--resume` through the checkpoint) and ``step_joules`` (this
+  step's joules, including whatever the loop did since the previous step: eval,
+  checkpointing);
+* every `interval_steps` steps, and at the end or interruption, appends one ``train``
+  row to the ledger for the interval;
+* when the ledger's IT kWh (all phases, all sessions) plus the open interval reach
+  `budget_kwh`, it records the interval and asks the loop to stop, which checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from greentune.energy.ledger import J_PER_KWH, Ledger
+from greentune.energy.meter import Meter, Window
+from greentune.train.hooks import TrainHook
+
+log = logging.getLogger(__name__)
+
+_STATE_KEY = "energy.train_joules"
+
+
+class EnergyHook(TrainHook):
+    """Meters training steps into `metrics.jsonl` and `ledger.jsonl`; stops at the budget.
+
+    Args:
+        meter: the run's meter.
+        ledger: the run's ledger.
+        interval_steps: training steps per ledger row.
+        budget_kwh: IT kWh after which training stops (None: no budget).
+        phase: the ledger phase name of training rows.
+    """
+
+    def __init__(self, meter: Meter, ledger: Ledger, interval_steps: int = 10,
+                 budget_kwh: float | None = None, phase: str = "train"):
+        if interval_steps < 1:
+            raise ValueError(f"interval_steps must be >= 1, got {interval_steps}")
+        self.meter, self.ledger = meter, ledger
+        self.interval_steps, self.budget_kwh, self.phase = interval_steps, budget_kwh, phase
+        self.train_joules = 0.0          # cumulative over all sessions of this run, J
+        self.window: Window | None = None
+        self.window_steps = 0
+        self.recorded_kwh = 0.0
+        self.last_total = 0.0
+
+    def _total(self) -> float:
+        return sum(self.meter.read().values())
+
+    def on_start(self, step: int) -> None:
+        self.recorded_kwh = self.ledger.totals()["it_kwh"]
+        self.window, self.window_steps = self.meter.start(self.phase), 0
+        self.last_total = self._total()
+
+    def _flush(self) -> None:
+        if self.window is None:
+            return
+        m = self.window.end()
+        self.window = None
+        if self.window_steps:
+            row = self.ledger.record(m)
+            self.recorded_kwh += row["it_kwh"]
+        self.window_steps = 0
+
+    def after_step(self, step: int, optimizer) -> dict:
+        now = self._total()
+        step_j, self.last_total = max(0.0, now - self.last_total), now
+        self.train_joules += step_j
+        self.window_steps += 1
+        if step % self.interval_steps == 0:
+            self._flush()
+            self.window = self.meter.start(self.phase)
+        return {"joules": self.train_joules, "step_joules": step_j}
+
+    def should_stop(self) -> str | None:
+        if self.budget_kwh is None or self.window is None:
+            return None
+        open_kwh = sum(self.window.peek().values()) / J_PER_KWH
+        if self.recorded_kwh + open_kwh < self.budget_kwh:
+            return None
+        self._flush()
+        self.window = self.meter.start(self.phase)
+        msg = self.ledger.budget_message(self.budget_kwh)
+        log.warning(msg)
+        return msg
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {_STATE_KEY: torch.tensor(self.train_joules, dtype=torch.float64)}
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if _STATE_KEY in tensors:
+            self.train_joules = float(tensors[_STATE_KEY])
+
+    def on_end(self, step: int) -> None:
+        self._flush()

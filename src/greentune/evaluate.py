@@ -1,0 +1,65 @@
+"""`greentune eval`: held-out perplexity and tokens/s of a run or a model folder.
+
+A run dir is evaluated through its `merged/` model when present, else as base + adapter.
+Perplexity = exp(mean cross-entropy over the predicted tokens), with the same loss masks
+as training (prompt tokens are not scored).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .data.packing import pack
+from .data.sources import read_samples
+from .data.templates import tokenize
+from .errors import UserError
+from .models.loader import default_device, load_model, load_tokenizer
+from .train.loop import evaluate_loss
+
+
+def resolve_model(target: str | Path, device="cpu"):
+    """(model, tokenizer, description, recipe dict or None) for a run dir or model folder."""
+    target = Path(target)
+    recipe_path = target / "recipe.yaml"
+    if recipe_path.is_file():
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        if (target / "merged" / "config.json").is_file():
+            model_dir = target / "merged"
+            return load_model(model_dir, device), load_tokenizer(model_dir), f"{model_dir}", recipe
+        if (target / "adapter").is_dir():
+            from .adapters.lora import apply_lora
+            from .adapters.peft_format import load_lora_state_dict, read_adapter
+
+            base = recipe["base_model"]
+            model = load_model(base, device)
+            config, sd = read_adapter(target / "adapter")
+            lora = recipe.get("method", {}).get("lora", {})
+            apply_lora(model, lora.get("targets", ["attn", "mlp"]), config["r"], config["lora_alpha"])
+            load_lora_state_dict(model, sd, str(target / "adapter"))
+            return model, load_tokenizer(base), f"{base} + {target / 'adapter'}", recipe
+        raise UserError(f"{target}: run has no merged/ model or adapter/ yet (did it finish?)")
+    return load_model(target, device), load_tokenizer(target), str(target), None
+
+
+def load_eval_rows(path: str | Path, tokenizer, max_seq_len: int, pack_rows: bool = True):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pack(tokenize(read_samples(path), tokenizer), max_seq_len, pack=pack_rows, pad_id=pad_id)
+
+
+def evaluate_path(target: str | Path, data: str | Path, max_seq_len: int | None = None,
+                  batch_size: int = 8) -> dict:
+    """Perplexity, loss, tokens and tokens/s of `target` on `data`."""
+    device = default_device()
+    model, tokenizer, description, recipe = resolve_model(target, device)
+    if max_seq_len is None:
+        max_seq_len = (recipe or {}).get("data", {}).get("max_seq_len", 512)
+    rows = load_eval_rows(data, tokenizer, max_seq_len)
+    t0 = time.perf_counter()
+    loss, count = evaluate_loss(model, rows, batch_size, device=device)
+    seconds = time.perf_counter() - t0
+    return {"model": description, "data": str(data), "loss": loss, "perplexity": math.exp(loss),
+            "tokens": count, "seconds": seconds, "tokens_per_s": rows.n_tokens / max(seconds, 1e-9)}

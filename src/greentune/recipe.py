@@ -1,0 +1,212 @@
+"""The recipe: one YAML file, validated here and nowhere else.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is rejected
+with its name and the keys that are allowed. Defaults are declared once, on the fields.
+`load_recipe` turns every validation problem into one `UserError` line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+QuantBase = Literal["none", "q8_0", "q4_0", "q4_k", "nf4"]
+Target = Literal["attn", "mlp", "experts"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: Path = Field(description=".jsonl ({text} | {prompt, completion} | {messages}), .txt, or a folder of .txt")
+    eval: Optional[Path] = Field(None, description="held-out data; default: a seeded split of `train`")
+    max_seq_len: int = Field(512, ge=8, description="tokens per row; must not exceed the model's positions")
+    pack: bool = Field(True, description="pack short samples into full rows")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="held-out share of train documents when eval is unset")
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0, description="update scale is alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[Target] = Field(default_factory=lambda: ["attn", "mlp"], min_length=1)
+
+
+class ReloraConfig(_Strict):
+    merge_every: int = Field(200, ge=1, description="steps between merge-and-restart")
+    optimizer_prune: float = Field(0.9, ge=0, le=1, description="fraction of LoRA Adam moments zeroed by magnitude")
+    restart_warmup: int = Field(20, ge=0, description="linear LR re-warm steps after each merge")
+
+
+class MethodConfig(_Strict):
+    quant_base: QuantBase = "none"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    relora: Optional[ReloraConfig] = None
+
+
+class UpcycleConfig(_Strict):
+    experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _k_le_e(self):
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= experts ({self.experts})")
+        return self
+
+
+class MoeConfig(_Strict):
+    upcycle: Optional[UpcycleConfig] = None
+    aux_loss_coef: float = Field(0.0, ge=0)
+    router: Literal["frozen", "full"] = "frozen"
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear floor as a fraction of lr")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class EnergyConfig(_Strict):
+    region: str = "WORLD"
+    pue: Optional[float] = Field(None, ge=1.0)
+    wue_onsite: Optional[float] = Field(None, ge=0, description="litres per IT kWh")
+    grid_g_per_kwh: Optional[float] = Field(None, ge=0)
+    offsite_l_per_kwh: Optional[float] = Field(None, ge=0)
+    budget_kwh: Optional[float] = Field(None, gt=0)
+    interval_steps: int = Field(10, ge=1, description="training steps per ledger line")
+    measure_savings: bool = Field(True, description="time a short full fine-tune as the counterfactual")
+
+
+class ExportConfig(_Strict):
+    format: Literal["gguf", "mlx", "hf"]
+    quant: Optional[str] = None
+
+
+class Recipe(_Strict):
+    base_model: str
+    name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
+    trust_remote_code: bool = False
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    moe: Optional[MoeConfig] = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    energy: Optional[EnergyConfig] = None
+    export: list[ExportConfig] = Field(default_factory=list)
+
+    def dump(self) -> dict:
+        """The resolved recipe as plain YAML-able data (paths as strings)."""
+        return self.model_dump(mode="json")
+
+    def identity(self) -> dict:
+        """What makes two runs the same run: everything but the energy budget."""
+        d = self.dump()
+        if d.get("energy"):
+            d["energy"].pop("budget_kwh", None)
+        return d
+
+
+# Features whose keys parse but whose implementation has not landed yet. `check_supported`
+# refuses them loudly instead of silently ignoring them.
+UNSUPPORTED: dict[str, str] = {}
+
+
+def check_supported(recipe: Recipe) -> None:
+    """Refuse recipe keys whose feature is not implemented in this version."""
+    used = {
+        "method.quant_base": recipe.method.quant_base != "none",
+        "method.relora": recipe.method.relora is not None,
+        "method.lora.targets: experts": "experts" in recipe.method.lora.targets,
+        "moe": recipe.moe is not None,
+        "energy": recipe.energy is not None,
+        "export": bool(recipe.export),
+    }
+    for key, on in used.items():
+        if on and key in UNSUPPORTED:
+            raise UserError(f"recipe key {key} is not supported yet in this version: {UNSUPPORTED[key]}")
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Allowed keys at the parent of `loc`, for the unknown-key message."""
+    cur: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if cur is None or isinstance(part, int):
+            continue
+        field = cur.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        cur = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cur is None:
+            args = getattr(ann, "__args__", ())
+            inner = [getattr(a, "__args__", ()) for a in args]
+            for group in inner:
+                cur = next((a for a in group if isinstance(a, type) and issubclass(a, BaseModel)), None) or cur
+    return sorted(cur.model_fields) if cur is not None else []
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        allowed = _field_names(Recipe, loc)
+        return f"{source}: unknown key '{key}' (allowed here: {', '.join(allowed)})"
+    if e["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    return f"{source}: {key}: {e['msg']} (got {e.get('input')!r})"
+
+
+def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe dict; relative data/model paths resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a recipe must be a YAML mapping of keys, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_one_line(err, source)) from None
+    if base_dir is not None:
+        recipe = _resolve_paths(recipe, base_dir)
+    return recipe
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
+    def fix(p):
+        return p if p is None or Path(p).is_absolute() else (base_dir / p).resolve()
+
+    data = recipe.data.model_copy(update={"train": fix(recipe.data.train), "eval": fix(recipe.data.eval)})
+    base = recipe.base_model
+    if base.startswith((".", "/")) or (base_dir / base).exists():
+        base = str(fix(Path(base)))
+    return recipe.model_copy(update={"data": data, "base_model": base})
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file (one clear line on any problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    recipe = recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+    if recipe.name is None:
+        recipe = recipe.model_copy(update={"name": path.stem})
+    return recipe
