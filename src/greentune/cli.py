@@ -46,6 +46,21 @@ def _cmd_demo(ns) -> int:
     return 0
 
 
+def _cmd_meter(ns) -> int:
+    from .energy.command import run_meter
+
+    argv = ns.cmd[1:] if ns.cmd[:1] == ["--"] else ns.cmd
+    return run_meter(argv, region=ns.region, as_json=ns.json)
+
+
+def _cmd_report(ns) -> int:
+    from .report import write_report
+
+    json_path, html_path = write_report(Path(ns.run_dir))
+    print(f"wrote {html_path} and {json_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -70,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    from .plan.command import add_plan_arguments, run_plan
+
+    p = sub.add_parser("plan", help="memory / time / kWh / kgCO2e / litres of each technique, before running")
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan)
+
+    p = sub.add_parser("report", help="write report.html + report.json for a run dir")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("meter", help="energy, carbon and water of any command: greentune meter -- CMD ...")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text (on stderr)")
+    p.add_argument("--region", default=None, help="grid region (ISO code, default world)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    p.set_defaults(func=_cmd_meter)
     return parser
 
 

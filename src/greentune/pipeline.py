@@ -1,12 +1,14 @@
 """The pipeline, as the product describes itself:
 
 reuse a pretrained model → (quantise its frozen base) → (upcycle it to experts) → attach
-(Re)LoRA adapters → train them → merge → export → report, recording the energy of each
-phase on the way.
+(Re)LoRA adapters → train them → merge → export → report, metering the energy of every
+phase into the run's ledger on the way.
 """
 from __future__ import annotations
 
 import logging
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +17,12 @@ import yaml
 
 from .adapters.lora import apply_lora, fuse_all_
 from .adapters.peft_format import save_adapter
-from .data import build_datasets
-from .data.packing import BatchStream
+from .data import BatchStream, build_datasets
+from .energy import Factors, Ledger, Meter, describe_hardware
+from .energy.hook import EnergyHook
 from .errors import UserError
-from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
-from .models.loader import default_device, load_config, load_model, load_tokenizer, max_positions, check_model_dir
+from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
 from .recipe import Recipe, check_supported, load_recipe
 from .train.loop import LoopResult, evaluate_loss, run_training
 
@@ -35,10 +38,10 @@ class RunResult:
     eval_loss: float | None = None
     stopped: str | None = None
     outputs: dict = field(default_factory=dict)
+    energy: dict = field(default_factory=dict)
 
     @property
     def eval_ppl(self) -> float | None:
-        import math
         return math.exp(self.eval_loss) if self.eval_loss is not None else None
 
 
@@ -57,11 +60,10 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     recipe_path = run_dir / "recipe.yaml"
     if recipe_path.exists():
         try:
-            old = yaml.safe_load(recipe_path.read_text()) or {}
-        except yaml.YAMLError:
+            old = Recipe.model_validate(yaml.safe_load(recipe_path.read_text()) or {}).identity()
+        except Exception:  # an unreadable or older recipe is simply "different"
             old = {}
-        old_identity = Recipe.model_validate(old).identity() if old else {}
-        diff = _first_difference(old_identity, recipe.identity())
+        diff = _first_difference(old, recipe.identity())
         if diff:
             raise UserError(f"run dir {run_dir} belongs to a different recipe (differs at '{diff}'); "
                             "choose another --run-dir")
@@ -71,7 +73,45 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     elif resume:
         raise UserError(f"--resume: {run_dir} holds no run (no recipe.yaml)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in ("ledger.jsonl", "metrics.jsonl", "savings.json", "summary.json"):
+            (run_dir / stale).unlink(missing_ok=True)
     atomic_write_text(recipe_path, yaml.safe_dump(recipe.dump(), sort_keys=False))
+
+
+class Phases:
+    """Meters named phases of a run into its ledger: `with phases("merge"): ...`."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe):
+        e = recipe.energy
+        self.meter = Meter.auto()
+        self.ledger = Ledger(run_dir, Factors.for_region(e.region, pue=e.pue, wue_onsite=e.wue_onsite,
+                                                         grid_g_per_kwh=e.grid_g_per_kwh,
+                                                         offsite_l_per_kwh=e.offsite_l_per_kwh))
+
+    @contextmanager
+    def __call__(self, name: str):
+        with self.meter.phase(name) as window:
+            yield window
+        self.ledger.record(window.result)
+
+    def train_hook(self, recipe: Recipe) -> EnergyHook:
+        return EnergyHook(self.meter, self.ledger, recipe.energy.interval_steps, recipe.energy.budget_kwh)
+
+    def close(self) -> None:
+        self.meter.close()
+
+
+def _measure_savings(run_dir: Path, base: str, device, batch: dict, result: LoopResult, phases: Phases) -> None:
+    """The counterfactual, measured here: a few steps of full fine-tuning of the same model and batch."""
+    from .energy.savings import measure_full_finetune, save_savings, savings_table
+
+    full = measure_full_finetune(lambda: load_model(base, device=device), batch, steps=3, meter=phases.meter)
+    rows_train = [r for r in phases.ledger.rows() if r["phase"] == "train"]
+    run_joules = sum(sum(r["joules"].values()) for r in rows_train)
+    estimate = any(src == "estimate" for r in rows_train for src in r["source"].values())
+    save_savings(run_dir, full, savings_table(result.tokens, run_joules, result.seconds, full,
+                                              run_estimate=estimate))
 
 
 def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume: bool = False,
@@ -88,40 +128,59 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
     config = load_config(Path(base), recipe.trust_remote_code)
     limit = max_positions(config)
     if limit is not None and recipe.data.max_seq_len > limit:
-        raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions")
+        raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "
+                        f"({base}/config.json)")
+    Factors.for_region(recipe.energy.region)  # an unknown region fails now, not after training
     tokenizer = load_tokenizer(base, recipe.trust_remote_code)
     tcfg = recipe.train
     train_data, eval_data = build_datasets(recipe.data.train, recipe.data.eval, tokenizer, recipe.data.max_seq_len,
                                            recipe.data.pack, tcfg.seed, recipe.data.eval_fraction)
     prepare_run_dir(run_dir, recipe, resume)
 
-    device = default_device()
-    torch.manual_seed(tcfg.seed)
-    model = load_model(base, device=device, trust_remote_code=recipe.trust_remote_code)
-    lora = recipe.method.lora
-    wrapped = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA on %d modules, %d trainable parameters", len(wrapped), n_train)
+    phases = Phases(run_dir, recipe)
+    try:
+        device = default_device()
+        with phases("load"):
+            torch.manual_seed(tcfg.seed)
+            model = load_model(base, device=device, trust_remote_code=recipe.trust_remote_code)
+            lora = recipe.method.lora
+            wrapped = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA on %d modules, %d trainable parameters", len(wrapped), n_train)
 
-    stream = BatchStream(train_data, tcfg.batch_size, tcfg.seed)
-    result: LoopResult = run_training(model, stream, tcfg, run_dir, resume=resume, eval_data=eval_data,
-                                      device=device, progress=progress)
-    out = RunResult(run_dir=run_dir, steps=result.step, tokens=result.tokens, seconds=result.seconds,
-                    stopped=result.stopped)
-    if result.stopped:
+        stream = BatchStream(train_data, tcfg.batch_size, tcfg.seed)
+        first_batch = BatchStream(train_data, tcfg.batch_size, tcfg.seed).__next__()
+        result = run_training(model, stream, tcfg, run_dir, resume=resume, eval_data=eval_data, device=device,
+                              progress=progress, hooks=[phases.train_hook(recipe)])
+        out = RunResult(run_dir=run_dir, steps=result.step, tokens=result.tokens, seconds=result.seconds,
+                        stopped=result.stopped)
+        if result.stopped:
+            out.energy = phases.ledger.totals()
+            return out
+
+        adapter_dir = save_adapter(model, run_dir / "adapter", lora.rank, lora.alpha, lora.dropout, base)
+        with phases("eval"):
+            out.eval_loss, _ = evaluate_loss(model, eval_data, tcfg.batch_size, device=device)
+        with phases("merge"):
+            fuse_all_(model)
+            merged_dir = run_dir / "merged"
+            with atomic_dir(merged_dir) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+        out.outputs.update(adapter=str(adapter_dir), merged=str(merged_dir))
+        del model
+        if recipe.energy.measure_savings:
+            _measure_savings(run_dir, base, device, first_batch, result, phases)
+        out.energy = phases.ledger.totals()
+        atomic_write_json(run_dir / "summary.json", {
+            "steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "eval_loss": out.eval_loss,
+            "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
+            "outputs": out.outputs, "hardware": describe_hardware(),
+            "energy": {k: out.energy[k] for k in ("it_kwh", "facility_kwh", "kg_co2e", "water_l", "estimate")},
+        })
+        from .report import write_report
+        json_path, html_path = write_report(run_dir)
+        out.outputs.update(report=str(html_path))
         return out
-
-    adapter_dir = save_adapter(model, run_dir / "adapter", lora.rank, lora.alpha, lora.dropout, base)
-    out.eval_loss, _ = evaluate_loss(model, eval_data, tcfg.batch_size, device=device)
-    fuse_all_(model)
-    merged_dir = run_dir / "merged"
-    with atomic_dir(merged_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    out.outputs.update(adapter=str(adapter_dir), merged=str(merged_dir))
-    atomic_write_json(run_dir / "summary.json", {
-        "steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "eval_loss": out.eval_loss,
-        "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
-        "outputs": out.outputs,
-    })
-    return out
+    finally:
+        phases.close()

@@ -105,7 +105,7 @@ class Recipe(_Strict):
     method: MethodConfig = Field(default_factory=MethodConfig)
     moe: Optional[MoeConfig] = None
     train: TrainConfig = Field(default_factory=TrainConfig)
-    energy: Optional[EnergyConfig] = None
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
     export: list[ExportConfig] = Field(default_factory=list)
 
     def dump(self) -> dict:
@@ -113,10 +113,10 @@ class Recipe(_Strict):
         return self.model_dump(mode="json")
 
     def identity(self) -> dict:
-        """What makes two runs the same run: everything but the energy budget."""
+        """What makes two runs the same run: everything but the energy budget and the name."""
         d = self.dump()
-        if d.get("energy"):
-            d["energy"].pop("budget_kwh", None)
+        d.pop("name", None)
+        d["energy"].pop("budget_kwh", None)
         return d
 
 
@@ -132,7 +132,6 @@ def check_supported(recipe: Recipe) -> None:
         "method.relora": recipe.method.relora is not None,
         "method.lora.targets: experts": "experts" in recipe.method.lora.targets,
         "moe": recipe.moe is not None,
-        "energy": recipe.energy is not None,
         "export": bool(recipe.export),
     }
     for key, on in used.items():

@@ -43,7 +43,7 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
         load_recipe(p)
 
 
-def test_identity_ignores_only_the_energy_budget():
+def test_identity_ignores_only_the_energy_budget_and_name():
     a = recipe_from_dict({**BASE, "energy": {"budget_kwh": 1.0}})
     b = recipe_from_dict({**BASE, "energy": {"budget_kwh": 2.0}})
     c = recipe_from_dict({**BASE, "train": {"lr": 1.0}})

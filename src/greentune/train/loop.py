@@ -133,6 +133,8 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
                 record["grad_norm"] = grad_norm
             for h in hooks:
                 record.update(h.after_step(step, optimizer))
+            if "step_joules" in record:
+                record["j_per_token"] = record["step_joules"] / max(step_tokens, 1)
             if eval_data is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 record["eval_loss"], _ = evaluate_loss(model, eval_data, stream.batch_size, eval_batches, device)
             append_jsonl(metrics_path, record)

@@ -1,0 +1,235 @@
+"""`greentune plan`: arguments, recipe reading and printing (the CLI wires these in).
+
+    greentune plan RECIPE.yaml | --model MODEL_DIR_OR_CONFIG_OR_NAME [--tokens N]
+        [--hardware NAME|this] [--gpus N] [--power-cap-w W] [--deadline-h H] [--json]
+    greentune plan --list-models
+    greentune plan --calibrate [--hardware this]
+
+Wiring::
+
+    p = sub.add_parser("plan", help=...)
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan)
+
+`run_plan` prints and returns 0; a user mistake, or constraints nothing can meet (after
+the table is printed), raises `UserError` (one line, exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from greentune.errors import UserError
+from greentune.plan.cost import Technique
+from greentune.plan.hardware import GB
+
+log = logging.getLogger(__name__)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its model, data and training settings)")
+    p.add_argument("--model", default=None, help="catalogue name (see --list-models), config.json or model folder")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the recipe's, else 10M)")
+    p.add_argument("--hardware", default="this", help="catalogue name (H100, 4090, 'M2 Max', ...) or 'this'")
+    p.add_argument("--gpus", type=int, default=1, help="devices in the machine (default 1)")
+    p.add_argument("--memory-gb", type=float, default=None, help="override the device memory (e.g. a 64 GB M2 Max)")
+    p.add_argument("--power-cap-w", type=float, default=None, help="the machine's power limit, W")
+    p.add_argument("--deadline-h", type=float, default=None, help="wall-clock limit, hours")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: recipe, else 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: recipe, else 8)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: recipe, else 16)")
+    p.add_argument("--region", default=None, help="grid region, ISO code (default: recipe, else world)")
+    p.add_argument("--pue", type=float, default=None, help="facility / IT energy (default: recipe, else by site)")
+    p.add_argument("--wue", type=float, default=None, help="on-site litres per IT kWh (default: recipe, else by site)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--list-models", action="store_true", help="show the model catalogue and exit")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure utilisation and power with a short fine-tune on this machine and store them")
+    p.add_argument("--calibrate-seconds", type=float, default=20.0, help="length of the measured run (default 20)")
+    return p
+
+
+# ---------------------------------------------------------------- the recipe, read raw
+
+@dataclass
+class RecipeInputs:
+    """What the planner takes from a recipe (read from the raw YAML, see `read_recipe`)."""
+
+    base_model: str
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    rank: int = 16
+    targets: tuple[str, ...] = ("attn", "mlp")
+    quant_base: str = "none"
+    relora_merge_every: int | None = None
+    upcycle: tuple[int, int] | None = None
+    region: str | None = None
+    pue: float | None = None
+    wue_onsite: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.batch_size * self.grad_accum * self.seq_len
+
+    def technique(self) -> Technique:
+        method = "relora" if self.relora_merge_every else "lora"
+        parts = [("upcycle-" if self.upcycle else ""), method, f"-{self.quant_base}" if self.quant_base != "none" else ""]
+        return Technique(f"recipe: {''.join(parts)}", method, self.quant_base, self.rank, self.targets,
+                         self.upcycle, self.relora_merge_every or 200)
+
+
+def read_recipe(path: str | Path) -> RecipeInputs:
+    """The planner's inputs from a recipe YAML, read as a plain dict.
+
+    Keys read: base_model, data.max_seq_len, method.lora.rank/targets, method.quant_base,
+    method.relora.merge_every, moe.upcycle.experts/top_k, train.steps/batch_size/grad_accum,
+    energy.region/pue/wue_onsite. Defaults match greentune.recipe's. This is the one place
+    to switch to the validated pydantic recipe.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no recipe file {p}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict) or not d.get("base_model"):
+        raise UserError(f"{p}: a recipe needs `base_model`")
+
+    def sect(name):
+        v = d.get(name) or {}
+        if not isinstance(v, dict):
+            raise UserError(f"{p}: `{name}` must be a mapping")
+        return v
+
+    data, method, moe, train, energy = (sect(k) for k in ("data", "method", "moe", "train", "energy"))
+    lora = method.get("lora") or {}
+    relora = method.get("relora")
+    up = moe.get("upcycle")
+    base = str(d["base_model"])
+    if not Path(base).expanduser().exists() and (p.parent / base).exists():
+        base = str(p.parent / base)
+    try:
+        return RecipeInputs(
+            base_model=base, seq_len=int(data.get("max_seq_len", 512)), batch_size=int(train.get("batch_size", 8)),
+            grad_accum=int(train.get("grad_accum", 1)), steps=int(train.get("steps", 1000)),
+            rank=int(lora.get("rank", 16)), targets=tuple(lora.get("targets", ("attn", "mlp"))),
+            quant_base=str(method.get("quant_base", "none")),
+            relora_merge_every=int((relora or {}).get("merge_every", 200)) if relora is not None else None,
+            upcycle=(int(up.get("experts", 8)), int(up.get("top_k", 2))) if up else None,
+            region=energy.get("region"), pue=energy.get("pue"), wue_onsite=energy.get("wue_onsite"))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{p}: {e}") from None
+
+
+# ---------------------------------------------------------------- printing
+
+def _fmt_h(h: float) -> str:
+    return f"{h * 60:.1f} min" if h < 1 else f"{h:,.1f} h"
+
+
+def _num(x: float) -> str:
+    """Three significant figures at most, without scientific notation: 1,234 | 56.7 | 8.90 | 0.0123."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def format_table(result) -> str:
+    """A fixed-width table of every candidate, then the recommendation and the assumptions."""
+    r = result
+    f = r.facts
+    moe = f", {f.experts} experts top-{f.top_k}, {f.active_params / 1e9:.2f} B active" if f.is_moe else ""
+    head = [f"plan: {r.model} ({f.model_type}, {f.total_params / 1e9:.2f} B parameters{moe})",
+            f"on {r.devices}× {r.hardware.name}; {r.workload.tokens:,} tokens"
+            + (f"; power cap {r.power_cap_w:,.0f} W" if r.power_cap_w else "")
+            + (f"; deadline {r.deadline_h:g} h" if r.deadline_h else ""), ""]
+    cols = (f"{'technique':<26}{'memory GB':>10}{'(ckpt)':>8}{'trainable':>11}{'GFLOP/tok':>10}{'time':>11}"
+            f"{'IT kWh':>9}{'fac kWh':>9}{'kgCO2e':>8}{'litres':>9}  fits")
+    lines = head + [cols, "-" * len(cols)]
+    for e in r.estimates:
+        m = e.memory
+        mark = "*" if e.technique.name == r.recommended else " "
+        tr = e.trainable_params
+        tr_s = f"{tr / 1e9:.2f}B" if tr >= 1e9 else f"{tr / 1e6:.1f}M"
+        lines.append(
+            f"{mark}{e.technique.name:<25}{m['total'] / GB:>10,.1f}{m['total_checkpointed'] / GB:>8,.1f}{tr_s:>11}"
+            f"{e.flops_per_token / 1e9:>10,.1f}{_fmt_h(e.hours):>11}{_num(e.it_kwh):>9}{_num(e.facility_kwh):>9}"
+            f"{_num(e.kg_co2e):>8}{_num(e.water_l):>9}  {'yes' if e.fits else 'no: ' + '; '.join(e.reasons)}")
+    lines.append("")
+    if r.recommended:
+        e = r.get(r.recommended)
+        lines.append(f"recommended: {r.recommended} — {_fmt_h(e.hours)}, {_num(e.facility_kwh)} kWh, "
+                     f"{_num(e.kg_co2e)} kgCO2e, {_num(e.water_l)} L, {e.memory_bytes / GB:,.1f} GB"
+                     + (" with activation checkpointing" if e.checkpointing else ""))
+        for name, why in r.why_not.items():
+            lines.append(f"  not {name}: {why}")
+    else:
+        lines.append(r.what_would_have_to_change())
+    lines += ["", "assumptions:"] + [f"  - {a}" for a in r.assumptions]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the command
+
+def run_plan(ns: argparse.Namespace) -> int:
+    """Entry point for `greentune plan` (see module docstring)."""
+    from greentune.plan.catalogue import list_models_table, model_facts
+    from greentune.plan.hardware import find_hardware
+    from greentune.plan.recommend import DEFAULT_TARGETS, plan
+
+    if ns.list_models:
+        print(list_models_table())
+        return 0
+    if ns.calibrate:
+        from greentune.plan.calibrate import run_calibration, store_calibration
+        hw = find_hardware(ns.hardware)
+        if not hw.name.startswith("this"):
+            raise UserError("--calibrate measures this machine; leave --hardware unset or use 'this'")
+        cal = run_calibration(hw, seconds=ns.calibrate_seconds)
+        path = store_calibration(cal)
+        if hw.catalogue_name:   # plans that name the catalogue row (--hardware H100) use it too
+            store_calibration(replace(cal, hardware_key=find_hardware(hw.catalogue_name).key))
+        print(f"calibrated {hw.name}: utilisation {cal.utilisation:.3f} of {cal.peak_flops / 1e12:.3g} TFLOP/s, "
+              f"{cal.tokens_per_second:,.0f} tokens/s, power {cal.power_w:.1f} W ({cal.power_source}); saved to {path}")
+        return 0
+    if ns.recipe and ns.model:
+        raise UserError("give a recipe or --model, not both")
+    if not ns.recipe and not ns.model:
+        raise UserError("give a recipe YAML or --model (a catalogue name, config.json or model folder)")
+    rec = read_recipe(ns.recipe) if ns.recipe else None
+    facts, label = model_facts(rec.base_model if rec else ns.model)
+
+    def pick(cli, attr, default):
+        return cli if cli is not None else (getattr(rec, attr) if rec else default)
+
+    result = plan(
+        facts, label, tokens=ns.tokens or (rec.tokens if rec else None), hardware=ns.hardware, gpus=ns.gpus,
+        power_cap_w=ns.power_cap_w, deadline_h=ns.deadline_h, seq_len=pick(ns.seq_len, "seq_len", 512),
+        micro_batch=pick(ns.batch_size, "batch_size", 8), grad_accum=rec.grad_accum if rec else 1,
+        region=pick(ns.region, "region", None), pue=pick(ns.pue, "pue", None), wue_onsite=pick(ns.wue, "wue_onsite", None),
+        rank=pick(ns.rank, "rank", 16), targets=rec.targets if rec else DEFAULT_TARGETS,
+        merge_every=(rec.relora_merge_every or 200) if rec else 200, extra=[rec.technique()] if rec else None,
+        memory_gb=ns.memory_gb)
+    print(json.dumps(result.to_dict(), indent=2, default=str) if ns.json else format_table(result))
+    if result.recommended is None:
+        raise UserError(result.what_would_have_to_change())
+    return 0
+
+
+def plan_command(argv: list[str]) -> int:
+    """`greentune plan ARGS...` as a function: parse `argv` and run (raises UserError on bad input)."""
+    parser = argparse.ArgumentParser(prog="greentune plan", description="predict cost and fit of each technique")
+    return run_plan(add_plan_arguments(parser).parse_args(argv))

@@ -1,0 +1,144 @@
+"""`QuantLinear`: a frozen linear layer whose weight is stored packed in a block format.
+
+``y = x · Ŵᵀ + b`` where ``Ŵ = fmt.dequantize(qweight)`` is rebuilt on each forward (and again
+in backward) and never kept: the layer's memory is the packed bytes, e.g. 4.5 bits per weight
+for Q4_K, plus an optional fp32 bias. Gradients flow to the input (and the bias, if it
+requires them), never to the packed weight: LoRA adapters sit on top.
+
+Compute dtype: fp32 on CPU (whatever the input dtype; the output is cast back to it), the
+input's dtype elsewhere (bf16/fp16 on GPUs, where those are fast).
+
+`add_(delta)` merges an update into the frozen weight: dequantise → add → re-quantise in place
+(ReLoRA's merge). `raw_bytes()` is the GGUF tensor data of the weight, byte for byte.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .block import BlockFormat
+from .formats import fallback_format, get_format
+
+logger = logging.getLogger(__name__)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 on CPU (no fast bf16 units assumed), the input's floating dtype elsewhere."""
+    if x.device.type == "cpu" or not x.dtype.is_floating_point:
+        return torch.float32
+    return x.dtype
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """``x · Ŵᵀ`` that saves only the packed weight for backward, not the dequantised one.
+
+    Plain `F.linear(x, dequantize())` would keep every layer's full-precision Ŵ alive until
+    backward, i.e. the fp32 model's size, undoing the point of quantising.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, owner, key) -> torch.Tensor:   # noqa: D102
+        ctx.owner, ctx.key = owner, key
+        return F.linear(x, owner._weight(key, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):                             # noqa: D102
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        w = ctx.owner._weight(ctx.key, grad.dtype)
+        return grad @ w, None, None
+
+
+def dequant_linear(x: torch.Tensor, owner, key=None) -> torch.Tensor:
+    """``x · Ŵᵀ`` with Ŵ = ``owner._weight(key, dtype)``, x already in the compute dtype."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _DequantMatmul.apply(x, owner, key)
+    return F.linear(x, owner._weight(key, x.dtype))
+
+
+class QuantLinear(nn.Module):
+    """A frozen `nn.Linear` stored in a block format.
+
+    Attributes:
+        in_features, out_features: as nn.Linear.
+        fmt: the `BlockFormat` actually used (a fallback when the requested one's blocks do
+            not fit `in_features`, see `formats.fallback_format`).
+        qweight: uint8 buffer, ``fmt.packed_shape((out_features, in_features))``; in the
+            state dict, so checkpoints keep the (possibly merged) quantised base.
+        bias: fp32 `nn.Parameter` ``[out_features]`` (frozen) or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: "str | BlockFormat",
+                 bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.fmt = get_format(fmt)
+        shape = self.fmt.packed_shape((self.out_features, self.in_features))
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: "str | BlockFormat") -> "QuantLinear":
+        """Quantise `linear.weight` (falling back per `fallback_format`, logged) into a new layer."""
+        wanted = get_format(fmt)
+        used = fallback_format(wanted, linear.in_features)
+        if used is not wanted:
+            logger.info("in_features %d is not a multiple of %s's block %d: storing %s instead",
+                        linear.in_features, wanted.name, wanted.block_size, used.name)
+        layer = cls(linear.in_features, linear.out_features, used, bias=linear.bias is not None,
+                    device=linear.weight.device)
+        layer.load_weight_(linear.weight)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().float())
+        return layer
+
+    # ---- the weight ----------------------------------------------------------------------------
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def load_weight_(self, weight: torch.Tensor) -> None:
+        """Quantise `weight` ``[out, in]`` into this layer's buffer, in place."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
+        self.qweight.copy_(self.fmt.quantize(weight.to(self.qweight.device, torch.float32)))
+
+    def dequantize(self) -> torch.Tensor:
+        """The frozen weight as float32 ``[out_features, in_features]``."""
+        return self.fmt.dequantize(self.qweight, self.weight_shape)
+
+    def _weight(self, key, dtype: torch.dtype) -> torch.Tensor:
+        w = self.dequantize()
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    @torch.no_grad()
+    def add_(self, delta: torch.Tensor) -> "QuantLinear":
+        """``W ← Q(Ŵ + delta)`` in place; delta ``[out_features, in_features]``. Returns self."""
+        if tuple(delta.shape) != self.weight_shape:
+            raise ValueError(f"delta shape {tuple(delta.shape)} != {self.weight_shape}")
+        self.load_weight_(self.dequantize() + delta.to(self.qweight.device, torch.float32))
+        return self
+
+    def raw_bytes(self) -> torch.Tensor:
+        """The packed weight, uint8 — GGUF's tensor data for type `fmt.ggml_type`, shape
+        ``[out, in/block·type_size]`` (GGUF dims ``[in, out]``)."""
+        return self.qweight
+
+    # ---- compute ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        y = dequant_linear(x.to(dtype), self)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fmt={self.fmt.name}, bias={self.bias is not None}")

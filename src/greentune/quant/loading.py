@@ -1,0 +1,280 @@
+"""Load a Hugging Face checkpoint straight into quantised form, one tensor at a time.
+
+    model = load_quantized("models/mixtral", "q4_k")
+
+1. The model skeleton is built by transformers from the config with every *parameter* on the
+   meta device (no memory); buffers such as rotary ``inv_freq`` are computed by the modules'
+   own constructors, on CPU, as `from_pretrained` computes them.
+2. The weights `replace.plan` selects get empty packed modules (`QuantLinear`,
+   `QuantExperts3D`): their bytes are the only large allocation that lives on.
+3. Each safetensors shard is read tensor by tensor with plain file reads (not mmap: mapped
+   pages would count as resident until the file is closed) and each tensor is quantised into
+   its module, or, if it is not quantised (embeddings, norms, lm_head, routers), materialised
+   in `dtype`, then dropped. Peak memory ≈ quantised model + non-quantised weights + the
+   largest tensor (+ its fp32 copy and a few MB of quantiser work space).
+
+Checkpoint names go through transformers' own conversion mapping (`WeightRenaming`s, e.g.
+Mixtral's ``block_sparse_moe`` → ``mlp``) and `WeightConverter`s of the MoE-fusion kind
+(``experts.N.w1/w3`` → ``experts.gate_up_proj[N]``, ``experts.N.w2`` → ``down_proj[N]``; Qwen-MoE's
+``gate_proj/up_proj/down_proj`` likewise): each expert is quantised as soon as its pieces have
+arrived. Other converter operations are refused with an error naming them.
+
+The result equals ``AutoModelForCausalLM.from_pretrained(dir, dtype=dtype)`` followed by
+``quantize_model_(model, fmt, skip)``, byte for byte.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import re
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .formats import get_format
+from .replace import DEFAULT_SKIP, empty_quantized_module, install, plan, use_eager_experts
+
+logger = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+# ---- reading safetensors without mmap ------------------------------------------------------------
+
+def checkpoint_files(model_dir: "str | Path") -> list[Path]:
+    """The safetensors shard(s) of a HF model directory (single file or indexed shards)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"model directory not found: {d}")
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [d / f for f in sorted(set(weight_map.values()))]
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(d.glob("*.safetensors"))
+    if not found:
+        raise UserError(f"no .safetensors weights in {d} (greentune never loads pickled checkpoints)")
+    return found
+
+
+def _anonymous_buffer(nbytes: int) -> torch.Tensor:
+    """uint8 ``[nbytes]`` in its own anonymous memory mapping, returned to the OS as soon as the
+    tensor dies. (A malloc'ed buffer of this size would raise glibc's dynamic mmap threshold, so
+    later frees stay in the heap and the process's resident size keeps every tensor's peak.)"""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+
+
+def iter_safetensors(path: "str | Path") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from one safetensors file in storage order, each tensor read
+    into fresh memory with `readinto` (the previous one is freed as soon as it is used)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            buf = _anonymous_buffer(end - start)
+            f.seek(base + start)
+            if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
+                raise UserError(f"{path}: truncated file (tensor {name})")
+            yield name, buf.view(dtype).reshape(info["shape"])
+
+
+# ---- the skeleton -------------------------------------------------------------------------------
+
+@contextmanager
+def params_on_meta():
+    """Within the block, every parameter a module registers is moved to the meta device
+    (buffers stay real, so constructors compute them as usual)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _conversions(model):
+    """transformers' renamings and converters for this model (its `from_pretrained` uses them)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:  # pragma: no cover - older transformers: keys are module names
+        return [], []
+    transforms = get_model_conversion_mapping(model)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def _expert_fusion(converter) -> int:
+    """Number of pieces concatenated per expert for a supported MoE-fusion converter."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+    ops = list(converter.operations)
+    if (ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+            and (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1))):
+        return len(converter.source_patterns) if len(ops) == 2 else 1
+    raise UserError(f"load_quantized cannot stream checkpoint conversion {converter!r}; "
+                    "load with from_pretrained and call quantize_model_ instead")
+
+
+def _expert_index(pattern: str, key: str) -> int:
+    regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+    m = re.search(regex, key)
+    if m is None or not m.groups():
+        raise UserError(f"cannot find the expert index of {key!r} (pattern {pattern!r})")
+    return int(m.group(1))
+
+
+class _Loader:
+    """Streams checkpoint tensors into a skeleton whose quantised modules are installed."""
+
+    def __init__(self, model: nn.Module, targets, shapes: dict[str, tuple], dtype: torch.dtype):
+        self.model, self.dtype, self.shapes = model, dtype, shapes
+        self.targets = {t.key: t for t in targets}
+        self.loaded: set[str] = set()
+        self.experts_done: dict[str, set[int]] = {}
+        self.pending: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+        self.renamings, self.converters = _conversions(model)
+        self.meta_keys = {k: True for k in shapes}
+
+    def _rename(self, key: str):
+        from transformers.core_model_loading import apply_renamings, rename_source_key
+        target, pattern = rename_source_key(key, self.renamings, self.converters,
+                                            getattr(self.model, "base_model_prefix", None), self.meta_keys)
+        if pattern is None:
+            return target, None, None
+        renamed = apply_renamings(key, self.renamings)
+        for conv in self.converters:
+            if conv.rename_source_key(renamed)[1] is not None:
+                return target, conv, pattern
+        raise AssertionError(f"no converter matched {key}")  # pragma: no cover
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        target_key, conv, pattern = self._rename(key) if (self.renamings or self.converters) else (key, None, None)
+        if conv is not None:
+            self._put_piece(target_key, conv, pattern, key, tensor)
+        elif target_key in self.targets:
+            self.model.get_submodule(self.targets[target_key].module_name).load_weight_(tensor)
+            self.loaded.add(target_key)
+        elif target_key in self.shapes:
+            self._assign(target_key, tensor)
+            self.loaded.add(target_key)
+        else:
+            logger.warning("checkpoint tensor %s (→ %s) is not used by the model", key, target_key)
+
+    def _put_piece(self, target_key, conv, pattern, key, tensor) -> None:
+        n_pieces = _expert_fusion(conv)
+        e = _expert_index(pattern, key)
+        slot = self.pending.setdefault((target_key, e), {})
+        slot[conv.source_patterns.index(pattern) if n_pieces > 1 else 0] = tensor
+        if len(slot) < n_pieces:
+            return
+        w = torch.cat([slot[p] for p in range(n_pieces)], dim=0) if n_pieces > 1 else slot[0]
+        del self.pending[(target_key, e)]
+        if target_key in self.targets:
+            t = self.targets[target_key]
+            getattr(self.model.get_submodule(t.module_name), t.attr).load_expert_(e, w)
+        elif target_key in self.shapes:
+            param = self._param_for_experts(target_key)
+            param.data[e].copy_(w)
+        else:
+            logger.warning("checkpoint tensor %s (→ %s) is not used by the model", key, target_key)
+            return
+        done = self.experts_done.setdefault(target_key, set())
+        done.add(e)
+        if len(done) == self.shapes[target_key][0]:
+            self.loaded.add(target_key)
+
+    def _param_for_experts(self, key: str) -> torch.Tensor:
+        module_name, _, name = key.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        p = getattr(module, name)
+        if p.is_meta:
+            p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype), requires_grad=p.requires_grad)
+            setattr(module, name, p)
+        return p
+
+    def _assign(self, key: str, tensor: torch.Tensor) -> None:
+        module_name, _, name = key.rpartition(".")
+        module = self.model.get_submodule(module_name) if module_name else self.model
+        if tuple(tensor.shape) != tuple(self.shapes[key]):
+            raise UserError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
+                            f"the model expects {tuple(self.shapes[key])}")
+        if name in module._parameters:
+            old = module._parameters[name]
+            if old.is_meta:
+                value = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+                module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
+            else:
+                old.data.copy_(tensor)
+        else:
+            old = module._buffers[name]
+            module._buffers[name] = tensor.to(old.dtype) if old is not None else tensor
+
+
+def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.float32,
+                   skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
+    """Build a causal LM from `model_dir` with its Linear/expert weights stored in `fmt`.
+
+    Args:
+        model_dir: a local Hugging Face model directory (config.json + safetensors).
+        fmt: format name or `BlockFormat` (see `formats.get_format`).
+        dtype: dtype of the weights that are not quantised.
+        skip: substrings of module names to leave unquantised (as `quantize_model_`).
+    Returns:
+        the model, in eval mode.
+    Raises:
+        UserError: missing directory, no safetensors, or weights the model needs are absent.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fmt = get_format(fmt)
+    files = checkpoint_files(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    targets = plan(model, fmt, skip)
+    for t in targets:
+        install(model, t, empty_quantized_module(t))
+    loader = _Loader(model, targets, shapes, dtype)
+    for path in files:
+        for key, tensor in iter_safetensors(path):
+            loader.put(key, tensor)
+            del tensor
+    missing = set(shapes) - loader.loaded
+    if hasattr(model, "tie_weights"):
+        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    unfilled = [k for k in loader.targets if k not in loader.loaded]
+    if still_meta or unfilled or loader.pending:
+        names = (unfilled + still_meta + [f"{k}[{e}]" for k, e in loader.pending])[:5]
+        raise UserError(f"checkpoint in {model_dir} lacks weights the model needs, e.g. {', '.join(names)}")
+    if any(t.kind == "experts" for t in targets):
+        use_eager_experts(model)
+    model.eval()
+    return model
