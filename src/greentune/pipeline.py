@@ -17,6 +17,7 @@ import yaml
 
 from .adapters.lora import apply_lora, fuse_all_
 from .adapters.peft_format import save_adapter
+from .adapters.relora import ReLoRA
 from .data import BatchStream, build_datasets
 from .energy import Factors, Ledger, Meter, describe_hardware
 from .energy.hook import EnergyHook
@@ -149,9 +150,13 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
         log.info("LoRA on %d modules, %d trainable parameters", len(wrapped), n_train)
 
         stream = BatchStream(train_data, tcfg.batch_size, tcfg.seed)
-        first_batch = BatchStream(train_data, tcfg.batch_size, tcfg.seed).__next__()
+        first_batch = next(BatchStream(train_data, tcfg.batch_size, tcfg.seed))
+        energy_hook = phases.train_hook(recipe)
+        hooks = [energy_hook]
+        if recipe.method.relora is not None:
+            hooks.append(ReLoRA(model, recipe.method.relora, tcfg.steps, phase=energy_hook.separate_phase))
         result = run_training(model, stream, tcfg, run_dir, resume=resume, eval_data=eval_data, device=device,
-                              progress=progress, hooks=[phases.train_hook(recipe)])
+                              progress=progress, hooks=hooks)
         out = RunResult(run_dir=run_dir, steps=result.step, tokens=result.tokens, seconds=result.seconds,
                         stopped=result.stopped)
         if result.stopped:

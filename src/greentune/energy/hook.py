@@ -20,6 +20,7 @@ What it does:
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -94,6 +95,21 @@ class EnergyHook(TrainHook):
         msg = self.ledger.budget_message(self.budget_kwh)
         log.warning(msg)
         return msg
+
+    @contextmanager
+    def separate_phase(self, name: str):
+        """Meter a sub-phase inside training (e.g. a ReLoRA merge) as its own ledger row.
+
+        The open training interval is closed first and a new one opened after, and the
+        sub-phase's joules are kept out of the training joules, so nothing is counted twice.
+        """
+        self._flush()
+        with self.meter.phase(name) as window:
+            yield window
+        self.ledger.record(window.result)
+        self.recorded_kwh += window.result.total_joules / J_PER_KWH
+        self.last_total = self._total()
+        self.window = self.meter.start(self.phase)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {_STATE_KEY: torch.tensor(self.train_joules, dtype=torch.float64)}

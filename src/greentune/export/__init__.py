@@ -5,12 +5,14 @@
     write_mlx(model_dir, out_dir, bits=4, group_size=64)
     write_hf(model_or_dir, out_dir, tokenizer=...)
     export(model_dir, out_dir, "gguf", quant="q4_k_m")  # one call per recipe `export:` entry
+    llamacpp.generate(gguf_path, "prompt", max_tokens=16)  # run it in llama.cpp (xllamacpp, optional)
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from greentune.errors import UserError
+from greentune.export import llamacpp
 from greentune.export.gguf import GGUFSummary, export_gguf, write_gguf
 from greentune.export.gguf_quant import QUANTS
 from greentune.export.hf import validate_hf_dir, write_hf
@@ -47,5 +49,5 @@ def export(model_dir, out_dir, fmt: str = "gguf", **options) -> Path:
     return fn(model_dir, Path(out_dir), **options)
 
 
-__all__ = ["FORMATS", "GGUFSummary", "QUANTS", "export", "export_gguf", "validate_hf_dir", "write_gguf",
+__all__ = ["FORMATS", "GGUFSummary", "QUANTS", "export", "export_gguf", "llamacpp", "validate_hf_dir", "write_gguf",
            "write_hf", "write_mlx", "write_modelfile"]

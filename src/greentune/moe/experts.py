@@ -22,6 +22,8 @@ Weights are read through a small API, ``weight(name, e) -> [out, in]`` and
 ``dequantize_expert(e) -> [out, in]`` and ``add_(e, delta)``) can stand in for the fp32
 tensors (`set_weight_store_`). A store is dequantised one expert at a time, in the forward
 and again in the backward, so a layer's dequantised experts never all live at once.
+`greentune.quant`'s `QuantExperts3D` is such a store; `quantize_model_` may run before or
+after `replace_experts_` (it installs stores under the same attribute names either way).
 
 An optional `ExpertLoRA` (see `expert_lora.py`) adds a low-rank term per expert, applied to
 the activations: ``h = x W^T + s · (x A_e^T) B_e^T`` with ``s = alpha / r``.
@@ -270,12 +272,18 @@ class SparseExperts(nn.Module):
                 f"intermediate={self.intermediate_dim}")
 
 
+def _is_3d_weight(w) -> bool:
+    """A [E, out, in] tensor, or a store standing in for one (e.g. quant's QuantExperts3D)."""
+    if isinstance(w, torch.Tensor):
+        return w.dim() == 3
+    return hasattr(w, "dequantize_expert") and len(getattr(w, "shape", ())) == 3
+
+
 def _is_fused_experts(module: nn.Module) -> bool:
-    """An HF v5 experts module in the layout SparseExperts implements."""
+    """An HF v5 experts module (its weights may already be quantised stores)."""
     gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3):
-        return False
-    return hasattr(module, "act_fn") and not isinstance(module, SparseExperts)
+    return (_is_3d_weight(gu) and _is_3d_weight(dn) and hasattr(module, "act_fn")
+            and not isinstance(module, SparseExperts))
 
 
 def _layout_supported(module: nn.Module) -> bool:

@@ -67,7 +67,7 @@ def upcycled_state_dict(dense_sd: dict[str, torch.Tensor], num_layers: int, expe
     for i in range(num_layers):
         p = f"model.layers.{i}.mlp."
         try:
-            gate, up, down = dense_sd[p + "gate_proj.weight"], dense_sd[p + "up_proj.weight"], dense_sd[p + "down_proj.weight"]
+            gate, up, down = (dense_sd[p + f"{n}_proj.weight"] for n in ("gate", "up", "down"))
         except KeyError as err:
             raise UserError(f"cannot upcycle: dense checkpoint has no {err.args[0]}") from None
         gate_up = torch.cat([gate, up], dim=0)                                      # [2I, H]

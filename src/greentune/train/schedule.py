@@ -29,11 +29,15 @@ def envelope(step: int, lr: float, total: int, warmup: int, schedule: str, min_l
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * shape)
 
 
+def restart_factor(step: int, restart_every: int | None, restart_warmup: int) -> float:
+    """ReLoRA's jagged multiplier for 0-based `step`: 0 right after each merge, back to 1 after `restart_warmup`."""
+    if not restart_every or step < restart_every or restart_warmup <= 0:
+        return 1.0
+    since = step - (step // restart_every) * restart_every
+    return min(1.0, since / restart_warmup)
+
+
 def lr_at(step: int, lr: float, total: int, warmup: int, schedule: str, min_lr_ratio: float,
           restart_every: int | None = None, restart_warmup: int = 0) -> float:
     """The LR for 0-based `step`; with `restart_every`, ReLoRA's jagged restarts."""
-    value = envelope(step, lr, total, warmup, schedule, min_lr_ratio)
-    if restart_every and step >= restart_every and restart_warmup > 0:
-        since = step - (step // restart_every) * restart_every
-        value *= min(1.0, since / restart_warmup)
-    return value
+    return envelope(step, lr, total, warmup, schedule, min_lr_ratio) * restart_factor(step, restart_every, restart_warmup)
