@@ -61,6 +61,14 @@ def _cmd_report(ns) -> int:
     return 0
 
 
+def _cmd_upcycle(ns) -> int:
+    from .moe import upcycle
+
+    out = upcycle(ns.model_dir, ns.out, experts=ns.experts, top_k=ns.top_k, seed=ns.seed)
+    print(f"wrote a {ns.experts}-expert top-{ns.top_k} Mixtral-architecture model to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -91,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory / time / kWh / kgCO2e / litres of each technique, before running")
     add_plan_arguments(p)
     p.set_defaults(func=run_plan)
+
+    p = sub.add_parser("upcycle", help="dense Llama/Mistral checkpoint -> Mixtral-architecture MoE (same outputs at init)")
+    p.add_argument("model_dir")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="router initialisation seed")
+    p.set_defaults(func=_cmd_upcycle)
 
     p = sub.add_parser("report", help="write report.html + report.json for a run dir")
     p.add_argument("run_dir")

@@ -24,7 +24,9 @@ from .energy.hook import EnergyHook
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
-from .recipe import Recipe, check_supported, load_recipe
+from .moe import fuse_expert_lora_, prepare_moe_, upcycle
+from .moe.hook import MoEHook
+from .recipe import MoeConfig, Recipe, check_supported, load_recipe
 from .train.loop import LoopResult, evaluate_loss, run_training
 
 log = logging.getLogger(__name__)
@@ -139,20 +141,29 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
     prepare_run_dir(run_dir, recipe, resume)
 
     phases = Phases(run_dir, recipe)
+    moe = recipe.moe or MoeConfig()
+    lora = recipe.method.lora
     try:
         device = default_device()
+        if moe.upcycle is not None:
+            with phases("upcycle"):
+                target = run_dir / "upcycled"
+                if not (target / "config.json").exists():
+                    upcycle(base, target, experts=moe.upcycle.experts, top_k=moe.upcycle.top_k, seed=tcfg.seed)
+                base = str(target)
         with phases("load"):
             torch.manual_seed(tcfg.seed)
             model = load_model(base, device=device, trust_remote_code=recipe.trust_remote_code)
-            lora = recipe.method.lora
             wrapped = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
+            monitor = prepare_moe_(model, (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
+                                   router=moe.router, aux_loss_coef=moe.aux_loss_coef)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA on %d modules, %d trainable parameters", len(wrapped), n_train)
 
         stream = BatchStream(train_data, tcfg.batch_size, tcfg.seed)
         first_batch = next(BatchStream(train_data, tcfg.batch_size, tcfg.seed))
         energy_hook = phases.train_hook(recipe)
-        hooks = [energy_hook]
+        hooks = [energy_hook] + ([MoEHook(monitor)] if monitor is not None else [])
         if recipe.method.relora is not None:
             hooks.append(ReLoRA(model, recipe.method.relora, tcfg.steps, phase=energy_hook.separate_phase))
         result = run_training(model, stream, tcfg, run_dir, resume=resume, eval_data=eval_data, device=device,
@@ -166,8 +177,11 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
         adapter_dir = save_adapter(model, run_dir / "adapter", lora.rank, lora.alpha, lora.dropout, base)
         with phases("eval"):
             out.eval_loss, _ = evaluate_loss(model, eval_data, tcfg.batch_size, device=device)
+        if monitor is not None:
+            monitor.close()
         with phases("merge"):
             fuse_all_(model)
+            fuse_expert_lora_(model)
             merged_dir = run_dir / "merged"
             with atomic_dir(merged_dir) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)

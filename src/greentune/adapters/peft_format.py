@@ -19,18 +19,44 @@ from .lora import LoRALinear, lora_modules
 PREFIX = "base_model.model."
 
 
+def _moe_parts(model: torch.nn.Module) -> tuple[bool, bool]:
+    """(has expert LoRA, trains the router) — the two MoE additions to a PEFT adapter."""
+    from ..moe.experts import sparse_experts
+    from ..moe.router import find_routers
+
+    experts = any(m.lora is not None for _, m in sparse_experts(model))
+    router = any(p.requires_grad for _, r in find_routers(model) for p in r.parameters())
+    return experts, router
+
+
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-named tensors of every `LoRALinear` in `model`."""
+    """PEFT-named tensors: every `LoRALinear`, expert LoRA (`target_parameters`) and a trained router."""
     sd: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model).items():
         sd[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().clone()
         sd[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().clone()
+    experts, router = _moe_parts(model)
+    if experts:
+        from ..moe.expert_lora import expert_lora_state_dict
+        sd.update(expert_lora_state_dict(model))
+    if router:
+        from ..moe.router import router_state_dict
+        sd.update(router_state_dict(model))
     return sd
 
 
 def load_lora_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "adapter") -> None:
     mods = lora_modules(model)
     seen = set()
+    experts, router = _moe_parts(model)
+    if experts:
+        from ..moe.expert_lora import expert_lora_state_dict, load_expert_lora_state_dict
+        load_expert_lora_state_dict(model, sd)
+        seen |= set(expert_lora_state_dict(model))
+    if router:
+        from ..moe.router import load_router_state_dict, router_state_dict
+        load_router_state_dict(model, sd)
+        seen |= set(router_state_dict(model))
     for name, m in mods.items():
         for part, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
             key = f"{PREFIX}{name}.{part}.weight"
@@ -50,10 +76,18 @@ def adapter_config(model: torch.nn.Module, rank: int, alpha: float, dropout: flo
     leaves = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-        "lora_dropout": dropout, "target_modules": leaves, "bias": "none", "fan_in_fan_out": False,
+        "lora_dropout": dropout, "target_modules": leaves or None, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base_model,
     }
+    experts, router = _moe_parts(model)
+    if experts:
+        from ..moe.expert_lora import target_parameters
+        config["target_parameters"] = target_parameters(model)
+        config["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout; it only matters in training
+    if router:
+        from ..moe.router import router_modules_to_save
+        config["modules_to_save"] = router_modules_to_save(model)
     return config
 
 

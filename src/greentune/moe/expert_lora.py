@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from greentune.errors import UserError
-from greentune.moe.experts import WEIGHT_NAMES, SparseExperts, sparse_experts
+from greentune.moe.experts import WEIGHT_NAMES, sparse_experts
 
 PEFT_PREFIX = "base_model.model."
 _PEFT_PATH = {"down": "", "gate_up": "base_layer."}   # down outer wrapper, gate_up inner
@@ -182,5 +182,5 @@ def load_expert_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -
     return loaded
 
 
-__all__ = ["ExpertLoRA", "SparseExperts", "add_expert_lora_", "fuse_expert_lora_", "target_parameters",
+__all__ = ["ExpertLoRA", "add_expert_lora_", "fuse_expert_lora_", "target_parameters",
            "expert_lora_state_dict", "load_expert_lora_state_dict"]

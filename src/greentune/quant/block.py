@@ -103,6 +103,13 @@ class BlockFormat:
     def __repr__(self) -> str:
         return f"<BlockFormat {self.name}: {self.block_size} weights in {self.type_size} bytes>"
 
+    # Formats are registry singletons: copying a module that holds one keeps the same object.
+    def __copy__(self) -> "BlockFormat":
+        return self
+
+    def __deepcopy__(self, memo) -> "BlockFormat":
+        return self
+
 
 # ---- byte helpers ------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
 
     The candidate fit (scale, min) is computed from fp32 sums as in C. Its weighted squared
     error ``Σ w (s·l + m − x)²`` is expanded into those same sums (``s²Σwl² + 2smΣwl − 2sΣwlx +
-    m²Σw − 2mΣwx + Σwx²``) and combined in fp64, which saves a pass over the weights per
+    m²Σw − 2mΣwx + Σwx²``) and combined in fp64 (fp32 on MPS, which lacks fp64), which saves a pass over the weights per
     candidate; it agrees with C's direct sum to ~1e-6 relative, so only candidates whose
     errors tie to that precision can be ranked differently.
     """
@@ -54,7 +54,8 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     wx = w * x
     sum_w = w.sum(dim=1, keepdim=True)
     sum_x = wx.sum(dim=1, keepdim=True)
-    sw, sx, sxx = sum_w.double(), sum_x.double(), (wx * x).sum(dim=1, keepdim=True).double()
+    acc = torch.float32 if x.device.type == "mps" else torch.float64       # MPS has no float64
+    sw, sx, sxx = sum_w.to(acc), sum_x.to(acc), (wx * x).sum(dim=1, keepdim=True).to(acc)
 
     def sums(iscale: torch.Tensor, xm: torch.Tensor):
         l = torch.round(xm * iscale).clamp_(0, nmax)               # nearest_int(iscale*(x - min))
@@ -62,8 +63,8 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         return wl.sum(dim=1, keepdim=True), (wl * l).sum(dim=1, keepdim=True), (wl * x).sum(dim=1, keepdim=True)
 
     def error(s, m, s_l, s_l2, s_xl):
-        s, m = s.double(), m.double()
-        return s * s * s_l2.double() + 2 * s * m * s_l.double() - 2 * s * s_xl.double() \
+        s, m = s.to(acc), m.to(acc)
+        return s * s * s_l2.to(acc) + 2 * s * m * s_l.to(acc) - 2 * s * s_xl.to(acc) \
             + m * m * sw - 2 * m * sx + sxx
 
     # As in C, `min` is updated with each better candidate, and later grids are laid

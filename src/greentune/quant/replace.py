@@ -3,8 +3,9 @@
 What is quantised (`plan`):
 * every `nn.Linear` whose qualified name contains none of the `skip` substrings
   (default: ``lm_head``, ``embed_tokens``) → `QuantLinear`;
-* every 3D parameter of an experts module (class name containing "Experts", i.e. transformers
-  v5's fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``) → `QuantExperts3D`,
+* every 3D ``*_proj`` parameter of an experts module (class name containing "Experts", i.e.
+  transformers v5's fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``, or greentune's
+  `moe.experts.SparseExperts` holding them) → `QuantExperts3D`,
   registered as a submodule under the parameter's own name, so ``experts.gate_up_proj[e]``
   still yields expert e's ``[2I, H]`` weight.
 
@@ -91,7 +92,7 @@ def plan(model: nn.Module, fmt: "str | BlockFormat", skip: Iterable[str] = DEFAU
         elif is_experts_module(module):
             for pname, p in module.named_parameters(recurse=False):
                 full = f"{name}.{pname}"
-                if p.dim() == 3 and not _skipped(full, skip):
+                if p.dim() == 3 and pname.endswith("_proj") and not _skipped(full, skip):
                     targets.append(Target(name, pname, "experts", tuple(p.shape),
                                           fallback_format(wanted, p.shape[-1])))
     return targets

@@ -13,8 +13,11 @@ class TrainHook:
     def on_start(self, step: int) -> None:
         """Called once before the first step (also after a resume, with the resumed step)."""
 
-    def extra_loss(self) -> torch.Tensor | None:
-        """A term added to the loss of the micro-batch just forwarded (e.g. router aux loss)."""
+    def before_step(self, step: int) -> None:
+        """Called at the start of 0-based `step`, before its first forward."""
+
+    def extra_loss(self, batch: dict) -> torch.Tensor | None:
+        """A term added to the loss of the micro-batch `batch` just forwarded (e.g. router aux loss)."""
         return None
 
     def lr_factor(self, step: int) -> float:

@@ -104,6 +104,8 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
                 lr *= h.lr_factor(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            for h in hooks:
+                h.before_step(step)
             batch = next(stream)
             step_loss, step_tokens = 0.0, 0
             micro = _micro_batches(batch, cfg.grad_accum)
@@ -112,7 +114,7 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
                 out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"])
                 loss = out.loss
                 for h in hooks:
-                    extra = h.extra_loss()
+                    extra = h.extra_loss(mb)
                     if extra is not None:
                         loss = loss + extra
                 (loss / len(micro)).backward()
