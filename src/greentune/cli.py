@@ -69,6 +69,14 @@ def _cmd_upcycle(ns) -> int:
     return 0
 
 
+def _cmd_export(ns) -> int:
+    from .export_command import export_target
+
+    for path in export_target(Path(ns.target), ns.format, ns.quant, Path(ns.out) if ns.out else None):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -107,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="router initialisation seed")
     p.set_defaults(func=_cmd_upcycle)
+
+    p = sub.add_parser("export", help="a run or model folder to GGUF (llama.cpp/Ollama/LM Studio), MLX or merged HF")
+    p.add_argument("target", help="run dir or HF model folder")
+    p.add_argument("--format", choices=["gguf", "mlx", "hf"], default="gguf")
+    p.add_argument("--quant", default=None, help="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit | none")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export or MODEL_DIR-export)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="write report.html + report.json for a run dir")
     p.add_argument("run_dir")

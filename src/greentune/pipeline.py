@@ -24,6 +24,8 @@ from .energy.hook import EnergyHook
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
+from .quant import load_quantized
+from .quant.dequantize import dequantize_model_
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
 from .moe.hook import MoEHook
 from .recipe import MoeConfig, Recipe, check_supported, load_recipe
@@ -117,6 +119,54 @@ def _measure_savings(run_dir: Path, base: str, device, batch: dict, result: Loop
                                               run_estimate=estimate))
 
 
+TRAINED_BYTES = "trained-base.safetensors"
+
+
+def save_trained_bytes(path: Path, packed: dict[str, tuple]) -> None:
+    """The quantised base's block bytes (uint8) with their GGML types in the metadata."""
+    from safetensors.torch import save
+
+    from .fsutil import atomic_write_bytes
+    tensors = {k: v.contiguous() for k, (_, v) in packed.items()}
+    atomic_write_bytes(path, save(tensors, metadata={k: t.name for k, (t, _) in packed.items()}))
+
+
+def load_trained_bytes(path: Path) -> dict[str, tuple]:
+    import gguf
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        return {k: (gguf.GGMLQuantizationType[meta[k]], f.get_tensor(k)) for k in f.keys()}
+
+
+# A GGUF export reuses the training bytes when the base was trained in that export's format.
+_GGUF_BASE_FORMAT = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k"}
+
+
+def _same_format(quant_base: str, item) -> bool:
+    return item.format == "gguf" and _GGUF_BASE_FORMAT.get(item.quant or "q4_k_m") == quant_base
+
+
+def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
+                 prequantized: dict | None = None) -> Path:
+    """One `export:` entry. GGUF from the in-memory merged model, so that `prequantized` (the
+    base's training bytes, keyed by its state-dict names) is written byte for byte."""
+    from .export import export, write_gguf, write_modelfile
+
+    if fmt == "gguf":
+        quant = quant or "q4_k_m"
+        source = model if model is not None else merged_dir
+        path = write_gguf(source, out_dir / f"model-{quant}.gguf", quant, tokenizer=tokenizer,
+                          prequantized=prequantized or None)
+        write_modelfile(path, merged_dir)
+        return path
+    if fmt == "mlx":
+        bits = None if quant in ("none", "f32", "f16", "fp16") else 4
+        return export(merged_dir, out_dir, "mlx", bits=bits)
+    return export(merged_dir, out_dir, fmt)
+
+
 def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume: bool = False,
           progress: bool = True) -> RunResult:
     """Run a recipe end to end; returns where everything went and the final eval loss."""
@@ -151,9 +201,15 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
                 if not (target / "config.json").exists():
                     upcycle(base, target, experts=moe.upcycle.experts, top_k=moe.upcycle.top_k, seed=tcfg.seed)
                 base = str(target)
-        with phases("load"):
-            torch.manual_seed(tcfg.seed)
-            model = load_model(base, device=device, trust_remote_code=recipe.trust_remote_code)
+        quant = recipe.method.quant_base
+        torch.manual_seed(tcfg.seed)
+        if quant != "none":
+            with phases("quantise"):  # streams the checkpoint, quantising each weight as it arrives
+                model = load_quantized(base, quant).to(device)
+        else:
+            with phases("load"):
+                model = load_model(base, device=device, trust_remote_code=recipe.trust_remote_code)
+        with phases("adapt"):
             wrapped = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
             monitor = prepare_moe_(model, (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
                                    router=moe.router, aux_loss_coef=moe.aux_loss_coef)
@@ -180,13 +236,21 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
         if monitor is not None:
             monitor.close()
         with phases("merge"):
-            fuse_all_(model)
+            fuse_all_(model)             # into a quantised base: dequantise → add → re-quantise
             fuse_expert_lora_(model)
+            trained_bytes = dequantize_model_(model)  # the block bytes the base was trained in
+            if trained_bytes:
+                save_trained_bytes(run_dir / TRAINED_BYTES, trained_bytes)
             merged_dir = run_dir / "merged"
             with atomic_dir(merged_dir) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
         out.outputs.update(adapter=str(adapter_dir), merged=str(merged_dir))
+        for item in recipe.export:
+            with phases("export"):
+                path = export_model(model, tokenizer, merged_dir, run_dir / "export", item.format, item.quant,
+                                    trained_bytes if _same_format(quant, item) else None)
+            out.outputs.setdefault("export", []).append(str(path))
         del model
         if recipe.energy.measure_savings:
             _measure_savings(run_dir, base, device, first_batch, result, phases)

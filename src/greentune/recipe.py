@@ -94,7 +94,17 @@ class EnergyConfig(_Strict):
 
 class ExportConfig(_Strict):
     format: Literal["gguf", "mlx", "hf"]
-    quant: Optional[str] = None
+    quant: Optional[str] = Field(None, description="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); "
+                                                   "mlx: 4bit (default) | none")
+
+    @model_validator(mode="after")
+    def _known_quant(self):
+        allowed = {"gguf": {None, "f32", "f16", "q8_0", "q4_0", "q4_k_m"}, "mlx": {None, "4bit", "none"},
+                   "hf": {None}}[self.format]
+        if self.quant not in allowed:
+            names = ", ".join(sorted(a for a in allowed if a)) or "none"
+            raise ValueError(f"quant {self.quant!r} is not one of {names} for format {self.format}")
+        return self
 
 
 class Recipe(_Strict):

@@ -1,0 +1,42 @@
+"""`greentune export RUN_DIR|MODEL_DIR --format gguf|mlx|hf [--quant Q] [--out DIR]`.
+
+A run dir exports its `merged/` model. When the run trained on a quantised base in the
+GGUF format asked for (q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k ↔ q4_k_m), the base tensors are
+written from the run's saved training bytes, byte for byte, not quantised a second time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .recipe import ExportConfig
+
+
+def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
+    from pydantic import ValidationError
+
+    from .models.loader import check_model_dir, load_model, load_tokenizer
+    from .pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
+
+    try:
+        item = ExportConfig(format=fmt, quant=quant)
+    except ValidationError as err:
+        raise UserError(f"--quant: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    if (target / "recipe.yaml").is_file():
+        model_dir = target / "merged"
+        if not (model_dir / "config.json").is_file():
+            raise UserError(f"{target}: the run has no merged/ model yet (did it finish?)")
+        quant_base = (yaml.safe_load((target / "recipe.yaml").read_text()) or {}).get("method", {}).get(
+            "quant_base", "none")
+        out = out or target / "export"
+        trained = target / TRAINED_BYTES
+        prequantized = load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None
+    else:
+        model_dir, prequantized = target, None
+        out = out or target.with_name(target.name + "-export")
+    check_model_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
+    return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]
