@@ -14,6 +14,7 @@ as `GGML_FP32_TO_FP16` does.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -23,9 +24,47 @@ try:  # gguf is a dependency; only the type enum is used here.
 except ImportError:  # pragma: no cover - gguf is in pyproject's dependencies
     GGMLQuantizationType = None  # type: ignore[assignment,misc]
 
-#: Target number of fp32 elements processed per chunk by the search-based quantisers, so
-#: their working memory stays ~ a few MB whatever the tensor size (streaming loads rely on it).
+#: Target number of fp32 elements processed per chunk by the search-based quantisers (K-quants)
+#: on one CPU thread, so their working memory stays ~ a few MB whatever the tensor size
+#: (streaming loads rely on it). See `chunk_elements` for other cases.
 CHUNK_ELEMENTS = 1 << 16
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements per quantiser chunk: `CHUNK_ELEMENTS` on CPU, 2^22 on accelerators (where
+    kernel launches, not memory, bound the many small ops)."""
+    return CHUNK_ELEMENTS if device.type == "cpu" else 1 << 22
+
+
+def map_chunks(fn, blocks: torch.Tensor, out: torch.Tensor, per_chunk: int) -> torch.Tensor:
+    """``out[sl] = fn(blocks[sl])`` over row chunks of `per_chunk` rows.
+
+    On CPU the chunks are spread over `torch.get_num_threads()` Python worker threads, each
+    running torch ops on one thread. The K-quant searches are hundreds of small ops per chunk;
+    splitting each op over OpenMP threads costs a synchronisation per op, which on a busy
+    machine dominates (measured on a shared 2-core box, Q4_K of 4096×14336: 16 s on one
+    thread, 260 s with two intra-op threads). Workers on separate chunks need no such sync.
+    """
+    slices = list(chunks(blocks.shape[0], per_chunk))
+    workers = min(torch.get_num_threads(), len(slices))
+    if blocks.device.type != "cpu" or workers <= 1:
+        for sl in slices:
+            out[sl] = fn(blocks[sl])
+        return out
+
+    def run(part):
+        torch.set_num_threads(1)           # this worker thread's intra-op pool
+        for sl in part:
+            out[sl] = fn(blocks[sl])
+
+    parts = [slices[i::workers] for i in range(workers)]
+    caller_threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, parts))
+    finally:
+        torch.set_num_threads(caller_threads)
+    return out
 
 
 class BlockFormat:

@@ -162,8 +162,9 @@ def _expert_index(pattern: str, key: str) -> int:
 class _Loader:
     """Streams checkpoint tensors into a skeleton whose quantised modules are installed."""
 
-    def __init__(self, model: nn.Module, targets, shapes: dict[str, tuple], dtype: torch.dtype):
-        self.model, self.dtype, self.shapes = model, dtype, shapes
+    def __init__(self, model: nn.Module, targets, shapes: dict[str, tuple], dtype: torch.dtype,
+                 device: torch.device):
+        self.model, self.dtype, self.shapes, self.device = model, dtype, shapes, device
         self.targets = {t.key: t for t in targets}
         self.loaded: set[str] = set()
         self.experts_done: dict[str, set[int]] = {}
@@ -224,7 +225,8 @@ class _Loader:
         module = self.model.get_submodule(module_name)
         p = getattr(module, name)
         if p.is_meta:
-            p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype), requires_grad=p.requires_grad)
+            p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype, device=self.device),
+                             requires_grad=p.requires_grad)
             setattr(module, name, p)
         return p
 
@@ -237,17 +239,17 @@ class _Loader:
         if name in module._parameters:
             old = module._parameters[name]
             if old.is_meta:
-                value = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+                value = tensor.to(self.device, self.dtype if tensor.is_floating_point() else tensor.dtype)
                 module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
             else:
                 old.data.copy_(tensor)
         else:
             old = module._buffers[name]
-            module._buffers[name] = tensor.to(old.dtype) if old is not None else tensor
+            module._buffers[name] = tensor.to(self.device, old.dtype if old is not None else tensor.dtype)
 
 
 def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.float32,
-                   skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
+                   skip: Iterable[str] = DEFAULT_SKIP, device: "str | torch.device | None" = None) -> nn.Module:
     """Build a causal LM from `model_dir` with its Linear/expert weights stored in `fmt`.
 
     Args:
@@ -255,6 +257,9 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
         fmt: format name or `BlockFormat` (see `formats.get_format`).
         dtype: dtype of the weights that are not quantised.
         skip: substrings of module names to leave unquantised (as `quantize_model_`).
+        device: where tensors are quantised and the model lives (default CPU). On a GPU the
+            K-quant searches run as large batched kernels (not measured here), and host
+            memory only ever holds one checkpoint tensor.
     Returns:
         the model, in eval mode.
     Raises:
@@ -263,6 +268,7 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fmt = get_format(fmt)
+    device = torch.device(device if device is not None else "cpu")
     files = checkpoint_files(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     with params_on_meta():
@@ -270,8 +276,8 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     targets = plan(model, fmt, skip)
     for t in targets:
-        install(model, t, empty_quantized_module(t))
-    loader = _Loader(model, targets, shapes, dtype)
+        install(model, t, empty_quantized_module(t, device=device))
+    loader = _Loader(model, targets, shapes, dtype, device)
     for path in files:
         for key, tensor in iter_safetensors(path):
             loader.put(key, tensor)
@@ -286,6 +292,7 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
         raise UserError(f"checkpoint in {model_dir} lacks weights the model needs, e.g. {', '.join(names)}")
     if any(t.kind == "experts" for t in targets):
         use_eager_experts(model)
+    model.to(device)                                # the constructor-made buffers (rotary tables)
     model.eval()
     release_free_memory()
     return model

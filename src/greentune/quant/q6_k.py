@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .block import (CHUNK_ELEMENTS, BlockFormat, GGMLQuantizationType, chunks, f16_bytes,
-                    f16_round, f16_value, nearest_int)
+from .block import (BlockFormat, GGMLQuantizationType, chunk_elements, f16_bytes,
+                    f16_round, f16_value, map_chunks, nearest_int)
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15
@@ -75,9 +75,7 @@ class Q6_K(BlockFormat):
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         out = torch.empty(blocks.shape[0], self.type_size, dtype=torch.uint8, device=blocks.device)
-        for sl in chunks(blocks.shape[0], CHUNK_ELEMENTS // QK_K):
-            out[sl] = self._quantize_chunk(blocks[sl])
-        return out
+        return map_chunks(self._quantize_chunk, blocks, out, chunk_elements(blocks.device) // QK_K)
 
     def _quantize_chunk(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
