@@ -15,10 +15,16 @@ def test_demo_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     ppl = summary["perplexity"]
-    base, lora, scratch = (next(v for k, v in ppl.items() if k.startswith(p)) for p in ("base", "base + LoRA", "from scratch"))
-    assert lora < base  # fine-tuning on the client's text helps
-    assert lora < scratch  # reuse beats starting from nothing with the same steps
+    base, lora, moe = (next(v for k, v in ppl.items() if k.startswith(p)) for p in ("base (", "base + LoRA", "upcycled"))
+    # --quick is a smoke run (a 60-step base, 20 fine-tuning steps): fine-tuning must still help;
+    # "reuse beats from-scratch" needs the full demo's steps (README) and is not asserted here.
+    assert lora < base and moe < base
     assert "Held-out perplexity" in r.stdout
     run = tmp_path / "demo" / "lora"
-    for name in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "ledger.jsonl", "report.html"):
+    for name in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "ledger.jsonl", "report.html",
+                 "export/model-q4_k_m.gguf", "export/model-q4_k_m.Modelfile"):
         assert (run / name).exists(), name
+    phases = {json.loads(l)["phase"] for l in (run / "ledger.jsonl").read_text().splitlines()}
+    assert {"load", "train", "merge", "export", "generate"} <= phases
+    moe_phases = {json.loads(l)["phase"] for l in (tmp_path / "demo" / "moe" / "ledger.jsonl").read_text().splitlines()}
+    assert {"upcycle", "quantise", "train", "merge"} <= moe_phases

@@ -85,7 +85,50 @@ def client_data(out_dir: Path) -> tuple[Path, Path]:
     return _write_jsonl(out_dir / "data" / "train.jsonl", train), _write_jsonl(out_dir / "data" / "eval.jsonl", held_out)
 
 
+def _recipe(out_dir: Path, name: str, base: Path, train_path: Path, eval_path: Path, steps: int, **sections) -> Path:
+    recipe = {
+        "base_model": str(base), "name": name,
+        "data": {"train": str(train_path), "eval": str(eval_path), "max_seq_len": SEQ_LEN, "pack": True},
+        "method": {"lora": {"rank": 16, "alpha": 32, "targets": ["attn", "mlp"]}},
+        "train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup": 10, "schedule": "cosine",
+                  "seed": 0, "checkpoint_every": max(10, steps // 3)},
+        **sections,
+    }
+    path = out_dir / f"{name}.yaml"
+    atomic_write_text(path, f"# greentune train {path}\n" + yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _fresh_or_resume(run_dir: Path) -> bool:
+    """Resume an interrupted demo run; start over after a finished one."""
+    if (run_dir / "summary.json").exists():
+        import shutil
+        shutil.rmtree(run_dir)
+        return False
+    return (run_dir / "checkpoints").exists()
+
+
+def _generate(run_dir: Path, gguf_path: Path, prompt: str) -> str | None:
+    """A few greedy tokens from the exported GGUF in llama.cpp, metered into the run's ledger."""
+    from ..energy import Factors, Ledger, Meter
+    from ..export import llamacpp
+
+    if not llamacpp.available():
+        print("[demo] (llama.cpp binding xllamacpp not installed: skipping generation)")
+        return None
+    meter = Meter.auto()
+    try:
+        with meter.phase("generate") as window:
+            text = llamacpp.generate(gguf_path, prompt, max_tokens=24).text
+        Ledger(run_dir, Factors.for_region(None)).record(window.result)
+    finally:
+        meter.close()
+    return text
+
+
 def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: bool = True) -> dict:
+    """Base → LoRA fine-tune (+ GGUF export, llama.cpp) vs from scratch; then the MoE path:
+    upcycle the base to 4 experts, quantise it, train attention + expert LoRA with ReLoRA."""
     from ..evaluate import evaluate_path
     from ..pipeline import train
 
@@ -94,24 +137,14 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
     base = build_base(progress=progress, steps=60 if quick else 300)
     train_path, eval_path = client_data(out_dir)
     steps = 20 if quick else 150
-    recipe = {
-        "base_model": str(base), "name": "demo-lora",
-        "data": {"train": str(train_path), "eval": str(eval_path), "max_seq_len": SEQ_LEN, "pack": True},
-        "method": {"lora": {"rank": 16, "alpha": 32, "targets": ["attn", "mlp"]}},
-        "train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup": 10, "schedule": "cosine",
-                  "seed": 0, "checkpoint_every": max(10, steps // 3)},
-    }
-    recipe_path = out_dir / "demo-lora.yaml"
-    atomic_write_text(recipe_path, "# greentune train " + str(recipe_path) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
-    lora_dir = out_dir / "lora"
-    resume = (lora_dir / "checkpoints").exists() and not (lora_dir / "summary.json").exists()
-    if (lora_dir / "summary.json").exists():
-        import shutil
-        shutil.rmtree(lora_dir)
-    print(f"[demo] LoRA fine-tune of the reused base on the client's code: {steps} steps")
-    result = train(recipe_path, run_dir=lora_dir, resume=resume, progress=progress)
 
-    print(f"[demo] baseline: the same architecture trained from scratch on the client's data, {steps} steps")
+    print(f"[demo] 1/3 LoRA fine-tune of the reused base on the client's code: {steps} steps, then GGUF q4_k_m")
+    lora_dir = out_dir / "lora"
+    recipe = _recipe(out_dir, "demo-lora", base, train_path, eval_path, steps,
+                     export=[{"format": "gguf", "quant": "q4_k_m"}])
+    lora = train(recipe, run_dir=lora_dir, resume=_fresh_or_resume(lora_dir), progress=progress)
+
+    print(f"[demo] 2/3 baseline: the same architecture trained from scratch on the client's data, {steps} steps")
     scratch_dir = out_dir / "scratch-init"
     from ..models.loader import load_tokenizer
     tok = load_tokenizer(base)
@@ -123,16 +156,56 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
         scratch_model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
+    moe_steps = 10 if quick else 60
+    print(f"[demo] 3/3 all four techniques: upcycle the base to 4 experts (top-2), quantise it to q4_0, "
+          f"train attention + expert LoRA with ReLoRA merges: {moe_steps} steps")
+    moe_dir = out_dir / "moe"
+    moe_recipe = _recipe(out_dir, "demo-moe", base, train_path, eval_path, moe_steps,
+                         method={"quant_base": "q4_0", "lora": {"rank": 16, "alpha": 32, "targets": ["attn", "experts"]},
+                                 "relora": {"merge_every": max(5, moe_steps // 2), "optimizer_prune": 0.9,
+                                            "restart_warmup": 5}},
+                         moe={"upcycle": {"experts": 4, "top_k": 2}, "aux_loss_coef": 0.01, "router": "full"},
+                         energy={"measure_savings": False})
+    moe = train(moe_recipe, run_dir=moe_dir, resume=_fresh_or_resume(moe_dir), progress=progress)
+
     rows = {
-        "base (reused, no fine-tune)": evaluate_path(base, eval_path, max_seq_len=SEQ_LEN),
-        f"base + LoRA fine-tune ({steps} steps)": evaluate_path(lora_dir, eval_path, max_seq_len=SEQ_LEN),
-        f"from scratch ({steps} steps)": evaluate_path(out_dir / "scratch-model", eval_path, max_seq_len=SEQ_LEN),
+        "base (reused, no fine-tune)": evaluate_path(base, eval_path, max_seq_len=SEQ_LEN)["perplexity"],
+        f"base + LoRA ({steps} steps)": lora.eval_ppl,
+        f"from scratch ({steps} steps)": evaluate_path(out_dir / "scratch-model", eval_path,
+                                                       max_seq_len=SEQ_LEN)["perplexity"],
+        f"upcycled 4x MoE, q4_0 base, expert LoRA + ReLoRA ({moe_steps} steps)": moe.eval_ppl,
     }
+    gguf_path = Path(lora.outputs["export"][0])
+    sample = _generate(lora_dir, gguf_path, "def read_file(path):\n")
+
     print("\nHeld-out perplexity on the client's text (stdlib source files not seen in training):")
-    for name, r in rows.items():
-        print(f"  {name:<36} {r['perplexity']:10.2f}")
-    summary = {"perplexity": {k: v["perplexity"] for k, v in rows.items()}, "steps": steps,
-               "seconds": round(time.perf_counter() - t_start, 1), "lora_run": str(lora_dir)}
+    for name, ppl in rows.items():
+        print(f"  {name:<72} {ppl:10.2f}")
+    if sample is not None:
+        print(f"\nllama.cpp running {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB), greedy:")
+        print("  def read_file(path):\n" + "  " + sample.replace("\n", "\n  "))
+    _print_energy(lora_dir)
+    summary = {"perplexity": rows, "steps": steps, "moe_steps": moe_steps,
+               "seconds": round(time.perf_counter() - t_start, 1), "lora_run": str(lora_dir), "moe_run": str(moe_dir),
+               "gguf": str(gguf_path), "sample": sample}
     atomic_write_text(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
-    print(f"\n[demo] done in {summary['seconds']:.0f} s; LoRA run dir {lora_dir}")
+    print(f"\n[demo] done in {summary['seconds']:.0f} s; reports: {lora_dir / 'report.html'}, {moe_dir / 'report.html'}")
     return summary
+
+
+def _print_energy(run_dir: Path) -> None:
+    """The LoRA run's bill and what it saved against a measured full fine-tune."""
+    from ..energy import Factors, Ledger
+
+    totals = Ledger(run_dir, Factors.for_region(None)).totals()
+    tag = " (estimate: no energy counter on this machine)" if totals["estimate"] else ""
+    print(f"\nEnergy of the LoRA run, all phases{tag}:")
+    print(f"  {totals['it_kwh'] * 1000:.3f} Wh IT, {totals['facility_kwh'] * 1000:.3f} Wh facility, "
+          f"{totals['kg_co2e'] * 1000:.3f} gCO2e, {totals['water_l'] * 1000:.2f} mL water (world grid)")
+    savings = run_dir / "savings.json"
+    if savings.exists():
+        data = json.loads(savings.read_text())
+        for row in data["rows"]:
+            pct = row["saved_pct"]
+            if pct is not None:
+                print(f"  {row['quantity']}: saved {pct:.0f} % vs full fine-tuning ({row['method']})")
