@@ -11,6 +11,13 @@ from greentune.demo import corpus
 from greentune.models import tiny
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Calibrations and the demo base go to a temporary cache, never the user's (subprocesses inherit it)."""
+    import os
+    os.environ["GREENTUNE_CACHE"] = str(tmp_path_factory.mktemp("greentune-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -167,6 +167,30 @@ def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, qu
     return export(merged_dir, out_dir, fmt)
 
 
+def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger) -> dict:
+    """This run's measured speed and power as a planner calibration: written to the run dir
+    and stored for this machine, so the next `greentune plan` starts from what was measured."""
+    from dataclasses import asdict
+
+    from .models.facts import arch_facts
+    from .plan.calibrate import record_observation
+    from .plan.cost import Technique
+    from .plan.hardware import detect_this
+
+    lora, relora, moe = recipe.method.lora, recipe.method.relora, recipe.moe
+    upcycle_to = (moe.upcycle.experts, moe.upcycle.top_k) if moe and moe.upcycle else None
+    technique = Technique("observed run", "relora" if relora else "lora", recipe.method.quant_base, lora.rank,
+                          tuple(lora.targets), upcycle_to, relora.merge_every if relora else 200)
+    rows = [r for r in ledger.rows() if r["phase"] == "train"]
+    joules = sum(sum(r["joules"].values()) for r in rows) if rows else None
+    sources = sorted({s for r in rows for s in r["source"].values()})
+    cal = record_observation(detect_this(), arch_facts(Path(dense_base)), technique, recipe.data.max_seq_len,
+                             result.tokens, result.seconds, joules, power_source="+".join(sources) or "ledger")
+    data = asdict(cal)
+    atomic_write_json(run_dir / "calibration.json", data)
+    return data
+
+
 def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume: bool = False,
           progress: bool = True) -> RunResult:
     """Run a recipe end to end; returns where everything went and the final eval loss."""
@@ -255,6 +279,7 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
         if recipe.energy.measure_savings:
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
+        record_for_planner(run_dir, recipe, recipe.base_model, result, phases.ledger)
         atomic_write_json(run_dir / "summary.json", {
             "steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "eval_loss": out.eval_loss,
             "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),

@@ -40,7 +40,8 @@ def reference_run(tmp_path_factory, tiny_llama_dir, text_jsonl):
 def test_run_dir_holds_recipe_metrics_adapter_merged(reference_run):
     _, run = reference_run
     for name in ("recipe.yaml", "metrics.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "merged/config.json", "merged/model.safetensors", "summary.json"):
+                 "merged/config.json", "merged/model.safetensors", "summary.json", "calibration.json",
+                 "ledger.jsonl", "savings.json", "report.html"):
         assert (run / name).exists(), name
     m = _metrics(run)
     assert [x["step"] for x in m] == list(range(1, 13))
