@@ -35,6 +35,22 @@ def test_merge_and_restart_keeps_the_output_in_fp32(tiny_llama_dir):
             assert torch.count_nonzero(m.lora_B) == 0 and m.lora_A.abs().sum() > 0
 
 
+def test_merge_into_a_quantised_base_changes_the_output_within_the_formats_error(tiny_llama_dir):
+    from greentune.quant import quantize_model_
+
+    ids = torch.randint(0, 500, (2, 16))
+    fp32 = load_model(tiny_llama_dir).eval()
+    model = load_model(tiny_llama_dir).eval()
+    quantize_model_(model, "q8_0")
+    quant_error = (fp32(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+    apply_lora(model, ["attn", "mlp"], rank=4, alpha=8)
+    _randomise(model)
+    before = model(input_ids=ids).logits
+    merge_and_restart_(model)
+    change = (model(input_ids=ids).logits - before).abs().max().item()
+    assert 0 < change <= 2 * quant_error, (change, quant_error)
+
+
 def test_prune_zeroes_the_stated_fraction_of_lora_moments_only(tiny_llama_dir):
     model = load_model(tiny_llama_dir)
     apply_lora(model, ["attn"], rank=4, alpha=8)
@@ -72,11 +88,13 @@ def _train(recipe, run_dir, *extra, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
-def test_resume_across_a_merge_is_bit_identical_and_merges_are_ledger_phases(tmp_path, tiny_llama_dir, text_jsonl):
+@pytest.mark.parametrize("quant_base", ["none", "q8_0"])
+def test_resume_across_a_merge_is_bit_identical_and_merges_are_ledger_phases(tmp_path, tiny_llama_dir, text_jsonl,
+                                                                            quant_base):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "base_model": str(tiny_llama_dir), "data": {"train": str(text_jsonl), "max_seq_len": 64},
-        "method": {"lora": {"rank": 4, "alpha": 8}, "relora": {"merge_every": 4, "optimizer_prune": 0.9,
+        "method": {"quant_base": quant_base, "lora": {"rank": 4, "alpha": 8}, "relora": {"merge_every": 4, "optimizer_prune": 0.9,
                                                                "restart_warmup": 2}},
         "train": {"steps": 12, "batch_size": 4, "lr": 2e-3, "warmup": 2, "checkpoint_every": 6},
         "energy": {"measure_savings": False}}))
