@@ -176,14 +176,15 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
         f"upcycled 4x MoE, q4_0 base, expert LoRA + ReLoRA ({moe_steps} steps)": moe.eval_ppl,
     }
     gguf_path = Path(lora.outputs["export"][0])
-    sample = _generate(lora_dir, gguf_path, "def read_file(path):\n")
+    prompt = "class Reader:\n    def __init__(self"
+    sample = _generate(lora_dir, gguf_path, prompt)
 
     print("\nHeld-out perplexity on the client's text (stdlib source files not seen in training):")
     for name, ppl in rows.items():
         print(f"  {name:<72} {ppl:10.2f}")
     if sample is not None:
-        print(f"\nllama.cpp running {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB), greedy:")
-        print("  def read_file(path):\n" + "  " + sample.replace("\n", "\n  "))
+        print(f"\nllama.cpp running {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB), 24 greedy tokens "
+              f"(a 1.3 M-parameter model: expect repetition):\n  {prompt!r} -> {sample[:120]!r}")
     _print_energy(lora_dir)
     summary = {"perplexity": rows, "steps": steps, "moe_steps": moe_steps,
                "seconds": round(time.perf_counter() - t_start, 1), "lora_run": str(lora_dir), "moe_run": str(moe_dir),

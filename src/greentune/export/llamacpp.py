@@ -58,6 +58,7 @@ def generate(gguf_path: str | Path, prompt: str | list[int], max_tokens: int = 1
     p.cpuparams.n_threads = n_threads
     p.cpuparams_batch.n_threads = n_threads
     p.warmup = False
+    p.verbosity = -1  # llama.cpp logs only errors; the caller prints what matters
     server = x.Server(p)
     try:
         t0 = time.perf_counter()
