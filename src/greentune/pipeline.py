@@ -28,7 +28,7 @@ from .quant import load_quantized
 from .quant.dequantize import dequantize_model_
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
 from .moe.hook import MoEHook
-from .recipe import MoeConfig, Recipe, check_supported, load_recipe
+from .recipe import MoeConfig, Recipe, load_recipe
 from .train.loop import LoopResult, evaluate_loss, run_training
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,6 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
     """Run a recipe end to end; returns where everything went and the final eval loss."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    check_supported(recipe)
     run_dir = Path(run_dir or Path("runs") / (recipe.name or "run"))
     base = recipe.base_model
 

@@ -130,25 +130,6 @@ class Recipe(_Strict):
         return d
 
 
-# Features whose keys parse but whose implementation has not landed yet. `check_supported`
-# refuses them loudly instead of silently ignoring them.
-UNSUPPORTED: dict[str, str] = {}
-
-
-def check_supported(recipe: Recipe) -> None:
-    """Refuse recipe keys whose feature is not implemented in this version."""
-    used = {
-        "method.quant_base": recipe.method.quant_base != "none",
-        "method.relora": recipe.method.relora is not None,
-        "method.lora.targets: experts": "experts" in recipe.method.lora.targets,
-        "moe": recipe.moe is not None,
-        "export": bool(recipe.export),
-    }
-    for key, on in used.items():
-        if on and key in UNSUPPORTED:
-            raise UserError(f"recipe key {key} is not supported yet in this version: {UNSUPPORTED[key]}")
-
-
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     """Allowed keys at the parent of `loc`, for the unknown-key message."""
     cur: type[BaseModel] | None = model
