@@ -32,22 +32,28 @@ def cpu_model() -> str:
     return " ".join(name.split())
 
 
-def gpu_names(pynvml=None) -> list[str]:
-    """Names of the NVIDIA GPUs NVML sees ([] without NVML)."""
+def nvidia_gpus(pynvml=None) -> list[tuple[str, float]]:
+    """(name, memory in GB) of each NVIDIA GPU NVML sees; [] without NVML or a driver."""
     if pynvml is None:
         try:
-            import pynvml  # noqa: PLC0415
+            import pynvml  # noqa: PLC0415  (optional hardware library)
         except ImportError:
             return []
     try:
         pynvml.nvmlInit()
-        names = []
+        out = []
         for i in range(int(pynvml.nvmlDeviceGetCount())):
-            n = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-            names.append(n.decode() if isinstance(n, bytes) else str(n))
-        return names
-    except Exception:
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            n = pynvml.nvmlDeviceGetName(h)
+            out.append((n.decode() if isinstance(n, bytes) else str(n), pynvml.nvmlDeviceGetMemoryInfo(h).total / 1e9))
+        return out
+    except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return []
+
+
+def gpu_names(pynvml=None) -> list[str]:
+    """Names of the NVIDIA GPUs NVML sees ([] without NVML)."""
+    return [name for name, _ in nvidia_gpus(pynvml)]
 
 
 def describe_hardware(pynvml=None) -> dict:

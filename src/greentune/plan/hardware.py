@@ -159,23 +159,8 @@ def _cpu_watts(threads: int) -> tuple[float, str]:
 
 def _nvidia_gpus(pynvml=None) -> list[tuple[str, float]]:
     """(name, memory GB) of each NVIDIA GPU NVML sees; [] without NVML."""
-    if pynvml is None:
-        try:
-            import pynvml  # noqa: PLC0415
-        except ImportError:
-            return []
-    try:
-        pynvml.nvmlInit()
-        out = []
-        for i in range(int(pynvml.nvmlDeviceGetCount())):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            n = pynvml.nvmlDeviceGetName(h)
-            n = n.decode() if isinstance(n, bytes) else str(n)
-            out.append((n, pynvml.nvmlDeviceGetMemoryInfo(h).total / GB))
-        return out
-    except Exception as e:  # noqa: BLE001
-        log.debug("NVML unavailable: %s", e)
-        return []
+    from greentune.energy.hardware import nvidia_gpus
+    return nvidia_gpus(pynvml)
 
 
 def _match_gpu(nvml_name: str, memory_gb: float) -> Hardware | None:
