@@ -10,7 +10,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from .data.packing import pack

@@ -22,7 +22,7 @@ from .data import BatchStream, build_datasets
 from .energy import Factors, Ledger, Meter, describe_hardware
 from .energy.hook import EnergyHook
 from .errors import UserError
-from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
 from .quant import load_quantized
 from .quant.dequantize import dequantize_model_

@@ -11,7 +11,6 @@ quantised bases share one code path.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -121,5 +120,3 @@ def fuse_all_(model: nn.Module) -> int:
         count += 1
     return count
 
-
-LAYER_RE = re.compile(r"\.layers\.(\d+)\.")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..fsutil import atomic_dir
-from .lora import LoRALinear, lora_modules
+from .lora import lora_modules
 
 PREFIX = "base_model.model."
 
