@@ -13,10 +13,12 @@ zeus-apple-silicon) and ``estimate`` (modelled from CPU time and resident memory
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 SOURCES = ("nvml", "nvml-power", "rapl", "apple", "estimate")
 
 
-class Component:
+class Component(ABC):
     """A cumulative energy counter in joules.
 
     Attributes:
@@ -30,9 +32,9 @@ class Component:
     source: str = "estimate"
     needs_polling: bool = False
 
+    @abstractmethod
     def read(self) -> float:
         """Joules used since this component was created (monotone non-decreasing)."""
-        raise NotImplementedError
 
     def poll(self) -> None:
         """Sample between reads (only called when `needs_polling`)."""
