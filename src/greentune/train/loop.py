@@ -19,6 +19,7 @@ from ..fsutil import append_jsonl, atomic_write_text, read_jsonl
 from ..recipe import TrainConfig
 from . import checkpoint as ckpt
 from .hooks import TrainHook
+from .loss import CausalLMLoss, count_targets
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
         raise UserError("nothing to train: no parameter requires a gradient")
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    objective = CausalLMLoss(model)
     step, tokens, seconds = 0, 0, 0.0
     ckpt.clean_partial(ckpt_root)
     if resume:
@@ -109,16 +111,17 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
             batch = next(stream)
             step_loss, step_tokens = 0.0, 0
             micro = _micro_batches(batch, cfg.grad_accum)
+            num_items = torch.tensor(float(max(count_targets(batch["labels"]), 1)), device=device)
             for mb in micro:
                 mb = {k: v.to(device) for k, v in mb.items()}
-                out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"])
-                loss = out.loss
+                lm_loss = objective(mb["input_ids"], mb["attention_mask"], mb["labels"], num_items)
+                loss = lm_loss
                 for h in hooks:
                     extra = h.extra_loss(mb)
                     if extra is not None:
-                        loss = loss + extra
-                (loss / len(micro)).backward()
-                step_loss += out.loss.item() / len(micro)
+                        loss = loss + extra / len(micro)
+                loss.backward()
+                step_loss += lm_loss.item()
                 step_tokens += int(mb["attention_mask"].sum())
             grad_norm = None
             if cfg.max_grad_norm > 0:
