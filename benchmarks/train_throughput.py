@@ -22,6 +22,7 @@ import torch
 from greentune.adapters.lora import apply_lora
 from greentune.models.facts import arch_facts
 from greentune.models.tiny import tiny_config
+from greentune.train.loss import CausalLMLoss, count_targets
 
 B, T, RANK, ALPHA = 4, 256, 16, 32
 
@@ -46,17 +47,28 @@ def greentune_model(base):
     model = copy.deepcopy(base)
     apply_lora(model, ["attn"], RANK, ALPHA)
     replace_experts_(model)
-    return model
+    return CausalLMLoss(model)
 
 
 def time_steps(model, batch, steps: int) -> float:
-    """Seconds per optimiser step (forward, backward, AdamW)."""
+    """Seconds per optimiser step (forward, backward, AdamW).
+
+    greentune's step runs through `CausalLMLoss`, the objective its training loop uses; HF+PEFT's
+    through the model's own `.loss`, as a transformers training loop would."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     model.train()
+    if isinstance(model, CausalLMLoss):
+        num_items = torch.tensor(float(count_targets(batch["labels"])))
+
+        def loss_of():
+            return model(batch["input_ids"], batch["attention_mask"], batch["labels"], num_items)
+    else:
+        def loss_of():
+            return model(**batch).loss
 
     def step():
-        loss = model(**batch).loss
+        loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -96,7 +108,8 @@ def main() -> None:
     }
     with torch.no_grad():
         ref = contestants["HF+PEFT (eager)"](**batch).loss.item()
-        ours = contestants["greentune"](**batch).loss.item()
+        ours = contestants["greentune"](batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        torch.tensor(float(count_targets(batch["labels"])))).item()
     assert abs(ref - ours) < 1e-4, f"models disagree before training: {ref} vs {ours}"
 
     times = {name: [] for name in contestants}

@@ -1,0 +1,121 @@
+"""lm_head + cross-entropy in chunks of target rows, with the input gradient computed in the forward.
+
+Why: the plain path materialises logits [tokens, vocab] in fp32, then log-softmax of the same
+size, then a zero-filled gradient of the same size in backward; for large vocabularies that is
+the biggest activation of the step and several memory-bound passes over it. Here only rows with
+a target (label != -100) are scored, a chunk at a time, and each chunk's gradient
+w.r.t. its hidden rows is computed at once, while its logits are in cache:
+
+    p = softmax(h Wᵀ + b),   loss = Σ (lse − logit[y]),   ∂loss/∂h = p W − W[y]
+
+(the division by Σexp is applied to the small [n, H] product, not to the [n, V] probabilities).
+Only ∂loss/∂h [rows, H] is kept for backward, which scales it by the upstream gradient.
+Computing it in forward instead of re-running the chunk under checkpointing saves one
+[rows, H] × [H, V] matmul per step.
+
+The weight (and bias) must be frozen: a trainable head takes the plain path (`fused_head`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+# Causal-LM classes whose head is exactly `logits = lm_head(backbone(...).last_hidden_state)`
+# scored by transformers' ForCausalLMLoss (checked against transformers 5.x: no logit scale or
+# softcap; the MoE ones add router aux loss only with `output_router_logits`).
+STANDARD_HEADS = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+})
+CHUNK_ELEMENTS = 1 << 21   # logits per chunk (8 MiB fp32): measured fastest at vocab 8192 on a 2-core EPYC
+
+
+def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(backbone, lm_head) when `model`'s loss can be computed by `linear_cross_entropy` with the
+    same result as its own forward; None when it must take the plain path."""
+    cls = type(model)
+    if cls.__name__ not in STANDARD_HEADS or not cls.__module__.startswith("transformers."):
+        return None
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    config = model.config
+    if getattr(config, "output_router_logits", False) or getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        return None
+    if getattr(config, "final_logit_softcapping", None) is not None or getattr(config, "logit_scale", None):
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.weight.requires_grad or \
+            (head.bias is not None and head.bias.requires_grad):
+        return None
+    if _hooked(model) or _hooked(head):
+        return None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        return None
+    return backbone, head
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Forward hooks (or accelerate's dispatch hook) that calling the backbone alone would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk: about CHUNK_ELEMENTS logits, at least 64 rows so each matmul stays efficient."""
+    return max(64, min(1024, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ_{rows with a target} CE(h Wᵀ + b, y) / num_items; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, num_items):
+        rows = (targets != IGNORE).nonzero().squeeze(1)
+        all_rows = rows.numel() == hidden.shape[0]
+        h = hidden if all_rows else hidden.index_select(0, rows)
+        y = targets if all_rows else targets.index_select(0, rows)
+        want_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        step = chunk_rows(weight.shape[0])
+        for s in range(0, h.shape[0], step):
+            hc, yc = h[s:s + step], y[s:s + step]
+            logits = F.linear(hc, weight, bias).float()                   # [n, V]
+            target_logit = logits.gather(1, yc[:, None])
+            m = logits.amax(1, keepdim=True)
+            logits.sub_(m).exp_()                                         # unnormalised softmax
+            z = logits.sum(1, keepdim=True)
+            total += (m + z.log() - target_logit).sum()
+            if want_grad:   # p W − W[y], with p = exp / z
+                pw = torch.mm(logits.to(weight.dtype), weight)
+                grad_h[s:s + step] = (pw / z.to(pw.dtype) - weight.index_select(0, yc)).to(h.dtype)
+        if num_items is None:
+            num_items = torch.tensor(float(h.shape[0]), device=hidden.device)
+        loss = total / num_items
+        if want_grad:
+            grad_h = grad_h / num_items.to(grad_h.dtype)
+            if not all_rows:
+                grad_h = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_h)
+            ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, num_items=None) -> torch.Tensor:
+    """Σ CE(hidden Wᵀ + b, targets) over targets != -100, divided by `num_items` (the number of
+    targets when None). hidden [N, H], targets [N] already shifted; weight and bias frozen."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_cross_entropy computes no gradient for the head; it must be frozen")
+    if num_items is not None and not isinstance(num_items, torch.Tensor):
+        num_items = torch.tensor(float(num_items))
+    if num_items is not None:
+        num_items = num_items.to(hidden.device, torch.float32)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets.to(hidden.device), num_items)
