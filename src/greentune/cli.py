@@ -15,9 +15,28 @@ from .errors import UserError
 
 
 def _cmd_train(ns) -> int:
+    import os
+
+    if ns.nproc is not None and ns.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {ns.nproc}")
+    if ns.nproc and ns.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.distributed import launch
+
+        argv = ["--verbose"] * ns.verbose + ["train", ns.recipe] + (["--run-dir", ns.run_dir] if ns.run_dir else [])
+        argv += ["--resume"] * ns.resume + ["--quiet"] * ns.quiet
+        return launch(argv, ns.nproc)
     from .pipeline import train
 
-    result = train(ns.recipe, run_dir=ns.run_dir, resume=ns.resume, progress=not ns.quiet)
+    try:
+        result = train(ns.recipe, run_dir=ns.run_dir, resume=ns.resume, progress=not ns.quiet)
+    except RuntimeError as err:  # another rank died: say so in one line, torchrun names the rank
+        if "WORLD_SIZE" in os.environ and "closed by peer" in str(err):
+            print(f"greentune: rank {os.environ.get('RANK')}: lost the connection to another rank, which "
+                  "stopped; stopping too", file=sys.stderr)
+            return 1
+        raise
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     if result.stopped:
         print(f"stopped at step {result.steps}: {result.stopped}; continue with --resume")
         return 0
@@ -92,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default runs/<recipe name>")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine through torchrun (one per GPU; gloo on CPU)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="perplexity and tokens/s of a run or model folder on a data file")

@@ -46,16 +46,24 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def temp_sibling(path: str | Path) -> Path:
+    """A new empty hidden folder next to `path`, for `atomic_dir`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+
+
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `path` in one rename.
 
     Files written inside are fsynced before the rename. On error the temporary folder is
-    removed and `path` is left as it was.
+    removed and `path` is left as it was. `tmp`: a folder from `temp_sibling(path)` that
+    others (e.g. other ranks) already wrote into.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tmp) if tmp is not None else temp_sibling(path)
     try:
         yield tmp
         for f in tmp.rglob("*"):

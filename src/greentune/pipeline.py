@@ -29,6 +29,8 @@ from .quant.dequantize import dequantize_model_
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
 from .moe.hook import MoEHook
 from .recipe import MoeConfig, Recipe, load_recipe
+from .train import distributed
+from .train.distributed import SINGLE, DistContext
 from .train.loop import LoopResult, evaluate_loss, run_training
 
 log = logging.getLogger(__name__)
@@ -87,12 +89,17 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
 class Phases:
     """Meters named phases of a run into its ledger: `with phases("merge"): ...`."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe):
+    def __init__(self, run_dir: Path, recipe: Recipe, ctx: DistContext = SINGLE):
         e = recipe.energy
-        self.meter = Meter.auto()
+        self.ctx = ctx
+        if ctx.world == 1:
+            self.meter = Meter.auto()
+        else:  # each device metered by exactly one rank (see Meter.auto)
+            self.meter = Meter.auto(scope="self", host=ctx.local_rank == 0,
+                                    gpu_index=ctx.local_rank if torch.cuda.is_available() else None)
         self.ledger = Ledger(run_dir, Factors.for_region(e.region, pue=e.pue, wue_onsite=e.wue_onsite,
                                                          grid_g_per_kwh=e.grid_g_per_kwh,
-                                                         offsite_l_per_kwh=e.offsite_l_per_kwh))
+                                                         offsite_l_per_kwh=e.offsite_l_per_kwh), ctx=ctx)
 
     @contextmanager
     def __call__(self, name: str):
@@ -101,7 +108,8 @@ class Phases:
         self.ledger.record(window.result)
 
     def train_hook(self, recipe: Recipe) -> EnergyHook:
-        return EnergyHook(self.meter, self.ledger, recipe.energy.interval_steps, recipe.energy.budget_kwh)
+        return EnergyHook(self.meter, self.ledger, recipe.energy.interval_steps, recipe.energy.budget_kwh,
+                          ctx=self.ctx)
 
     def close(self) -> None:
         self.meter.close()
@@ -193,7 +201,49 @@ def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: L
 
 def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume: bool = False,
           progress: bool = True) -> RunResult:
-    """Run a recipe end to end; returns where everything went and the final eval loss."""
+    """Run a recipe end to end; returns where everything went and the final eval loss.
+
+    Under torchrun every rank calls this: they train together, then rank 0 alone merges,
+    exports and reports (the others return after the final evaluation)."""
+    ctx = distributed.init_from_env()
+    try:
+        return _train(recipe, run_dir, resume, progress, ctx)
+    finally:
+        distributed.close(ctx)
+
+
+def _on_main(ctx: DistContext, fn) -> None:
+    """Run `fn` on rank 0; a UserError there is raised on every rank, so all stop cleanly."""
+    err = None
+    if ctx.is_main:
+        try:
+            fn()
+        except UserError as e:
+            err = str(e)
+    err = ctx.from_main(err)
+    if err:
+        raise UserError(err)
+
+
+def _rebuild_for_merge(base: str, recipe: Recipe, trained: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Rank 0's own unsharded copy of an FSDP-trained model, on the CPU: the base (quantised
+    as in training) with the gathered adapter tensors loaded into fresh LoRA modules."""
+    lora, moe = recipe.method.lora, recipe.moe or MoeConfig()
+    quant = recipe.method.quant_base
+    model = (load_quantized(base, quant) if quant != "none"
+             else load_model(base, device="cpu", trust_remote_code=recipe.trust_remote_code))
+    apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
+    prepare_moe_(model, (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
+                 router=moe.router, aux_loss_coef=moe.aux_loss_coef)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, value in trained.items():
+            params[name].copy_(value)
+    return model
+
+
+def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool, progress: bool,
+           ctx: DistContext) -> RunResult:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     run_dir = Path(run_dir or Path("runs") / (recipe.name or "run"))
@@ -207,35 +257,51 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
         raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "
                         f"({base}/config.json)")
     Factors.for_region(recipe.energy.region)  # an unknown region fails now, not after training
-    tokenizer = load_tokenizer(base, recipe.trust_remote_code)
     tcfg = recipe.train
+    if ctx.world > 1:
+        distributed.check_same_recipe(ctx, {"recipe": recipe.identity(), "run_dir": str(run_dir.resolve()),
+                                            "resume": resume})
+        distributed.check_divisible(ctx, tcfg.batch_size, tcfg.grad_accum)
+        if tcfg.parallel == "fsdp" and recipe.method.relora is not None:
+            raise UserError("method.relora merges into the whole base, which train.parallel fsdp shards over "
+                            "the ranks; use train.parallel ddp for ReLoRA")
+    tokenizer = load_tokenizer(base, recipe.trust_remote_code)
     train_data, eval_data = build_datasets(recipe.data.train, recipe.data.eval, tokenizer, recipe.data.max_seq_len,
                                            recipe.data.pack, tcfg.seed, recipe.data.eval_fraction)
-    prepare_run_dir(run_dir, recipe, resume)
+    _on_main(ctx, lambda: prepare_run_dir(run_dir, recipe, resume))
 
-    phases = Phases(run_dir, recipe)
+    phases = Phases(run_dir, recipe, ctx)
     moe = recipe.moe or MoeConfig()
     lora = recipe.method.lora
+    fsdp = ctx.world > 1 and tcfg.parallel == "fsdp"
     try:
-        device = default_device()
+        device = ctx.device() if ctx.world > 1 else default_device()
         if moe.upcycle is not None:
             with phases("upcycle"):
                 target = run_dir / "upcycled"
-                if not (target / "config.json").exists():
+                if ctx.is_main and not (target / "config.json").exists():
                     upcycle(base, target, experts=moe.upcycle.experts, top_k=moe.upcycle.top_k, seed=tcfg.seed)
+                ctx.barrier()
                 base = str(target)
         quant = recipe.method.quant_base
-        torch.manual_seed(tcfg.seed)
+        torch.manual_seed(tcfg.seed)  # the same adapter initialisation on every rank
+        # FSDP moves each decoder layer to the device as it shards it, so a base larger than
+        # one device only ever has one whole layer there.
+        load_device = torch.device("cpu") if fsdp else device
         if quant != "none":
             with phases("quantise"):  # streams the checkpoint, quantising each weight as it arrives
-                model = load_quantized(base, quant).to(device)
+                model = load_quantized(base, quant).to(load_device)
         else:
             with phases("load"):
-                model = load_model(base, device=device, trust_remote_code=recipe.trust_remote_code)
+                model = load_model(base, device=load_device, trust_remote_code=recipe.trust_remote_code)
         with phases("adapt"):
             wrapped = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
             monitor = prepare_moe_(model, (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
                                    router=moe.router, aux_loss_coef=moe.aux_loss_coef)
+            if fsdp:
+                distributed.shard_model_(model, ctx)
+        if ctx.world > 1:  # dropout masks differ between ranks, reproducibly
+            torch.manual_seed(tcfg.seed + 7919 * (ctx.rank + 1))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA on %d modules, %d trainable parameters", len(wrapped), n_train)
 
@@ -244,20 +310,39 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
         energy_hook = phases.train_hook(recipe)
         hooks = [energy_hook] + ([MoEHook(monitor)] if monitor is not None else [])
         if recipe.method.relora is not None:
-            hooks.append(ReLoRA(model, recipe.method.relora, tcfg.steps, phase=energy_hook.separate_phase))
+            hooks.append(ReLoRA(model, recipe.method.relora, tcfg.steps, phase=energy_hook.separate_phase,
+                                seed=tcfg.seed))
         result = run_training(model, stream, tcfg, run_dir, resume=resume, eval_data=eval_data, device=device,
-                              progress=progress, hooks=hooks)
+                              progress=progress, hooks=hooks, ctx=ctx, parallel=tcfg.parallel)
         out = RunResult(run_dir=run_dir, steps=result.step, tokens=result.tokens, seconds=result.seconds,
                         stopped=result.stopped)
         if result.stopped:
             out.energy = phases.ledger.totals()
             return out
 
-        adapter_dir = save_adapter(model, run_dir / "adapter", lora.rank, lora.alpha, lora.dropout, base)
         with phases("eval"):
-            out.eval_loss, _ = evaluate_loss(model, eval_data, tcfg.batch_size, device=device)
+            out.eval_loss, _ = evaluate_loss(model, eval_data, tcfg.batch_size, device=device, ctx=ctx)
         if monitor is not None:
             monitor.close()
+        if ctx.world > 1:
+            # The job's last collectives: gather the adapter (FSDP shards it), then leave the
+            # group; from here rank 0 merges, exports and reports alone.
+            trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            if fsdp:
+                trained = {n: t.full_tensor().cpu() for n, t in trained.items()}
+            else:
+                out.outputs["adapter_digest_by_rank"] = distributed.adapter_digests(ctx, trained)
+            ctx.barrier()
+            distributed.close(ctx)
+            if not ctx.is_main:
+                return out
+            if fsdp:
+                del model
+                with phases("load"):
+                    model = _rebuild_for_merge(base, recipe, trained)
+                device = torch.device("cpu")
+
+        adapter_dir = save_adapter(model, run_dir / "adapter", lora.rank, lora.alpha, lora.dropout, base)
         with phases("merge"):
             fuse_all_(model)             # into a quantised base: dequantise → add → re-quantise
             fuse_expert_lora_(model)
@@ -278,11 +363,15 @@ def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume
         if recipe.energy.measure_savings:
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
-        record_for_planner(run_dir, recipe, recipe.base_model, result, phases.ledger)
+        if ctx.world == 1:
+            record_for_planner(run_dir, recipe, recipe.base_model, result, phases.ledger)
+        else:
+            log.info("a %d-rank run is not recorded as a planner calibration of this machine", ctx.world)
         atomic_write_json(run_dir / "summary.json", {
             "steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "eval_loss": out.eval_loss,
             "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
-            "outputs": out.outputs, "hardware": describe_hardware(),
+            "outputs": out.outputs, "hardware": describe_hardware(), "ranks": ctx.world,
+            "parallel": tcfg.parallel if ctx.world > 1 else None,
             "energy": {k: out.energy[k] for k in ("it_kwh", "facility_kwh", "kg_co2e", "water_l", "estimate")},
         })
         from .report import write_report

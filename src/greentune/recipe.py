@@ -79,6 +79,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp replicates the frozen base, fsdp shards it over the ranks")
 
 
 class EnergyConfig(_Strict):

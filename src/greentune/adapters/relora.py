@@ -71,9 +71,9 @@ def prune_adam_moments_(optimizer: torch.optim.Optimizer, params: list[nn.Parame
 class ReLoRA(TrainHook):
     """The merge-and-restart hook; `phase` (optional) wraps each merge as its own energy phase."""
 
-    def __init__(self, model: nn.Module, config: ReloraConfig, total_steps: int, phase=None):
+    def __init__(self, model: nn.Module, config: ReloraConfig, total_steps: int, phase=None, seed: int = 0):
         self.model, self.config, self.total_steps = model, config, total_steps
-        self.phase = phase
+        self.phase, self.seed = phase, seed
         self.merges = 0
 
     def lr_factor(self, step: int) -> float:
@@ -83,7 +83,12 @@ class ReLoRA(TrainHook):
         if step % self.config.merge_every or step >= self.total_steps:
             return {}
         with (self.phase("merge") if self.phase else nullcontext()):
-            merged = merge_and_restart_(self.model)
+            # The re-initialised factors come from a stream of their own, seeded by the step:
+            # every data-parallel rank draws the same A, whatever its dropout RNG did.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed * 1_000_003 + step)
+                merged = merge_and_restart_(self.model)
             zeroed = prune_adam_moments_(optimizer, lora_parameters(self.model), self.config.optimizer_prune)
         self.merges += 1
         log.info("ReLoRA merge %d at step %d: %d modules, %d moment entries zeroed", self.merges, step, merged, zeroed)

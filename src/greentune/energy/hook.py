@@ -16,6 +16,9 @@ What it does:
   row to the ledger for the interval;
 * when the ledger's IT kWh (all phases, all sessions) plus the open interval reach
   `budget_kwh`, it records the interval and asks the loop to stop, which checkpoints.
+
+In a distributed job (`ctx`), joules are summed over ranks, so metrics, ledger rows and
+the budget all see the whole job; every rank calls the hook at the same steps.
 """
 from __future__ import annotations
 
@@ -45,10 +48,11 @@ class EnergyHook(TrainHook):
     """
 
     def __init__(self, meter: Meter, ledger: Ledger, interval_steps: int = 10,
-                 budget_kwh: float | None = None, phase: str = "train"):
+                 budget_kwh: float | None = None, phase: str = "train", ctx=None):
         if interval_steps < 1:
             raise ValueError(f"interval_steps must be >= 1, got {interval_steps}")
         self.meter, self.ledger = meter, ledger
+        self.ctx = ctx  # a train.distributed.DistContext, or None for a single process
         self.interval_steps, self.budget_kwh, self.phase = interval_steps, budget_kwh, phase
         self.train_joules = 0.0          # cumulative over all sessions of this run, J
         self.window: Window | None = None
@@ -58,6 +62,10 @@ class EnergyHook(TrainHook):
 
     def _total(self) -> float:
         return sum(self.meter.read().values())
+
+    def _job_sum(self, joules: float) -> float:
+        """`joules` summed over the ranks of the job (this process's alone otherwise)."""
+        return self.ctx.sum(joules)[0] if self.ctx is not None and self.ctx.active else joules
 
     def on_start(self, step: int) -> None:
         self.recorded_kwh = self.ledger.totals()["it_kwh"]
@@ -76,7 +84,7 @@ class EnergyHook(TrainHook):
 
     def after_step(self, step: int, optimizer) -> dict:
         now = self._total()
-        step_j, self.last_total = max(0.0, now - self.last_total), now
+        step_j, self.last_total = self._job_sum(max(0.0, now - self.last_total)), now
         self.train_joules += step_j
         self.window_steps += 1
         if step % self.interval_steps == 0:
@@ -87,7 +95,7 @@ class EnergyHook(TrainHook):
     def should_stop(self) -> str | None:
         if self.budget_kwh is None or self.window is None:
             return None
-        open_kwh = sum(self.window.peek().values()) / J_PER_KWH
+        open_kwh = self._job_sum(sum(self.window.peek().values())) / J_PER_KWH
         if self.recorded_kwh + open_kwh < self.budget_kwh:
             return None
         self._flush()
@@ -106,8 +114,7 @@ class EnergyHook(TrainHook):
         self._flush()
         with self.meter.phase(name) as window:
             yield window
-        self.ledger.record(window.result)
-        self.recorded_kwh += window.result.total_joules / J_PER_KWH
+        self.recorded_kwh += self.ledger.record(window.result)["it_kwh"]
         self.last_total = self._total()
         self.window = self.meter.start(self.phase)
 

@@ -10,6 +10,13 @@ Each line (field names are fixed; tools read them)::
     wue_onsite_l_per_kwh, offsite_l_per_kwh,
     water_l = it_kwh × wue_onsite_l_per_kwh + facility_kwh × offsite_l_per_kwh
 
+Distributed jobs: every rank meters its own devices and process, and each `record` is a
+collective that merges the ranks' measurements of the same window into **one row**: rank
+0's components keep their names, rank r's appear as ``rank<r>/<name>`` (``rank1/cpu``),
+and the row's seconds are the window's wall time, not a sum over ranks. Only rank 0
+writes. Each device is metered by exactly one rank (see `Meter.auto`), so summing a
+row's components counts every device once.
+
 Lines are appended and fsynced one by one, so a SIGKILL loses at most the interval in
 progress; a torn last line (killed mid-write) is cut off when the ledger is reopened, so
 a resumed run appends after the last complete line and `totals()` carries on.
@@ -53,6 +60,17 @@ def bill(measurement: Measurement, factors: Factors, phase: str | None = None) -
         "offsite_l_per_kwh": factors.offsite_l_per_kwh,
         "water_l": it_kwh * factors.wue_onsite_l_per_kwh + facility_kwh * factors.offsite_l_per_kwh,
     }
+
+
+def merge_ranks(measurements: list[Measurement]) -> Measurement:
+    """One measurement of a window from every rank's measurement of it (rank order)."""
+    first = measurements[0]
+    joules, source = dict(first.joules), dict(first.source)
+    for r, m in enumerate(measurements[1:], start=1):
+        joules.update({f"rank{r}/{k}": v for k, v in m.joules.items()})
+        source.update({f"rank{r}/{k}": v for k, v in m.source.items()})
+    return Measurement(first.phase, min(m.start for m in measurements), max(m.end for m in measurements),
+                       max(m.seconds for m in measurements), joules, source)
 
 
 def sum_rows(rows: list[dict]) -> dict:
@@ -112,20 +130,37 @@ class Ledger:
 
     FILENAME = "ledger.jsonl"
 
-    def __init__(self, run_dir: str | Path, factors: Factors):
+    def __init__(self, run_dir: str | Path, factors: Factors, ctx=None):
         self.path = Path(run_dir) / self.FILENAME
         self.factors = factors
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_torn_tail(self.path)
+        self.ctx = ctx  # a train.distributed.DistContext, or None for a single process
+        if self._writes:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _cut_torn_tail(self.path)
+
+    @property
+    def _distributed(self) -> bool:
+        return self.ctx is not None and self.ctx.active
+
+    @property
+    def _writes(self) -> bool:
+        return self.ctx is None or self.ctx.is_main
 
     def record(self, measurement: Measurement, phase: str | None = None) -> dict:
-        """Append one row for `measurement` (renamed to `phase` if given); return the row."""
+        """Append one row for `measurement` (renamed to `phase` if given); return the row.
+
+        In a distributed job every rank calls this for the same window and gets the merged row."""
+        if self._distributed:
+            measurement = merge_ranks([Measurement(**d) for d in self.ctx.gather(measurement.to_dict())])
         row = bill(measurement, self.factors, phase)
-        append_jsonl(self.path, row)
+        if self._writes:
+            append_jsonl(self.path, row)
         return row
 
     def rows(self) -> list[dict]:
-        """All complete rows in the file (a torn last line is ignored)."""
+        """All complete rows in the file (a torn last line is ignored); rank 0's, in a job."""
+        if self._distributed:
+            return self.ctx.from_main(read_jsonl(self.path) if self.ctx.is_main else None)
         return read_jsonl(self.path)
 
     def totals(self) -> dict:

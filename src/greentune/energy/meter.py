@@ -160,12 +160,17 @@ class Meter:
     @classmethod
     def auto(cls, *, scope: str = "self+children", gpus: bool = True,
              powercap_root: str | Path = "/sys/class/powercap", pynvml=None, apple_module=None,
-             poll_interval_s: float = 1.0) -> "Meter":
+             poll_interval_s: float = 1.0, gpu_index: int | None = None, host: bool = True) -> "Meter":
         """The best components this machine offers.
 
         GPUs: NVML (counter, else power). CPU/DRAM: RAPL, else Apple IOReport, else the
         estimate for the processes in `scope` (``self``, ``children``, ``self+children``).
         RAPL and Apple counters are machine-wide; only the estimate is per process.
+
+        For one rank of a distributed job, so that every device is metered once:
+        `gpu_index` keeps only that GPU (the rank's own), and `host=False` leaves the
+        machine-wide counters (and, without a CUDA device of its own, the GPUs) to local
+        rank 0 — the per-process estimate is still taken, as it charges this process only.
         """
         from greentune.energy.apple import apple_components
         from greentune.energy.estimate import estimate_components
@@ -173,11 +178,18 @@ class Meter:
         from greentune.energy.rapl import rapl_components
 
         comps: list[Component] = nvml_components(pynvml) if gpus else []
-        host = rapl_components(powercap_root) or apple_components(apple_module)
-        if any(c.name.startswith("gpu") for c in host):
+        if gpu_index is not None:
+            comps = [c for c in comps if c.name == f"gpu:{gpu_index}"]
+        elif not host:
+            comps = []
+        machine_wide = rapl_components(powercap_root) or apple_components(apple_module)
+        if any(c.name.startswith("gpu") for c in machine_wide):
             comps = [c for c in comps if not c.name.startswith("gpu")]  # Apple's GPU is on the SoC
-        comps += host or estimate_components(scope)
-        log.info("energy meter: %s", ", ".join(f"{c.name}={c.source}" for c in comps))
+        if machine_wide:
+            comps += machine_wide if host else []
+        else:
+            comps += estimate_components(scope)
+        log.info("energy meter: %s", ", ".join(f"{c.name}={c.source}" for c in comps) or "none on this rank")
         return cls(comps, poll_interval_s=poll_interval_s)
 
     def _poll_loop(self, interval: float) -> None:

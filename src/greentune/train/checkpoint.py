@@ -4,6 +4,13 @@ A checkpoint holds the trainable tensors, the AdamW state, the torch RNG states,
 data position and counters — everything needed for a resumed run to continue
 bit-identically on CPU. Tensors go to safetensors and the rest to JSON: nothing is ever
 unpickled.
+
+Distributed runs: rank 0 writes the checkpoint, holding every rank's RNG state. Under DDP
+the adapter and optimiser state are whole (identical on every rank), so the checkpoint is
+the same as a single process's and resumes on any number of ranks. Under FSDP they are
+sharded: every rank writes its shards with torch.distributed.checkpoint into
+`sharded/` (safetensors, via its HuggingFace storage writer, so still no pickle) and
+resumes on the same number of ranks.
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, temp_sibling
+from .distributed import SINGLE, DistContext
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -51,26 +59,86 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, params: dict[str, t
         optimizer.state[params[name]][field] = value.to(params[name].device)
 
 
+def _rng_states(ctx: DistContext) -> dict[str, torch.Tensor]:
+    """This process's RNG states; in a job, every rank's (collective), rank r>0 suffixed `.rank<r>`."""
+    mine = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        if ctx.world == 1:
+            mine.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        else:
+            mine["cuda"] = torch.cuda.get_rng_state()
+    out = {}
+    for r, states in enumerate(ctx.gather(mine)):
+        out.update({(k if r == 0 else f"{k}.rank{r}"): v for k, v in states.items()})
+    return out
+
+
+def _restore_rng(rng: dict[str, torch.Tensor], ctx: DistContext, step: int) -> None:
+    suffix = "" if ctx.rank == 0 else f".rank{ctx.rank}"
+    if f"cpu{suffix}" in rng:
+        torch.set_rng_state(rng[f"cpu{suffix}"])
+    else:  # resumed on more ranks than were saved: a fresh, deterministic stream for this rank
+        torch.manual_seed(1_000_003 * step + ctx.rank)
+    if not torch.cuda.is_available():
+        return
+    if ctx.world == 1:
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda") and ".rank" not in k)]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    elif f"cuda{suffix}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda{suffix}"])
+
+
+def _sharded_state(params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
+    """Trainable parameters and their optimiser state as one flat dict of (D)Tensors for DCP."""
+    names = {p: n for n, p in params.items()}
+    out = {f"trainable::{n}": p.detach() for n, p in params.items()}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[f"optim::{names[param]}::{key}"] = value
+    return out
+
+
 def save_checkpoint(ckpt_root: Path, step: int, params: dict[str, torch.nn.Parameter],
                     optimizer: torch.optim.Optimizer, state: dict, extra: dict[str, torch.Tensor] | None = None,
-                    keep: int = 2) -> Path:
-    """Write `ckpt_root/step-<step>` atomically, then drop all but the newest `keep`."""
+                    keep: int = 2, ctx: DistContext = SINGLE, sharded: bool = False) -> Path:
+    """Write `ckpt_root/step-<step>` atomically, then drop all but the newest `keep`.
+
+    Collective in a distributed job: every rank calls it; `sharded` (FSDP) has every rank
+    write its shards, otherwise only rank 0 writes.
+    """
     names = {p: n for n, p in params.items()}
     target = ckpt_root / f"step-{step}"
-    with atomic_dir(target) as tmp:
-        save_file({n: p.detach().contiguous().clone() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-        save_file(optimizer_tensors(optimizer, names), str(tmp / "optimizer.safetensors"))
-        _maybe_fault(step)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
-        if extra:
-            save_file({k: v.detach().contiguous().clone() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=2))
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    rng = _rng_states(ctx)
+    tmp = None
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        tmp = Path(ctx.from_main(str(temp_sibling(target)) if ctx.is_main else None))
+        dcp.save(_sharded_state(params, optimizer),
+                 storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "sharded"), save_distributed=True))
+        ctx.barrier()
+    if ctx.is_main:
+        with atomic_dir(target, tmp) as tmp:
+            if sharded:
+                state = {**state, "optimizer_keys": sorted(k for k in _sharded_state(params, optimizer)
+                                                           if k.startswith("optim::"))}
+            else:
+                save_file({n: p.detach().contiguous().clone() for n, p in params.items()},
+                          str(tmp / "trainable.safetensors"))
+                save_file(optimizer_tensors(optimizer, names), str(tmp / "optimizer.safetensors"))
+            _maybe_fault(step)
+            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+            if extra:
+                save_file({k: v.detach().contiguous().clone() for k, v in extra.items()},
+                          str(tmp / "extra.safetensors"))
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups,
+                                                        "world": ctx.world, "sharded": sharded}, indent=2))
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
     return target
 
 
@@ -90,24 +158,50 @@ def clean_partial(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
-    """Restore tensors, optimiser state and RNG from `path`; return the JSON state (+ `extra`)."""
-    trainable = load_file(str(path / "trainable.safetensors"))
-    missing = sorted(set(params) - set(trainable))
-    if missing:
-        raise UserError(f"{path}: checkpoint lacks {missing[0]}; was it written by another recipe?")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(trainable[name])
-    load_optimizer_tensors(optimizer, params, load_file(str(path / "optimizer.safetensors")))
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    ctx: DistContext = SINGLE) -> dict:
+    """Restore tensors, optimiser state and RNG from `path`; return the JSON state (+ `extra`).
+
+    Every rank reads `path` (the run dir must be on storage all ranks see)."""
     state = json.loads((path / "state.json").read_text())
+    if state.pop("sharded", False):
+        _load_sharded(path, params, optimizer, state, ctx)
+    else:
+        trainable = load_file(str(path / "trainable.safetensors"))
+        missing = sorted(set(params) - set(trainable))
+        if missing:
+            raise UserError(f"{path}: checkpoint lacks {missing[0]}; was it written by another recipe?")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(trainable[name])
+        load_optimizer_tensors(optimizer, params, load_file(str(path / "optimizer.safetensors")))
+    state.pop("optimizer_keys", None)
+    state.pop("world", None)
     for group, saved in zip(optimizer.param_groups, state.pop("param_groups")):
         group.update(saved)
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    _restore_rng(load_file(str(path / "rng.safetensors")), ctx, state["step"])
     extra_path = path / "extra.safetensors"
     state["extra"] = load_file(str(extra_path)) if extra_path.exists() else {}
     return state
+
+
+def _load_sharded(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                  state: dict, ctx: DistContext) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    if state.get("world") != ctx.world:
+        raise UserError(f"{path} holds FSDP shards of {state.get('world')} ranks; resume it with "
+                        f"--nproc {state.get('world')} (this job has {ctx.world})")
+    targets = {f"trainable::{n}": p.detach() for n, p in params.items()}
+    optim_state: dict = {}
+    for key in state["optimizer_keys"]:
+        _, name, field = key.split("::")
+        if name not in params:
+            raise UserError(f"checkpoint has optimiser state for {name}, which this model does not train")
+        p = params[name]
+        value = torch.zeros((), dtype=torch.float32) if field == "step" else torch.zeros_like(p.detach())
+        optim_state.setdefault(p, {})[field] = targets[key] = value
+    dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
+    optimizer.state.clear()
+    for p, fields in optim_state.items():
+        optimizer.state[p].update(fields)

@@ -1,9 +1,14 @@
 """The training loop: AdamW on the trainable (LoRA) parameters, gradient accumulation,
 clipping, a warm-up + decay schedule, one `metrics.jsonl` line per step, and atomic
 checkpoints from which `--resume` continues bit-identically on CPU.
+
+In a distributed job (see `distributed.py`) every rank runs this loop on its slice of each
+global batch; rank 0 alone writes metrics and shows progress, and the per-step numbers
+(loss, tokens, joules) are sums over ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,11 +23,19 @@ from ..errors import UserError
 from ..fsutil import append_jsonl, atomic_write_text, read_jsonl
 from ..recipe import TrainConfig
 from . import checkpoint as ckpt
+from .distributed import SINGLE, DistContext, rank_slice, wrap_objective
 from .hooks import TrainHook
 from .loss import CausalLMLoss, count_targets
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
+
+
+def _no_sync(objective, last: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    if not last and hasattr(objective, "no_sync"):
+        return objective.no_sync()
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -39,35 +52,65 @@ def _micro_batches(batch: dict, grad_accum: int) -> list[dict]:
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
+def _rank_micro_batches(batch: dict, ctx: DistContext, grad_accum: int) -> list[dict | None]:
+    """This rank's slice of a global batch in exactly `grad_accum` micro-batches (None where
+    no rows are left): every rank must make the same number of forward passes, since FSDP's
+    are collectives and DDP syncs on the last."""
+    local = rank_slice(batch, ctx)
+    n = local["input_ids"].shape[0]
+    bounds = [n * k // grad_accum for k in range(grad_accum + 1)]
+    return [{key: v[lo:hi] for key, v in local.items()} if hi > lo else None
+            for lo, hi in zip(bounds, bounds[1:])]
+
+
 @torch.no_grad()
-def evaluate_loss(model, data, batch_size: int, max_batches: int | None = None, device="cpu") -> tuple[float, int]:
-    """Mean token loss over `data` (a PackedData), and the number of scored tokens."""
+def evaluate_loss(model, data, batch_size: int, max_batches: int | None = None, device="cpu",
+                  ctx: DistContext = SINGLE) -> tuple[float, int]:
+    """Mean token loss over `data` (a PackedData), and the number of scored tokens.
+
+    In a job the batches are dealt out over ranks and the sums reduced; every rank makes the
+    same number of forward calls (a rank short of batches repeats one and discards it),
+    because an FSDP forward is a collective."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     n = data.input_ids.shape[0]
-    for b, i in enumerate(range(0, n, batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
+    n_batches = -(-n // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for j in range(-(-n_batches // ctx.world)):
+        b = j * ctx.world + ctx.rank
+        real = b < n_batches
+        i = (b if real else 0) * batch_size
         ids = data.input_ids[i:i + batch_size].to(device)
         labels = data.labels[i:i + batch_size].to(device)
         mask = data.attention_mask[i:i + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        if not real:
+            continue
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
             reduction="sum")
         total += loss.item()
         count += int((shift_labels != -100).sum())
+    total, count = ctx.sum(total, count)
     model.train(was_training)
-    return (total / max(count, 1)), count
+    return (total / max(count, 1)), int(count)
 
 
 def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool = False,
                  hooks: list[TrainHook] | None = None, eval_data=None, eval_batches: int = 8,
-                 device: torch.device | str = "cpu", progress: bool = True) -> LoopResult:
-    """Train `model`'s trainable parameters on batches from `stream` for `cfg.steps` steps."""
+                 device: torch.device | str = "cpu", progress: bool = True,
+                 ctx: DistContext = SINGLE, parallel: str = "ddp") -> LoopResult:
+    """Train `model`'s trainable parameters on batches from `stream` for `cfg.steps` steps.
+
+    `stream` yields global batches; in a job this rank trains on its slice of each.
+    `parallel`: "ddp", or "fsdp" when `model` is already sharded (`distributed.shard_model_`).
+    """
     hooks = hooks or []
+    sharded = ctx.active and parallel == "fsdp"
+    progress = progress and ctx.is_main
     run_dir = Path(run_dir)
     metrics_path, ckpt_root = run_dir / "metrics.jsonl", run_dir / "checkpoints"
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -75,22 +118,24 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
         raise UserError("nothing to train: no parameter requires a gradient")
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8, foreach=True)
-    objective = CausalLMLoss(model)
+    objective = wrap_objective(CausalLMLoss(model), ctx, parallel)
     step, tokens, seconds = 0, 0, 0.0
-    ckpt.clean_partial(ckpt_root)
+    if ctx.is_main:
+        ckpt.clean_partial(ckpt_root)
     if resume:
-        found = ckpt.list_checkpoints(ckpt_root)
+        found = ctx.from_main(ckpt.list_checkpoints(ckpt_root))
         if not found:
             raise UserError(f"--resume: no complete checkpoint in {ckpt_root}")
-        state = ckpt.load_checkpoint(found[-1], params, optimizer)
+        state = ckpt.load_checkpoint(found[-1], params, optimizer, ctx)
         step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
         stream.load_state(state["data"])
         for h in hooks:
             h.restore_tensors(state["extra"])
-        kept = [m for m in read_jsonl(metrics_path) if m.get("step", 0) <= step]
-        atomic_write_text(metrics_path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
+        if ctx.is_main:
+            kept = [m for m in read_jsonl(metrics_path) if m.get("step", 0) <= step]
+            atomic_write_text(metrics_path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
         log.info("resumed from %s (step %d)", found[-1], step)
-    elif metrics_path.exists():
+    elif metrics_path.exists() and ctx.is_main:
         metrics_path.unlink()
 
     for h in hooks:
@@ -109,23 +154,37 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
             for h in hooks:
                 h.before_step(step)
             batch = next(stream)
-            step_loss, step_tokens = 0.0, 0
-            micro = _micro_batches(batch, cfg.grad_accum)
+            # Normalise by the target tokens of the whole global step (see loss.py).
             num_items = torch.tensor(float(max(count_targets(batch["labels"]), 1)), device=device)
-            for mb in micro:
-                mb = {k: v.to(device) for k, v in mb.items()}
-                lm_loss = objective(mb["input_ids"], mb["attention_mask"], mb["labels"], num_items)
-                loss = lm_loss
-                for h in hooks:
-                    extra = h.extra_loss(mb)
-                    if extra is not None:
-                        loss = loss + extra / len(micro)
-                loss.backward()
+            step_loss, step_tokens = 0.0, 0
+            if ctx.world == 1:
+                micro = _micro_batches(batch, cfg.grad_accum)
+            else:
+                micro = _rank_micro_batches(batch, ctx, cfg.grad_accum)
+            for k, mb in enumerate(micro):
+                weight = 1.0
+                if mb is None:  # this rank has no rows left in a short last batch
+                    mb, weight = {key: v[:1] for key, v in batch.items()}, 0.0
+                mb = {key: v.to(device) for key, v in mb.items()}
+                with _no_sync(objective, last=k == len(micro) - 1):
+                    lm_loss = objective(mb["input_ids"], mb["attention_mask"], mb["labels"], num_items) * weight
+                    loss = lm_loss
+                    for h in hooks:
+                        extra = h.extra_loss(mb)
+                        if extra is not None:
+                            loss = loss + extra * weight / len(micro)
+                    # DDP and FSDP average gradients over ranks; the loss is already a share of
+                    # the global sum, so scale by the world size to get the sum's gradient.
+                    (loss * ctx.world).backward()
                 step_loss += lm_loss.item()
-                step_tokens += int(mb["attention_mask"].sum())
+                step_tokens += int(mb["attention_mask"].sum()) if weight else 0
+            if ctx.world > 1:
+                step_loss, step_tokens = ctx.sum(step_loss, step_tokens)
+                step_tokens = int(step_tokens)
             grad_norm = None
             if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm))
+                norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -141,18 +200,21 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
             if "step_joules" in record:
                 record["j_per_token"] = record["step_joules"] / max(step_tokens, 1)
             if eval_data is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                record["eval_loss"], _ = evaluate_loss(model, eval_data, stream.batch_size, eval_batches, device)
-            append_jsonl(metrics_path, record)
+                record["eval_loss"], _ = evaluate_loss(model, eval_data, stream.batch_size, eval_batches, device,
+                                                       ctx)
+            if ctx.is_main:
+                append_jsonl(metrics_path, record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}")
             stopped = next((r for h in hooks if (r := h.should_stop())), None)
+            stopped = ctx.from_main(stopped)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped:
                 extra = {}
                 for h in hooks:
                     extra.update(h.checkpoint_tensors())
                 ckpt.save_checkpoint(ckpt_root, step, params, optimizer,
                                      {"tokens": tokens, "seconds": seconds, "data": stream.state()},
-                                     extra=extra, keep=cfg.keep_checkpoints)
+                                     extra=extra, keep=cfg.keep_checkpoints, ctx=ctx, sharded=sharded)
             if stopped:
                 break
     finally:
