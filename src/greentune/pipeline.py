@@ -193,7 +193,8 @@ def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: L
     joules = sum(sum(r["joules"].values()) for r in rows) if rows else None
     sources = sorted({s for r in rows for s in r["source"].values()})
     cal = record_observation(detect_this(), arch_facts(Path(dense_base)), technique, recipe.data.max_seq_len,
-                             result.tokens, result.seconds, joules, power_source="+".join(sources) or "ledger")
+                             result.tokens, result.seconds, joules, power_source="+".join(sources) or "ledger",
+                             micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum))
     data = asdict(cal)
     atomic_write_json(run_dir / "calibration.json", data)
     return data

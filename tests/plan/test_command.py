@@ -127,3 +127,67 @@ def test_record_observation_from_a_run(tmp_path):
     assert cal.utilisation == pytest.approx(5000 * flops_per_token(facts, t, 128, False) / 989.4e12)
     assert cal.power_w == 500.0
     assert calibrate.load_calibration(hw, path) == cal
+
+
+def test_calibration_measures_widths_families_and_dequantisation(cache, monkeypatch):
+    monkeypatch.setattr(calibrate, "_sizes", lambda on_gpu: TINY)
+    assert _run("--calibrate", "--calibrate-seconds", "0.3") == 0
+    data = json.loads((cache / "calibration.json").read_text())
+    hw = find_hardware("this")
+    obs = {(o["family"], o["hidden"]) for o in data["observations"][hw.key]}
+    assert obs == {("dense", 16), ("dense", 32), ("moe", 16)}
+    rates = data["machines"][hw.key]["dequant_s_per_weight"]
+    assert set(rates) == {"q8_0", "q4_0", "q4_k", "nf4"} and all(r > 0 for r in rates.values())
+
+
+def _obs(family, hidden, u, t=0.0):
+    return {"family": family, "hidden": hidden, "utilisation": u, "power_w": 10.0, "source": "calibrate",
+            "measured_at": t}
+
+
+def test_utilisation_follows_family_and_width(tmp_path):
+    from greentune.models.facts import arch_facts
+    from greentune.models.tiny import tiny_config
+    from greentune.plan.cost import Technique
+
+    hw = find_hardware("H100")
+    path = tmp_path / "cal.json"
+    base = calibrate.Calibration(hw.key, hw.name, 0.25, 10.0, "estimate", 1.0, 1.0, 1.0, 1.0, 1, 0.0, "test",
+                                 observations=[_obs("dense", 256, 0.2), _obs("dense", 1024, 0.4),
+                                               _obs("moe", 256, 0.1)])
+    calibrate.store_calibration(base, path)
+
+    def facts(arch, hidden):
+        return arch_facts(tiny_config(arch, vocab_size=300, hidden=hidden, heads=4, kv_heads=2))
+
+    lora = Technique("lora", targets=("attn", "mlp"))
+    u, how = calibrate.utilisation_for(hw, facts("llama", 512), lora, path)
+    assert u == pytest.approx(0.2 * 2 ** 0.5)            # halfway in log width between 0.2 and 0.4, log-log
+    u, how = calibrate.utilisation_for(hw, facts("mixtral", 512), lora, path)
+    assert u == pytest.approx(0.1 * 2 ** 0.5) and "rescaled" in how   # MoE's own, moved along the dense curve
+    u, _ = calibrate.utilisation_for(hw, facts("llama", 4096), Technique("up", upcycle=(4, 2)), path)
+    assert u == pytest.approx(0.1 * 2)                   # upcycling trains an MoE; flat beyond the curve's end
+    assert calibrate.utilisation_for(find_hardware("4090"), facts("llama", 512), lora, path) is None
+
+
+def test_a_run_replaces_the_observation_of_its_family_and_width(tmp_path):
+    from greentune.models.facts import arch_facts
+    from greentune.models.tiny import tiny_config
+    from greentune.plan.cost import Technique, Workload, dequant_weights
+
+    hw = find_hardware("H100")
+    path = tmp_path / "cal.json"
+    rates = {"q4_k": 1e-9}
+    calibrate.store_calibration(calibrate.Calibration(
+        hw.key, hw.name, 0.25, 10.0, "estimate", 1.0, 1.0, 1.0, 1.0, 1, 0.0, "test", dequant_s_per_weight=rates,
+        observations=[_obs("dense", 64, 0.5), _obs("moe", 64, 0.3)]), path)
+    facts = arch_facts(tiny_config("llama", vocab_size=300))
+    t = Technique("qlora", quant_base="q4_k")
+    cal = calibrate.record_observation(hw, facts, t, 128, tokens=4096, seconds=2.0, joules=100.0, path=path,
+                                       micro_batch=4)
+    dq = dequant_weights(facts, t, Workload(4096, 128, 4), False) * 1e-9
+    from greentune.plan.cost import flops_per_token
+    assert cal.utilisation == pytest.approx(4096 * flops_per_token(facts, t, 128, False) / ((2.0 - dq) * 989.4e12))
+    obs = calibrate.load_observations(hw, path)
+    assert {(o.family, o.hidden, o.source) for o in obs} == {("moe", 64, "calibrate"), ("dense", 64, "run")}
+    assert calibrate.load_calibration(hw, path).dequant_s_per_weight == rates   # kept from the calibration

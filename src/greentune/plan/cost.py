@@ -36,9 +36,11 @@ forward, 2N for the gradient w.r.t. its input and 2N for the gradient w.r.t. its
                    (upcycling) adds its own 2·N_router weight-gradient.
   checkpointing    + 2·(N − V·H) + A + 2·P_a  (one extra forward of the blocks)
   ReLoRA merges    + 2·r·N_targeted per merge (B·A products), every `merge_every` steps.
-**Time** = FLOPs / (devices × peak × utilisation) + dequantisation traffic / bandwidth,
-where a quantised base in plain torch is dequantised once per pass (forward, backward,
-recompute) per micro-step: N_q · (bpw/8 + 2·b) bytes read and written.
+**Time** = FLOPs / (devices × peak × utilisation) + dequantisation time, where a quantised
+base in plain torch is dequantised once per pass (forward, backward, recompute) per
+micro-step: N_q weights, each at the format's measured seconds per weight when `plan
+--calibrate` timed it, else N_q · (bpw/8 + 2·b) bytes at the hardware's bandwidth.
+Utilisation depends on the model's width and on dense vs MoE; see `calibrate.py`.
 **Energy**: average IT power = devices × board power × load + host power; kWh = W·s/3.6e6;
 facility kWh = IT × PUE; kgCO2e = facility kWh × grid g/kWh / 1000; litres = IT kWh ×
 WUE_onsite + facility kWh × off-site L/kWh (Li et al., arXiv 2304.03271).
@@ -288,30 +290,48 @@ def merge_flops(facts: ArchFacts, t: Technique, w: Workload) -> float:
     return 2.0 * t.rank * n_targeted * (w.steps // t.merge_every)
 
 
-def dequant_bytes(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, checkpointing: bool) -> float:
-    """Memory traffic of dequantising a quantised base: passes × N_q × (bpw/8 + 2·b) per micro-step
-    (+ per ReLoRA merge: read, dequantise, add, requantise the adapted weights)."""
-    bpw = BPW[t.quant_base] if t.method != "full" else None
-    if bpw is None:
+def dequant_weights(facts: ArchFacts, t: Technique, w: Workload, checkpointing: bool) -> float:
+    """How many base weights a quantised-base run dequantises: passes × N_q per micro-step
+    (+ per ReLoRA merge: each adapted weight dequantised and re-quantised, counted twice)."""
+    if t.method == "full" or BPW[t.quant_base] is None:
         return 0.0
-    b = DTYPE_BYTES[hw.compute_dtype]
     n_q = sum(g.params for g in facts.linears if g.kind != "head")
     passes = 3 if checkpointing else 2
-    total = w.micro_steps * passes * n_q * (bpw / 8 + 2 * b)
+    total = w.micro_steps * passes * n_q
     if t.method == "relora":
         _, _, n_targeted = lora_params(facts, t)
-        total += (w.steps // t.merge_every) * n_targeted * (2 * bpw / 8 + 4 * b)
-    return total
+        total += (w.steps // t.merge_every) * 2 * n_targeted
+    return float(total)
+
+
+def dequant_bytes(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, checkpointing: bool) -> float:
+    """Memory traffic of dequantising a quantised base: every dequantised weight reads its
+    packed bits and writes (then reads) one compute-dtype value: bpw/8 + 2·b bytes."""
+    if t.method == "full" or BPW[t.quant_base] is None:
+        return 0.0
+    return dequant_weights(facts, t, w, checkpointing) * (BPW[t.quant_base] / 8 + 2 * DTYPE_BYTES[hw.compute_dtype])
+
+
+def dequant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, checkpointing: bool,
+                    s_per_weight: dict[str, float] | None = None) -> float:
+    """Time spent dequantising: the measured seconds per weight of this format when the
+    calibration timed it, else the memory traffic at the hardware's bandwidth."""
+    rate = (s_per_weight or {}).get(t.quant_base)
+    if rate is not None:
+        return dequant_weights(facts, t, w, checkpointing) * rate
+    return dequant_bytes(facts, t, w, hw, checkpointing) / (hw.bandwidth_gbs * GB)
 
 
 def estimate(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, site: Site, devices: int = 1,
              utilisation: float | None = None, measured_power_w: float | None = None,
-             power_cap_w: float | None = None, deadline_h: float | None = None) -> Estimate:
+             power_cap_w: float | None = None, deadline_h: float | None = None,
+             dequant_s_per_weight: dict[str, float] | None = None) -> Estimate:
     """Predict one technique's cost on `devices` × `hw`, and whether it fits.
 
     utilisation: achieved / peak FLOP/s (calibrated, else `DEFAULT_UTILISATION[kind]`).
     measured_power_w: a calibrated average IT power for the whole machine (replaces the
     board × load + host model; single device only).
+    dequant_s_per_weight: calibrated dequantisation time per weight, by format.
     """
     if devices < 1:
         raise UserError(f"--gpus must be >= 1, got {devices}")
@@ -327,7 +347,7 @@ def estimate(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, site: Si
     fpt = flops_per_token(facts, t, w.seq_len, ckpt)
     total_flops = fpt * w.tokens + merge_flops(facts, t, w)
     compute_s = total_flops / (devices * hw.peak_flops * u)
-    dq_s = dequant_bytes(facts, t, w, hw, ckpt) / (hw.bandwidth_gbs * GB) / devices
+    dq_s = dequant_seconds(facts, t, w, hw, ckpt, dequant_s_per_weight) / devices
     seconds = compute_s + dq_s
     if measured_power_w is not None and devices == 1:
         power = float(measured_power_w)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from greentune.errors import UserError
 from greentune.models.facts import ArchFacts
-from greentune.plan.calibrate import load_calibration
+from greentune.plan.calibrate import load_calibration, utilisation_for
 from greentune.plan.cost import (BPW, DEFAULT_LOAD, DEFAULT_UTILISATION, Estimate, Site, Technique, Workload,
                                  estimate)
 from greentune.plan.hardware import GB, Hardware, find_hardware
@@ -157,8 +157,22 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
     cal = load_calibration(hw, calibration_file) if use_calibration else None
     util = utilisation if utilisation is not None else (cal.utilisation if cal else None)
     power = cal.power_w if cal else None
+    rates = cal.dequant_s_per_weight if cal and utilisation is None else None
     techs = list(extra or []) + candidates(facts, rank, targets, merge_every)
-    ests = [estimate(facts, t, w, hw, site, gpus, util, power, power_cap_w, deadline_h) for t in techs]
+    notes = {}
+
+    def util_of(t: Technique) -> float | None:
+        """The given utilisation, else the calibration's for this model's family and width."""
+        if utilisation is not None or not use_calibration:
+            return util
+        found = utilisation_for(hw, facts, t, calibration_file)
+        if found is None:
+            return util
+        notes[t.name] = found
+        return found[0]
+
+    ests = [estimate(facts, t, w, hw, site, gpus, util_of(t), power, power_cap_w, deadline_h, rates)
+            for t in techs]
     fitting = sorted((e for e in ests if e.fits), key=lambda e: (e.facility_kwh, e.seconds))
     best = fitting[0] if fitting else None
     why = {}
@@ -177,6 +191,8 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         f"hardware {gpus}× {hw.name}: {hw.memory_gb:g} GB ({hw.usable_fraction:.0%} usable), "
         f"{hw.peak_flops / 1e12:,.3g} TFLOP/s {hw.compute_dtype} peak, {hw.bandwidth_gbs:g} GB/s; source: {hw.source}",
         (f"utilisation {u:.3f} (given)" if utilisation is not None else
+         "utilisation calibrated on this hardware per technique: " + "; ".join(
+             f"{name} {v:.3f} ({how})" for name, (v, how) in notes.items()) if notes else
          f"utilisation {u:.3f} calibrated on this hardware ({cal.method})" if cal else
          f"utilisation {u:.2f} (default for a {hw.kind}; run `greentune plan --calibrate` on the machine to measure it)"),
         (f"power {power:,.1f} W measured ({cal.power_source})" if power is not None and gpus == 1 else
@@ -190,6 +206,8 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         f"{UPCYCLE[0]} experts top-{UPCYCLE[1]} adds LoRA on experts and trains the router",
         "base formats (bits/weight): " + ", ".join(f"{k} {v:g}" for k, v in BPW.items() if v and k != "fp16")
         + "; embeddings, head and norms kept in the compute dtype",
+        ("dequantisation timed per format on this hardware" if rates else
+         "dequantisation modelled as memory traffic at the hardware's bandwidth"),
         "memory-efficient attention (no T² scores stored); activation checkpointing only when needed to fit; "
         "1 GB runtime overhead + 5 % fragmentation",
         "multi-GPU: FSDP-style sharding, communication time not modelled; data loading and evaluation not modelled",
