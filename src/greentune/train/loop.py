@@ -73,6 +73,7 @@ def evaluate_loss(model, data, batch_size: int, max_batches: int | None = None, 
     because an FSDP forward is a collective."""
     was_training = model.training
     model.eval()
+    objective, one = CausalLMLoss(model), torch.tensor(1.0, device=device)
     total, count = 0.0, 0
     n = data.input_ids.shape[0]
     n_batches = -(-n // batch_size)
@@ -85,15 +86,11 @@ def evaluate_loss(model, data, batch_size: int, max_batches: int | None = None, 
         ids = data.input_ids[i:i + batch_size].to(device)
         labels = data.labels[i:i + batch_size].to(device)
         mask = data.attention_mask[i:i + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        loss_sum = objective(ids, mask, labels, one)   # Σ token losses, without full logits when it can
         if not real:
             continue
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
-            reduction="sum")
-        total += loss.item()
-        count += int((shift_labels != -100).sum())
+        total += loss_sum.item()
+        count += count_targets(labels)
     total, count = ctx.sum(total, count)
     model.train(was_training)
     return (total / max(count, 1)), int(count)
