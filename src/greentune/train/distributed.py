@@ -101,6 +101,9 @@ def init_from_env() -> DistContext:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"{local_world} processes on this machine but {torch.cuda.device_count()} GPU(s): "
+                            "start one process per GPU (or hide the GPUs with CUDA_VISIBLE_DEVICES= to use CPUs)")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
