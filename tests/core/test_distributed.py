@@ -246,10 +246,10 @@ def test_rank_slices_cover_the_global_batch_once():
 
 def test_every_rank_makes_grad_accum_forward_passes_even_in_a_short_batch():
     from greentune.train.distributed import DistContext
-    from greentune.train.loop import _rank_micro_batches
+    from greentune.train.loop import _micro_batches
 
     batch = {"input_ids": torch.arange(3).view(3, 1)}  # the short last batch of an epoch
-    parts = [_rank_micro_batches(batch, DistContext(rank=r, world=2), 2) for r in range(2)]
+    parts = [_micro_batches(batch, DistContext(rank=r, world=2), 2) for r in range(2)]
     assert [len(p) for p in parts] == [2, 2]
     assert parts[0][0] is None and parts[0][1]["input_ids"].tolist() == [[0]]
     assert [mb["input_ids"].tolist() for mb in parts[1]] == [[[1]], [[2]]]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +45,7 @@ class LoopResult:
     stopped: str | None = None  # why the loop ended early, if it did
 
 
-def _micro_batches(batch: dict, grad_accum: int) -> list[dict]:
-    n = batch["input_ids"].shape[0]
-    size = math.ceil(n / grad_accum)
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
-def _rank_micro_batches(batch: dict, ctx: DistContext, grad_accum: int) -> list[dict | None]:
+def _micro_batches(batch: dict, ctx: DistContext, grad_accum: int) -> list[dict | None]:
     """This rank's slice of a global batch in exactly `grad_accum` micro-batches (None where
     no rows are left): every rank must make the same number of forward passes, since FSDP's
     are collectives and DDP syncs on the last."""
@@ -154,13 +147,10 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
             # Normalise by the target tokens of the whole global step (see loss.py).
             num_items = torch.tensor(float(max(count_targets(batch["labels"]), 1)), device=device)
             step_loss, step_tokens = 0.0, 0
-            if ctx.world == 1:
-                micro = _micro_batches(batch, cfg.grad_accum)
-            else:
-                micro = _rank_micro_batches(batch, ctx, cfg.grad_accum)
+            micro = _micro_batches(batch, ctx, cfg.grad_accum)
             for k, mb in enumerate(micro):
                 weight = 1.0
-                if mb is None:  # this rank has no rows left in a short last batch
+                if mb is None:  # no rows left for this micro-batch in a short last batch
                     mb, weight = {key: v[:1] for key, v in batch.items()}, 0.0
                 mb = {key: v.to(device) for key, v in mb.items()}
                 with _no_sync(objective, last=k == len(micro) - 1):
@@ -203,8 +193,7 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
                 append_jsonl(metrics_path, record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}")
-            stopped = next((r for h in hooks if (r := h.should_stop())), None)
-            stopped = ctx.from_main(stopped)
+            stopped = next((r for h in hooks if (r := h.should_stop())), None)  # job-wide sums: same on every rank
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped:
                 extra = {}
                 for h in hooks:
