@@ -18,7 +18,7 @@ import time
 import psutil
 import torch
 
-from greentune.quant import QuantExperts3D, QuantLinear, load_quantized
+from greentune.quant import QuantEmbedding, QuantExperts3D, QuantLinear, load_quantized
 from greentune.quant.loading import release_free_memory
 
 
@@ -57,9 +57,12 @@ peak = _vm_hwm() if use_hwm else max(sampled)
 stop.set()
 gc.collect()
 after = proc.memory_info().rss
-quant = [m for m in model.modules() if isinstance(m, QuantLinear | QuantExperts3D)]
+quant = [m for m in model.modules() if isinstance(m, QuantLinear | QuantExperts3D | QuantEmbedding)]
 packed = sum(m.qweight.numel() for m in quant)
 quantised = sum(m.in_features * m.out_features * getattr(m, "num_experts", 1) for m in quant)
+expected_bits = sum(m.in_features * m.out_features * getattr(m, "num_experts", 1) * m.fmt.bits_per_weight
+                    for m in quant)
+formats = sorted({m.fmt.name for m in quant})
 dense = sum(p.numel() * p.element_size() for p in model.parameters())
 largest = max(m.in_features * m.out_features * 4 for m in quant)
 n_modules = len(quant)
@@ -68,4 +71,5 @@ gc.collect()
 release_free_memory()
 freed = proc.memory_info().rss
 print(json.dumps(dict(base=base, peak=peak, after=after, freed=freed, hwm_reset=use_hwm, packed=packed,
-                      quantised_params=quantised, dense_bytes=dense, largest_fp32=largest, modules=n_modules)))
+                      quantised_params=quantised, dense_bytes=dense, largest_fp32=largest, modules=n_modules,
+                      expected_bits=expected_bits, formats=formats)))

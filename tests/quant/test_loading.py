@@ -51,16 +51,32 @@ def test_load_q4_k_sharded_and_biases(tmp_path, tokenizer):
     assert isinstance(got.model.layers[0].self_attn.q_proj, QuantLinear)
     assert got.model.layers[0].self_attn.q_proj.fmt.name == "q4_k"
     assert got.model.layers[0].self_attn.q_proj.bias is not None
-    assert (counts["linear"], counts["fallback"]) == (7, 0)
+    # 7 projections + lm_head (Q6_K, as llama.cpp's Q4_K_M), the token embedding in Q4_K
+    assert (counts["linear"], counts["embedding"], counts["fallback"]) == (8, 1, 0)
+    assert (got.lm_head.fmt.name, got.model.embed_tokens.fmt.name) == ("q6_k", "q4_k")
 
 
-def test_tied_embeddings_stay_tied(tmp_path, tokenizer):
+def test_tied_embeddings_are_quantised_once(tmp_path, tokenizer):
+    """One table, in the head's format (Q8_0 here); the head reads the embedding's bytes."""
+    from greentune.models.tiny import tiny_config
+    from greentune.quant import QuantEmbedding, QuantTiedHead
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden=64)
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    got, counts = _assert_same(tmp_path, "q8_0")
+    assert isinstance(got.model.embed_tokens, QuantEmbedding) and isinstance(got.lm_head, QuantTiedHead)
+    assert got.lm_head.qweight is got.model.embed_tokens.qweight
+    assert counts["embedding"] == 1 and not any(k.startswith("lm_head") for k in got.state_dict())
+
+
+def test_tied_embeddings_stay_tied_when_skipped(tmp_path, tokenizer):
     from greentune.models.tiny import tiny_config
     config = tiny_config("llama", vocab_size=len(tokenizer), hidden=64)
     config.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path)
-    got, _ = _assert_same(tmp_path, "q8_0", skip=())
+    got, _ = _assert_same(tmp_path, "q8_0", skip=("lm_head",))
     assert got.lm_head.weight is got.model.embed_tokens.weight
     assert not isinstance(got.lm_head, QuantLinear)
 

@@ -24,10 +24,12 @@ def test_streaming_load_peak_and_resident_memory(tmp_path, tiny_llama_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
 
-    # 4 layers × (4 attention 512² + 3 MLP 512×1536), all stored as Q4_K: exactly 4.5 bits/weight.
-    assert m["modules"] == 28 and m["quantised_params"] == 4 * (4 * 512 * 512 + 3 * 512 * 1536)
-    assert m["packed"] * 8 == 4.5 * m["quantised_params"]
-    weights = m["packed"] + m["dense_bytes"]                              # + embeddings, norms, lm_head
+    # 4 layers × (4 attention 512² + 3 MLP 512×1536) in Q4_K (4.5 bits/weight), the token
+    # embedding 256×512 in Q4_K and lm_head in Q6_K (6.5625 bits/weight), as llama.cpp's Q4_K_M.
+    assert m["modules"] == 28 + 2 and m["formats"] == ["q4_k", "q6_k"]
+    assert m["quantised_params"] == 4 * (4 * 512 * 512 + 3 * 512 * 1536) + 2 * 256 * 512
+    assert m["packed"] * 8 == m["expected_bits"] == 4.5 * (m["quantised_params"] - 256 * 512) + 6.5625 * 256 * 512
+    weights = m["packed"] + m["dense_bytes"]                              # + norms
     assert fp32_bytes > 6 * weights
 
     # The loaded model holds its packed bytes, nothing more (within 5 % / 1 MB).

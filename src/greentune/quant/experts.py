@@ -26,6 +26,7 @@ import logging
 import torch
 from torch import nn
 
+from . import kernels
 from .block import BlockFormat
 from .formats import fallback_format, get_format
 from .linear import compute_dtype, dequant_linear
@@ -100,7 +101,9 @@ class QuantExperts3D(nn.Module):
     # ---- reading ---------------------------------------------------------------------------
     def dequantize_expert(self, e: "int | torch.Tensor") -> torch.Tensor:
         """Expert `e`'s weight as float32 ``[out, in]``."""
-        return self.fmt.dequantize(self.qweight[int(e)], (self.out_features, self.in_features))
+        shape = (self.out_features, self.in_features)
+        return self.fmt.dequantize(self.qweight[int(e)], shape,
+                                   compiled=kernels.wanted(self.fmt, self.qweight.device, shape[0] * shape[1]))
 
     def dequantize(self) -> torch.Tensor:
         """All experts as float32 ``[E, out, in]``."""
@@ -112,6 +115,9 @@ class QuantExperts3D(nn.Module):
     def _weight(self, e, dtype: torch.dtype) -> torch.Tensor:
         w = self.dequantize_expert(e)
         return w if dtype == torch.float32 else w.to(dtype)
+
+    def _packed(self, e):
+        return self.qweight[int(e)], self.fmt, (self.out_features, self.in_features)
 
     def linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """``x · Ŵ_eᵀ``: x ``[..., in]`` → ``[..., out]`` in x's dtype (fp32 compute on CPU)."""

@@ -11,7 +11,9 @@
    pages would count as resident until the file is closed) and each tensor is quantised into
    its module, or, if it is not quantised (embeddings, norms, lm_head, routers), materialised
    in `dtype`, then dropped. Peak memory ≈ quantised model + non-quantised weights + the
-   largest tensor (+ its fp32 copy and a few MB of quantiser work space).
+   largest tensor (+ its fp32 copy and a few MB of quantiser work space). The token
+   embedding and lm_head are quantised too (`replace.plan`); with tied embeddings the table
+   is read once and the head reads it (a duplicate ``lm_head.weight`` is ignored).
 
 Checkpoint names go through transformers' own conversion mapping (`WeightRenaming`s, e.g.
 Mixtral's ``block_sparse_moe`` → ``mlp``) and `WeightConverter`s of the MoE-fusion kind
@@ -189,7 +191,9 @@ class _Loader:
         if conv is not None:
             self._put_piece(target_key, conv, pattern, key, tensor)
         elif target_key in self.targets:
-            self.model.get_submodule(self.targets[target_key].module_name).load_weight_(tensor)
+            target = self.targets[target_key]
+            if target.kind != "tied_head":      # a tied head's bytes are its embedding's
+                self.model.get_submodule(target.module_name).load_weight_(tensor)
             self.loaded.add(target_key)
         elif target_key in self.shapes:
             self._assign(target_key, tensor)
@@ -248,6 +252,22 @@ class _Loader:
             module._buffers[name] = tensor.to(self.device, old.dtype if old is not None else tensor.dtype)
 
 
+def _tie_the_rest(model: nn.Module, missing: set[str], quantised: set[str]) -> None:
+    """transformers' tying for the tied pairs that are not quantised (a quantised pair is tied
+    already: `QuantTiedHead` reads its `QuantEmbedding`, which has no `.weight` to share)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict) or not (set(tied) | set(tied.values())) & quantised:
+        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+        return
+    kept = {k: v for k, v in tied.items() if k in quantised or v in quantised}
+    for k in kept:
+        del tied[k]
+    try:
+        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+    finally:
+        tied.update(kept)
+
+
 def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.float32,
                    skip: Iterable[str] = DEFAULT_SKIP, device: "str | torch.device | None" = None) -> nn.Module:
     """Build a causal LM from `model_dir` with its Linear/expert weights stored in `fmt`.
@@ -275,16 +295,18 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     targets = plan(model, fmt, skip)
-    for t in targets:
-        install(model, t, empty_quantized_module(t, device=device))
+    for t in targets:                               # a tied head comes after its embedding
+        install(model, t, empty_quantized_module(t, device=device, model=model, dtype=dtype))
     loader = _Loader(model, targets, shapes, dtype, device)
     for path in files:
         for key, tensor in iter_safetensors(path):
             loader.put(key, tensor)
             del tensor
+    quantised_ties = {t.key for t in targets if t.kind == "tied_head"}
+    loader.loaded |= quantised_ties                 # tied checkpoints usually omit the head
     missing = set(shapes) - loader.loaded
     if hasattr(model, "tie_weights"):
-        model.tie_weights(missing_keys=missing, recompute_mapping=False)
+        _tie_the_rest(model, missing, {t.key for t in targets if t.kind in ("tied_head", "embedding")})
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     unfilled = [k for k in loader.targets if k not in loader.loaded]
     if still_meta or unfilled or loader.pending:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .block import (BlockFormat, GGMLQuantizationType, chunk_elements, f16_bytes,
-                    f16_round, f16_value, map_chunks, nearest_int, uint8_wrap)
+from .block import (BlockFormat, GGMLQuantizationType, chunk_elements, f16_bytes, f16_from_bytes,
+                    f16_round, map_chunks, nearest_int, uint8_wrap)
 
 QK_K = 256
 
@@ -122,9 +122,35 @@ def unpack_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+# Dequantisation in two pure-torch steps, also compiled as two CPU kernels (see `kernels`): the
+# per-group scales (1/32 of the data, scalar code) and the nibble expansion (vectorised). As one
+# kernel, inductor would recompute the f16 scales inside the vector loop and not vectorise it.
+
+def dequant_prep(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``[n, 144]`` → group scales ``d·sc`` and shifts ``dmin·m``, each fp32 ``[n, 4, 2]``
+    (pair c, nibble h: group 2c+h)."""
+    n = blocks.shape[0]
+    b = blocks[:, :16].to(torch.int32)
+    dd = f16_from_bytes(b[:, 0:4:2], b[:, 1:4:2])                  # [n, 2]: d, dmin
+    lo, mid, hi = b[:, 4:8], b[:, 8:12], b[:, 12:16]
+    sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 2) & 48)], dim=1).to(torch.float32)
+    mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 48)], dim=1).to(torch.float32)
+    return (dd[:, 0:1] * sc).reshape(n, 4, 2), (dd[:, 1:2] * mn).reshape(n, 4, 2)
+
+
+def dequant_expand(blocks: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[n, 144]`` + `dequant_prep`'s scales → fp32 ``[n, 256]``: ``scale·q − shift``."""
+    n = blocks.shape[0]
+    qs = blocks[:, 16:].reshape(n, 4, 32).to(torch.int32)         # int32: vector shifts exist in AVX2
+    lo = (qs & 15).to(torch.float32) * scale[:, :, 0:1] - shift[:, :, 0:1]
+    hi = (qs >> 4).to(torch.float32) * scale[:, :, 1:2] - shift[:, :, 1:2]
+    return torch.stack([lo, hi], dim=2).reshape(n, QK_K)
+
+
 class Q4_K(BlockFormat):
     name, block_size, type_size = "q4_k", QK_K, 144
     ggml_type = GGMLQuantizationType.Q4_K
+    dequant_kernels = (dequant_prep, dequant_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         out = torch.empty(blocks.shape[0], self.type_size, dtype=torch.uint8, device=blocks.device)
@@ -157,12 +183,4 @@ class Q4_K(BlockFormat):
                           _pack_scales(ls.to(torch.uint8), lm.to(torch.uint8)), qs], dim=1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        n = blocks.shape[0]
-        d = f16_value(blocks[:, 0:2])
-        dmin = f16_value(blocks[:, 2:4])
-        sc, mn = unpack_scales(blocks[:, 4:16])
-        scale = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-        shift = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-        qs = blocks[:, 16:].reshape(n, 4, 1, 32)
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32).to(torch.float32)
-        return (scale * q - shift).reshape(n, QK_K)
+        return dequant_expand(blocks, *dequant_prep(blocks))

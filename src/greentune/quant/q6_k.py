@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .block import (BlockFormat, GGMLQuantizationType, chunk_elements, f16_bytes,
-                    f16_round, f16_value, map_chunks, nearest_int)
+from .block import (BlockFormat, GGMLQuantizationType, chunk_elements, f16_bytes, f16_from_bytes,
+                    f16_round, map_chunks, nearest_int)
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15
@@ -69,9 +69,30 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     return scale[:, 0], L
 
 
+def dequant_prep(blocks: torch.Tensor) -> tuple[torch.Tensor]:
+    """uint8 ``[n, 210]`` → group scales ``d·scale_j``, fp32 ``[n, 16, 1]``."""
+    n = blocks.shape[0]
+    b = blocks[:, 208:210].to(torch.int32)
+    d = f16_from_bytes(b[:, 0:1], b[:, 1:2])
+    sc = blocks[:, 192:208].view(torch.int8).to(torch.float32)
+    return ((d * sc).reshape(n, 16, 1),)
+
+
+def dequant_expand(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[n, 210]`` + `dequant_prep`'s scales → fp32 ``[n, 256]``: ``scale·(q − 32)``."""
+    n = blocks.shape[0]
+    ql = blocks[:, :128].reshape(n, 2, 1, 64).to(torch.int32)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32).to(torch.int32)
+    lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)        # quarters 0,1,2,3
+    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)          # [n, 2, 4, 32]
+    q = (lo | (hi << 4)).to(torch.float32) - 32
+    return (scale * q.reshape(n, 16, 16)).reshape(n, QK_K)
+
+
 class Q6_K(BlockFormat):
     name, block_size, type_size = "q6_k", QK_K, 210
     ggml_type = GGMLQuantizationType.Q6_K
+    dequant_kernels = (dequant_prep, dequant_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         out = torch.empty(blocks.shape[0], self.type_size, dtype=torch.uint8, device=blocks.device)
@@ -102,12 +123,4 @@ class Q6_K(BlockFormat):
         return torch.where(empty, torch.zeros_like(out), out)   # all-zero block: memset 0
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        n = blocks.shape[0]
-        ql = blocks[:, :128].reshape(n, 2, 1, 64)
-        qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
-        sc = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-        d = f16_value(blocks[:, 208:210])
-        lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)        # quarters 0,1,2,3
-        hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)          # [n, 2, 4, 32]
-        q = (lo | (hi << 4)).to(torch.float32) - 32
-        return ((d * sc).reshape(n, 16, 1) * q.reshape(n, 16, 16)).reshape(n, QK_K)
+        return dequant_expand(blocks, *dequant_prep(blocks))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .block import BlockFormat, GGMLQuantizationType, f16_bytes, f16_value, safe_inverse
+from .block import BlockFormat, GGMLQuantizationType, f16_bytes, f16_from_bytes, safe_inverse
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -23,9 +23,25 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
 
 
+def _d(blocks: torch.Tensor) -> tuple[torch.Tensor]:
+    """The f16 scale in bytes 0–1 of each block → fp32 ``[n, 1]`` (the `prep` of Q8_0 and Q4_0)."""
+    b = blocks[:, 0:2].to(torch.int32)
+    return (f16_from_bytes(b[:, 0:1], b[:, 1:2]),)
+
+
+def _q8_0_expand(blocks: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return blocks[:, 2:].view(torch.int8).to(torch.float32) * d
+
+
+def _q4_0_expand(blocks: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    qs = blocks[:, 2:].to(torch.int32)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.float32).sub(8) * d
+
+
 class Q8_0(BlockFormat):
     name, block_size, type_size = "q8_0", 32, 34
     ggml_type = GGMLQuantizationType.Q8_0
+    dequant_kernels = (_d, _q8_0_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = blocks.abs().amax(dim=1, keepdim=True) / 127                       # [n, 1]
@@ -33,14 +49,13 @@ class Q8_0(BlockFormat):
         return torch.cat([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = f16_value(blocks[:, :2])
-        q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
-        return q * d
+        return _q8_0_expand(blocks, *_d(blocks))
 
 
 class Q4_0(BlockFormat):
     name, block_size, type_size = "q4_0", 32, 18
     ggml_type = GGMLQuantizationType.Q4_0
+    dequant_kernels = (_d, _q4_0_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         imax = blocks.abs().argmax(dim=1, keepdim=True)                         # first of equal maxima
@@ -50,10 +65,7 @@ class Q4_0(BlockFormat):
         return torch.cat([f16_bytes(d), packed], dim=1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = f16_value(blocks[:, :2])
-        qs = blocks[:, 2:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.float32) - 8
-        return d * q
+        return _q4_0_expand(blocks, *_d(blocks))
 
 
 class F32(BlockFormat):
