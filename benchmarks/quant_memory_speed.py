@@ -16,9 +16,8 @@ Loading uses greentune's own paths: `greentune.models.loader.load_model` for fp3
 safetensors and quantised as they arrive) for q4_k. The q4_k base stores the token embedding
 in Q4_K and lm_head in Q6_K, as llama.cpp's Q4_K_M does (`--fp32-io` keeps both fp32, the old
 behaviour: 524 MB, a floor of ~0.28× on its own). `--compile` sets GREENTUNE_QUANT_COMPILE in
-the children (auto: compiled dequantise kernels for layers ≥ 1 Mi weights; see
-`greentune.quant.kernels`); the q4_k child compiles (or loads from inductor's disk cache) its
-kernels before the timed steps, in its warm-up step. Targets: memory ≤ 0.35×, step time ≤ 1.25×.
+the children (auto/1: greentune's native C dequantise kernels, built once with the system
+compiler and cached, see `greentune.quant.kernels`; 0: plain torch). Targets: memory ≤ 0.35×, step time ≤ 1.25×.
 The machine's load average is printed with the results: on a shared machine, step times
 follow it.
 """
@@ -157,7 +156,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch's default)")
     ap.add_argument("--compile", default="auto", choices=["auto", "0", "1"],
-                    help="GREENTUNE_QUANT_COMPILE for the children (compiled dequantise kernels)")
+                    help="GREENTUNE_QUANT_COMPILE for the children (0: plain-torch dequantise, no native kernels)")
     ap.add_argument("--fp32-io", action="store_true", help="keep the q4_k base's embedding and lm_head in fp32")
     ap.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, metavar=("VARIANT", "DIR"), help=argparse.SUPPRESS)

@@ -85,10 +85,6 @@ class BlockFormat:
     type_size: int = 4
     ggml_type: "GGMLQuantizationType | None" = None
     row_local: bool = True
-    #: ``(prep, expand)`` pure-torch functions with ``dequantize == expand(blocks, *prep(blocks))``
-    #: (prep: the small per-block scales; expand: the bulk). Formats that define them get compiled
-    #: CPU kernels for big layers (`kernels.dequantize_blocks`); None: always `_dequantize_blocks`.
-    dequant_kernels: "tuple | None" = None
 
     # ---- sizes ---------------------------------------------------------------------------
     @property
@@ -120,18 +116,18 @@ class BlockFormat:
         assert out.shape == (blocks.shape[0], self.type_size), (self.name, out.shape)
         return out.reshape(packed)
 
-    def dequantize(self, q: torch.Tensor, shape: Sequence[int], compiled: bool = False) -> torch.Tensor:
+    def dequantize(self, q: torch.Tensor, shape: Sequence[int], native: bool = False) -> torch.Tensor:
         """uint8 packed bytes → float32 tensor of `shape` (on q's device).
 
-        `compiled`: use the format's compiled CPU kernels when it has them and they can be built
-        (`kernels.dequantize_blocks`; same values, bit for bit); callers ask for it on big layers.
+        `native`: use the format's native CPU kernel when it has one and it can be built
+        (`kernels.dequantize_blocks`; same values, bit for bit); callers ask `kernels.wanted`.
         """
         shape = tuple(int(s) for s in shape)
         if tuple(q.shape) != self.packed_shape(shape):
             raise ValueError(f"{self.name}: packed shape {tuple(q.shape)} does not match "
                              f"{self.packed_shape(shape)} for a tensor of shape {shape}")
         blocks = q.reshape(-1, self.type_size)
-        if compiled:
+        if native:
             from .kernels import dequantize_blocks
             return dequantize_blocks(self, blocks).reshape(shape)
         return self._dequantize_blocks(blocks).reshape(shape)
@@ -176,8 +172,8 @@ def f16_value(b: torch.Tensor) -> torch.Tensor:
 def f16_from_bytes(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """IEEE half from its two bytes given as int32 tensors (low, high) → fp32, same shape.
 
-    Integer ops and a bitcast only, so torch.compile can fuse it (a uint8 → float16 `view`
-    of a strided slice it cannot)."""
+    Integer ops and a bitcast only: works on strided slices (a uint8 → float16 `view` needs
+    the two bytes contiguous)."""
     return (lo | (hi << 8)).to(torch.int16).view(torch.float16).to(torch.float32)
 
 

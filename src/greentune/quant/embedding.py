@@ -87,7 +87,7 @@ class QuantEmbedding(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The whole table as float32 ``[num_embeddings, embedding_dim]``."""
         return self.fmt.dequantize(self.qweight, self.weight_shape,
-                                   compiled=kernels.wanted(self.fmt, self.qweight.device,
+                                   native=kernels.wanted(self.fmt, self.qweight.device,
                                                            self.num_embeddings * self.embedding_dim))
 
     @torch.no_grad()
@@ -108,7 +108,7 @@ class QuantEmbedding(nn.Module):
         rows = self.qweight.index_select(0, flat)
         n = flat.numel()
         w = self.fmt.dequantize(rows, (n, self.embedding_dim),
-                                compiled=kernels.wanted(self.fmt, rows.device, n * self.embedding_dim))
+                                native=kernels.wanted(self.fmt, rows.device, n * self.embedding_dim))
         return w.view(*ids.shape, self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ class QuantExperts3D(nn.Module):
         """Expert `e`'s weight as float32 ``[out, in]``."""
         shape = (self.out_features, self.in_features)
         return self.fmt.dequantize(self.qweight[int(e)], shape,
-                                   compiled=kernels.wanted(self.fmt, self.qweight.device, shape[0] * shape[1]))
+                                   native=kernels.wanted(self.fmt, self.qweight.device, shape[0] * shape[1]))
 
     def dequantize(self) -> torch.Tensor:
         """All experts as float32 ``[E, out, in]``."""

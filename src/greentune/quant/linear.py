@@ -3,8 +3,8 @@
 ``y = x · Ŵᵀ + b`` where ``Ŵ = fmt.dequantize(qweight)`` is rebuilt on each forward (and again
 in backward) and never kept: the layer's memory is the packed bytes, e.g. 4.5 bits per weight
 for Q4_K, plus an optional fp32 bias. On CPU a big weight is rebuilt a block of rows at a time
-(`CHUNK_WEIGHTS`), each block multiplied while it is in cache, with compiled dequantise
-kernels for big layers (`kernels`). Gradients flow to the input (and the bias, if it
+(`CHUNK_WEIGHTS`), each block multiplied while it is in cache, dequantised by the native
+kernels (`kernels`). Gradients flow to the input (and the bias, if it
 requires them), never to the packed weight: LoRA adapters sit on top.
 
 Compute dtype: fp32 on CPU (whatever the input dtype; the output is cast back to it), the
@@ -68,7 +68,7 @@ class _DequantMatmul(torch.autograd.Function):
 
 
 def _chunked(owner, key, x: torch.Tensor):
-    """``(packed rows [out, row_bytes], fmt, (out, in), rows per chunk, compiled)`` when this
+    """``(packed rows [out, row_bytes], fmt, (out, in), rows per chunk, native)`` when this
     product should run in row chunks (CPU, fp32, row-local format, weight above one chunk)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
@@ -85,12 +85,12 @@ def _forward(x: torch.Tensor, owner, key) -> torch.Tensor:
     plan = _chunked(owner, key, x)
     if plan is None:
         return F.linear(x, owner._weight(key, x.dtype))
-    q, fmt, (out, inp), rows, compiled = plan
+    q, fmt, (out, inp), rows, native = plan
     x2 = x.reshape(-1, inp)
     y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
-        w = fmt.dequantize(q[r0:r1], (r1 - r0, inp), compiled=compiled)
+        w = fmt.dequantize(q[r0:r1], (r1 - r0, inp), native=native)
         torch.mm(x2, w.t(), out=y[:, r0:r1])        # y's rows have stride `out`: BLAS's ldc
     return y.view(*x.shape[:-1], out)
 
@@ -99,12 +99,12 @@ def _input_grad(grad: torch.Tensor, owner, key) -> torch.Tensor:
     plan = _chunked(owner, key, grad)
     if plan is None:
         return grad @ owner._weight(key, grad.dtype)
-    q, fmt, (out, inp), rows, compiled = plan
+    q, fmt, (out, inp), rows, native = plan
     g2 = grad.reshape(-1, out)
     gx = torch.empty(g2.shape[0], inp, dtype=grad.dtype, device=grad.device)
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
-        w = fmt.dequantize(q[r0:r1], (r1 - r0, inp), compiled=compiled)
+        w = fmt.dequantize(q[r0:r1], (r1 - r0, inp), native=native)
         if r0 == 0:
             torch.mm(g2[:, r0:r1], w, out=gx)
         else:
@@ -117,7 +117,7 @@ def dequant_linear(x: torch.Tensor, owner, key=None) -> torch.Tensor:
 
     `owner` provides ``_weight(key, dtype)`` (the whole dequantised weight) and ``_packed(key)``
     → ``(uint8 rows, fmt, (out, in))``; on CPU big weights are done in row chunks (`CHUNK_WEIGHTS`)
-    with the compiled kernels where `kernels.wanted` says so.
+    with the native kernels where `kernels.wanted` says so.
     """
     if torch.is_grad_enabled() and x.requires_grad:
         return _DequantMatmul.apply(x, owner, key)
@@ -178,7 +178,7 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The frozen weight as float32 ``[out_features, in_features]``."""
         return self.fmt.dequantize(self.qweight, self.weight_shape,
-                                   compiled=kernels.wanted(self.fmt, self.qweight.device, math.prod(self.weight_shape)))
+                                   native=kernels.wanted(self.fmt, self.qweight.device, math.prod(self.weight_shape)))
 
     def _weight(self, key, dtype: torch.dtype) -> torch.Tensor:
         w = self.dequantize()

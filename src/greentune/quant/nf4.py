@@ -103,7 +103,7 @@ class NF4DoubleQuant(BlockFormat):
         assert tuple(out.shape) == packed
         return out
 
-    def dequantize(self, q: torch.Tensor, shape: Sequence[int], compiled: bool = False) -> torch.Tensor:
+    def dequantize(self, q: torch.Tensor, shape: Sequence[int], native: bool = False) -> torch.Tensor:
         shape = tuple(int(s) for s in shape)
         if tuple(q.shape) != self.packed_shape(shape):
             raise ValueError(f"{self.name}: packed shape {tuple(q.shape)} does not match "

@@ -122,9 +122,8 @@ def unpack_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-# Dequantisation in two pure-torch steps, also compiled as two CPU kernels (see `kernels`): the
-# per-group scales (1/32 of the data, scalar code) and the nibble expansion (vectorised). As one
-# kernel, inductor would recompute the f16 scales inside the vector loop and not vectorise it.
+# Dequantisation in plain torch, in two steps: the per-group scales (1/32 of the data) and the
+# nibble expansion. `kernels.c` computes the same values in one pass on CPU.
 
 def dequant_prep(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``[n, 144]`` → group scales ``d·sc`` and shifts ``dmin·m``, each fp32 ``[n, 4, 2]``
@@ -150,7 +149,6 @@ def dequant_expand(blocks: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 class Q4_K(BlockFormat):
     name, block_size, type_size = "q4_k", QK_K, 144
     ggml_type = GGMLQuantizationType.Q4_K
-    dequant_kernels = (dequant_prep, dequant_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         out = torch.empty(blocks.shape[0], self.type_size, dtype=torch.uint8, device=blocks.device)

@@ -92,7 +92,6 @@ def dequant_expand(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class Q6_K(BlockFormat):
     name, block_size, type_size = "q6_k", QK_K, 210
     ggml_type = GGMLQuantizationType.Q6_K
-    dequant_kernels = (dequant_prep, dequant_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         out = torch.empty(blocks.shape[0], self.type_size, dtype=torch.uint8, device=blocks.device)

@@ -41,7 +41,6 @@ def _q4_0_expand(blocks: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 class Q8_0(BlockFormat):
     name, block_size, type_size = "q8_0", 32, 34
     ggml_type = GGMLQuantizationType.Q8_0
-    dequant_kernels = (_d, _q8_0_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = blocks.abs().amax(dim=1, keepdim=True) / 127                       # [n, 1]
@@ -55,7 +54,6 @@ class Q8_0(BlockFormat):
 class Q4_0(BlockFormat):
     name, block_size, type_size = "q4_0", 32, 18
     ggml_type = GGMLQuantizationType.Q4_0
-    dequant_kernels = (_d, _q4_0_expand)
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         imax = blocks.abs().argmax(dim=1, keepdim=True)                         # first of equal maxima
