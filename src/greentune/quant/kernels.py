@@ -82,10 +82,10 @@ def _cache_dir() -> Path:
 
 def _build() -> "ctypes.CDLL | None":
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    path = _cache_dir() / f"quant-kernels-{key}.so"
     try:
+        src = SOURCE.read_bytes()                       # (package data: see pyproject's package-data)
+        key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+        path = _cache_dir() / f"quant-kernels-{key}.so"
         if not path.exists():
             if cc is None:
                 raise RuntimeError("no C compiler (cc, gcc or clang) found")
