@@ -79,7 +79,9 @@ def test_memory_breakdown_lora_q4k_and_full(llama):
     t = Technique("q", "lora", "q4_k", rank=8, targets=("attn", "mlp"))
     m = memory_breakdown(llama, t, w, GPU)
     matmul = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I)
-    assert m["weights"] == pytest.approx(matmul * 4.5 / 8 + (llama.total_params - matmul) * 2)
+    table = V * H * (6.5625 / 8 if llama.tied_embeddings else (4.5 + 6.5625) / 8)   # Q4_K embedding, Q6_K head
+    norms = llama.total_params - matmul - llama.embedding_params
+    assert m["weights"] == pytest.approx(matmul * 4.5 / 8 + table + norms * 2)
     p = lora_params(llama, t)[0]
     assert (m["trainable"], m["grads"], m["optimizer"]) == (4 * p, 4 * p, 8 * p)
     toks = 2 * 32
@@ -103,7 +105,7 @@ def test_estimate_time_energy_carbon_water(llama):
     assert not e.checkpointing
     fpt = flops_per_token(llama, t, 64, False)
     assert e.total_flops == fpt * 1_000_000
-    n_q = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I)
+    n_q = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I) + V * H   # the quantised head is dequantised too
     dq = w.micro_steps * 2 * n_q * (4.127 / 8 + 2 * 2)
     assert e.seconds == pytest.approx(e.total_flops / (1e12 * 0.5) + dq / 100e9)
     assert e.power_w == 100 * 0.8 + 50 and e.peak_power_w == 150

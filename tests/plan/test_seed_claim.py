@@ -35,7 +35,7 @@ def test_tokens_in_ten_hours_on_h100(claim):
     a = L * 2 * HEADS * (HD + HD) * (T + 1) / 2                                       # causal attention FLOPs
     p = L * R * (2 * (H + H) + 2 * (H + KV * HD) + K * 3 * (H + I))                  # active LoRA params
     fpt = 4 * n + 3 * a + 6 * p + (2 * (n - V * H) + a + 2 * p)                      # LoRA + checkpoint recompute
-    n_q = L * (2 * H * H + 2 * H * KV * HD + E * 3 * H * I + E * H)                  # quantised weights
+    n_q = L * (2 * H * H + 2 * H * KV * HD + E * 3 * H * I + E * H) + V * H          # quantised weights + head
     dequant_per_token = 3 * n_q * (4.5 / 8 + 2 * 2) / (T * MB) / 3350e9              # 3 passes, Q4_K → bf16
     seconds_per_token = fpt / (989.4e12 * U) + dequant_per_token
     expected = math.floor(10 * 3600 / seconds_per_token / (T * MB)) * T * MB
@@ -53,7 +53,7 @@ def test_tokens_in_ten_hours_on_h100(claim):
 
 def test_which_gpus_fit(claim):
     quantised = L * (2 * H * H + 2 * H * KV * HD + E * 3 * H * I + E * H) * 4.5 / 8
-    rest = (2 * V * H + L * 2 * H + H) * 2
+    rest = V * H * (4.5 + 6.5625) / 8 + (L * 2 * H + H) * 2                            # Q4_K embedding, Q6_K head
     for name in ("NVIDIA GeForce RTX 4090 24GB", "NVIDIA GeForce RTX 3090 24GB", "NVIDIA L4 24GB"):
         g = _by_name(claim, name)
         assert quantised + rest > 24e9 * 0.95 and not g.fits_memory and g.tokens == 0

@@ -5,8 +5,10 @@ Everything here is arithmetic on `ArchFacts` (greentune.models.facts); the maths
 **Weights** (bytes): each matmul weight of the frozen base in its storage format —
 bits per weight `BPW`: bf16 16, fp32 32, q8_0 8.5 (32 int8 + one f16 scale), q4_0 / q4_k
 4.5, nf4 4.127 (4 + 8/64 for the double-quantised absmax + 32/(64·256) for its scales,
-QLoRA). Embeddings, the LM head, norms and biases stay in the compute dtype (bf16 on
-GPU/Apple, fp32 on CPU).
+QLoRA). A quantised base quantises its token embedding in the same format and its LM head
+in Q6_K (6.5625 bpw; Q8_0 for a q8_0 base), as llama.cpp's Q4_K_M does (a tied pair is one
+table, in the head's format); norms and biases stay in the compute dtype (bf16 on
+GPU/Apple, fp32 on CPU), as does everything of an unquantised base.
 
 **Trainable state** (bytes per trainable parameter): full fine-tuning in mixed precision
 keeps working weights and grads in the compute dtype, an fp32 master copy (bf16 only) and
@@ -59,6 +61,7 @@ from greentune.plan.hardware import GB, Hardware
 BPW = {"bf16": 16.0, "fp16": 16.0, "fp32": 32.0, "none": None, "q8_0": 8.5, "q4_0": 4.5, "q4_k": 4.5,
        "nf4": 4.127}
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+HEAD_BPW = {"q8_0": 8.5}   # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
 TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
@@ -241,6 +244,11 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
     else:
         bpw = BPW[t.quant_base] or 8 * b
         weights = matmul * bpw / 8 + rest * b
+        if BPW[t.quant_base] is not None:   # embedding and head quantised too (as Q4_K_M)
+            vh = facts.vocab * facts.hidden
+            head_bpw = HEAD_BPW.get(t.quant_base, 6.5625)
+            table = vh * head_bpw / 8 if facts.tied_embeddings else vh * (bpw + head_bpw) / 8
+            weights = matmul * bpw / 8 + table + (rest - facts.embedding_params) * b
         n_train = trainable_params(facts, t)
         trainable, grads, optim = n_train * 4, n_train * 4, n_train * 8
     shard = float(devices)
@@ -295,7 +303,7 @@ def dequant_weights(facts: ArchFacts, t: Technique, w: Workload, checkpointing: 
     (+ per ReLoRA merge: each adapted weight dequantised and re-quantised, counted twice)."""
     if t.method == "full" or BPW[t.quant_base] is None:
         return 0.0
-    n_q = sum(g.params for g in facts.linears if g.kind != "head")
+    n_q = sum(g.params for g in facts.linears)   # the (quantised) head included
     passes = 3 if checkpointing else 2
     total = w.micro_steps * passes * n_q
     if t.method == "relora":

@@ -205,7 +205,8 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         f"LoRA rank {rank} on {', '.join(targets)}; AdamW; adapters and optimiser state fp32; upcycling "
         f"{UPCYCLE[0]} experts top-{UPCYCLE[1]} adds LoRA on experts and trains the router",
         "base formats (bits/weight): " + ", ".join(f"{k} {v:g}" for k, v in BPW.items() if v and k != "fp16")
-        + "; embeddings, head and norms kept in the compute dtype",
+        + "; a quantised base also quantises its embedding (same format) and LM head (Q6_K; Q8_0 for q8_0), "
+        "norms stay in the compute dtype",
         ("dequantisation timed per format on this hardware" if rates else
          "dequantisation modelled as memory traffic at the hardware's bandwidth"),
         "memory-efficient attention (no T² scores stored); activation checkpointing only when needed to fit; "
