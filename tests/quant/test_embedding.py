@@ -271,3 +271,17 @@ def test_gguf_export_reuses_embedding_and_head_bytes_and_runs_in_llamacpp(tmp_pa
     for j, tid in enumerate(gen):
         row = logp[len(prompt) - 1 + j]
         assert float(row.max() - row[tid]) < 0.3, (j, tid)
+
+
+def test_native_dequantise_into_a_given_buffer():
+    """`kernels.dequantize_blocks(out=...)` writes the same values into the caller's buffer (the
+    chunked matmul reuses one buffer for all chunks) and checks its shape."""
+    f = get_format("q4_k")
+    w = torch.randn(8, 512) * 0.05
+    blocks = f.quantize(w).reshape(-1, f.type_size)
+    out = torch.full((blocks.shape[0], f.block_size), float("nan"))
+    got = kernels.dequantize_blocks(f, blocks, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, f._dequantize_blocks(blocks))
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.dequantize_blocks(f, blocks, out=torch.empty(blocks.shape[0], 3))

@@ -99,3 +99,28 @@ def test_iter_safetensors_reads_what_safetensors_reads(tiny_mixtral_dir):
     got = dict(iter_safetensors(tiny_mixtral_dir / "model.safetensors"))
     assert sorted(got) == sorted(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_iter_safetensors_frees_each_tensor_before_reading_the_next(tiny_mixtral_dir, monkeypatch):
+    """A consumer that drops each tensor never has two of them resident: when the next buffer
+    is allocated, nothing holds the previous one (the generator used to keep it until then)."""
+    import weakref
+
+    from greentune.quant import loading
+
+    buffers, alive_at_alloc = [], []
+    real = loading._anonymous_buffer
+
+    def spy(nbytes):
+        alive_at_alloc.append(any(ref() is not None for ref in buffers))
+        buf = real(nbytes)
+        buffers.append(weakref.ref(buf))
+        return buf
+
+    monkeypatch.setattr(loading, "_anonymous_buffer", spy)
+    n = 0
+    for _, tensor in iter_safetensors(tiny_mixtral_dir / "model.safetensors"):
+        del tensor
+        n += 1
+    assert n > 2 and len(alive_at_alloc) == n
+    assert not any(alive_at_alloc)

@@ -118,14 +118,23 @@ def library() -> "ctypes.CDLL | None":
     return _lib
 
 
-def dequantize_blocks(fmt, blocks: torch.Tensor) -> torch.Tensor:
+def dequantize_blocks(fmt, blocks: torch.Tensor, out: "torch.Tensor | None" = None) -> torch.Tensor:
     """``fmt._dequantize_blocks(blocks)`` (uint8 ``[n, type_size]`` → fp32 ``[n, block_size]``),
-    by the native kernel when there is one for `fmt` on this device."""
+    by the native kernel when there is one for `fmt` on this device.
+
+    `out`: a contiguous fp32 ``[n, block_size]`` tensor to write into (and return) instead of
+    allocating one, so a caller dequantising many chunks reuses one buffer."""
     lib = library() if blocks.device.type == "cpu" and fmt.name in FORMATS else None
+    if out is not None and (tuple(out.shape) != (blocks.shape[0], fmt.block_size)
+                            or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous float32 {(blocks.shape[0], fmt.block_size)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     if lib is None:
-        return fmt._dequantize_blocks(blocks)
+        w = fmt._dequantize_blocks(blocks)
+        return w if out is None else out.copy_(w)
     blocks = blocks.contiguous()
-    out = torch.empty(blocks.shape[0], fmt.block_size, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(blocks.shape[0], fmt.block_size, dtype=torch.float32)
     if blocks.shape[0]:
         getattr(lib, f"gt_dequant_{fmt.name}")(blocks.data_ptr(), out.data_ptr(), blocks.shape[0])
     return out

@@ -81,6 +81,23 @@ def _chunked(owner, key, x: torch.Tensor):
     return q, fmt, (out, inp), rows, kernels.wanted(fmt, x.device, out * inp)
 
 
+def _chunk_weights(fmt, q: torch.Tensor, out: int, inp: int, rows: int, native: bool):
+    """Yield ``(r0, r1, Ŵ[r0:r1])`` over row chunks. With the native kernels every chunk is
+    written into one buffer allocated once per call instead of a fresh few-MB tensor per chunk
+    (hundreds per step): less allocator churn, and with `loading.limit_heap_retention`'s 1 MB
+    mmap threshold one mapping per call instead of one per chunk."""
+    buf = torch.empty(rows * inp, dtype=torch.float32) if native and kernels.library() is not None else None
+    for r0 in range(0, out, rows):
+        r1 = min(out, r0 + rows)
+        if buf is None:
+            yield r0, r1, fmt.dequantize(q[r0:r1], (r1 - r0, inp), native=native)
+        else:
+            n = (r1 - r0) * inp
+            blocks = q[r0:r1].reshape(-1, fmt.type_size)
+            kernels.dequantize_blocks(fmt, blocks, out=buf[:n].view(-1, fmt.block_size))
+            yield r0, r1, buf[:n].view(r1 - r0, inp)
+
+
 def _forward(x: torch.Tensor, owner, key) -> torch.Tensor:
     plan = _chunked(owner, key, x)
     if plan is None:
@@ -88,9 +105,7 @@ def _forward(x: torch.Tensor, owner, key) -> torch.Tensor:
     q, fmt, (out, inp), rows, native = plan
     x2 = x.reshape(-1, inp)
     y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
-    for r0 in range(0, out, rows):
-        r1 = min(out, r0 + rows)
-        w = fmt.dequantize(q[r0:r1], (r1 - r0, inp), native=native)
+    for r0, r1, w in _chunk_weights(fmt, q, out, inp, rows, native):
         torch.mm(x2, w.t(), out=y[:, r0:r1])        # y's rows have stride `out`: BLAS's ldc
     return y.view(*x.shape[:-1], out)
 
@@ -102,9 +117,7 @@ def _input_grad(grad: torch.Tensor, owner, key) -> torch.Tensor:
     q, fmt, (out, inp), rows, native = plan
     g2 = grad.reshape(-1, out)
     gx = torch.empty(g2.shape[0], inp, dtype=grad.dtype, device=grad.device)
-    for r0 in range(0, out, rows):
-        r1 = min(out, r0 + rows)
-        w = fmt.dequantize(q[r0:r1], (r1 - r0, inp), native=native)
+    for r0, r1, w in _chunk_weights(fmt, q, out, inp, rows, native):
         if r0 == 0:
             torch.mm(g2[:, r0:r1], w, out=gx)
         else:

@@ -178,17 +178,31 @@ def _shares_embedding(model: nn.Module, linear: nn.Linear, name: str) -> bool:
 
 def empty_quantized_module(target: Target, device=None, model: "nn.Module | None" = None,
                            dtype: torch.dtype = torch.float32) -> nn.Module:
-    """An uninitialised (zero bytes) quantised module for `target`, for streaming loads. A
-    tied head needs `model`, whose (already installed) quantised embedding it reads."""
-    if target.kind == "linear":
-        out, inp = target.shape
-        return QuantLinear(inp, out, target.fmt, bias=target.bias, device=device)
-    if target.kind == "embedding":
-        return QuantEmbedding(*target.shape, fmt=target.fmt, padding_idx=target.padding_idx, dtype=dtype,
-                              device=device)
+    """An uninitialised quantised module for `target`, for streaming loads. A tied head needs
+    `model`, whose (already installed) quantised embedding it reads.
+
+    The packed bytes are `torch.empty`, not zeros: built on the meta device, then given real
+    uninitialised storage, so no page is touched until the load writes it, and the load's peak
+    is what has been loaded so far plus the tensor at hand, not the whole quantised model from
+    the start. (A bias, if any, is zeros.)"""
     if target.kind == "tied_head":
         return QuantTiedHead(model.get_submodule(target.source))
-    return QuantExperts3D(*target.shape, fmt=target.fmt, device=device)
+    if target.kind == "linear":
+        out, inp = target.shape
+        module = QuantLinear(inp, out, target.fmt, bias=target.bias, device="meta")
+    elif target.kind == "embedding":
+        module = QuantEmbedding(*target.shape, fmt=target.fmt, padding_idx=target.padding_idx, dtype=dtype,
+                                device="meta")
+    else:
+        module = QuantExperts3D(*target.shape, fmt=target.fmt, device="meta")
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    for name, p in module._parameters.items():
+        if p is not None:
+            module._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=device),
+                                                    requires_grad=p.requires_grad)
+    return module
 
 
 def install(model: nn.Module, target: Target, module: nn.Module) -> None:
