@@ -18,11 +18,9 @@ in Q4_K and lm_head in Q6_K, as llama.cpp's Q4_K_M does (`--fp32-io` keeps both 
 behaviour: 524 MB, a floor of ~0.28× on its own). `--compile` sets GREENTUNE_QUANT_COMPILE in
 the children (auto/1: greentune's native C dequantise kernels, built once with the system
 compiler and cached, see `greentune.quant.kernels`; 0: plain torch). Targets: memory ≤ 0.35×, step time ≤ 1.25×.
-`load_quantized` fixes glibc's mmap threshold at 1 MB (`greentune.quant.loading.limit_heap_retention`),
-so the q4_k child's freed tensors are unmapped; the fp32 child keeps glibc's default (dynamic)
-threshold, i.e. what `load_model` gives a user. The fp32 run would gain from it too (measured
-with 3 layers, MALLOC_MMAP_THRESHOLD_=1048576: its peak 1075 MB above baseline instead of
-1205 MB), so against an equally tuned fp32 run the ratio is a few hundredths higher.
+Both loaders (`load_model` and `load_quantized`) fix glibc's mmap threshold at 1 MB
+(`greentune.heap.limit_heap_retention`), so both children return freed tensors to the OS
+instead of growing a fragmented heap: the comparison is like for like.
 The machine's load average is printed with the results: on a shared machine, step times
 follow it.
 """

@@ -45,7 +45,7 @@ def test_streaming_load_peak_and_resident_memory(tmp_path, tiny_llama_dir):
 _HEAP_PROBE = r"""
 import json, sys
 import psutil, torch
-from greentune.quant.loading import limit_heap_retention
+from greentune.heap import limit_heap_retention
 if sys.argv[1] == "1":
     assert limit_heap_retention()
 rss = lambda: psutil.Process().memory_info().rss
@@ -74,7 +74,7 @@ def test_limit_heap_retention_returns_freed_tensors_to_the_os():
 
 
 def test_limit_heap_retention_respects_the_users_setting(monkeypatch):
-    from greentune.quant.loading import limit_heap_retention
+    from greentune.heap import limit_heap_retention
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 22))
     assert limit_heap_retention() is False
 

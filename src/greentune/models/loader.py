@@ -122,9 +122,12 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     """Load a causal LM from a checked folder; weights from safetensors only."""
     from transformers import AutoModelForCausalLM
 
+    from ..heap import limit_heap_retention
+
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir, trust_remote_code)
     dtype = dtype or compute_dtype(device)
+    limit_heap_retention()   # for the load and the training that follows (see heap.py)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)

@@ -84,7 +84,7 @@ def _chunked(owner, key, x: torch.Tensor):
 def _chunk_weights(fmt, q: torch.Tensor, out: int, inp: int, rows: int, native: bool):
     """Yield ``(r0, r1, Ŵ[r0:r1])`` over row chunks. With the native kernels every chunk is
     written into one buffer allocated once per call instead of a fresh few-MB tensor per chunk
-    (hundreds per step): less allocator churn, and with `loading.limit_heap_retention`'s 1 MB
+    (hundreds per step): less allocator churn, and with `greentune.heap.limit_heap_retention`'s 1 MB
     mmap threshold one mapping per call instead of one per chunk."""
     buf = torch.empty(rows * inp, dtype=torch.float32) if native and kernels.library() is not None else None
     for r0 in range(0, out, rows):
