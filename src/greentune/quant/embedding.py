@@ -26,12 +26,12 @@ from torch import nn
 from . import kernels
 from .block import BlockFormat
 from .formats import fallback_format, get_format
-from .linear import compute_dtype, dequant_linear
+from .linear import PackedMatrix, compute_dtype, dequant_linear
 
 logger = logging.getLogger(__name__)
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedMatrix):
     """A frozen `nn.Embedding` stored in a row-local block format.
 
     Attributes:
@@ -77,31 +77,6 @@ class QuantEmbedding(nn.Module):
     def out_features(self) -> int:
         return self.num_embeddings
 
-    @torch.no_grad()
-    def load_weight_(self, weight: torch.Tensor) -> None:
-        """Quantise `weight` ``[num_embeddings, embedding_dim]`` into the buffer, in place."""
-        if tuple(weight.shape) != self.weight_shape:
-            raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
-        self.qweight.copy_(self.fmt.quantize(weight.to(self.qweight.device, torch.float32)))
-
-    def dequantize(self) -> torch.Tensor:
-        """The whole table as float32 ``[num_embeddings, embedding_dim]``."""
-        return self.fmt.dequantize(self.qweight, self.weight_shape,
-                                   native=kernels.wanted(self.fmt, self.qweight.device,
-                                                           self.num_embeddings * self.embedding_dim))
-
-    @torch.no_grad()
-    def add_(self, delta: torch.Tensor) -> "QuantEmbedding":
-        """``W ← Q(Ŵ + delta)`` in place. Returns self."""
-        if tuple(delta.shape) != self.weight_shape:
-            raise ValueError(f"delta shape {tuple(delta.shape)} != {self.weight_shape}")
-        self.load_weight_(self.dequantize() + delta.to(self.qweight.device, torch.float32))
-        return self
-
-    def raw_bytes(self) -> torch.Tensor:
-        """The packed table, uint8: GGUF's tensor data for type `fmt.ggml_type`."""
-        return self.qweight
-
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) as float32 ``[*ids.shape, embedding_dim]``."""
         flat = ids.reshape(-1).to(self.qweight.device)
@@ -114,14 +89,6 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.lookup(ids)
         return out if self.dtype == torch.float32 else out.to(self.dtype)
-
-    # the dequant_linear owner interface (a tied head multiplies by the table)
-    def _weight(self, key, dtype: torch.dtype) -> torch.Tensor:
-        w = self.dequantize()
-        return w if dtype == torch.float32 else w.to(dtype)
-
-    def _packed(self, key):
-        return self.qweight, self.fmt, self.weight_shape
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt.name}" + (

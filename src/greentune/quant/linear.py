@@ -137,7 +137,54 @@ def dequant_linear(x: torch.Tensor, owner, key=None) -> torch.Tensor:
     return _forward(x, owner, key)
 
 
-class QuantLinear(nn.Module):
+class PackedMatrix(nn.Module):
+    """A frozen 2-D weight ``weight_shape`` kept as block-format bytes in the `qweight` buffer.
+
+    What a quantised linear layer and a quantised embedding table have in common: quantise
+    into the buffer, dequantise it, merge an update (dequantise → add → re-quantise), hand
+    out the raw GGUF bytes, and serve `dequant_linear` as its weight owner. Subclasses set
+    `fmt` and register `qweight`, and define `weight_shape`.
+    """
+
+    fmt: BlockFormat
+    qweight: torch.Tensor
+    weight_shape: tuple[int, int]   # a property of each subclass
+
+    @torch.no_grad()
+    def load_weight_(self, weight: torch.Tensor) -> None:
+        """Quantise `weight` (``weight_shape``) into the buffer, in place."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
+        self.qweight.copy_(self.fmt.quantize(weight.to(self.qweight.device, torch.float32)))
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight as float32 ``weight_shape``."""
+        return self.fmt.dequantize(self.qweight, self.weight_shape,
+                                   native=kernels.wanted(self.fmt, self.qweight.device, math.prod(self.weight_shape)))
+
+    @torch.no_grad()
+    def add_(self, delta: torch.Tensor) -> "PackedMatrix":
+        """``W ← Q(Ŵ + delta)`` in place; delta has ``weight_shape``. Returns self."""
+        if tuple(delta.shape) != self.weight_shape:
+            raise ValueError(f"delta shape {tuple(delta.shape)} != {self.weight_shape}")
+        self.load_weight_(self.dequantize() + delta.to(self.qweight.device, torch.float32))
+        return self
+
+    def raw_bytes(self) -> torch.Tensor:
+        """The packed weight, uint8 — GGUF's tensor data for type `fmt.ggml_type`, shape
+        ``[rows, cols/block·type_size]`` (GGUF dims ``[cols, rows]``)."""
+        return self.qweight
+
+    # the `dequant_linear` owner interface
+    def _weight(self, key, dtype: torch.dtype) -> torch.Tensor:
+        w = self.dequantize()
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def _packed(self, key):
+        return self.qweight, self.fmt, self.weight_shape
+
+
+class QuantLinear(PackedMatrix):
     """A frozen `nn.Linear` stored in a block format.
 
     Attributes:
@@ -180,38 +227,6 @@ class QuantLinear(nn.Module):
     @property
     def weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
-
-    @torch.no_grad()
-    def load_weight_(self, weight: torch.Tensor) -> None:
-        """Quantise `weight` ``[out, in]`` into this layer's buffer, in place."""
-        if tuple(weight.shape) != self.weight_shape:
-            raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
-        self.qweight.copy_(self.fmt.quantize(weight.to(self.qweight.device, torch.float32)))
-
-    def dequantize(self) -> torch.Tensor:
-        """The frozen weight as float32 ``[out_features, in_features]``."""
-        return self.fmt.dequantize(self.qweight, self.weight_shape,
-                                   native=kernels.wanted(self.fmt, self.qweight.device, math.prod(self.weight_shape)))
-
-    def _weight(self, key, dtype: torch.dtype) -> torch.Tensor:
-        w = self.dequantize()
-        return w if dtype == torch.float32 else w.to(dtype)
-
-    def _packed(self, key):
-        return self.qweight, self.fmt, self.weight_shape
-
-    @torch.no_grad()
-    def add_(self, delta: torch.Tensor) -> "QuantLinear":
-        """``W ← Q(Ŵ + delta)`` in place; delta ``[out_features, in_features]``. Returns self."""
-        if tuple(delta.shape) != self.weight_shape:
-            raise ValueError(f"delta shape {tuple(delta.shape)} != {self.weight_shape}")
-        self.load_weight_(self.dequantize() + delta.to(self.qweight.device, torch.float32))
-        return self
-
-    def raw_bytes(self) -> torch.Tensor:
-        """The packed weight, uint8 — GGUF's tensor data for type `fmt.ggml_type`, shape
-        ``[out, in/block·type_size]`` (GGUF dims ``[in, out]``)."""
-        return self.qweight
 
     # ---- compute ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
