@@ -189,10 +189,13 @@ def layer_times(device, dtype, steps):
 
 
 def main():
+    global CLOCK, BATCH, SEQ
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default="hf_eager,hf_grouped_mm,greentune")
+    ap.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence")
     ap.add_argument("--profile", action="store_true", help="print the top ops of one greentune step")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -201,7 +204,7 @@ def main():
                          "OMP_WAIT_POLICY=PASSIVE: OpenMP workers spin between parallel regions, which "
                          "counts as CPU time and penalises code with more small ops")
     args = ap.parse_args()
-    global CLOCK
+    BATCH, SEQ = args.batch, args.seq
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:

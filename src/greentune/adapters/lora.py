@@ -3,7 +3,10 @@
     y = base(x) + dropout(x) · Aᵀ · Bᵀ · (alpha / rank)
 
 A (rank, in) starts Kaiming-uniform, B (out, rank) starts at zero, so the adapted model
-equals the base at step 0. The base may be an `nn.Linear` or any frozen module with
+equals the base at step 0. The factors are stored in fp32 whatever the base's dtype and cast
+to the activations' dtype (bf16 on a GPU) in each forward: AdamW then updates fp32 masters,
+as PEFT's default (`autocast_adapter_dtype`) does. bf16 factors would lose every update
+smaller than 2^-8 of a weight's magnitude, which at fine-tuning learning rates is most of them. The base may be an `nn.Linear` or any frozen module with
 `in_features`, `out_features`, a forward, and either a `.weight` or an `add_(delta)`
 method (the quantised linears in `greentune.quant`), so LoRA, ReLoRA's merge and
 quantised bases share one code path.
@@ -17,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+
+#: dtype of every LoRA factor (the optimiser's weights), whatever the base computes in.
+MASTER_DTYPE = torch.float32
 
 # Leaf module names per recipe target. Covers Llama/Mistral/Mixtral/Qwen2/Qwen3/OLMoE
 # naming; dense MLP names also match a Qwen2-MoE shared expert.
@@ -39,10 +45,9 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         device = next(iter(base.buffers()), None)
         ref = getattr(base, "weight", None)
-        dtype = ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float32
         device = ref.device if isinstance(ref, torch.Tensor) else (device.device if device is not None else None)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=MASTER_DTYPE, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=MASTER_DTYPE, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_()
 
@@ -56,10 +61,13 @@ class LoRALinear(nn.Module):
         """base(x) + scale · (dropout(x) Aᵀ) Bᵀ as one addmm: the scale and the sum ride in the GEMM
         instead of two extra passes over the [tokens, out] output (and one more in backward)."""
         y = self.base(x)
-        u = F.linear(self.dropout(x), self.lora_A)
+        a, b = self.lora_A, self.lora_B
+        if a.dtype != x.dtype:   # fp32 masters, bf16 compute: the casts' backward gives fp32 grads
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        u = F.linear(self.dropout(x), a)
         if u.dtype != y.dtype:   # a base that computes in another dtype: let the sum promote
-            return y + F.linear(u, self.lora_B) * self.scale
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scale)
+            return y + F.linear(u, b) * self.scale
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, self.rank), b.t(), alpha=self.scale)
         return out.view(y.shape)
 
     def delta(self) -> torch.Tensor:

@@ -33,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from greentune.adapters.lora import MASTER_DTYPE
 from greentune.errors import UserError
 from greentune.moe.experts import WEIGHT_NAMES, sparse_experts
 
@@ -74,10 +75,14 @@ class ExpertLoRA(nn.Module):
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"A_{name}"), getattr(self, f"B_{name}")
 
-    def per_expert(self) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    def per_expert(self, dtype: "torch.dtype | None" = None
+                   ) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
         """{name: (A_e views, B_e views)} for one forward: one `unbind` per parameter, so the
-        backward stacks E gradients once instead of building E full-size zero gradients."""
-        return {n: (a.unbind(0), b.unbind(0)) for n, (a, b) in ((n, self.factors(n)) for n in WEIGHT_NAMES)}
+        backward stacks E gradients once instead of building E full-size zero gradients. With
+        `dtype` (the activations' dtype, bf16 on a GPU) the fp32 factors are cast once here."""
+        def cast(t):
+            return t if dtype is None or t.dtype == dtype else t.to(dtype)
+        return {n: (cast(a).unbind(0), cast(b).unbind(0)) for n, (a, b) in ((n, self.factors(n)) for n in WEIGHT_NAMES)}
 
     def add_low_rank(self, ab, e: int, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """base [n, out] + s · (drop(x) A_e^T) B_e^T, for x [n, in]; `ab` from `per_expert()[name]`."""
@@ -105,7 +110,7 @@ def add_expert_lora_(model: nn.Module, r: int, alpha: float, dropout: float = 0.
     for _, m in mods:
         ref = m.weight("down", 0)
         m.lora = ExpertLoRA(m.num_experts, m.hidden_dim, m.intermediate_dim, r, alpha, dropout,
-                            dtype=ref.dtype if ref.is_floating_point() else torch.float32, device=ref.device)
+                            dtype=MASTER_DTYPE, device=ref.device)   # fp32 masters (see adapters/lora.py)
         n += sum(p.numel() for p in m.lora.parameters())
     return n
 

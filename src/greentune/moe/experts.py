@@ -260,7 +260,7 @@ class SparseExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()   # one host sync
         x = _GatherTokens.apply(hidden_states, order, inverse, k)   # [S, H], grouped by expert
         w1, w2 = self._per_expert("gate_up_proj"), self._per_expert("down_proj")
-        lora = None if self.lora is None else self.lora.per_expert()
+        lora = None if self.lora is None else self.lora.per_expert(hidden_states.dtype)
         outs = [self._expert(e, xe, w1, w2, lora) for e, xe in enumerate(x.split(counts)) if counts[e]]
         y = torch.cat(outs) if len(outs) > 1 else outs[0]         # [S, H], grouped order
         y = _Permute.apply(y, inverse, order).view(n, k, -1)      # [N, k, H], slot order
