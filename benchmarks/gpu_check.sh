@@ -43,15 +43,15 @@ torch.cuda.get_device_name(0), '| transformers', transformers.__version__, '| pe
   nproc; } 2>&1 | tee -a "$log"
 
 export GREENTUNE_GPU_FACTS=$out/facts.jsonl
-step tests 200 $py -m pytest tests/gpu -q -s -p no:cacheprovider --basetemp=/tmp/gt-gpu-tests
+step tests 180 $py -m pytest tests/gpu -q -s -p no:cacheprovider --basetemp=/tmp/gt-gpu-tests
 unset GREENTUNE_GPU_FACTS
-step nvml 60 $py tests/energy/nvml_vs_nvidia_smi.py --seconds 15
-step train_throughput 120 $py benchmarks/train_throughput.py --device cuda --steps 10 --rounds 3
-step train_throughput_b16x1024 120 $py benchmarks/train_throughput.py --device cuda --steps 5 --rounds 3 \
+step nvml 45 $py tests/energy/nvml_vs_nvidia_smi.py --seconds 15
+step train_throughput 90 $py benchmarks/train_throughput.py --device cuda --steps 10 --rounds 3
+step train_throughput_b16x1024 90 $py benchmarks/train_throughput.py --device cuda --steps 5 --rounds 3 \
   --batch 16 --seq 1024
-step moe_throughput 150 $py benchmarks/moe_throughput.py --device cuda --steps 10
-step calibrate 150 $py -m greentune plan --calibrate --calibrate-seconds 10
-step seed_plan 60 $py -m greentune plan --model mixtral-8x7b --hardware this --power-cap-w 1000 --deadline-h 10
+step moe_throughput 120 $py benchmarks/moe_throughput.py --device cuda --steps 10
+step calibrate 120 $py -m greentune plan --calibrate --calibrate-seconds 10
+step seed_plan 40 $py -m greentune plan --model mixtral-8x7b --hardware this --power-cap-w 1000 --deadline-h 10
 find /tmp/gtcache -maxdepth 2 -name 'calibration*.json' -exec cp {} "$out/" \; 2>/dev/null
 
 echo "=== headline lines"
