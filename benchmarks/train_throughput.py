@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     ap.add_argument("--batch", type=int, default=B, help="sequences per step")
     ap.add_argument("--seq", type=int, default=T, help="tokens per sequence")
+    ap.add_argument("--also-plain-loss", action="store_true",
+                    help="add greentune with transformers' own loss (no fused lm_head + CE) as a contestant")
+    ap.add_argument("--profile", action="store_true", help="print the top ops of one step of greentune and of HF")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -127,6 +130,8 @@ def main() -> None:
         "HF+PEFT (eager)": hf_peft(base, "eager"),
         "greentune": greentune_model(base),
     }
+    if args.also_plain_loss:
+        contestants["greentune (HF loss)"] = CausalLMLoss(contestants["greentune"].model, fused=False)
     with torch.no_grad():
         ref = contestants["HF+PEFT (eager)"](**batch).loss.item()
         ours = contestants["greentune"](batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -150,10 +155,20 @@ def main() -> None:
     print(f"model: {facts.total_params / 1e6:.1f} M parameters, {facts.active_params / 1e6:.1f} M active")
     for name, v in tps.items():
         print(f"  {name:<22} {v:8.0f} tokens/s   (step {tokens / v * 1000:.0f} ms)")
-    best_hf = max(v for n, v in tps.items() if n.startswith("HF"))
+    best_hf_name = max((n for n in tps if n.startswith("HF")), key=tps.get)
+    best_hf = tps[best_hf_name]
     print(f"ratio greentune / best HF+PEFT: {tps['greentune'] / best_hf:.2f}x")
     print(f"greentune achieved {flops_per_token * tps['greentune'] / 1e9:.1f} GFLOP/s "
           f"({flops_per_token / 1e6:.1f} MFLOP/token); {str(dtype)[6:]} matmul on this machine: {mm:.1f} GFLOP/s")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        on_gpu = device.type == "cuda"
+        for name in ("greentune", best_hf_name):
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+                time_steps(contestants[name], batch, 1)
+            print(f"--- {name}: top ops of two steps by {'device' if on_gpu else 'CPU'} time")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                                            row_limit=14, max_name_column_width=40))
 
 
 if __name__ == "__main__":

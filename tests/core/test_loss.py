@@ -95,9 +95,12 @@ def test_upstream_gradient_scales_the_fused_gradient(tiny_llama_dir):
         assert torch.allclose(3 * g, thrice[1][n], atol=TOL)
 
 
+@pytest.mark.parametrize("select_rows", ["always", "never"])   # CPU's row selection, the GPU's masking
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("num_items", [None, 50.0])
-def test_linear_cross_entropy_matches_cross_entropy_with_hidden_grads(small_chunks, with_bias, num_items):
+def test_linear_cross_entropy_matches_cross_entropy_with_hidden_grads(small_chunks, with_bias, num_items,
+                                                                      select_rows, monkeypatch):
+    monkeypatch.setattr(fused_head_ce, "SELECT_ROWS", select_rows)
     n, h, v = 70, 16, 40
     hidden = torch.randn(n, h, requires_grad=True)
     weight, bias = torch.randn(v, h), (torch.randn(v) if with_bias else None)
