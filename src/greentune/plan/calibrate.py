@@ -11,7 +11,9 @@ step (its LoRA modules, sparse experts and `CausalLMLoss`), AdamW, on random tok
   number does not fit all: a plan takes the observation of its own family (dense / MoE)
   nearest in width, rescaled along the dense width curve (log-log interpolation);
 * dequantisation: seconds per weight of each quantised base format, timed on a 1024×1024
-  weight, so a QLoRA plan's dequantisation time is measured rather than bandwidth-modelled;
+  weight on a CPU and an 8192×4096 one on a GPU (a 1024×1024 one is launch-bound there: it
+  measured 3.4e-10 s/weight for Q4_K on an H200, several times what a Mixtral-sized matrix
+  costs), so a QLoRA plan's dequantisation time is measured rather than bandwidth-modelled;
 * power: average IT power over the timed steps, W, from `greentune.energy.meter` (NVML,
   RAPL, Apple or the labelled CPU-time estimate) when it is importable, else the
   catalogue's power figure (source ``assumed``).
@@ -244,7 +246,13 @@ def _measure_training(cfg, technique, s: dict, seconds: float, max_steps: int, w
     return tokens / elapsed * fpt, elapsed, joules, tokens, steps
 
 
-def _time_dequantisation(device: str, repeats: int = 5) -> dict[str, float]:
+def dequant_probe_shape(device: str) -> tuple[int, int]:
+    """(out, in) of the weight the dequantisation is timed on: big enough on a GPU that the
+    per-weight time is not kernel-launch overhead (see the module docstring)."""
+    return (8192, 4096) if device.startswith("cuda") else (1024, 1024)
+
+
+def _time_dequantisation(device: str, repeats: int = 5, shape: "tuple[int, int] | None" = None) -> dict[str, float]:
     """Seconds per weight to dequantise each base format, as a quantised layer does per pass."""
     import torch
     from torch import nn
@@ -254,10 +262,13 @@ def _time_dequantisation(device: str, repeats: int = 5) -> dict[str, float]:
 
     out = {}
     torch.manual_seed(0)
-    linear = nn.Linear(1024, 1024, bias=False).to(device)
+    rows, cols = shape or dequant_probe_shape(device)
+    linear = nn.Linear(cols, rows, bias=False).to(device)
     for fmt in (f for f, bpw in BPW.items() if bpw is not None and bpw < 16):
         layer = QuantLinear.from_linear(linear, fmt)
         layer._weight(None, torch.float32)                  # warm-up (and any lazy set-up)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(repeats):
             layer._weight(None, torch.float32)
