@@ -12,7 +12,9 @@ forward + backward + optimiser step. Variants, all in this one process and timed
 - ``hf_eager``:      transformers experts_implementation="eager" + PEFT (target_modules q,k,v,o;
                      target_parameters mlp.experts.gate_up_proj / down_proj)
 - ``hf_grouped_mm``: the same with experts_implementation="grouped_mm"
-- ``greentune``:     SparseExperts + expert LoRA on activations + greentune LoRA on q,k,v,o
+- ``greentune``:     SparseExperts + expert LoRA on activations + greentune LoRA on q,k,v,o, the
+                     loss through `CausalLMLoss` as greentune's training loop computes it
+                     (HF+PEFT use the model's own `.loss`, as a transformers loop would)
 
 Then one layer alone (forward + backward on the same 1024 tokens, frozen base): the MoE block
 (router + 8 experts, top-2) with expert LoRA as greentune and as transformers+PEFT run it, and
@@ -102,11 +104,24 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_step(model, ids):
+def make_step(model, ids, objective: bool = False):
+    """One optimiser step. With `objective`, the loss comes from greentune's `CausalLMLoss` (the
+    objective its training loop uses: fused lm_head + cross-entropy); otherwise from the model's
+    own `.loss`, as a transformers training loop computes it."""
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
+    if objective:
+        from greentune.train.loss import CausalLMLoss, count_targets
+        wrapped, mask = CausalLMLoss(model), torch.ones_like(ids)
+        n_items = torch.tensor(float(count_targets(ids)))
+
+        def loss_of():
+            return wrapped(ids, mask, ids, n_items)
+    else:
+        def loss_of():
+            return model(input_ids=ids, labels=ids).loss
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -221,7 +236,8 @@ def main():
     models = {n: builders[n]() for n in args.variants.split(",") if n}
     for n, m in models.items():
         print(f"  {n}: {sum(p.numel() for p in trainable(m)) / 1e6:.3f} M trainable")
-    times = time_round_robin({n: make_step(m, ids) for n, m in models.items()}, args.steps, device) if models else {}
+    steps = {n: make_step(m, ids, objective=n == "greentune") for n, m in models.items()}
+    times = time_round_robin(steps, args.steps, device) if models else {}
     tps = {n: BATCH * SEQ / pick(t) for n, t in times.items()}
     for n, t in times.items():
         print(f"{n:>14}: {tps[n]:8.0f} tokens/s   step {pick(t):.3f} s   "
@@ -231,7 +247,7 @@ def main():
             if n != "greentune":
                 print(f"greentune / {n}: {tps['greentune'] / tps[n]:.2f}x")
     if args.profile and "greentune" in models:
-        step = make_step(models["greentune"], ids)
+        step = make_step(models["greentune"], ids, objective=True)
         with torch.profiler.profile() as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))

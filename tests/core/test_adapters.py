@@ -2,17 +2,11 @@
 import pytest
 import torch
 
-from greentune.adapters.lora import LoRALinear, apply_lora, fuse_all_, trainable_parameters
+from greentune.adapters.lora import apply_lora, fuse_all_, trainable_parameters
 from greentune.adapters.peft_format import load_lora_state_dict, read_adapter, save_adapter
 from greentune.models.loader import load_model
 
-
-def _randomise_lora(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+from .lora_helpers import randomise_lora
 
 
 def test_trainable_parameter_count_is_exact(tiny_llama_dir):
@@ -41,7 +35,7 @@ def test_peft_and_merged_reproduce_greentune_logits(request, tmp_path, arch_fixt
     ids = torch.randint(0, 500, (2, 24))
     model = load_model(model_dir)
     apply_lora(model, ["attn", "mlp"], rank=4, alpha=8)
-    _randomise_lora(model)
+    randomise_lora(model)
     model.eval()
     ours = model(input_ids=ids).logits
     save_adapter(model, tmp_path / "adapter", rank=4, alpha=8, dropout=0.0, base_model=str(model_dir))

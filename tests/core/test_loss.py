@@ -9,15 +9,9 @@ from greentune.train import fused_head_ce
 from greentune.train.fused_head_ce import fused_head, linear_cross_entropy
 from greentune.train.loss import CausalLMLoss, count_targets
 
+from .lora_helpers import randomise_lora
+
 TOL = 1e-5
-
-
-def _randomise_lora(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
 
 
 def _batch(vocab, rows=3, length=40):
@@ -64,7 +58,7 @@ def test_fused_loss_and_lora_grads_equal_the_hf_path(request, arch_fixture, smal
     model = load_model(request.getfixturevalue(arch_fixture))
     apply_lora(model, ["attn", "mlp"], rank=4, alpha=8)
     monitor = prepare_moe_(model, aux_loss_coef=0.01) if arch_fixture != "tiny_llama_dir" else None
-    _randomise_lora(model)
+    randomise_lora(model)
     model.train()
     assert fused_head(model) is not None
     batch = _batch(model.config.vocab_size)
@@ -87,7 +81,7 @@ def test_fused_loss_and_lora_grads_equal_the_hf_path(request, arch_fixture, smal
 def test_upstream_gradient_scales_the_fused_gradient(tiny_llama_dir):
     model = load_model(tiny_llama_dir)
     apply_lora(model, ["attn"], rank=4, alpha=8)
-    _randomise_lora(model)
+    randomise_lora(model)
     batch = _batch(model.config.vocab_size)
     once = _loss_and_grads(CausalLMLoss(model), batch)
     thrice = _loss_and_grads(CausalLMLoss(model), batch, scale=3.0)
@@ -135,7 +129,7 @@ def test_tied_embeddings(tokenizer, small_chunks):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     apply_lora(model, ["attn", "mlp"], rank=4, alpha=8)
-    _randomise_lora(model)
+    randomise_lora(model)
     assert fused_head(model) is not None
     batch = _batch(config.vocab_size)
     _assert_same(_loss_and_grads(CausalLMLoss(model, fused=False), batch),
@@ -168,7 +162,7 @@ def _hooked_head(model):
 def test_fallback_to_the_hf_path(tiny_mixtral_dir, change):
     model = load_model(tiny_mixtral_dir)
     apply_lora(model, ["attn"], rank=4, alpha=8)
-    _randomise_lora(model)
+    randomise_lora(model)
     change(model)
     assert fused_head(model) is None
     ids, mask, labels = _batch(model.config.vocab_size)
