@@ -184,6 +184,34 @@ def test_chunked_matmul_matches_the_dense_product(monkeypatch):
         assert torch.allclose(q(x), y, atol=1e-6)
 
 
+def test_chunked_products_share_one_dequantise_buffer_per_thread(monkeypatch):
+    """Every chunked product on a thread dequantises into the same kept buffer (no fresh
+    mapping per call), results unchanged; another thread gets its own."""
+    import threading
+
+    from greentune.quant import linear
+    if kernels.library() is None:
+        pytest.skip("the C kernels could not be built")
+    monkeypatch.setattr(linear, "CHUNK_WEIGHTS", 512 * 40)
+    monkeypatch.setattr(linear, "_scratch", threading.local())
+    a = QuantLinear.from_linear(nn.Linear(512, 100), "q4_k")
+    b = QuantLinear.from_linear(nn.Linear(1024, 70), "q6_k")       # 20 rows × 1024: as many floats
+    xa, xb = torch.randn(3, 512, requires_grad=True), torch.randn(3, 1024)
+    ya = a(xa)
+    ptr = linear._scratch.buf.data_ptr()
+    yb = b(xb)
+    ya.sum().backward()                                            # the input gradient chunks too
+    assert linear._scratch.buf.data_ptr() == ptr and linear._scratch.buf.numel() == 512 * 40
+    assert torch.allclose(ya, F.linear(xa, a.dequantize(), a.bias), atol=1e-5)
+    assert torch.allclose(yb, F.linear(xb, b.dequantize(), b.bias), atol=1e-5)
+    assert torch.allclose(xa.grad, a.dequantize().sum(0).expand(3, -1), atol=1e-5)
+    other = []
+    t = threading.Thread(target=lambda: (b(xb), other.append(linear._scratch.buf.data_ptr())))
+    t.start()
+    t.join()
+    assert other and other[0] != ptr
+
+
 @pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "q4_0"])
 def test_native_dequantise_is_bit_identical(fmt):
     """The C kernels give the plain-torch values bit for bit, subnormal and zero scales included."""

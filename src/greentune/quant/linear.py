@@ -4,8 +4,8 @@
 in backward) and never kept: the layer's memory is the packed bytes, e.g. 4.5 bits per weight
 for Q4_K, plus an optional fp32 bias. On CPU a big weight is rebuilt a block of rows at a time
 (`CHUNK_WEIGHTS`), each block multiplied while it is in cache, dequantised by the native
-kernels (`kernels`). Gradients flow to the input (and the bias, if it
-requires them), never to the packed weight: LoRA adapters sit on top.
+kernels (`kernels`) into one buffer kept per thread. Gradients flow to the input (and the
+bias, if it requires them), never to the packed weight: LoRA adapters sit on top.
 
 Compute dtype: fp32 on CPU (whatever the input dtype; the output is cast back to it), the
 input's dtype elsewhere (bf16/fp16 on GPUs, where those are fast).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -69,24 +70,40 @@ class _DequantMatmul(torch.autograd.Function):
 
 def _chunked(owner, key, x: torch.Tensor):
     """``(packed rows [out, row_bytes], fmt, (out, in), rows per chunk, native)`` when this
-    product should run in row chunks (CPU, fp32, row-local format, weight above one chunk)."""
+    product should run in row chunks (CPU, fp32, row-local format; a weight of one chunk or
+    less is one chunk, so it too is dequantised into the kept buffer)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     q, fmt, (out, inp) = owner._packed(key)
     if not fmt.row_local or q.dim() != 2:
         return None
-    rows = _rows_per_chunk(out, inp)
-    if rows >= out:
-        return None
+    rows = min(out, _rows_per_chunk(out, inp))      # one chunk for a small weight: same buffer
     return q, fmt, (out, inp), rows, kernels.wanted(fmt, x.device, out * inp)
+
+
+_scratch = threading.local()
+
+
+def _dequant_buffer(n: int) -> torch.Tensor:
+    """This thread's fp32 dequantise buffer, at least `n` floats, kept between calls.
+
+    A chunked product writes every chunk of its weight into this one buffer, and every
+    product on the thread reuses it: a few MB allocated once per thread instead of once per
+    call (~140 calls per step, forward and backward, for the 0.5 B model). A fresh buffer per
+    call is its own mapping under `greentune.heap`'s 1 MB mmap threshold, and touching it
+    faults in and zeroes 1,000 new pages each time: measured ~125 k page faults and ~0.8 s per
+    step on the benchmark's 582 M-parameter model (benchmarks/quant_memory_speed.py)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
 
 
 def _chunk_weights(fmt, q: torch.Tensor, out: int, inp: int, rows: int, native: bool):
     """Yield ``(r0, r1, Ŵ[r0:r1])`` over row chunks. With the native kernels every chunk is
-    written into one buffer allocated once per call instead of a fresh few-MB tensor per chunk
-    (hundreds per step): less allocator churn, and with `greentune.heap.limit_heap_retention`'s 1 MB
-    mmap threshold one mapping per call instead of one per chunk."""
-    buf = torch.empty(rows * inp, dtype=torch.float32) if native and kernels.library() is not None else None
+    written into this thread's one dequantise buffer (`_dequant_buffer`), so a chunk must be
+    used before the next one is asked for (and before another chunked product runs)."""
+    buf = _dequant_buffer(rows * inp) if native and kernels.library() is not None else None
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
         if buf is None:
