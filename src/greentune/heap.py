@@ -47,7 +47,7 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     loaders apply it, so the benchmark's fp32 and q4_k runs pay it alike. The quantised layers
     add no faults of their own: they dequantise into one buffer kept per thread
     (`greentune.quant.linear`); a fresh buffer per product had cost ~125 k more faults and put
-    the q4_k step at 1.33–1.40× of fp32's, against 0.88–1.17× with the kept buffer.
+    the q4_k step at 1.33–1.40× of fp32's, against 0.88–1.18× (five runs) with the kept buffer.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
