@@ -212,7 +212,7 @@ def test_chunked_products_share_one_dequantise_buffer_per_thread(monkeypatch):
     assert other and other[0] != ptr
 
 
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "q4_0", "nf4"])
 def test_native_dequantise_is_bit_identical(fmt):
     """The C kernels give the plain-torch values bit for bit, subnormal and zero scales included."""
     f = get_format(fmt)
@@ -230,7 +230,8 @@ def test_native_dequantise_is_bit_identical(fmt):
 def test_native_policy(monkeypatch):
     f, cpu = get_format("q4_k"), torch.device("cpu")
     monkeypatch.delenv(kernels.ENV, raising=False)
-    assert kernels.wanted(f, cpu) and not kernels.wanted(get_format("nf4"), cpu)   # no kernel for NF4
+    assert kernels.wanted(f, cpu) and kernels.wanted(get_format("nf4"), cpu)
+    assert not kernels.wanted(get_format("nf4_dq"), cpu)   # no kernel: its scales span rows
     assert not kernels.wanted(f, torch.device("meta"))
     monkeypatch.setenv(kernels.ENV, "0")
     assert not kernels.wanted(f, cpu)

@@ -92,3 +92,29 @@ void gt_dequant_q6_k(const uint8_t *restrict q, float *restrict out, int64_t n) 
         }
     }
 }
+
+/* NF4 (nf4.py): fp32 absmax + 32 bytes of two 4-bit codes, high nibble first; x = code[q] * absmax.
+   The table is nf4.NF4_CODE, each Python double rounded to float as torch.tensor(dtype=float32) does. */
+static const float NF4_CODE[16] = {
+    (float)-1.0, (float)-0.6961928009986877, (float)-0.5250730514526367, (float)-0.39491748809814453,
+    (float)-0.28444138169288635, (float)-0.18477343022823334, (float)-0.09105003625154495, (float)0.0,
+    (float)0.07958029955625534, (float)0.16093020141124725, (float)0.24611230194568634, (float)0.33791524171829224,
+    (float)0.44070982933044434, (float)0.5626170039176941, (float)0.7229568362236023, (float)1.0
+};
+
+void gt_dequant_nf4(const uint8_t *restrict q, float *restrict out, int64_t n) {
+    for (int64_t b = 0; b < n; b++, q += 36, out += 64) {
+        float d;
+        memcpy(&d, q, 4);
+        const uint8_t *c = q + 4;
+        float hi[32], lo[32];
+        for (int l = 0; l < 32; l++) {
+            hi[l] = NF4_CODE[c[l] >> 4];
+            lo[l] = NF4_CODE[c[l] & 15];
+        }
+        for (int l = 0; l < 32; l++) {
+            out[2 * l] = hi[l] * d;
+            out[2 * l + 1] = lo[l] * d;
+        }
+    }
+}

@@ -18,6 +18,7 @@ q4_k     74 ms     4.6 ms  ~20 ms, +150 MB RSS for dynamo/inductor
 q6_k    289 ms      12 ms  ~25 ms
 q8_0     68 ms     3.9 ms  ~60 ms (int8 loads not vectorised)
 q4_0    122 ms      11 ms  —
+nf4     173 ms     6.5 ms  — (35 ms when its 46 MB output is a fresh allocation: page faults)
 ====  ===========  ======  ===========================================
 
 torch.compile was tried first: its kernels were 3–5× slower than these (the uint8 → float
@@ -25,7 +26,8 @@ conversion is not vectorised well) and importing dynamo/inductor cost ~150 MB of
 memory, a third of a 0.5 B model's whole Q4_K budget.
 
 Policy, `GREENTUNE_QUANT_COMPILE`: ``auto`` / ``1`` (default): native kernels for every CPU
-dequantise of a format that has one (Q8_0, Q4_0, Q4_K, Q6_K) when they can be built; ``0``:
+dequantise of a format that has one (Q8_0, Q4_0, Q4_K, Q6_K, NF4; not NF4 with double
+quantisation, whose scales span rows) when they can be built; ``0``:
 plain torch only. Without a C compiler (or if the build fails) it falls back to plain torch with
 one warning. Other devices always use the torch functions.
 """
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 ENV = "GREENTUNE_QUANT_COMPILE"
 SOURCE = Path(__file__).with_name("kernels.c")
-FORMATS = ("q8_0", "q4_0", "q4_k", "q6_k")
+FORMATS = ("q8_0", "q4_0", "q4_k", "q6_k", "nf4")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 
 _lib: "ctypes.CDLL | None | bool" = False        # False: not tried yet; None: unavailable
