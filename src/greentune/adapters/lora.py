@@ -6,7 +6,9 @@ A (rank, in) starts Kaiming-uniform, B (out, rank) starts at zero, so the adapte
 equals the base at step 0. The factors are stored in fp32 whatever the base's dtype and cast
 to the activations' dtype (bf16 on a GPU) in each forward: AdamW then updates fp32 masters,
 as PEFT's default (`autocast_adapter_dtype`) does. bf16 factors would lose every update
-smaller than 2^-8 of a weight's magnitude, which at fine-tuning learning rates is most of them. The base may be an `nn.Linear` or any frozen module with
+smaller than 2^-8 of a weight's magnitude, which at fine-tuning learning rates is most of them.
+
+The base may be an `nn.Linear` or any frozen module with
 `in_features`, `out_features`, a forward, and either a `.weight` or an `add_(delta)`
 method (the quantised linears in `greentune.quant`), so LoRA, ReLoRA's merge and
 quantised bases share one code path.
