@@ -36,7 +36,14 @@ def _cmd_train(ns) -> int:
             return 1
         raise
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # rank 0 reports for the job
+        # Rank 0 reports for the job. The others have left the process group and written
+        # nothing; they end here without interpreter finalisation, where gloo's worker threads
+        # can still hold work and abort the process (seen once in CI: "terminate called without
+        # an active exception", SIGABRT after a finished run; pytorch/pytorch#179291).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if result.stopped:
         print(f"stopped at step {result.steps}: {result.stopped}; continue with --resume")
         return 0
