@@ -91,17 +91,20 @@ def _module_name(model: nn.Module, module: "nn.Module | None") -> "str | None":
     return next((n for n, m in model.named_modules() if m is module), None)
 
 
+def _embedding_module(model: nn.Module, getter: str) -> "nn.Module | None":
+    """`model.get_input_embeddings()` / `get_output_embeddings()`, or None where the model has
+    none (transformers raises NotImplementedError for some architectures)."""
+    get = getattr(model, getter, None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
 def _io_modules(model: nn.Module) -> tuple["str | None", "str | None", bool]:
     """(input embedding name if a plain nn.Embedding, output layer name if a Linear, tied?)."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    try:
-        emb = get_in() if callable(get_in) else None
-    except NotImplementedError:
-        emb = None
-    try:
-        head = get_out() if callable(get_out) else None
-    except NotImplementedError:
-        head = None
+    emb = _embedding_module(model, "get_input_embeddings")
+    head = _embedding_module(model, "get_output_embeddings")
     emb_name = _module_name(model, emb) if type(emb) is nn.Embedding else None
     head_name = _module_name(model, head) if isinstance(head, nn.Linear) else None
     tied = False
@@ -165,11 +168,7 @@ def plan(model: nn.Module, fmt: "str | BlockFormat", skip: Iterable[str] = DEFAU
 def _shares_embedding(model: nn.Module, linear: nn.Linear, name: str) -> bool:
     """A Linear sharing the input embedding's weight outside the planned tied pair (e.g. the
     pair was skipped): left in full precision rather than quantising one tensor twice."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get_in() if callable(get_in) else None
-    except NotImplementedError:
-        emb = None
+    emb = _embedding_module(model, "get_input_embeddings")
     if emb is None or getattr(emb, "weight", None) is None or linear.weight is not emb.weight:
         return False
     logger.info("%s shares the input embedding's weight: left unquantised", name)
