@@ -132,7 +132,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
     from ..pipeline import train
 
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # recipes resolve paths against their own folder, so write absolute ones
     base = build_base(progress=progress, steps=60 if quick else 300)
     train_path, eval_path = client_data(out_dir)
     steps = 20 if quick else 150
