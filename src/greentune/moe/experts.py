@@ -36,7 +36,9 @@ transformers' grouped_mm experts, the grouped path 1.19–1.20×. On the CPU the
 (1 thread, fp32, torch 2.13, E=8, H=512, I=1024, 2048 slots, rank-16 LoRA) both take the
 same 292 ms forward+backward (grouped_mm runs the same per-group GEMMs); the loop also serves
 quantised stores and per-expert LoRA without stacking anything, and its Python cost is
-~10 µs per op. ``GREENTUNE_GROUPED_MM=always|never`` overrides the choice (`auto`).
+~10 µs per op. ``GREENTUNE_GROUPED_MM=always|never`` overrides the choice (`auto`). Quantised
+stores take the grouped path too where they have grouped kernels (`QuantExperts3D` on CUDA:
+Triton, see `greentune.quant.triton_dispatch`); the LoRA factors still go to `F.grouped_mm`.
 
 Three custom autograd functions keep the backward lean: `_GatherTokens` and
 `_Permute` turn the index_select backwards (slow scatter-adds) into gathers, and `_SwiGLU`
@@ -142,6 +144,14 @@ class _SwiGLU(torch.autograd.Function):
         return out
 
 
+def _grouped_weight_ok(w, x: torch.Tensor) -> bool:
+    """A plain weight tensor in x's dtype, or a store with grouped kernels for x (quant's
+    `QuantExperts3D` on CUDA: `grouped_linear`)."""
+    if isinstance(w, torch.Tensor):
+        return w.dtype == x.dtype
+    return hasattr(w, "grouped_linear") and w.grouped_ok(x)
+
+
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
@@ -243,13 +253,13 @@ class SparseExperts(nn.Module):
     # ---- compute -------------------------------------------------------------------------
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """Whether this forward takes the grouped-GEMM path (see the module docstring): plain
-        weight tensors, and every row a multiple of 16 bytes, which the kernel needs."""
+        weight tensors or quantised stores with grouped kernels, and every row a multiple of
+        16 bytes, which the kernel needs."""
         if GROUPED_MM == "never" or not hasattr(F, "grouped_mm"):
             return False
         if GROUPED_MM != "always" and not (x.is_cuda and x.dtype == torch.bfloat16):
             return False
-        if not all(isinstance(getattr(self, a), torch.Tensor) and getattr(self, a).dtype == x.dtype
-                   for a in _ATTR.values()):
+        if not all(_grouped_weight_ok(getattr(self, a), x) for a in _ATTR.values()):
             return False
         dims = [self.hidden_dim, self.intermediate_dim] + ([self.lora.r] if self.lora is not None else [])
         return all(d * x.element_size() % 16 == 0 for d in dims)
@@ -261,6 +271,8 @@ class SparseExperts(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)           # group ends, on the device
 
         def linear(t, w):                                        # rows of group e times w[e]^T
+            if not isinstance(w, torch.Tensor):                  # a quantised store's kernels
+                return w.grouped_linear(t, offs)
             return F.grouped_mm(t, w.transpose(-2, -1), offs=offs)
 
         def plus_low_rank(name, t, base):                        # base + s · (drop(t) A_e^T) B_e^T

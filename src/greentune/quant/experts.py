@@ -15,6 +15,7 @@ API, small on purpose:
     experts.linear(x, e)                              # x [..., in] → [..., out], = x·Ŵ_eᵀ
     experts.add_(e, delta)                            # Ŵ_e ← Q(Ŵ_e + delta), delta [out, in]
     experts.raw_bytes()                               # uint8 [E, *fmt.packed_shape((out, in))]
+    experts.grouped_linear(x, offs)                   # rows grouped by expert (CUDA, Triton)
 
 `linear` keeps only the packed bytes for backward (see `linear._DequantMatmul`); indexing
 returns a plain tensor, which autograd keeps alive until backward if it is used in a graph.
@@ -26,7 +27,7 @@ import logging
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, triton_dispatch
 from .block import BlockFormat
 from .formats import fallback_format, get_format
 from .linear import compute_dtype, dequant_linear
@@ -102,6 +103,9 @@ class QuantExperts3D(nn.Module):
     def dequantize_expert(self, e: "int | torch.Tensor") -> torch.Tensor:
         """Expert `e`'s weight as float32 ``[out, in]``."""
         shape = (self.out_features, self.in_features)
+        w = triton_dispatch.dequantize(self.fmt, self.qweight[int(e)], shape)   # CUDA: same bits
+        if w is not None:
+            return w
         return self.fmt.dequantize(self.qweight[int(e)], shape,
                                    native=kernels.wanted(self.fmt, self.qweight.device, shape[0] * shape[1]))
 
@@ -123,6 +127,15 @@ class QuantExperts3D(nn.Module):
         """``x · Ŵ_eᵀ``: x ``[..., in]`` → ``[..., out]`` in x's dtype (fp32 compute on CPU)."""
         dtype = compute_dtype(x)
         return dequant_linear(x.to(dtype), self, int(e)).to(x.dtype)
+
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        """Whether `grouped_linear` serves rows like x (the Triton kernels, on CUDA)."""
+        return triton_dispatch.grouped_ok(x, self)
+
+    def grouped_linear(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x ``[S, in]`` grouped by expert (offs: int32 ``[E]`` group ends) → ``[S, out]``, group e
+        times ``Ŵ_eᵀ``, by the Triton kernels (`triton_dispatch.grouped_linear`)."""
+        return triton_dispatch.grouped_linear(x, self, offs)
 
     def raw_bytes(self) -> torch.Tensor:
         """Packed bytes, uint8 ``[E, *fmt.packed_shape((out, in))]`` (GGUF's stacked layout)."""

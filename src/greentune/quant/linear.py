@@ -4,7 +4,8 @@
 in backward) and never kept: the layer's memory is the packed bytes, e.g. 4.5 bits per weight
 for Q4_K, plus an optional fp32 bias. On CPU a big weight is rebuilt a block of rows at a time
 (`CHUNK_WEIGHTS`), each block multiplied while it is in cache, dequantised by the native
-kernels (`kernels`) into one buffer kept per thread. Gradients flow to the input (and the
+kernels (`kernels`) into one buffer kept per thread; on CUDA the Triton kernels do the products
+(`triton_dispatch`: fused dequantise-in-the-GEMM, or dequantise + cuBLAS). Gradients flow to the input (and the
 bias, if it requires them), never to the packed weight: LoRA adapters sit on top.
 
 Compute dtype: fp32 on CPU (whatever the input dtype; the output is cast back to it), the
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, triton_dispatch
 from .block import BlockFormat
 from .formats import fallback_format, get_format
 
@@ -116,6 +117,9 @@ def _chunk_weights(fmt, q: torch.Tensor, out: int, inp: int, rows: int, native: 
 
 
 def _forward(x: torch.Tensor, owner, key) -> torch.Tensor:
+    y = triton_dispatch.linear(x, owner, key)          # CUDA: the Triton kernels
+    if y is not None:
+        return y
     plan = _chunked(owner, key, x)
     if plan is None:
         return F.linear(x, owner._weight(key, x.dtype))
@@ -128,6 +132,9 @@ def _forward(x: torch.Tensor, owner, key) -> torch.Tensor:
 
 
 def _input_grad(grad: torch.Tensor, owner, key) -> torch.Tensor:
+    gx = triton_dispatch.linear_input_grad(grad, owner, key)
+    if gx is not None:
+        return gx
     plan = _chunked(owner, key, grad)
     if plan is None:
         return grad @ owner._weight(key, grad.dtype)
@@ -176,6 +183,9 @@ class PackedMatrix(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The whole weight as float32 ``weight_shape``."""
+        w = triton_dispatch.dequantize(self.fmt, self.qweight, self.weight_shape)   # CUDA: same bits
+        if w is not None:
+            return w
         return self.fmt.dequantize(self.qweight, self.weight_shape,
                                    native=kernels.wanted(self.fmt, self.qweight.device, math.prod(self.weight_shape)))
 
