@@ -31,7 +31,7 @@ from .triton_dequant import FORMAT_IDS, cast_rne, code_table, dequant_tile, laun
 GPU_TILES = (64, 64, 64)
 #: Under Triton's interpreter (CPU tests) each program costs ~ms of Python: bigger tiles, fewer
 #: programs. The kernels' masks make every tile size compute the same products.
-INTERPRETER_TILES = (32, 128, 256)
+INTERPRETER_TILES = (32, 64, 128)
 
 
 def tiles(device: torch.device) -> tuple[int, int, int]:
@@ -62,13 +62,18 @@ def _group_tile(offs_ptr, E, BM: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC)
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. UPCAST (set under the interpreter only, whose dot
+    multiplies bf16 bit patterns as integers): the 16-bit operands' exact fp32 values instead."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
 def _forward_kernel(x_ptr, q_ptr, y_ptr, offs_ptr, code_ptr, E, N, K, row_bytes, expert_bytes,
-                    FMT: tl.constexpr, PREC: tl.constexpr,
+                    FMT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[rows of group e] = x[rows] · Ŵ_eᵀ; x [S, K], y [S, N], both contiguous."""
     e, m0, m_end = _group_tile(offs_ptr, E, BM)
@@ -82,14 +87,14 @@ def _forward_kernel(x_ptr, q_ptr, y_ptr, offs_ptr, code_ptr, E, N, K, row_bytes,
         rk = k0 + tl.arange(0, BK)[None, :]                # [1, BK]
         x = tl.load(x_ptr + rm.to(tl.int64) * K + rk, mask=(rm < m_end) & (rk < K), other=0.0)
         w = dequant_tile(q_e, row_bytes, rn, rk, (rn < N) & (rk < K), code_ptr, FMT)   # [BN, BK]
-        acc += _dot(x, tl.trans(cast_rne(w, x.dtype)), PREC)
+        acc += _dot(x, tl.trans(cast_rne(w, x.dtype)), PREC, UPCAST)
     cn = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
     tl.store(y_ptr + rm.to(tl.int64) * N + cn, acc.to(y_ptr.dtype.element_ty), mask=(rm < m_end) & (cn < N))
 
 
 @triton.jit
 def _input_grad_kernel(g_ptr, q_ptr, dx_ptr, offs_ptr, code_ptr, E, N, K, row_bytes, expert_bytes,
-                       FMT: tl.constexpr, PREC: tl.constexpr,
+                       FMT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """dx[rows of group e] = dy[rows] · Ŵ_e; dy [S, N], dx [S, K], both contiguous."""
     e, m0, m_end = _group_tile(offs_ptr, E, BM)
@@ -104,7 +109,7 @@ def _input_grad_kernel(g_ptr, q_ptr, dx_ptr, offs_ptr, code_ptr, E, N, K, row_by
         g = tl.load(g_ptr + rm.to(tl.int64) * N + cn, mask=(rm < m_end) & (cn < N), other=0.0)
         rn = n0 + tl.arange(0, BN)[:, None]                # [BN, 1]
         w = dequant_tile(q_e, row_bytes, rn, rk, (rn < N) & (rk < K), code_ptr, FMT)   # [BN, BK]
-        acc += _dot(g, cast_rne(w, g.dtype), PREC)
+        acc += _dot(g, cast_rne(w, g.dtype), PREC, UPCAST)
     tl.store(dx_ptr + rm.to(tl.int64) * K + rk, acc.to(dx_ptr.dtype.element_ty), mask=(rm < m_end) & (rk < K))
 
 
@@ -131,7 +136,8 @@ def _launch(kernel, a: torch.Tensor, fmt, q: torch.Tensor, out: torch.Tensor, of
     row_bytes = K // fmt.block_size * fmt.type_size
     grid = (triton.cdiv(a.shape[0], BM) + E - 1, triton.cdiv(cols, block_cols))
     kernel[grid](a, q, out, offs, code_table(a.device), E, N, K, row_bytes, N * row_bytes,
-                 FMT=FORMAT_IDS[fmt.name], PREC=prec, BM=BM, BN=BN, BK=BK, **launch_options())
+                 FMT=FORMAT_IDS[fmt.name], PREC=prec,
+                 UPCAST=not a.is_cuda and a.dtype != torch.float32, BM=BM, BN=BN, BK=BK, **launch_options())
     return out
 
 
