@@ -6,6 +6,7 @@ pytest process with it set. Skipped only when triton is not installed (the `test
 installs it on Linux).
 """
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -15,19 +16,38 @@ from pathlib import Path
 import pytest
 
 CASES = Path(__file__).with_name("_triton_cases.py")
+COMPILE = Path(__file__).with_name("_triton_compile_probe.py")
+NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                               reason="triton is not installed (the test extra installs it on Linux)")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed (the test extra installs it on Linux)")
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GREENTUNE_") and k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+@NO_TRITON
 def test_triton_kernels_under_the_interpreter():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GREENTUNE_")}
-    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-                       capture_output=True, text=True, env=env, cwd=CASES.parents[2], timeout=600)
+                       capture_output=True, text=True, env=_env(TRITON_INTERPRET="1"), cwd=CASES.parents[2],
+                       timeout=600)
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
     passed = re.search(r"(\d+) passed", r.stdout)
     assert passed and int(passed.group(1)) >= 20 and "skipped" not in r.stdout, tail
+
+
+@NO_TRITON
+def test_kernels_compile_for_a_gpu_without_fused_multiply_adds():
+    """The interpreter runs the kernels' Python; this compiles them as a GPU would (PTX and cubin
+    for sm_90, no device needed) and checks the compiler kept torch's separate multiply and add."""
+    r = subprocess.run([sys.executable, str(COMPILE)], capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out.pop("contracted") > 0                 # the count sees contraction where it is allowed
+    for name, k in out.items():
+        assert k["cubin_bytes"] > 0 and k["fma"] == 0, (name, k)
 
 
 _WITHOUT_TRITON = r"""
@@ -46,8 +66,7 @@ print("ok")
 
 
 def test_greentune_runs_without_triton():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GREENTUNE_")}
-    env.update(GREENTUNE_TRITON="fused", TRITON_INTERPRET="1")   # asked for, but not importable
+    env = _env(GREENTUNE_TRITON="fused", TRITON_INTERPRET="1")     # asked for, but not importable
     r = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

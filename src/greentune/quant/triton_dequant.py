@@ -30,6 +30,8 @@ from .nf4 import NF4_CODE
 
 #: Format ids for the kernels' `FMT` constexpr.
 FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_k": 2, "q6_k": 3, "nf4": 4}
+#: Weights per scale group (the unit `dequant_tile` reads scales at); tile widths are multiples.
+SCALE_GROUP = {"q8_0": 32, "q4_0": 32, "q4_k": 32, "q6_k": 16, "nf4": 64}
 #: Triton dtypes the kernels write.
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -84,75 +86,82 @@ def _byte(ptr, mask):
 
 
 @triton.jit
-def dequant_tile(q_ptr, row_bytes, rows, cols, mask, code_ptr, FMT: tl.constexpr):
-    """fp32 values ``Ŵ[rows, cols]`` of a packed weight whose row r starts at ``q_ptr + r·row_bytes``.
+def dequant_tile(q_ptr, row_bytes, n_rows, n_cols, r0, c0, code_ptr,
+                 FMT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """fp32 ``Ŵ[r0:r0+R, c0:c0+C]`` of a packed ``[n_rows, n_cols]`` weight whose row r starts at
+    ``q_ptr + r·row_bytes``; lanes past the weight's edge give 0.
 
-    `rows` and `cols` broadcast to the tile (e.g. ``[R, 1]`` and ``[1, C]``); masked-off lanes
-    read nothing and give 0. FMT: a `FORMAT_IDS` value.
+    The tile is built as ``[R, C / G, G]`` for the format's scale group of G weights
+    (`SCALE_GROUP`), so the scale bytes are read once per (row, group) and only the quant bytes
+    once per weight. c0 and C must be multiples of G. FMT: a `FORMAT_IDS` value.
     """
+    G: tl.constexpr = 16 if FMT == 3 else (64 if FMT == 4 else 32)
+    rows = r0 + tl.arange(0, R)[:, None, None]
+    grp = c0 // G + tl.arange(0, C // G)[None, :, None]      # global group index
+    lane = tl.arange(0, G)[None, None, :]
+    ms = (rows < n_rows) & (grp * G < n_cols)                  # [R, C/G, 1]: scale loads
+    mask = ms & (lane < G)                                     # [R, C/G, G]: quant loads
+    row0 = q_ptr + rows.to(tl.int64) * row_bytes
     if FMT == 0:                                          # Q8_0: 32 weights, f16 d + 32 int8
-        base = q_ptr + rows.to(tl.int64) * row_bytes + (cols // 32) * 34
-        d = _f16(_byte(base, mask), _byte(base + 1, mask))
-        q = tl.load(base + 2 + cols % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
+        base = row0 + grp * 34
+        d = _f16(_byte(base, ms), _byte(base + 1, ms))
+        q = tl.load(base + 2 + lane, mask=mask, other=0).to(tl.int8, bitcast=True)
         v = q.to(tl.float32) * d
     elif FMT == 1:                                        # Q4_0: 32 weights, f16 d + 16 nibble bytes
-        base = q_ptr + rows.to(tl.int64) * row_bytes + (cols // 32) * 18
-        j = cols % 32
-        d = _f16(_byte(base, mask), _byte(base + 1, mask))
-        b = _byte(base + 2 + j % 16, mask)
-        q = tl.where(j < 16, b & 15, b >> 4)
+        base = row0 + grp * 18
+        d = _f16(_byte(base, ms), _byte(base + 1, ms))
+        b = _byte(base + 2 + lane % 16, mask)
+        q = tl.where(lane < 16, b & 15, b >> 4)
         v = (q.to(tl.float32) - 8.0) * d
-    elif FMT == 2:                                        # Q4_K: 256 weights in 144 bytes
-        base = q_ptr + rows.to(tl.int64) * row_bytes + (cols // 256) * 144
-        j = cols % 256
-        pair = j // 64
-        h = (j // 32) % 2
-        g = 2 * pair + h                                  # group of 32
+    elif FMT == 2:                                        # Q4_K: 256 weights in 144 bytes, groups of 32
+        base = row0 + (grp // 8) * 144
+        g = grp % 8                                       # group in the super-block: pair g//2, nibble g%2
         gl = g % 4
-        d = _f16(_byte(base, mask), _byte(base + 1, mask))
-        dmin = _f16(_byte(base + 2, mask), _byte(base + 3, mask))
-        lo = _byte(base + 4 + gl, mask)
-        mid = _byte(base + 8 + gl, mask)
-        hi = _byte(base + 12 + gl, mask)
+        d = _f16(_byte(base, ms), _byte(base + 1, ms))
+        dmin = _f16(_byte(base + 2, ms), _byte(base + 3, ms))
+        lo = _byte(base + 4 + gl, ms)
+        mid = _byte(base + 8 + gl, ms)
+        hi = _byte(base + 12 + gl, ms)
         sc = tl.where(g < 4, lo & 63, (hi & 15) | ((lo >> 2) & 48))
         mn = tl.where(g < 4, mid & 63, (hi >> 4) | ((mid >> 2) & 48))
         scale = d * sc.to(tl.float32)
         shift = dmin * mn.to(tl.float32)
-        b = _byte(base + 16 + pair * 32 + j % 32, mask)
-        q = tl.where(h == 0, b & 15, b >> 4)
+        b = _byte(base + 16 + (g // 2) * 32 + lane, mask)
+        q = tl.where(g % 2 == 0, b & 15, b >> 4)
         v = q.to(tl.float32) * scale - shift
-    elif FMT == 3:                                        # Q6_K: 256 weights in 210 bytes
-        base = q_ptr + rows.to(tl.int64) * row_bytes + (cols // 256) * 210
-        j = cols % 256
-        half = j // 128
-        a = (j // 32) % 4                                 # quarter within the half
-        l = j % 32
+    elif FMT == 3:                                        # Q6_K: 256 weights in 210 bytes, groups of 16
+        base = row0 + (grp // 16) * 210
+        g = grp % 16
+        half = g // 8
+        a = (g // 2) % 4                                  # quarter (32 weights) within the half
+        l = (g % 2) * 16 + lane                           # lane within the quarter
         ql = _byte(base + 64 * half + 32 * (a % 2) + l, mask)
         qh = _byte(base + 128 + 32 * half + l, mask)
         q = ((ql >> (4 * (a // 2))) & 15) | (((qh >> (2 * a)) & 3) << 4)
-        sc = tl.load(base + 192 + j // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        d = _f16(_byte(base + 208, mask), _byte(base + 209, mask))
+        sc = tl.load(base + 192 + g, mask=ms, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _f16(_byte(base + 208, ms), _byte(base + 209, ms))
         v = (d * sc) * (q.to(tl.float32) - 32.0)
     else:                                                 # NF4: 64 weights, fp32 absmax + 32 code bytes
-        base = q_ptr + rows.to(tl.int64) * row_bytes + (cols // 64) * 36
-        j = cols % 64
-        bits = (_byte(base, mask) | (_byte(base + 1, mask) << 8) | (_byte(base + 2, mask) << 16)
-                | (_byte(base + 3, mask) << 24))
+        base = row0 + grp * 36
+        bits = (_byte(base, ms) | (_byte(base + 1, ms) << 8) | (_byte(base + 2, ms) << 16)
+                | (_byte(base + 3, ms) << 24))
         absmax = bits.to(tl.float32, bitcast=True)
-        b = _byte(base + 4 + j // 2, mask)
-        q = tl.where(j % 2 == 0, b >> 4, b & 15)          # first weight in the high nibble
+        b = _byte(base + 4 + lane // 2, mask)
+        q = tl.where(lane % 2 == 0, b >> 4, b & 15)       # first weight in the high nibble
         v = tl.load(code_ptr + q, mask=mask, other=0.0) * absmax
-    return v
+    return tl.reshape(v, (R, C))
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, out_ptr, code_ptr, R, C, row_bytes,
+def _dequant_kernel(q_ptr, out_ptr, code_ptr, n_rows, n_cols, row_bytes,
                     FMT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
-    mask = (rows < R) & (cols < C)
-    v = dequant_tile(q_ptr, row_bytes, rows, cols, mask, code_ptr, FMT)
-    tl.store(out_ptr + rows.to(tl.int64) * C + cols, cast_rne(v, out_ptr.dtype.element_ty), mask=mask)
+    r0 = tl.program_id(0) * BR
+    c0 = tl.program_id(1) * BC
+    v = dequant_tile(q_ptr, row_bytes, n_rows, n_cols, r0, c0, code_ptr, FMT, BR, BC)
+    rows = r0 + tl.arange(0, BR)[:, None]
+    cols = c0 + tl.arange(0, BC)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64) * n_cols + cols, cast_rne(v, out_ptr.dtype.element_ty),
+             mask=(rows < n_rows) & (cols < n_cols))
 
 
 def dequantize(fmt, q: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32,

@@ -80,13 +80,12 @@ def _forward_kernel(x_ptr, q_ptr, y_ptr, offs_ptr, code_ptr, E, N, K, row_bytes,
     if e < 0:
         return
     rm = m0 + tl.arange(0, BM)[:, None]                    # [BM, 1]
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)[:, None]  # [BN, 1] weight rows
     q_e = q_ptr + e.to(tl.int64) * expert_bytes
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)[None, :]                # [1, BK]
         x = tl.load(x_ptr + rm.to(tl.int64) * K + rk, mask=(rm < m_end) & (rk < K), other=0.0)
-        w = dequant_tile(q_e, row_bytes, rn, rk, (rn < N) & (rk < K), code_ptr, FMT)   # [BN, BK]
+        w = dequant_tile(q_e, row_bytes, N, K, tl.program_id(1) * BN, k0, code_ptr, FMT, BN, BK)   # [BN, BK]
         acc += _dot(x, tl.trans(cast_rne(w, x.dtype)), PREC, UPCAST)
     cn = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
     tl.store(y_ptr + rm.to(tl.int64) * N + cn, acc.to(y_ptr.dtype.element_ty), mask=(rm < m_end) & (cn < N))
@@ -107,8 +106,7 @@ def _input_grad_kernel(g_ptr, q_ptr, dx_ptr, offs_ptr, code_ptr, E, N, K, row_by
     for n0 in range(0, N, BN):
         cn = n0 + tl.arange(0, BN)[None, :]                # [1, BN]
         g = tl.load(g_ptr + rm.to(tl.int64) * N + cn, mask=(rm < m_end) & (cn < N), other=0.0)
-        rn = n0 + tl.arange(0, BN)[:, None]                # [BN, 1]
-        w = dequant_tile(q_e, row_bytes, rn, rk, (rn < N) & (rk < K), code_ptr, FMT)   # [BN, BK]
+        w = dequant_tile(q_e, row_bytes, N, K, n0, tl.program_id(1) * BK, code_ptr, FMT, BN, BK)   # [BN, BK]
         acc += _dot(g, cast_rne(w, g.dtype), PREC, UPCAST)
     tl.store(dx_ptr + rm.to(tl.int64) * K + rk, acc.to(dx_ptr.dtype.element_ty), mask=(rm < m_end) & (rk < K))
 
@@ -146,7 +144,7 @@ def grouped_forward(x: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N
     ``[E, *fmt.packed_shape((N, K))]``, offs int32 ``[E]`` group ends (``offs[-1] == S``) → ``[S, N]``
     in x's dtype. Rows past ``offs[-1]`` are left unwritten."""
     _check(fmt, x, q, offs, N, K)
-    x = x.contiguous()
+    x, q = x.contiguous(), q.contiguous()
     y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
     return _launch(_forward_kernel, x, fmt, q, y, offs, N, K)
 
@@ -154,7 +152,7 @@ def grouped_forward(x: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N
 def grouped_input_grad(grad: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """``dx[g] = dy[g] · Ŵ_e`` for each group g: grad ``[S, N]`` → ``[S, K]`` in grad's dtype."""
     _check(fmt, grad, q, offs, N, K)
-    grad = grad.contiguous()
+    grad, q = grad.contiguous(), q.contiguous()
     dx = torch.empty(grad.shape[0], K, dtype=grad.dtype, device=grad.device)
     return _launch(_input_grad_kernel, grad, fmt, q, dx, offs, N, K)
 
