@@ -2,8 +2,9 @@
 
 ``TRITON_INTERPRET=1`` must be set before triton defines the kernels, and setting it here would
 leak into every other test of this process, so the cases (`_triton_cases.py`) run in a child
-pytest process with it set. Skipped only when triton is not installed (the `test` extra
-installs it on Linux).
+pytest process with it set; another child compiles the kernels for a GPU
+(`_triton_compile_probe.py`). Skipped only when triton is not installed (the `test` extra
+installs it on Linux); that greentune runs without triton is checked either way.
 """
 import importlib.util
 import json
@@ -27,29 +28,6 @@ def _env(**extra):
     return env
 
 
-@NO_TRITON
-def test_triton_kernels_under_the_interpreter():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-                       capture_output=True, text=True, env=_env(TRITON_INTERPRET="1"), cwd=CASES.parents[2],
-                       timeout=600)
-    tail = (r.stdout + r.stderr)[-6000:]
-    assert r.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= 20 and "skipped" not in r.stdout, tail
-
-
-@NO_TRITON
-def test_kernels_compile_for_a_gpu_without_fused_multiply_adds():
-    """The interpreter runs the kernels' Python; this compiles them as a GPU would (PTX and cubin
-    for sm_90, no device needed) and checks the compiler kept torch's separate multiply and add."""
-    r = subprocess.run([sys.executable, str(COMPILE)], capture_output=True, text=True, env=_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out.pop("contracted") > 0                 # the count sees contraction where it is allowed
-    for name, k in out.items():
-        assert k["cubin_bytes"] > 0 and k["fma"] == 0, (name, k)
-
-
 _WITHOUT_TRITON = r"""
 import sys
 sys.modules["triton"] = None                     # import triton -> ImportError, as when not installed
@@ -65,8 +43,55 @@ print("ok")
 """
 
 
-def test_greentune_runs_without_triton():
-    env = _env(GREENTUNE_TRITON="fused", TRITON_INTERPRET="1")     # asked for, but not importable
-    r = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+@pytest.fixture(scope="module")
+def children():
+    """The three child processes, started together (they are mostly imports and compiles)."""
+    triton = importlib.util.find_spec("triton") is not None
+    commands = {
+        "cases": ([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+                  _env(TRITON_INTERPRET="1")),
+        "compile": ([sys.executable, str(COMPILE)], _env()),
+        # asked for the kernels, but triton is not importable
+        "without": ([sys.executable, "-c", _WITHOUT_TRITON], _env(GREENTUNE_TRITON="fused", TRITON_INTERPRET="1")),
+    }
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    cwd=CASES.parents[2])
+             for name, (cmd, env) in commands.items() if triton or name == "without"}
+    results = {}
+
+    def result(name):
+        if name not in results:
+            out, err = procs[name].communicate(timeout=600)
+            results[name] = (procs[name].returncode, out, err)
+        return results[name]
+    yield result
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+@NO_TRITON
+def test_triton_kernels_under_the_interpreter(children):
+    rc, out, err = children("cases")
+    tail = (out + err)[-6000:]
+    assert rc == 0, tail
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= 20 and "skipped" not in out, tail
+
+
+@NO_TRITON
+def test_kernels_compile_for_a_gpu_without_fused_multiply_adds(children):
+    """The interpreter runs the kernels' Python; this compiles them as a GPU would (PTX and cubin
+    for sm_90, no device needed) and checks the compiler kept torch's separate multiply and add."""
+    rc, out, err = children("compile")
+    assert rc == 0, err[-3000:]
+    found = json.loads(out.strip().splitlines()[-1])
+    assert found.pop("contracted") > 0               # the count sees contraction where it is allowed
+    for name, k in found.items():
+        assert k["cubin_bytes"] > 0 and k["fma"] == 0, (name, k)
+
+
+def test_greentune_runs_without_triton(children):
+    rc, out, err = children("without")
+    assert rc == 0 and out.strip() == "ok", err[-3000:]
