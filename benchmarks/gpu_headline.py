@@ -377,8 +377,9 @@ def part_reference(device, smoke: bool, steps: int, seq: int, batch: int, budget
         print(f"  peak memory (torch.cuda.max_memory_allocated) training {peak / 1e9:.2f} GB, "
               f"building {build_peak / 1e9:.2f} GB; reserved {torch.cuda.max_memory_reserved(device) / 1e9:.2f} GB")
     it_w = m.total_joules / m.seconds if m.seconds else 0.0
-    print(f"  {tps:.0f} tokens/s; energy {m.total_joules:.0f} J ({', '.join(f'{k}={v:.0f} J ({m.source.get(k)})' for k, v in m.joules.items())}): "
-          f"{m.total_joules / tokens:.3f} J/token IT, {gpu_j / tokens:.3f} J/token GPU; mean IT power {it_w:.0f} W")
+    parts = ", ".join(f"{k}={v:.0f} J ({m.source.get(k)})" for k, v in m.joules.items())
+    print(f"  {tps:.0f} tokens/s; energy {m.total_joules:.0f} J ({parts}): {m.total_joules / tokens:.3f} J/token IT, "
+          f"{gpu_j / tokens:.3f} J/token GPU; mean IT power {it_w:.0f} W")
     plan = plan_prediction(smoke, seq, batch)
     pue = plan["site"]["pue"] if plan else 1.58
     cap = 1000.0

@@ -4,9 +4,10 @@
 in backward) and never kept: the layer's memory is the packed bytes, e.g. 4.5 bits per weight
 for Q4_K, plus an optional fp32 bias. On CPU a big weight is rebuilt a block of rows at a time
 (`CHUNK_WEIGHTS`), each block multiplied while it is in cache, dequantised by the native
-kernels (`kernels`) into one buffer kept per thread; on CUDA the Triton kernels do the products
-(`triton_dispatch`: fused dequantise-in-the-GEMM, or dequantise + cuBLAS). Gradients flow to the input (and the
-bias, if it requires them), never to the packed weight: LoRA adapters sit on top.
+kernels (`kernels`) into one buffer kept per thread; on CUDA the Triton kernels do the
+products (`triton_dispatch`: fused dequantise-in-the-GEMM, or dequantise + cuBLAS). Gradients
+flow to the input (and the bias, if it requires them), never to the packed weight: LoRA
+adapters sit on top.
 
 Compute dtype: fp32 on CPU (whatever the input dtype; the output is cast back to it), the
 input's dtype elsewhere (bf16/fp16 on GPUs, where those are fast).

@@ -1,8 +1,8 @@
 """Triton dequantise kernels for the block formats (Q4_K, Q6_K, Q8_0, Q4_0, NF4), for CUDA.
 
 `dequant_tile` is the one piece of format knowledge on the GPU: given the packed rows of a weight
-and a tile of (row, column) indices it returns the dequantised fp32 values of that tile, read
-straight from the block bytes. The dequantise kernel here writes whole weights with it (into an
+and a tile's corner it returns the dequantised fp32 values of that tile, read straight from the
+block bytes. The dequantise kernel here writes whole weights with it (into an
 `out` buffer the caller can keep), and the fused GEMMs in `triton_matmul` call it on each
 weight tile inside their K loop, so a weight is never materialised there.
 
@@ -11,9 +11,11 @@ same order (``d·sc`` then ``q·scale − shift`` for Q4_K, ``(d·sc)·(q − 32
 with ``enable_fp_fusion=False`` so the compiler does not contract them into fused multiply-adds,
 and a round-to-nearest-even cast to the output dtype, as ``tensor.to(dtype)`` does.
 
-Each element reads its own quant byte and its block's scale bytes (cache hits after the first
-lane of a block), which keeps every format a few lines of index arithmetic; the layouts are
-documented in the format files (`q4_k.py`, `q6_k.py`, `simple.py`, `nf4.py`).
+A tile is laid out ``[rows, groups, weights per group]`` (`SCALE_GROUP`: the run of weights
+sharing one scale), so a group's scale bytes are read once and each weight reads only its quant
+byte; every format is then a few lines of index arithmetic. The layouts are documented in the
+format files (`q4_k.py`, `q6_k.py`, `simple.py`, `nf4.py`). Tests run these kernels under
+Triton's interpreter and compile them for sm_90 (tests/quant/test_triton_kernels.py).
 
 This module imports triton; import it only where triton is installed (`triton_dispatch` does).
 """

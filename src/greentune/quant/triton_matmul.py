@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_dequant import FORMAT_IDS, cast_rne, code_table, dequant_tile, launch_options, supported
+from .triton_dequant import FORMAT_IDS, SCALE_GROUP, cast_rne, code_table, dequant_tile, launch_options, supported
 
 #: Tile sizes (rows of x, weight rows, weight columns) on the GPU. One configuration for every
 #: shape; the benchmark's GEMM step measures it against dequantise + cuBLAS.
@@ -127,6 +127,7 @@ def _launch(kernel, a: torch.Tensor, fmt, q: torch.Tensor, out: torch.Tensor, of
     """Run `kernel` (forward: output columns N; input gradient: output columns K) on rows `a`."""
     E = q.shape[0]
     BM, BN, BK = tiles(a.device)
+    assert BK % SCALE_GROUP[fmt.name] == 0, (BK, fmt.name)   # dequant_tile's layout
     cols, block_cols = (N, BN) if kernel is _forward_kernel else (K, BK)
     if a.shape[0] == 0 or cols == 0:
         return out
