@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 RANK, ALPHA = 16, 32
@@ -82,6 +83,16 @@ def header(device):
 
 # ---- 1. dequantise and GEMM kernels ----------------------------------------------------------
 
+def packed_weight(fmt, shape, device) -> torch.Tensor:
+    """Packed bytes of a random ``shape`` weight: 512 rows quantised on the device, repeated (the
+    K-quant searches would take most of the step's time on full-size weights; speed does not
+    depend on the values)."""
+    torch.manual_seed(0)
+    rows = min(512, shape[0])
+    q = fmt.quantize(torch.randn(rows, shape[1], device=device) * 0.02)
+    return q.repeat(-(-shape[0] // rows), 1)[: shape[0]].contiguous()
+
+
 def part_dequant(device, smoke: bool) -> None:
     from greentune.quant import triton_dequant, triton_dispatch, triton_matmul
     from greentune.quant.formats import get_format
@@ -92,8 +103,7 @@ def part_dequant(device, smoke: bool) -> None:
     for name in ("q4_k", "q6_k", "q8_0", "q4_0", "nf4"):
         fmt = get_format(name)
         for shape in shapes:
-            torch.manual_seed(0)
-            q = fmt.quantize(torch.randn(shape, device=device) * 0.02)
+            q = packed_weight(fmt, shape, device)
             n = shape[0] * shape[1]
             buf = torch.empty(n, dtype=dtype, device=device)
             t_torch = timed(lambda: fmt.dequantize(q, shape).to(dtype), device, reps)
@@ -104,7 +114,7 @@ def part_dequant(device, smoke: bool) -> None:
                   f"({t_torch / t_tri:5.1f}x, {gbs:6.0f} GB/s)  bit-exact {exact}", flush=True)
     fmt = get_format("q4_k")
     N, K = (64, 256) if smoke else (14336, 4096)
-    q = fmt.quantize(torch.randn(N, K, device=device) * 0.02)
+    q = packed_weight(fmt, (N, K), device)
     w = fmt.dequantize(q, (N, K)).to(dtype)
     buf = torch.empty(N * K, dtype=dtype, device=device)
     print(f"q4_k GEMM, weight {N}x{K}, ms: fused | dequantise + cuBLAS | bf16 weight (forward; input grad)")
@@ -123,6 +133,21 @@ def part_dequant(device, smoke: bool) -> None:
     fused = [m for m, c in best if c == "fused"]
     print(f"fused wins (forward + input grad) up to M = {max(fused) if fused else 'none'}; "
           f"triton_dispatch.FUSED_MAX_ROWS = {triton_dispatch.FUSED_MAX_ROWS}")
+    E = 2 if smoke else 8
+    qe = packed_weight(fmt, (E * N, K), device).view(E, N, -1)
+    we = fmt.dequantize(qe.reshape(E * N, -1), (E * N, K)).to(dtype).view(E, N, K)
+    buf = torch.empty(E * N * K, dtype=dtype, device=device)
+    print(f"q4_k grouped expert GEMM forward, {E} experts of {N}x{K}, rows split evenly, ms: "
+          f"fused | dequantise all + grouped_mm | bf16 grouped_mm")
+    for S in ((8, 64) if smoke else (256, 1024, 4096)):
+        x = torch.randn(S, K, device=device, dtype=dtype)
+        offs = (torch.arange(1, E + 1, device=device) * (S // E)).to(torch.int32)
+        f = timed(lambda: triton_matmul.grouped_forward(x, fmt, qe, offs, N, K), device, reps)
+        d = timed(lambda: F.grouped_mm(x, triton_dequant.dequantize(fmt, qe.reshape(E * N, -1), (E * N, K), dtype,
+                                                                    out=buf).view(E, N, K).transpose(-2, -1),
+                                       offs=offs), device, reps)
+        b = timed(lambda: F.grouped_mm(x, we.transpose(-2, -1), offs=offs), device, reps)
+        print(f"  {S:>5} rows ({S // E} per expert): {f * 1e3:7.3f} | {d * 1e3:7.3f} | {b * 1e3:7.3f}", flush=True)
 
 
 # ---- shared by 2 and 3 -----------------------------------------------------------------------
@@ -206,6 +231,8 @@ def hf_bnb(base):
 def unsloth_model(base, seq: int):
     """Unsloth's 4-bit loader and LoRA (attention) on the same weights, saved to a temporary folder."""
     from unsloth import FastLanguageModel
+    print("  (unsloth imported: it patches transformers' classes process-wide, which may also move the "
+          "HF+PEFT numbers of this run)")
     path = Path("/tmp/gt-headline-unsloth")
     base.save_pretrained(path)
     model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True)
@@ -233,7 +260,7 @@ def part_models(device, smoke: bool, steps: int, seq: int, batch: int) -> None:
         "greentune nf4": lambda: greentune_adapt(copy.deepcopy(base), "nf4"),
         "HF+PEFT bf16": lambda: peft_wrap(copy.deepcopy(base)),
         "HF+PEFT+bnb 4-bit": lambda: hf_bnb(base),
-        "unsloth 4-bit": lambda: unsloth_model(base, seq),
+        "unsloth 4-bit": lambda: unsloth_model(base, seq),         # before greentune bf16 changes `base`
         "greentune bf16": lambda: greentune_adapt(base, "bf16"),     # last: adapts `base` itself
     }
     variants = {}

@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_headline.sh [OUT_DIR]
 #   bash benchmarks/gpu_headline.sh --smoke [OUT_DIR]   # CPU, tiny sizes: proves the script runs
 #
-# 1. dequant (75 s): dequantise s/weight per format, plain torch vs the Triton kernels, bit-exactness
-#    on the device, and the fused-vs-dequantise GEMM crossover;
-# 2. models (170 s): 4 layers of Mixtral 8x7B's shapes, seq 2048, LoRA r16 attention + experts, bf16:
+# 1. dequant (90 s): dequantise s/weight per format, plain torch vs the Triton kernels, bit-exactness
+#    on the device, and the fused-vs-dequantise GEMM crossover (linear and grouped experts);
+# 2. models (160 s): 4 layers of Mixtral 8x7B's shapes, seq 2048, LoRA r16 attention + experts, bf16:
 #    tokens/s and peak memory of greentune q4_k / nf4 / bf16, HF+PEFT bf16, HF+PEFT+bitsandbytes,
 #    Unsloth (the last two where they import), round-robin;
 # 3. reference (220 s): 32 layers of Mixtral 8x7B's shapes drawn and quantised on the device, q4_k,
@@ -53,8 +53,8 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, append to the log,
   $py -c "import triton; print('triton', triton.__version__)" || echo "triton missing: the kernels cannot run"
   nproc; } 2>&1 | tee -a "$log"
 
-step dequant 75 $py benchmarks/gpu_headline.py dequant "${smoke[@]}"
-step models 170 $py benchmarks/gpu_headline.py models "${smoke[@]}"
+step dequant 90 $py benchmarks/gpu_headline.py dequant "${smoke[@]}"
+step models 160 $py benchmarks/gpu_headline.py models "${smoke[@]}"
 step reference 220 $py benchmarks/gpu_headline.py reference "${smoke[@]}"
 
 echo "=== headline lines"
