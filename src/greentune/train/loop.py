@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..faults import maybe_fault
 from ..fsutil import append_jsonl, atomic_write_text, read_jsonl
 from ..recipe import TrainConfig
 from . import checkpoint as ckpt
@@ -195,6 +196,7 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
+            maybe_fault(f"step:{step + 1}")
             lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
             for h in hooks:
                 lr *= h.lr_factor(step)
