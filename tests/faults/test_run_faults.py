@@ -398,3 +398,15 @@ def test_a_plain_rerun_is_refused_only_with_progress_to_lose(tmp_path, tiny_llam
     _write_checkpoints(run / "checkpoints", steps=(2,))
     with pytest.raises(UserError, match="already holds a run"):
         prepare_run_dir(run, recipe, False)
+
+
+def test_a_signal_is_a_stop_request_and_a_second_one_stops_at_once():
+    from greentune.train.signals import StopSignals
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # only noted: the step in flight goes on
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
