@@ -191,9 +191,10 @@ def _check_manifest(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise ValueError(f"no {name}")
+        want = want if isinstance(want, dict) else {}
         size = f.stat().st_size
-        if not isinstance(want, dict) or size != want.get("bytes"):
-            raise ValueError(f"{name} has {size} bytes, the manifest says {want.get('bytes') if isinstance(want, dict) else '?'}")
+        if size != want.get("bytes"):
+            raise ValueError(f"{name} has {size} bytes, the manifest says {want.get('bytes')}")
         if _sha256(f) != want.get("sha256"):
             raise ValueError(f"{name}: content hash differs from the manifest")
 

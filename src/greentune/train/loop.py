@@ -62,8 +62,9 @@ class TrainingDiverged(UserError):
 def _all_finite(params: dict[str, torch.nn.Parameter], ctx: DistContext) -> bool:
     """Every trainable tensor finite, on every rank (a collective in a job). One host sync:
     called only when a checkpoint is written or the run diverged, never per step."""
-    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params.values())
-    return ctx.sum(bad)[0] == 0 if ctx.active else bad == 0
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params.values()]
+    bad = int(not torch.stack([torch.isfinite(t.detach()).all() for t in local]).all())
+    return (ctx.sum(bad)[0] if ctx.active else bad) == 0
 
 
 def _last_finite(ckpt_root: Path) -> str:
@@ -184,7 +185,8 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
 
     def save(at_step: int, data_position: dict) -> None:
         if not _all_finite(params, ctx):  # never checkpoint a poisoned state (clipping off lets one through)
-            raise TrainingDiverged(f"the weights became non-finite by step {at_step}; stopped. {_last_finite(ckpt_root)}")
+            raise TrainingDiverged(f"the weights became non-finite by step {at_step}; stopped. "
+                                   f"{_last_finite(ckpt_root)}")
         extra = {}
         for h in hooks:
             extra.update(h.checkpoint_tensors())
