@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .train.signals import Stopped, exit_code
 
 
 def _cmd_train(ns) -> int:
@@ -26,7 +27,9 @@ def _cmd_train(ns) -> int:
         argv += ["--resume"] * ns.resume + ["--quiet"] * ns.quiet
         return launch(argv, ns.nproc)
     from .pipeline import train
+    from .train.signals import raise_on_sigterm
 
+    raise_on_sigterm()  # outside the training loop (which checkpoints first) SIGTERM still cleans up
     try:
         result = train(ns.recipe, run_dir=ns.run_dir, resume=ns.resume, progress=not ns.quiet)
     except RuntimeError as err:  # another rank died: say so in one line, torchrun names the rank
@@ -44,6 +47,10 @@ def _cmd_train(ns) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    if result.signal:
+        print(f"greentune: {result.stopped} after step {result.steps}, with a checkpoint; continue with --resume",
+              file=sys.stderr)
+        return exit_code(result.signal)
     if result.stopped:
         print(f"stopped at step {result.steps}: {result.stopped}; continue with --resume")
         return 0
@@ -189,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("greentune: interrupted", file=sys.stderr)
         return 130
+    except Stopped as err:  # SIGTERM outside the training loop
+        print(f"greentune: stopped by {err}", file=sys.stderr)
+        return exit_code(err.signum)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .fsutil import remove_stale_temps
 from .recipe import ExportConfig
 
 
@@ -37,6 +38,7 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         model_dir, prequantized = target, None
         out = out or target.with_name(target.name + "-export")
     check_model_dir(model_dir)
+    remove_stale_temps(out)  # what an export killed mid-write left (greentune's own temp names only)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
     return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]

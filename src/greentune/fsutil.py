@@ -2,16 +2,59 @@
 
 A reader (or a resumed run) therefore sees either the old file or the complete new one,
 never a half-written one, even after SIGKILL.
+
+Temporary names carry the writer's PID (`.NAME.greentune-PID-XXXX.tmp`), so that
+`remove_stale_temps` can delete what a killed greentune left behind, and nothing else: not
+another live process's temp, not a file greentune did not name.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .faults import maybe_fault
+
+_TEMP_RE = re.compile(r"^\..+\.greentune-(\d+)-[^/]*\.tmp$")
+
+
+def temp_prefix(path: str | Path) -> str:
+    """The prefix of this process's temporary names for `path` (see `remove_stale_temps`)."""
+    return f".{Path(path).name}.greentune-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files and folders in `folder` (not below) that a greentune process,
+    no longer running, left when it was killed mid-write; return what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:
@@ -25,12 +68,13 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        maybe_fault(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,7 +94,7 @@ def temp_sibling(path: str | Path) -> Path:
     """A new empty hidden folder next to `path`, for `atomic_dir`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
 
 
 @contextmanager
@@ -70,8 +114,9 @@ def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        maybe_fault(f"write:{path.name}")
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(temp_prefix(path) + "old.tmp")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)

@@ -21,15 +21,18 @@ from .adapters.relora import ReLoRA
 from .data import BatchStream, build_datasets
 from .energy import Factors, Ledger, Meter, describe_hardware
 from .energy.hook import EnergyHook
+from . import data_identity
 from .errors import UserError
-from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from .faults import maybe_fault
+from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
 from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
 from .quant import load_quantized
 from .quant.dequantize import dequantize_model_
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
 from .moe.hook import MoEHook
 from .recipe import MoeConfig, Recipe, load_recipe
-from .train import distributed
+from .runlock import RunLock
+from .train import checkpoint, distributed
 from .train.distributed import SINGLE, DistContext
 from .train.loop import LoopResult, evaluate_loss, run_training
 
@@ -44,6 +47,7 @@ class RunResult:
     seconds: float
     eval_loss: float | None = None
     stopped: str | None = None
+    signal: int | None = None  # the signal (SIGTERM, SIGINT) that stopped training, if one did
     outputs: dict = field(default_factory=dict)
     energy: dict = field(default_factory=dict)
 
@@ -74,7 +78,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         if diff:
             raise UserError(f"run dir {run_dir} belongs to a different recipe (differs at '{diff}'); "
                             "choose another --run-dir")
-        if not resume and (run_dir / "checkpoints").exists():
+        if not resume and checkpoint.list_checkpoints(run_dir / "checkpoints"):  # progress to lose
             raise UserError(f"run dir {run_dir} already holds a run; pass --resume to continue it "
                             "or choose another --run-dir")
     elif resume:
@@ -103,6 +107,7 @@ class Phases:
 
     @contextmanager
     def __call__(self, name: str):
+        maybe_fault(f"phase:{name}")
         with self.meter.phase(name) as window:
             yield window
         self.ledger.record(window.result)
@@ -200,6 +205,43 @@ def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: L
     return data
 
 
+def record_for_planner_optional(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult,
+                                ledger) -> None:
+    """`record_for_planner`, as the optional bookkeeping it is: a cache that cannot be
+    written (read-only $HOME, a bad GREENTUNE_CACHE) is one warning, not a failed run."""
+    try:
+        record_for_planner(run_dir, recipe, dense_base, result, ledger)
+    except (OSError, ValueError) as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        log.warning("not recorded as a planner calibration: %s%s", getattr(err, "strerror", None) or err, where)
+
+
+def _claim_run_dir(run_dir: Path, recipe: Recipe, resume: bool, ctx: DistContext) -> RunLock | None:
+    """Rank 0 locks `run_dir` for the run's life, removes the temp files of a killed earlier
+    process, refuses a resume on changed data, and prepares the dir; a refusal stops every
+    rank. Returns the lock on rank 0 (None on the others)."""
+    held = []
+
+    def claim():
+        lock = RunLock.acquire(run_dir)
+        try:
+            for folder in (run_dir, run_dir / "export"):
+                for p in remove_stale_temps(folder):
+                    log.info("removed %s, left by a killed run", p)
+            data = data_identity.data_identity({"train": recipe.data.train, "eval": recipe.data.eval})
+            if resume:
+                data_identity.check_unchanged(run_dir, data)
+            prepare_run_dir(run_dir, recipe, resume)
+            data_identity.store(run_dir, data)
+        except BaseException:
+            lock.release()
+            raise
+        held.append(lock)
+
+    _on_main(ctx, claim)
+    return held[0] if held else None
+
+
 def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume: bool = False,
           progress: bool = True) -> RunResult:
     """Run a recipe end to end; returns where everything went and the final eval loss.
@@ -269,7 +311,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
     tokenizer = load_tokenizer(base, recipe.trust_remote_code)
     train_data, eval_data = build_datasets(recipe.data.train, recipe.data.eval, tokenizer, recipe.data.max_seq_len,
                                            recipe.data.pack, tcfg.seed, recipe.data.eval_fraction)
-    _on_main(ctx, lambda: prepare_run_dir(run_dir, recipe, resume))
+    lock = _claim_run_dir(run_dir, recipe, resume, ctx)
 
     phases = Phases(run_dir, recipe, ctx)
     moe = recipe.moe or MoeConfig()
@@ -316,7 +358,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
         result = run_training(model, stream, tcfg, run_dir, resume=resume, eval_data=eval_data, device=device,
                               progress=progress, hooks=hooks, ctx=ctx, parallel=tcfg.parallel)
         out = RunResult(run_dir=run_dir, steps=result.step, tokens=result.tokens, seconds=result.seconds,
-                        stopped=result.stopped)
+                        stopped=result.stopped, signal=result.signal)
         if result.stopped:
             out.energy = phases.ledger.totals()
             return out
@@ -365,7 +407,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
         if ctx.world == 1:
-            record_for_planner(run_dir, recipe, recipe.base_model, result, phases.ledger)
+            record_for_planner_optional(run_dir, recipe, recipe.base_model, result, phases.ledger)
         else:
             log.info("a %d-rank run is not recorded as a planner calibration of this machine", ctx.world)
         atomic_write_json(run_dir / "summary.json", {
@@ -381,3 +423,5 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
         return out
     finally:
         phases.close()
+        if lock is not None:
+            lock.release()

@@ -36,6 +36,8 @@ from greentune.errors import UserError
 from greentune.export import gguf_quant, gguf_vocab
 from greentune.export.gguf_tensors import Arch, plan
 from greentune.export.source import ModelSource, Packed
+from greentune.faults import maybe_fault
+from greentune.fsutil import temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
                     src.config["sliding_window"])
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out_path), suffix=".tmp", dir=out_path.parent)
     os.close(fd)
     try:
         summary = _write(src, arch, tensors, n_vocab, quant, Path(tmp), tokenizer_pre,
@@ -117,6 +119,7 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
                                   else src.config.get("model_type", "model")))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        maybe_fault(f"write:{out_path.name}")
         os.replace(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

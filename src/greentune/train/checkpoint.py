@@ -3,7 +3,9 @@
 A checkpoint holds the trainable tensors, the AdamW state, the torch RNG states, the
 data position and counters — everything needed for a resumed run to continue
 bit-identically on CPU. Tensors go to safetensors and the rest to JSON: nothing is ever
-unpickled.
+unpickled. Before the rename, `manifest.json` records every file's size and sha256; a
+resume verifies them (`newest_valid`) and falls back to the newest checkpoint that passes,
+so a truncated or half-deleted checkpoint is skipped, never a traceback.
 
 Distributed runs: rank 0 writes the checkpoint, holding every rank's RNG state. Under DDP
 the adapter and optimiser state are whole (identical on every rank), so the checkpoint is
@@ -14,31 +16,26 @@ resumes on the same number of ranks.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..faults import maybe_fault
 from ..fsutil import atomic_dir, temp_sibling
 from .distributed import SINGLE, DistContext
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+DAMAGED_SUFFIX = ".damaged"
 
-# Fault injection for the crash tests: GREENTUNE_FAULT=checkpoint-write:N kills this
-# process with SIGKILL halfway through writing checkpoint N.
-FAULT_ENV = "GREENTUNE_FAULT"
-
-
-def _maybe_fault(step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"checkpoint-write:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
+log = logging.getLogger(__name__)
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
     out = {}
@@ -128,7 +125,7 @@ def save_checkpoint(ckpt_root: Path, step: int, params: dict[str, torch.nn.Param
                 save_file({n: p.detach().contiguous().clone() for n, p in params.items()},
                           str(tmp / "trainable.safetensors"))
                 save_file(optimizer_tensors(optimizer, names), str(tmp / "optimizer.safetensors"))
-            _maybe_fault(step)
+            maybe_fault(f"checkpoint-write:{step}")
             save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
             if extra:
                 save_file({k: v.detach().contiguous().clone() for k, v in extra.items()},
@@ -136,6 +133,7 @@ def save_checkpoint(ckpt_root: Path, step: int, params: dict[str, torch.nn.Param
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups,
                                                         "world": ctx.world, "sharded": sharded}, indent=2))
+            write_manifest(tmp)
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
@@ -148,6 +146,98 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """`folder/manifest.json`: the size and sha256 of every file below `folder`."""
+    files = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2, sort_keys=True))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no {path.name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path.name} is not valid JSON ({err})") from None
+
+
+def _check_state(path: Path, step: int) -> None:
+    state = _read_json(path / "state.json")
+    if not (isinstance(state, dict) and state.get("step") == step and isinstance(state.get("param_groups"), list)
+            and isinstance(state.get("data"), dict) and all(isinstance(state.get(k), (int, float))
+                                                            for k in ("tokens", "seconds"))):
+        raise ValueError("state.json lacks the step, counters, data position or optimiser groups")
+    required = ["rng.safetensors"] + ([] if state.get("sharded") else ["trainable.safetensors",
+                                                                        "optimizer.safetensors"])
+    for name in required:
+        if not (path / name).is_file():
+            raise ValueError(f"no {name}")
+
+
+def _check_manifest(path: Path) -> None:
+    manifest = _read_json(path / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{MANIFEST} lists no files")
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"no {name}")
+        want = want if isinstance(want, dict) else {}
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise ValueError(f"{name} has {size} bytes, the manifest says {want.get('bytes')}")
+        if _sha256(f) != want.get("sha256"):
+            raise ValueError(f"{name}: content hash differs from the manifest")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it is whole.
+
+    Checks every file against `manifest.json` (size, then sha256) and that `state.json`
+    holds what a resume reads. A checkpoint of an older greentune, without a manifest, gets
+    the structural checks and a header check of each safetensors file.
+    """
+    m = STEP_RE.match(path.name)
+    try:
+        if not m:
+            raise ValueError("not a step-N folder")
+        if (path / MANIFEST).exists():
+            _check_manifest(path)
+        else:
+            from safetensors import safe_open
+
+            for f in path.glob("*.safetensors"):
+                with safe_open(str(f), "pt"):
+                    pass
+        _check_state(path, int(m.group(1)))
+    except Exception as err:  # noqa: BLE001 — any defect makes the checkpoint unusable, named
+        return str(err) or type(err).__name__
+    return None
+
+
+def newest_valid(ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that passes `verify_checkpoint`, and the newer ones that did not
+    (with the reason). The damaged ones are renamed `step-N.damaged`, out of the listing, so
+    that pruning never counts them as one of the checkpoints to keep."""
+    skipped = []
+    for path in reversed(list_checkpoints(ckpt_root)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+    return None, skipped
 
 
 def clean_partial(ckpt_root: Path) -> None:

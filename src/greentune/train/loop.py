@@ -2,6 +2,11 @@
 clipping, a warm-up + decay schedule, one `metrics.jsonl` line per step, and atomic
 checkpoints from which `--resume` continues bit-identically on CPU.
 
+Guards: a non-finite loss or gradient norm stops the run (`TrainingDiverged`) with a
+checkpoint of the last finite state, and no checkpoint ever holds non-finite weights;
+SIGTERM/SIGINT finish the step in flight and checkpoint (`signals.py`); `--resume` picks the
+newest checkpoint that verifies, or starts from step 0 when there is none.
+
 In a distributed job (see `distributed.py`) every rank runs this loop on its slice of each
 global batch; rank 0 alone writes metrics and shows progress, and the per-step numbers
 (loss, tokens, joules) are sums over ranks.
@@ -11,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..faults import maybe_fault
 from ..fsutil import append_jsonl, atomic_write_text, read_jsonl
 from ..recipe import TrainConfig
 from . import checkpoint as ckpt
@@ -26,6 +34,7 @@ from .distributed import SINGLE, DistContext, rank_slice, wrap_objective
 from .hooks import TrainHook
 from .loss import CausalLMLoss, count_targets
 from .schedule import lr_at
+from .signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,45 @@ class LoopResult:
     tokens: int
     seconds: float
     stopped: str | None = None  # why the loop ended early, if it did
+    signal: int | None = None   # the signal that stopped it (SIGTERM, SIGINT), if one did
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient: the run stopped with its last finite state checkpointed."""
+
+
+def _all_finite(params: dict[str, torch.nn.Parameter], ctx: DistContext) -> bool:
+    """Every trainable tensor finite, on every rank (a collective in a job). One host sync:
+    called only when a checkpoint is written or the run diverged, never per step."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params.values()]
+    bad = int(not torch.stack([torch.isfinite(t.detach()).all() for t in local]).all())
+    return (ctx.sum(bad)[0] if ctx.active else bad) == 0
+
+
+def _last_finite(ckpt_root: Path) -> str:
+    found = ckpt.list_checkpoints(ckpt_root)
+    return (f"The last finite state is {found[-1]}" if found else "No checkpoint was written") + \
+        "; nothing was merged, exported or recorded. Lower train.lr or check the base weights for NaN/inf"
+
+
+def _diverged(step: int, loss: float, grad_norm: float | None, save, ckpt_root: Path,
+              params: dict[str, torch.nn.Parameter], ctx: DistContext) -> None:
+    """Stop a run whose step `step` + 1 had a non-finite loss or gradient norm, after
+    checkpointing the state before that step (when it is finite and not already saved)."""
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    if step > 0 and not (ckpt_root / f"step-{step}").is_dir() and _all_finite(params, ctx):
+        save()
+    raise TrainingDiverged(f"non-finite {what} at step {step + 1}. {_last_finite(ckpt_root)}")
+
+
+def _resume_point(ckpt_root: Path) -> str | None:
+    """The newest checkpoint that verifies; one warning line names what was skipped and why."""
+    found, skipped = ckpt.newest_valid(ckpt_root)
+    if skipped:
+        damaged = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        then = f"resuming from {found.name}" if found else "no earlier checkpoint is whole"
+        log.warning("skipped damaged checkpoint(s) (%s, kept as *%s); %s", damaged, ckpt.DAMAGED_SUFFIX, then)
+    return str(found) if found else None
 
 
 def _micro_batches(batch: dict, ctx: DistContext, grad_accum: int) -> list[dict | None]:
@@ -112,11 +160,12 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
     step, tokens, seconds = 0, 0, 0.0
     if ctx.is_main:
         ckpt.clean_partial(ckpt_root)
-    if resume:
-        found = ctx.from_main(ckpt.list_checkpoints(ckpt_root))
-        if not found:
-            raise UserError(f"--resume: no complete checkpoint in {ckpt_root}")
-        state = ckpt.load_checkpoint(found[-1], params, optimizer, ctx)
+    found = ctx.from_main(_resume_point(ckpt_root) if ctx.is_main else None) if resume else None
+    if resume and found is None:  # killed before its first checkpoint was complete: nothing to lose
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", ckpt_root)
+    if found is not None:
+        found = Path(found)
+        state = ckpt.load_checkpoint(found, params, optimizer, ctx)
         step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
         stream.load_state(state["data"])
         for h in hooks:
@@ -124,7 +173,7 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
         if ctx.is_main:
             kept = [m for m in read_jsonl(metrics_path) if m.get("step", 0) <= step]
             atomic_write_text(metrics_path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
-        log.info("resumed from %s (step %d)", found[-1], step)
+        log.info("resumed from %s (step %d)", found, step)
     elif metrics_path.exists() and ctx.is_main:
         metrics_path.unlink()
 
@@ -132,10 +181,24 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
         h.on_start(step)
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
-    stopped = None
+    stopped, stop_signal, signals = None, None, StopSignals()
+
+    def save(at_step: int, data_position: dict) -> None:
+        if not _all_finite(params, ctx):  # never checkpoint a poisoned state (clipping off lets one through)
+            raise TrainingDiverged(f"the weights became non-finite by step {at_step}; stopped. "
+                                   f"{_last_finite(ckpt_root)}")
+        extra = {}
+        for h in hooks:
+            extra.update(h.checkpoint_tensors())
+        ckpt.save_checkpoint(ckpt_root, at_step, params, optimizer,
+                             {"tokens": tokens, "seconds": seconds, "data": data_position},
+                             extra=extra, keep=cfg.keep_checkpoints, ctx=ctx, sharded=sharded)
+
+    signals.install()
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
+            maybe_fault(f"step:{step + 1}")
             lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
             for h in hooks:
                 lr *= h.lr_factor(step)
@@ -143,6 +206,7 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
                 group["lr"] = lr
             for h in hooks:
                 h.before_step(step)
+            position = stream.state()  # where a checkpoint of the state before this step resumes
             batch = next(stream)
             # Normalise by the target tokens of the whole global step (see loss.py).
             num_items = torch.tensor(float(max(count_targets(batch["labels"]), 1)), device=device)
@@ -165,13 +229,17 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
                     (loss * ctx.world).backward()
                 step_loss += lm_loss.item()
                 step_tokens += int(mb["attention_mask"].sum()) if weight else 0
-            if ctx.world > 1:
-                step_loss, step_tokens = ctx.sum(step_loss, step_tokens)
+            stop_votes = (signals.signum == signal.SIGTERM, signals.signum == signal.SIGINT)
+            if ctx.world > 1:  # the ranks agree on a signal stop through the sum they already make
+                step_loss, step_tokens, *stop_votes = ctx.sum(step_loss, step_tokens, *stop_votes)
                 step_tokens = int(step_tokens)
             grad_norm = None
             if cfg.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if not (math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))):
+                optimizer.zero_grad(set_to_none=True)  # the step is not taken: weights stay finite
+                _diverged(step, step_loss, grad_norm, lambda: save(step, position), ckpt_root, params, ctx)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -194,17 +262,16 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}")
             stopped = next((r for h in hooks if (r := h.should_stop())), None)  # job-wide sums: same on every rank
+            if any(stop_votes):
+                stop_signal = signal.SIGTERM if stop_votes[0] else signal.SIGINT
+                stopped = f"stopped by {signal.Signals(stop_signal).name}"
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped:
-                extra = {}
-                for h in hooks:
-                    extra.update(h.checkpoint_tensors())
-                ckpt.save_checkpoint(ckpt_root, step, params, optimizer,
-                                     {"tokens": tokens, "seconds": seconds, "data": stream.state()},
-                                     extra=extra, keep=cfg.keep_checkpoints, ctx=ctx, sharded=sharded)
+                save(step, stream.state())
             if stopped:
                 break
     finally:
+        signals.restore()
         bar.close()
         for h in hooks:
             h.on_end(step)
-    return LoopResult(step=step, tokens=tokens, seconds=seconds, stopped=stopped)
+    return LoopResult(step=step, tokens=tokens, seconds=seconds, stopped=stopped, signal=stop_signal)
