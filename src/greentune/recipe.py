@@ -49,8 +49,11 @@ class MethodConfig(_Strict):
     relora: Optional[ReloraConfig] = None
 
 
+MAX_EXPERTS = 256   # the most any released MoE uses (DeepSeek-V3); bounds upcycling's allocation
+
+
 class UpcycleConfig(_Strict):
-    experts: int = Field(8, ge=2)
+    experts: int = Field(8, ge=2, le=MAX_EXPERTS)
     top_k: int = Field(2, ge=1)
 
     @model_validator(mode="after")
