@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .cli_types import OneLineParser, count
-from .errors import UserError
+from .errors import UserError, is_user_os_error, os_error_line
 from .recipe import MAX_EXPERTS
 
 
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except UserError as err:
         print(f"greentune: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not is_user_os_error(err):   # a bug or a broken machine: keep the traceback
+            raise
+        print(f"greentune: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("greentune: interrupted", file=sys.stderr)

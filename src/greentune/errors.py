@@ -8,3 +8,29 @@ and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
+
+
+# OS conditions the user causes and can fix (a full disk, a read-only or foreign folder):
+# one line naming the path, never a traceback.
+import errno as _errno
+
+USER_OS_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.EROFS, _errno.EACCES, _errno.EPERM,
+                            _errno.ENOTDIR, _errno.EISDIR, _errno.ENAMETOOLONG, _errno.EEXIST})
+
+
+def is_user_os_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in USER_OS_ERRNOS
+
+
+def os_error_line(err: OSError, path=None) -> str:
+    """`PATH: cannot write (No space left on device)`; the path is the OS's own when it names one."""
+    where = err.filename if err.filename is not None else path
+    what = err.strerror or str(err)
+    return f"{where}: {what}" if where is not None else what
+
+
+def user_os_error(err: OSError, path) -> BaseException:
+    """The `UserError` for a user-fixable OS error at `path`, else `err` itself (re-raise it)."""
+    if is_user_os_error(err):
+        return UserError(f"cannot write {os_error_line(err, path)}")
+    return err

@@ -53,3 +53,23 @@ def check_replaceable(folder: str | Path, kind: str, force: bool = False, protec
         return
     raise UserError(f"{folder} already exists, is not empty and was not made by greentune; "
                     "choose another folder or pass --force to replace it")
+
+
+RUN = "run"
+
+
+def is_run_dir(folder: str | Path) -> bool:
+    """A run dir greentune made: its marker, or (runs from before the marker) its `recipe.yaml`
+    next to a `checkpoints/` folder, which only greentune's training loop writes."""
+    folder = Path(folder)
+    return made_by_greentune(folder, RUN) or ((folder / "recipe.yaml").is_file() and (folder / "checkpoints").is_dir())
+
+
+def check_run_dir(folder: str | Path) -> None:
+    """Refuse a `--run-dir` that is a file, or an existing non-empty folder that is not a greentune run."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"run dir {folder} is a file, not a folder; choose another --run-dir")
+    if folder.is_dir() and any(folder.iterdir()) and not is_run_dir(folder):
+        raise UserError(f"run dir {folder} already exists, is not empty and is not a greentune run; "
+                        "choose another --run-dir (greentune never deletes files it did not write)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .adapters.lora import apply_lora, fuse_all_
+from .adapters.lora import apply_lora, check_rank_fits, fuse_all_
 from .adapters.peft_format import save_adapter
 from .adapters.relora import ReLoRA
 from .data import BatchStream, build_datasets
@@ -23,6 +23,7 @@ from .energy import Factors, Ledger, Meter, describe_hardware
 from .energy.hook import EnergyHook
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from .ownership import RUN, check_run_dir, mark
 from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
 from .quant import load_quantized
 from .quant.dequantize import dequantize_model_
@@ -64,6 +65,7 @@ def _first_difference(a, b, prefix="") -> str | None:
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     """Claim `run_dir` for this recipe: refuse another recipe's run, or an accidental overwrite."""
+    check_run_dir(run_dir)      # never a folder of the user's: its files would be replaced below
     recipe_path = run_dir / "recipe.yaml"
     if recipe_path.exists():
         try:
@@ -80,6 +82,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     elif resume:
         raise UserError(f"--resume: {run_dir} holds no run (no recipe.yaml)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    mark(run_dir, RUN)
     if not resume:
         for stale in ("ledger.jsonl", "metrics.jsonl", "savings.json", "summary.json"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -251,12 +254,14 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
     base = recipe.base_model
 
     # Validate everything the user controls before touching the run dir.
+    check_run_dir(run_dir)
     check_model_dir(base)
     config = load_config(Path(base), recipe.trust_remote_code)
     limit = max_positions(config)
     if limit is not None and recipe.data.max_seq_len > limit:
         raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "
                         f"({base}/config.json)")
+    check_rank_fits(config, recipe.method.lora.rank, recipe.method.lora.targets, base)
     Factors.for_region(recipe.energy.region)  # an unknown region fails now, not after training
     tcfg = recipe.train
     if ctx.world > 1:

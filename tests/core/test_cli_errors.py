@@ -94,8 +94,11 @@ def test_resume_without_checkpoint(capsys, tmp_path, good):
 
 
 def test_run_dir_of_another_recipe(capsys, tmp_path, good):
+    from greentune.ownership import RUN, mark
+
     run = tmp_path / "run"
     run.mkdir()
+    mark(run, RUN)          # a run dir greentune made (an unmarked folder is refused as the user's)
     other = yaml.safe_load(good.read_text())
     other["train"]["lr"] = 0.5
     (run / "recipe.yaml").write_text(yaml.safe_dump(other))

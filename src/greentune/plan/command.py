@@ -101,7 +101,9 @@ def read_recipe(path: str | Path) -> RecipeInputs:
     if not p.is_file():
         raise UserError(f"no recipe file {p}")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, RecursionError):
+        raise UserError(f"{p}: not a recipe (binary or not valid YAML)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict) or not d.get("base_model"):
