@@ -23,8 +23,9 @@ def is_user_os_error(err: BaseException) -> bool:
 
 
 def os_error_line(err: OSError, path=None) -> str:
-    """`PATH: cannot write (No space left on device)`; the path is the OS's own when it names one."""
-    where = err.filename if err.filename is not None else path
+    """`PATH: No space left on device`: the path the user gave (not a temporary sibling of it),
+    else the one the OS names."""
+    where = path if path is not None else err.filename
     what = err.strerror or str(err)
     return f"{where}: {what}" if where is not None else what
 

@@ -21,7 +21,7 @@ from .adapters.relora import ReLoRA
 from .data import BatchStream, build_datasets
 from .energy import Factors, Ledger, Meter, describe_hardware
 from .energy.hook import EnergyHook
-from .errors import UserError
+from .errors import UserError, user_os_error
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from .ownership import RUN, check_run_dir, mark
 from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
@@ -162,7 +162,16 @@ def _same_format(quant_base: str, item) -> bool:
 def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
                  prequantized: dict | None = None) -> Path:
     """One `export:` entry. GGUF from the in-memory merged model, so that `prequantized` (the
-    base's training bytes, keyed by its state-dict names) is written byte for byte."""
+    base's training bytes, keyed by its state-dict names) is written byte for byte. A full disk
+    or read-only `out_dir` is a `UserError` naming it (the writers leave no temporary file)."""
+    try:
+        return _export_model(model, tokenizer, merged_dir, out_dir, fmt, quant, prequantized)
+    except OSError as err:
+        raise user_os_error(err, out_dir) from None
+
+
+def _export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
+                  prequantized: dict | None) -> Path:
     from .export import export, write_gguf, write_modelfile
 
     if fmt == "gguf":
