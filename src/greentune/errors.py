@@ -2,20 +2,20 @@
 
 Library code raises `UserError` for anything the user can fix (bad path, bad recipe, bad
 data). The CLI turns it into one line on stderr and exit code 2; everything else is a bug
-and keeps its traceback.
+and keeps its traceback. OS conditions the user causes and can fix (a full disk, a read-only
+or foreign folder) count as user mistakes too: `user_os_error` makes them one line naming
+the path the user gave.
 """
+from __future__ import annotations
+
+import errno
+
+USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST})
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
-
-
-# OS conditions the user causes and can fix (a full disk, a read-only or foreign folder):
-# one line naming the path, never a traceback.
-import errno as _errno
-
-USER_OS_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.EROFS, _errno.EACCES, _errno.EPERM,
-                            _errno.ENOTDIR, _errno.EISDIR, _errno.ENAMETOOLONG, _errno.EEXIST})
 
 
 def is_user_os_error(err: BaseException) -> bool:

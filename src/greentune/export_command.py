@@ -17,7 +17,7 @@ from .recipe import ExportConfig
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
     from pydantic import ValidationError
 
-    from .models.loader import check_model_dir, load_model, load_tokenizer
+    from .models.loader import check_model_dir, check_weights_match, load_config, load_model, load_tokenizer
     from .pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
 
     try:
@@ -37,6 +37,7 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         model_dir, prequantized = target, None
         out = out or target.with_name(target.name + "-export")
     check_model_dir(model_dir)
+    check_weights_match(model_dir, load_config(model_dir))   # the writers stream tensors: check them first
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
     return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]

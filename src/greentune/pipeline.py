@@ -24,7 +24,8 @@ from .energy.hook import EnergyHook
 from .errors import UserError, user_os_error
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from .ownership import RUN, check_run_dir, mark
-from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
+from .models.loader import (check_model_dir, check_weights_match, default_device, load_config, load_model,
+                            load_tokenizer, max_positions)
 from .quant import load_quantized
 from .quant.dequantize import dequantize_model_
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
@@ -270,6 +271,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
     if limit is not None and recipe.data.max_seq_len > limit:
         raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "
                         f"({base}/config.json)")
+    check_weights_match(base, config)         # missing / unexpected / mis-shaped tensors, from the headers
     check_rank_fits(config, recipe.method.lora.rank, recipe.method.lora.targets, base)
     Factors.for_region(recipe.energy.region)  # an unknown region fails now, not after training
     tcfg = recipe.train

@@ -174,8 +174,23 @@ def test_incomplete_checkpoint_is_refused_by_train_and_eval(capsys, tmp_path, mo
     _rewrite_weights(model_copy, edit)
     _assert_one_line(*_run(capsys, "train", recipe_for(model_copy), "--run-dir", tmp_path / "run"),
                      "does not match its architecture", *needles)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()                      # refused from the headers, before any work
     _assert_one_line(*_run(capsys, "eval", model_copy, "--data", small_jsonl), "does not match its architecture")
+    _assert_one_line(*_run(capsys, "export", model_copy, "--quant", "f32", "--out", tmp_path / "x"),
+                     "does not match its architecture", *needles)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fault", list(WEIGHT_FAULTS))
+def test_incomplete_checkpoint_is_refused_by_the_fp32_loader_itself(model_copy, fault):
+    """The loader's own check on transformers' loading report (library users skip the CLI's header check)."""
+    from greentune.models.loader import load_model
+
+    edit, needles = WEIGHT_FAULTS[fault]
+    _rewrite_weights(model_copy, edit)
+    with pytest.raises(UserError, match="does not match its architecture") as err:
+        load_model(model_copy)
+    assert "\n" not in str(err.value) and all(n in str(err.value) for n in needles), err.value
 
 
 @pytest.mark.parametrize("fault", list(WEIGHT_FAULTS))

@@ -57,3 +57,53 @@ def require_complete(where, missing: Iterable[str], unexpected: Iterable[str] = 
         parts.append(f"{len(mismatched)} of the wrong shape (e.g. {name}: checkpoint {tuple(got)}, "
                      f"model {tuple(want)}{more})")
     raise UserError(f"checkpoint {where} does not match its architecture: {'; '.join(parts)}")
+
+
+def check_headers_against_architecture(where, config, headers: dict[str, tuple]) -> None:
+    """The same rule, from the safetensors headers alone (`headers`: checkpoint name → shape),
+    before any weight is read: the architecture is built on the meta device from `config`, and
+    checkpoint names go through transformers' own renamings (e.g. Mixtral's
+    ``block_sparse_moe`` → ``mlp``). A name a fusing converter consumes (per-expert pieces) is
+    checked for presence, not shape; the loaders check those after the load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError):   # an architecture transformers cannot build: the loader says so
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    rename = _renamer(model, expected)
+    seen, unexpected, mismatched = set(), [], []
+    for name, shape in headers.items():
+        target, fused = rename(name)
+        if target not in expected:
+            unexpected.append(name)
+            continue
+        seen.add(target)
+        if not fused and tuple(shape) != expected[target]:
+            mismatched.append((target, tuple(shape), expected[target]))
+    missing = set(expected) - seen - tied
+    require_complete(where, missing, unexpected, mismatched, expected_count=len(expected),
+                     ignore_unexpected=ignorable_unexpected(model))
+
+
+def _renamer(model, expected: dict):
+    """name → (model name, whether a fusing converter consumes it), as `from_pretrained` renames."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # pragma: no cover - older transformers: keys are module names
+        return lambda name: (name, False)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    meta = {k: True for k in expected}
+
+    def rename(name: str):
+        target, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+        return target, pattern is not None
+    return rename

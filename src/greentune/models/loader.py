@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .completeness import ignorable_unexpected, require_complete
+from .completeness import check_headers_against_architecture, ignorable_unexpected, require_complete
 from .safetensors_header import read_header
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,14 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
 
 
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def check_weights_match(model_dir: str | Path, config) -> None:
+    """Before any weight is read: the checkpoint's tensor names and shapes (from the headers)
+    against the architecture `config` describes (`completeness.check_headers_against_architecture`)."""
+    model_dir = Path(model_dir)
+    headers = {name: t.shape for f in safetensors_files(model_dir) for name, t in read_header(f).tensors.items()}
+    check_headers_against_architecture(model_dir, config, headers)
 
 
 def check_vocab_size(model_dir: Path, config) -> None:
