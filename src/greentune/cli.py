@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default runs/<recipe name>")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=count(1, 4096), default=None, metavar="N",
+    p.add_argument("--nproc", type=count(1), default=None, metavar="N",
                    help="train on N processes of this machine through torchrun (one per GPU; gloo on CPU)")
     p.set_defaults(func=_cmd_train)
 

@@ -147,6 +147,12 @@ def load_trained_bytes(path: Path) -> dict[str, tuple]:
     import gguf
     from safetensors import safe_open
 
+    from .models.safetensors_header import read_header
+
+    header = read_header(path)          # a corrupt file is one line naming it
+    unknown = [k for k in header.tensors if header.metadata.get(k) not in gguf.GGMLQuantizationType.__members__]
+    if unknown:
+        raise UserError(f"{path}: corrupt training bytes (no GGML type for {unknown[0]})")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         return {k: (gguf.GGMLQuantizationType[meta[k]], f.get_tensor(k)) for k in f.keys()}

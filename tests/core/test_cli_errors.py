@@ -115,3 +115,13 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "greentune", "train", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == f"greentune: error: recipe file not found: {tmp_path / 'missing.yaml'}"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (("upcycle", "m", "--out", "o", "--experts", "abc"), "--experts must be a whole number"),
+    (("eval", "m", "--data", "d.jsonl", "--batch-size", "-3"), "--batch-size must be between 1"),
+    (("train", "r.yaml", "--nproc", "2.5"), "--nproc must be a whole number"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_bad_arguments_are_one_line(capsys, argv, needle):
+    _assert_one_line(*_run(capsys, *argv), needle)

@@ -260,6 +260,19 @@ def test_malformed_safetensors_header_is_one_line_everywhere(capsys, tmp_path, m
         load_quantized(model_copy, "q8_0")
 
 
+def test_corrupt_training_bytes_of_a_run_are_one_line_in_export(capsys, tmp_path, tiny_llama_dir):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama_dir, run / "merged")
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_llama_dir),
+                                                     "method": {"quant_base": "q8_0"}}))
+    bad = run / "trained-base.safetensors"
+    bad.write_bytes(_raw_safetensors({"__metadata__": {"w": 1}, "w": F32_2}, b"\0" * 8))
+    _assert_one_line(*_run(capsys, "export", run, "--quant", "q8_0"), str(bad), "corrupt safetensors")
+    bad.write_bytes(_raw_safetensors({"__metadata__": {"w": "NOT_A_TYPE"}, "w": F32_2}, b"\0" * 8))
+    _assert_one_line(*_run(capsys, "export", run, "--quant", "q8_0"), str(bad), "no GGML type")
+    assert not (run / "export").exists()
+
+
 # ---------------------------------------------------------------- item 9: config, tokenizer, data, recipe
 
 def test_config_vocab_size_unequal_to_the_weights(capsys, tmp_path, model_copy, recipe_for):
