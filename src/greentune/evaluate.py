@@ -10,13 +10,12 @@ import math
 import time
 from pathlib import Path
 
-import yaml
-
 from .data.packing import pack
 from .data.sources import read_samples
 from .data.templates import tokenize
 from .errors import UserError
 from .models.loader import default_device, load_model, load_tokenizer, max_positions
+from .recipe import read_run_recipe
 from .train.loop import evaluate_loss
 
 
@@ -25,7 +24,7 @@ def resolve_model(target: str | Path, device="cpu"):
     target = Path(target)
     recipe_path = target / "recipe.yaml"
     if recipe_path.is_file():
-        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        recipe = read_run_recipe(target)
         if (target / "merged" / "config.json").is_file():
             model_dir = target / "merged"
             return load_model(model_dir, device), load_tokenizer(model_dir), f"{model_dir}", recipe

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from .errors import UserError
-from .recipe import ExportConfig
+from .recipe import ExportConfig, read_run_recipe
 
 
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
@@ -28,8 +26,7 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         model_dir = target / "merged"
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{target}: the run has no merged/ model yet (did it finish?)")
-        quant_base = (yaml.safe_load((target / "recipe.yaml").read_text()) or {}).get("method", {}).get(
-            "quant_base", "none")
+        quant_base = (read_run_recipe(target).get("method") or {}).get("quant_base", "none")
         out = out or target / "export"
         trained = target / TRAINED_BYTES
         prequantized = load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None

@@ -209,3 +209,16 @@ def load_recipe(path: str | Path) -> Recipe:
     if recipe.name is None:
         recipe = recipe.model_copy(update={"name": path.stem})
     return recipe
+
+
+def read_run_recipe(run_dir: str | Path) -> dict:
+    """The resolved recipe a run dir holds (`recipe.yaml`), as a plain mapping; a corrupt one is
+    a `UserError` naming it (greentune wrote it, so anything else means the file was damaged)."""
+    path = Path(run_dir) / "recipe.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, RecursionError, yaml.YAMLError):
+        raise UserError(f"{path}: corrupt run recipe (not valid YAML)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("method", {}), dict):
+        raise UserError(f"{path}: corrupt run recipe (not a mapping)")
+    return data

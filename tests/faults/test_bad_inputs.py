@@ -322,6 +322,15 @@ def test_binary_recipe_file(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_binary_recipe_in_a_run_dir(capsys, tmp_path, tiny_llama_dir, small_jsonl):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama_dir, run / "merged")
+    (run / "recipe.yaml").write_bytes(b"\xff\xfe\x00binary" * 50)
+    _assert_one_line(*_run(capsys, "eval", run, "--data", small_jsonl), str(run / "recipe.yaml"), "corrupt")
+    _assert_one_line(*_run(capsys, "export", run, "--quant", "f32"), str(run / "recipe.yaml"), "corrupt")
+    assert not (run / "export").exists()
+
+
 def test_lora_rank_larger_than_the_layers(capsys, tmp_path, tiny_llama_dir, recipe_for):
     recipe = recipe_for(tiny_llama_dir, method={"lora": {"rank": 4096, "alpha": 8, "targets": ["attn", "mlp"]}})
     _assert_one_line(*_run(capsys, "train", recipe, "--run-dir", tmp_path / "run"), "rank 4096", "at most 32")
