@@ -11,8 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .cli_types import OneLineParser, count
+from .errors import UserError, is_user_os_error, os_error_line
 from .train.signals import Stopped, exit_code
+from .recipe import MAX_EXPERTS
 
 
 def _cmd_train(ns) -> int:
@@ -97,7 +99,7 @@ def _cmd_report(ns) -> int:
 def _cmd_upcycle(ns) -> int:
     from .moe import upcycle
 
-    out = upcycle(ns.model_dir, ns.out, experts=ns.experts, top_k=ns.top_k, seed=ns.seed)
+    out = upcycle(ns.model_dir, ns.out, experts=ns.experts, top_k=ns.top_k, seed=ns.seed, force=ns.force)
     print(f"wrote a {ns.experts}-expert top-{ns.top_k} Mixtral-architecture model to {out}")
     return 0
 
@@ -111,9 +113,9 @@ def _cmd_export(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="greentune", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in small model and real text")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
@@ -125,15 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default runs/<recipe name>")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
+    p.add_argument("--nproc", type=count(1), default=None, metavar="N",
                    help="train on N processes of this machine through torchrun (one per GPU; gloo on CPU)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="perplexity and tokens/s of a run or model folder on a data file")
     p.add_argument("target", help="run dir or HF model folder")
     p.add_argument("--data", required=True, help=".jsonl / .txt / folder of .txt")
-    p.add_argument("--max-seq-len", type=int, default=None, help="default: the run's, else 512")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=count(1, 10**7), default=None,
+                   help="default: the run's, else 512; at most the model's positions")
+    p.add_argument("--batch-size", type=count(1, 65536), default=8)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -145,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("upcycle", help="dense Llama/Mistral checkpoint -> Mixtral-architecture MoE (same outputs at init)")
     p.add_argument("model_dir")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="router initialisation seed")
+    p.add_argument("--experts", type=count(2, MAX_EXPERTS), default=8, help=f"2 to {MAX_EXPERTS} (default 8)")
+    p.add_argument("--top-k", type=count(1, MAX_EXPERTS), default=2)
+    p.add_argument("--out", required=True, help="output folder (an existing one only if greentune wrote it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder greentune did not write")
+    p.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="router initialisation seed")
     p.set_defaults(func=_cmd_upcycle)
 
     p = sub.add_parser("export", help="a run or model folder to GGUF (llama.cpp/Ollama/LM Studio), MLX or merged HF")
@@ -184,7 +188,11 @@ def _quiet_transformers(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except UserError as err:
+        print(f"greentune: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_transformers(ns.verbose)
@@ -192,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except UserError as err:
         print(f"greentune: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not is_user_os_error(err):   # a bug or a broken machine: keep the traceback
+            raise
+        print(f"greentune: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("greentune: interrupted", file=sys.stderr)

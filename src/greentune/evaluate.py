@@ -10,13 +10,12 @@ import math
 import time
 from pathlib import Path
 
-import yaml
-
 from .data.packing import pack
 from .data.sources import read_samples
 from .data.templates import tokenize
 from .errors import UserError
-from .models.loader import default_device, load_model, load_tokenizer
+from .models.loader import default_device, load_model, load_tokenizer, max_positions
+from .recipe import read_run_recipe
 from .train.loop import evaluate_loss
 
 
@@ -25,7 +24,7 @@ def resolve_model(target: str | Path, device="cpu"):
     target = Path(target)
     recipe_path = target / "recipe.yaml"
     if recipe_path.is_file():
-        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        recipe = read_run_recipe(target)
         if (target / "merged" / "config.json").is_file():
             model_dir = target / "merged"
             return load_model(model_dir, device), load_tokenizer(model_dir), f"{model_dir}", recipe
@@ -49,13 +48,25 @@ def load_eval_rows(path: str | Path, tokenizer, max_seq_len: int, pack_rows: boo
     return pack(tokenize(read_samples(path), tokenizer), max_seq_len, pack=pack_rows, pad_id=pad_id)
 
 
+def check_seq_len(max_seq_len: int, config, description: str) -> None:
+    """Rows longer than the model's positions would index past its position table (or, with
+    rotary embeddings, be out of distribution and allocate T² attention for nothing)."""
+    limit = max_positions(config)
+    if max_seq_len < 1 or (limit is not None and max_seq_len > limit):
+        raise UserError(f"--max-seq-len {max_seq_len} must be between 1 and the model's {limit} positions "
+                        f"({description})")
+
+
 def evaluate_path(target: str | Path, data: str | Path, max_seq_len: int | None = None,
                   batch_size: int = 8) -> dict:
     """Perplexity, loss, tokens and tokens/s of `target` on `data`."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     device = default_device()
     model, tokenizer, description, recipe = resolve_model(target, device)
     if max_seq_len is None:
         max_seq_len = (recipe or {}).get("data", {}).get("max_seq_len", 512)
+    check_seq_len(max_seq_len, model.config, description)
     rows = load_eval_rows(data, tokenizer, max_seq_len)
     t0 = time.perf_counter()
     loss, count = evaluate_loss(model, rows, batch_size, device=device)

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from .errors import UserError
 from .fsutil import remove_stale_temps
-from .recipe import ExportConfig
+from .recipe import ExportConfig, read_run_recipe
 
 
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
     from pydantic import ValidationError
 
-    from .models.loader import check_model_dir, load_model, load_tokenizer
+    from .models.loader import check_model_dir, check_weights_match, load_config, load_model, load_tokenizer
     from .pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
 
     try:
@@ -29,8 +27,7 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         model_dir = target / "merged"
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{target}: the run has no merged/ model yet (did it finish?)")
-        quant_base = (yaml.safe_load((target / "recipe.yaml").read_text()) or {}).get("method", {}).get(
-            "quant_base", "none")
+        quant_base = (read_run_recipe(target).get("method") or {}).get("quant_base", "none")
         out = out or target / "export"
         trained = target / TRAINED_BYTES
         prequantized = load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None
@@ -39,6 +36,7 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         out = out or target.with_name(target.name + "-export")
     check_model_dir(model_dir)
     remove_stale_temps(out)  # what an export killed mid-write left (greentune's own temp names only)
+    check_weights_match(model_dir, load_config(model_dir))   # the writers stream tensors: check them first
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
     return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import user_os_error
 from .faults import maybe_fault
 
 _TEMP_RE = re.compile(r"^\..+\.greentune-(\d+)-[^/]*\.tmp$")
@@ -66,9 +67,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """A full disk or a read-only folder is a `UserError` naming `path` (see `errors.user_os_error`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise user_os_error(err, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -76,8 +81,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         maybe_fault(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise user_os_error(err, path) from None
         raise
     fsync_dir(path.parent)
 
@@ -93,8 +100,11 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def temp_sibling(path: str | Path) -> Path:
     """A new empty hidden folder next to `path`, for `atomic_dir`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    except OSError as err:
+        raise user_os_error(err, path) from None
 
 
 @contextmanager
@@ -106,7 +116,6 @@ def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path
     others (e.g. other ranks) already wrote into.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tmp) if tmp is not None else temp_sibling(path)
     try:
         yield tmp
@@ -124,19 +133,24 @@ def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):   # a full disk or read-only folder: one line naming `path`
+            raise user_os_error(err, path) from None
         raise
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line and fsync it, so a SIGKILL loses at most the line in flight."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise user_os_error(err, path) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -15,17 +15,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from .adapters.lora import apply_lora, fuse_all_
+from .adapters.lora import apply_lora, check_rank_fits, fuse_all_
 from .adapters.peft_format import save_adapter
 from .adapters.relora import ReLoRA
 from .data import BatchStream, build_datasets
 from .energy import Factors, Ledger, Meter, describe_hardware
 from .energy.hook import EnergyHook
 from . import data_identity
-from .errors import UserError
+from .errors import UserError, user_os_error
 from .faults import maybe_fault
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
-from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
+from .ownership import RUN, check_run_dir, mark
+from .models.loader import (check_model_dir, check_weights_match, default_device, load_config, load_model,
+                            load_tokenizer, max_positions)
 from .quant import load_quantized
 from .quant.dequantize import dequantize_model_
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
@@ -68,6 +70,7 @@ def _first_difference(a, b, prefix="") -> str | None:
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     """Claim `run_dir` for this recipe: refuse another recipe's run, or an accidental overwrite."""
+    check_run_dir(run_dir)      # never a folder of the user's: its files would be replaced below
     recipe_path = run_dir / "recipe.yaml"
     if recipe_path.exists():
         try:
@@ -84,6 +87,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     elif resume:
         raise UserError(f"--resume: {run_dir} holds no run (no recipe.yaml)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    mark(run_dir, RUN)
     if not resume:
         for stale in ("ledger.jsonl", "metrics.jsonl", "savings.json", "summary.json"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -148,6 +152,12 @@ def load_trained_bytes(path: Path) -> dict[str, tuple]:
     import gguf
     from safetensors import safe_open
 
+    from .models.safetensors_header import read_header
+
+    header = read_header(path)          # a corrupt file is one line naming it
+    unknown = [k for k in header.tensors if header.metadata.get(k) not in gguf.GGMLQuantizationType.__members__]
+    if unknown:
+        raise UserError(f"{path}: corrupt training bytes (no GGML type for {unknown[0]})")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         return {k: (gguf.GGMLQuantizationType[meta[k]], f.get_tensor(k)) for k in f.keys()}
@@ -164,7 +174,16 @@ def _same_format(quant_base: str, item) -> bool:
 def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
                  prequantized: dict | None = None) -> Path:
     """One `export:` entry. GGUF from the in-memory merged model, so that `prequantized` (the
-    base's training bytes, keyed by its state-dict names) is written byte for byte."""
+    base's training bytes, keyed by its state-dict names) is written byte for byte. A full disk
+    or read-only `out_dir` is a `UserError` naming it (the writers leave no temporary file)."""
+    try:
+        return _export_model(model, tokenizer, merged_dir, out_dir, fmt, quant, prequantized)
+    except OSError as err:
+        raise user_os_error(err, out_dir) from None
+
+
+def _export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
+                  prequantized: dict | None) -> Path:
     from .export import export, write_gguf, write_modelfile
 
     if fmt == "gguf":
@@ -223,6 +242,7 @@ def _claim_run_dir(run_dir: Path, recipe: Recipe, resume: bool, ctx: DistContext
     held = []
 
     def claim():
+        check_run_dir(run_dir)      # before the lock file is written into someone else's folder
         lock = RunLock.acquire(run_dir)
         try:
             for folder in (run_dir, run_dir / "export"):
@@ -293,12 +313,15 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
     base = recipe.base_model
 
     # Validate everything the user controls before touching the run dir.
+    check_run_dir(run_dir)
     check_model_dir(base)
     config = load_config(Path(base), recipe.trust_remote_code)
     limit = max_positions(config)
     if limit is not None and recipe.data.max_seq_len > limit:
         raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "
                         f"({base}/config.json)")
+    check_weights_match(base, config)         # missing / unexpected / mis-shaped tensors, from the headers
+    check_rank_fits(config, recipe.method.lora.rank, recipe.method.lora.targets, base)
     Factors.for_region(recipe.energy.region)  # an unknown region fails now, not after training
     tcfg = recipe.train
     if ctx.world > 1:

@@ -49,8 +49,11 @@ class MethodConfig(_Strict):
     relora: Optional[ReloraConfig] = None
 
 
+MAX_EXPERTS = 256   # the most any released MoE uses (DeepSeek-V3); bounds upcycling's allocation
+
+
 class UpcycleConfig(_Strict):
-    experts: int = Field(8, ge=2)
+    experts: int = Field(8, ge=2, le=MAX_EXPERTS)
     top_k: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -194,6 +197,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"recipe file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a recipe (binary, not UTF-8 text)") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -202,3 +209,16 @@ def load_recipe(path: str | Path) -> Recipe:
     if recipe.name is None:
         recipe = recipe.model_copy(update={"name": path.stem})
     return recipe
+
+
+def read_run_recipe(run_dir: str | Path) -> dict:
+    """The resolved recipe a run dir holds (`recipe.yaml`), as a plain mapping; a corrupt one is
+    a `UserError` naming it (greentune wrote it, so anything else means the file was damaged)."""
+    path = Path(run_dir) / "recipe.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, RecursionError, yaml.YAMLError):
+        raise UserError(f"{path}: corrupt run recipe (not valid YAML)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("method", {}), dict):
+        raise UserError(f"{path}: corrupt run recipe (not a mapping)")
+    return data

@@ -94,8 +94,11 @@ def test_resume_without_checkpoint(capsys, tmp_path, good):
 
 
 def test_run_dir_of_another_recipe(capsys, tmp_path, good):
+    from greentune.ownership import RUN, mark
+
     run = tmp_path / "run"
     run.mkdir()
+    mark(run, RUN)          # a run dir greentune made (an unmarked folder is refused as the user's)
     other = yaml.safe_load(good.read_text())
     other["train"]["lr"] = 0.5
     (run / "recipe.yaml").write_text(yaml.safe_dump(other))
@@ -112,3 +115,13 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "greentune", "train", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == f"greentune: error: recipe file not found: {tmp_path / 'missing.yaml'}"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (("upcycle", "m", "--out", "o", "--experts", "abc"), "--experts must be a whole number"),
+    (("eval", "m", "--data", "d.jsonl", "--batch-size", "-3"), "--batch-size must be between 1"),
+    (("train", "r.yaml", "--nproc", "2.5"), "--nproc must be a whole number"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_bad_arguments_are_one_line(capsys, argv, needle):
+    _assert_one_line(*_run(capsys, *argv), needle)

@@ -1,12 +1,12 @@
 """`greentune plan` from the command line: recipe, --model, --json, --list-models, --calibrate, errors."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import yaml
 
+from greentune.cli_types import OneLineParser
 from greentune.errors import UserError
 from greentune.models import tiny
 from greentune.plan import calibrate
@@ -17,7 +17,7 @@ TINY = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=64,
 
 
 def _run(*argv) -> int:
-    return run_plan(add_plan_arguments(argparse.ArgumentParser()).parse_args(list(argv)))
+    return run_plan(add_plan_arguments(OneLineParser()).parse_args(list(argv)))
 
 
 @pytest.fixture()

@@ -97,6 +97,35 @@ def target_names(targets: list[str]) -> set[str]:
     return names
 
 
+def layer_widths(config, targets: list[str]) -> dict[str, int]:
+    """The smallest input/output width of the layers each target adapts, from a model config."""
+    c = getattr(config, "text_config", None) or config
+    hidden = getattr(c, "hidden_size", None)
+    heads = getattr(c, "num_attention_heads", None)
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1:
+        return {}
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    kv = (getattr(c, "num_key_value_heads", None) or heads) * head_dim
+    widths = {"attn": min(hidden, heads * head_dim, kv)}
+    ff = getattr(c, "intermediate_size", None)
+    if isinstance(ff, int):
+        widths["mlp"] = min(hidden, ff)
+    expert_ff = getattr(c, "moe_intermediate_size", None) or ff
+    if isinstance(expert_ff, int):
+        widths["experts"] = min(hidden, expert_ff)
+    return {t: w for t, w in widths.items() if t in targets}
+
+
+def check_rank_fits(config, rank: int, targets: list[str], where: str = "the model") -> None:
+    """A LoRA rank above a layer's smaller width adds parameters but no expressiveness (the
+    update is at most that wide), and usually means a typo: refuse it before any work."""
+    widths = layer_widths(config, targets)
+    if widths and rank > min(widths.values()):
+        target, width = min(widths.items(), key=lambda kv: kv[1])
+        raise UserError(f"method.lora.rank {rank} exceeds the width of the {target} layers ({width}) of {where}; "
+                        f"use a rank of at most {width}")
+
+
 def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
     """Freeze `model` and wrap every targeted linear in a `LoRALinear`; return the wrapped paths.
 

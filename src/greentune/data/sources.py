@@ -110,6 +110,8 @@ def _read_jsonl(path: Path) -> list[Sample]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{where}: malformed JSON: {err.msg}") from None
+            except RecursionError:
+                raise UserError(f"{where}: JSON nested too deeply to be a sample") from None
             samples.append(parse_record(obj, where))
     if not samples:
         raise UserError(f"{path}: empty file, no training samples")

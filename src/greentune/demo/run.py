@@ -99,8 +99,11 @@ def _recipe(out_dir: Path, name: str, base: Path, train_path: Path, eval_path: P
 
 
 def _fresh_or_resume(run_dir: Path) -> bool:
-    """Resume an interrupted demo run; start over after a finished one."""
-    if (run_dir / "summary.json").exists():
+    """Resume an interrupted demo run; start over after a finished one. Only a run dir greentune
+    made is ever deleted: any other folder is left for `train` to refuse in one line."""
+    from ..ownership import is_run_dir
+
+    if (run_dir / "summary.json").exists() and is_run_dir(run_dir):
         import shutil
         shutil.rmtree(run_dir)
         return False

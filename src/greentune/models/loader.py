@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from .completeness import check_headers_against_architecture, ignorable_unexpected, require_complete
+from .safetensors_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def check_safetensors_header(path: Path) -> None:
-    """Parse the 8-byte length and JSON header, so corruption is one line, not a Rust panic."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"tensors end at byte {8 + n + end} but the file has {size}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: corrupt safetensors file ({err})") from None
+    """Validate the 8-byte length and JSON header, so corruption is one line, not a Rust panic."""
+    read_header(path)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -94,12 +81,37 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except ValueError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{model_dir}/config.json: {first}") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, RecursionError) as err:
         raise UserError(f"{model_dir}/config.json: cannot be read ({err})") from None
+    check_vocab_size(Path(model_dir), config)
+    return config
+
+
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def check_weights_match(model_dir: str | Path, config) -> None:
+    """Before any weight is read: the checkpoint's tensor names and shapes (from the headers)
+    against the architecture `config` describes (`completeness.check_headers_against_architecture`)."""
+    model_dir = Path(model_dir)
+    headers = {name: t.shape for f in safetensors_files(model_dir) for name, t in read_header(f).tensors.items()}
+    check_headers_against_architecture(model_dir, config, headers)
+
+
+def check_vocab_size(model_dir: Path, config) -> None:
+    """config.json's `vocab_size` must be the token embedding's row count in the weights."""
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or not (model_dir / "config.json").is_file():
+        return
+    for f in safetensors_files(model_dir):
+        for name, t in read_header(f).tensors.items():
+            if name.endswith(EMBEDDING_SUFFIXES) and len(t.shape) == 2 and t.shape[0] != vocab:
+                raise UserError(f"{model_dir}/config.json says vocab_size {vocab}, but the weights' {name} has "
+                                f"{t.shape[0]} rows")
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
@@ -108,13 +120,46 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     model_dir = Path(model_dir)
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise UserError(f"{model_dir}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json) in the model folder")
+    check_tokenizer_file(model_dir / "tokenizer.json")
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{model_dir}: tokenizer cannot be loaded ({str(err).splitlines()[0]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    check_tokenizer_fits(tok, model_dir)
     return tok
+
+
+def check_tokenizer_file(path: Path) -> None:
+    """A tokenizer.json that `tokenizers` cannot build (wrong structure, not JSON) is one line."""
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise ValueError("not a JSON object with a `model` object")
+        Tokenizer.from_str(text)
+    except RecursionError:
+        raise UserError(f"{path}: not a tokenizer file (JSON nested too deeply)") from None
+    except Exception as err:  # tokenizers raises plain Exception for a wrong structure
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{path}: not a tokenizer file ({first})") from None
+
+
+def check_tokenizer_fits(tokenizer, model_dir: Path) -> None:
+    """Every token id must have an embedding row: a larger tokenizer indexes past the table."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    vocab = config.get("vocab_size") if isinstance(config, dict) else None
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise UserError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                        f"{vocab} rows (vocab_size); token ids past {vocab - 1} have no embedding")
 
 
 def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
@@ -129,12 +174,23 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     dtype = dtype or compute_dtype(device)
     limit_heap_retention()   # for the load and the training that follows (see heap.py)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_dir, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True)
     except ValueError as err:
         raise UserError(f"{model_dir}: not a causal language model this transformers can load "
                         f"({str(err).splitlines()[0]})") from None
+    check_loading_info(model_dir, model, info)
     return model.to(device)
+
+
+def check_loading_info(model_dir: Path, model, info: dict) -> None:
+    """The completeness rule (`completeness.require_complete`) on transformers' loading report.
+
+    transformers already leaves out a tied head the checkpoint omits and non-persistent buffers."""
+    mismatched = [(k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys") or []]
+    require_complete(model_dir, info.get("missing_keys") or [], info.get("unexpected_keys") or [], mismatched,
+                     expected_count=len(model.state_dict()), ignore_unexpected=ignorable_unexpected(model))
 
 
 def max_positions(config) -> int | None:

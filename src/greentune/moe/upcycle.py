@@ -29,10 +29,13 @@ import torch
 
 from greentune.errors import UserError
 from greentune.fsutil import atomic_dir
+from greentune.ownership import check_replaceable, mark
+from greentune.recipe import MAX_EXPERTS
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral")
+OUTPUT_KIND = "upcycled-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
@@ -82,21 +85,35 @@ def upcycled_state_dict(dense_sd: dict[str, torch.Tensor], num_layers: int, expe
     return sd
 
 
+def check_memory_for(config, experts: int, dtype: torch.dtype) -> None:
+    """Refuse before allocating when the expert copies cannot fit in this machine's free memory."""
+    import psutil
+
+    mlp = 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers
+    need = (experts + 1) * mlp * torch.empty(0, dtype=dtype).element_size()   # + the dense copy
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise UserError(f"upcycling to {experts} experts needs about {need / 1e9:.1f} GB for the expert weights, "
+                        f"this machine has {free / 1e9:.1f} GB free; use fewer --experts")
+
+
 def upcycle(model_dir: str | Path, out_dir: str | Path, experts: int = 8, top_k: int = 2,
-            router_init: str = "normal", seed: int = 0) -> Path:
+            router_init: str = "normal", seed: int = 0, force: bool = False) -> Path:
     """Write a Mixtral-architecture copy of the dense checkpoint at `model_dir` to `out_dir`.
 
     Each of the `experts` experts is the dense MLP; the router ([E, H] per layer) is new (see
     module docstring); every other tensor and the tokenizer files are carried over. Weights keep
     the checkpoint's dtype and are written as safetensors, atomically. Returns `out_dir`.
-    Raises UserError for a non-Llama/Mistral model or bad expert counts.
+    An existing `out_dir` is replaced only if greentune wrote it (or it is empty, or `force`);
+    a folder that contains `model_dir` never is.
+    Raises UserError for a non-Llama/Mistral model, bad expert counts or an `out_dir` that is not ours.
     """
     from transformers import MixtralForCausalLM
 
     from greentune.models.loader import check_model_dir, load_config, load_model
 
-    if experts < 2:
-        raise UserError(f"upcycle needs at least 2 experts, got {experts}")
+    if not 2 <= experts <= MAX_EXPERTS:
+        raise UserError(f"upcycle needs at least 2 and at most {MAX_EXPERTS} experts, got {experts}")
     if not 1 <= top_k <= experts:
         raise UserError(f"upcycle top_k must be between 1 and the number of experts ({experts}), got {top_k}")
     model_dir, out_dir = check_model_dir(model_dir), Path(out_dir)
@@ -106,10 +123,12 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, experts: int = 8, top_k:
                         "checkpoints (MLP gate/up/down, no biases) map onto Mixtral")
     if out_dir.resolve() == model_dir.resolve():
         raise UserError(f"upcycle output folder must differ from the input ({out_dir})")
+    check_replaceable(out_dir, OUTPUT_KIND, force=force, protect=(model_dir,))
     moe_config = mixtral_config(config, experts, top_k)
     dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    check_memory_for(config, experts, dtype)
     dense = load_model(model_dir, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     sd = upcycled_state_dict(dense.state_dict(), config.num_hidden_layers, experts, router_init,
@@ -127,6 +146,7 @@ def upcycle(model_dir: str | Path, out_dir: str | Path, experts: int = 8, top_k:
     moe.to(dtype)
     with atomic_dir(out_dir) as tmp:
         moe.save_pretrained(tmp, safe_serialization=True)
+        mark(tmp, OUTPUT_KIND)
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)

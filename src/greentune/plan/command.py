@@ -24,33 +24,36 @@ from pathlib import Path
 
 import yaml
 
+from greentune.cli_types import OneLineParser, count, real
 from greentune.errors import UserError
 from greentune.plan.cost import Technique
 from greentune.plan.hardware import GB
 
 log = logging.getLogger(__name__)
 
+MAX_TOKENS = 10**15   # ~50x the largest pretraining runs; beyond it the table's columns overflow
+
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its model, data and training settings)")
     p.add_argument("--model", default=None, help="catalogue name (see --list-models), config.json or model folder")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the recipe's, else 10M)")
+    p.add_argument("--tokens", type=count(1, MAX_TOKENS), default=None, help="training tokens (default: the recipe's, else 10M)")
     p.add_argument("--hardware", default="this", help="catalogue name (H100, 4090, 'M2 Max', ...) or 'this'")
-    p.add_argument("--gpus", type=int, default=1, help="devices in the machine (default 1)")
-    p.add_argument("--memory-gb", type=float, default=None, help="override the device memory (e.g. a 64 GB M2 Max)")
-    p.add_argument("--power-cap-w", type=float, default=None, help="the machine's power limit, W")
-    p.add_argument("--deadline-h", type=float, default=None, help="wall-clock limit, hours")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: recipe, else 512)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: recipe, else 8)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: recipe, else 16)")
+    p.add_argument("--gpus", type=count(1, 100_000), default=1, help="devices in the machine (default 1)")
+    p.add_argument("--memory-gb", type=real(0, 1e6, low_open=True), default=None, help="override the device memory (e.g. a 64 GB M2 Max)")
+    p.add_argument("--power-cap-w", type=real(0, 1e8, low_open=True), default=None, help="the machine's power limit, W")
+    p.add_argument("--deadline-h", type=real(0, 1e6, low_open=True), default=None, help="wall-clock limit, hours")
+    p.add_argument("--seq-len", type=count(1, 10**7), default=None, help="tokens per sequence (default: recipe, else 512)")
+    p.add_argument("--batch-size", type=count(1, 10**6), default=None, help="sequences per micro-batch (default: recipe, else 8)")
+    p.add_argument("--rank", type=count(1, 65536), default=None, help="LoRA rank (default: recipe, else 16)")
     p.add_argument("--region", default=None, help="grid region, ISO code (default: recipe, else world)")
-    p.add_argument("--pue", type=float, default=None, help="facility / IT energy (default: recipe, else by site)")
-    p.add_argument("--wue", type=float, default=None, help="on-site litres per IT kWh (default: recipe, else by site)")
+    p.add_argument("--pue", type=real(1, 10), default=None, help="facility / IT energy (default: recipe, else by site)")
+    p.add_argument("--wue", type=real(0, 100), default=None, help="on-site litres per IT kWh (default: recipe, else by site)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--list-models", action="store_true", help="show the model catalogue and exit")
     p.add_argument("--calibrate", action="store_true",
                    help="measure utilisation and power with a short fine-tune on this machine and store them")
-    p.add_argument("--calibrate-seconds", type=float, default=20.0, help="length of the measured run (default 20)")
+    p.add_argument("--calibrate-seconds", type=real(0, 86400, low_open=True), default=20.0, help="length of the measured run (default 20)")
     return p
 
 
@@ -98,7 +101,9 @@ def read_recipe(path: str | Path) -> RecipeInputs:
     if not p.is_file():
         raise UserError(f"no recipe file {p}")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, RecursionError):
+        raise UserError(f"{p}: not a recipe (binary or not valid YAML)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict) or not d.get("base_model"):
@@ -147,6 +152,11 @@ def _num(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _cell(text: str, width: int) -> str:
+    """Right-aligned in `width`, and never touching its left neighbour when a number outgrows it."""
+    return f" {text}" if len(text) >= width else f"{text:>{width}}"
+
+
 def format_table(result) -> str:
     """A fixed-width table of every candidate, then the recommendation and the assumptions."""
     r = result
@@ -164,10 +174,11 @@ def format_table(result) -> str:
         mark = "*" if e.technique.name == r.recommended else " "
         tr = e.trainable_params
         tr_s = f"{tr / 1e9:.2f}B" if tr >= 1e9 else f"{tr / 1e6:.1f}M"
-        lines.append(
-            f"{mark}{e.technique.name:<25}{m['total'] / GB:>10,.1f}{m['total_checkpointed'] / GB:>8,.1f}{tr_s:>11}"
-            f"{e.flops_per_token / 1e9:>10,.1f}{_fmt_h(e.hours):>11}{_num(e.it_kwh):>9}{_num(e.facility_kwh):>9}"
-            f"{_num(e.kg_co2e):>8}{_num(e.water_l):>9}  {'yes' if e.fits else 'no: ' + '; '.join(e.reasons)}")
+        cells = [(f"{m['total'] / GB:,.1f}", 10), (f"{m['total_checkpointed'] / GB:,.1f}", 8), (tr_s, 11),
+                 (f"{e.flops_per_token / 1e9:,.1f}", 10), (_fmt_h(e.hours), 11), (_num(e.it_kwh), 9),
+                 (_num(e.facility_kwh), 9), (_num(e.kg_co2e), 8), (_num(e.water_l), 9)]
+        lines.append(f"{mark}{e.technique.name:<25}" + "".join(_cell(text, width) for text, width in cells)
+                     + f"  {'yes' if e.fits else 'no: ' + '; '.join(e.reasons)}")
     lines.append("")
     if r.recommended:
         e = r.get(r.recommended)
@@ -231,5 +242,5 @@ def run_plan(ns: argparse.Namespace) -> int:
 
 def plan_command(argv: list[str]) -> int:
     """`greentune plan ARGS...` as a function: parse `argv` and run (raises UserError on bad input)."""
-    parser = argparse.ArgumentParser(prog="greentune plan", description="predict cost and fit of each technique")
+    parser = OneLineParser(prog="greentune plan", description="predict cost and fit of each technique")
     return run_plan(add_plan_arguments(parser).parse_args(argv))

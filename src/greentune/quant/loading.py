@@ -30,12 +30,10 @@ The result equals ``AutoModelForCausalLM.from_pretrained(dir, dtype=dtype)`` fol
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import mmap
 import os
 import re
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,6 +43,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..heap import limit_heap_retention
+from ..models.completeness import ignorable_unexpected, require_complete
+from ..models.safetensors_header import read_header
 from .formats import get_format
 from .replace import DEFAULT_SKIP, empty_quantized_module, install, plan, use_eager_experts
 
@@ -66,8 +66,8 @@ def checkpoint_files(model_dir: "str | Path") -> list[Path]:
         raise UserError(f"model directory not found: {d}")
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [d / f for f in sorted(set(weight_map.values()))]
+        from ..models.loader import safetensors_files   # the index checked (valid JSON, shards present)
+        return safetensors_files(d)
     single = d / "model.safetensors"
     if single.is_file():
         return [single]
@@ -90,21 +90,19 @@ def iter_safetensors(path: "str | Path") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` from one safetensors file in storage order, each tensor read
     into fresh memory with `readinto`. The generator keeps no reference to a tensor once it
     has been yielded, so a consumer that drops it frees it before the next one is read."""
+    header = read_header(path)                      # every structural rule, one line if broken
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        base = 8 + n
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            start, end = info["data_offsets"]
-            dtype = _ST_DTYPES.get(info["dtype"])
+        base = header.data_start
+        for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
+            start, end = info.begin, info.end
+            dtype = _ST_DTYPES.get(info.dtype)
             if dtype is None:
-                raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+                raise UserError(f"{path}: tensor {name} has unsupported dtype {info.dtype}")
             buf = _anonymous_buffer(end - start)
             f.seek(base + start)
             if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
                 raise UserError(f"{path}: truncated file (tensor {name})")
-            tensor = buf.view(dtype).reshape(info["shape"])
+            tensor = buf.view(dtype).reshape(info.shape)
             del buf
             yield name, tensor
             # Hold no reference across the next allocation: the consumer's `del` frees the
@@ -185,6 +183,15 @@ class _Loader:
         self.pending: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
         self.renamings, self.converters = _conversions(model)
         self.meta_keys = {k: True for k in shapes}
+        self.unexpected: list[str] = []
+        self.mismatched: list[tuple[str, tuple, tuple]] = []
+
+    def _shape_ok(self, key: str, tensor: torch.Tensor) -> bool:
+        """Record a tensor of the wrong shape for `require_complete` instead of loading it."""
+        if tuple(tensor.shape) == tuple(self.shapes[key]):
+            return True
+        self.mismatched.append((key, tuple(tensor.shape), tuple(self.shapes[key])))
+        return False
 
     def _rename(self, key: str):
         from transformers.core_model_loading import apply_renamings, rename_source_key
@@ -204,14 +211,18 @@ class _Loader:
             self._put_piece(target_key, conv, pattern, key, tensor)
         elif target_key in self.targets:
             target = self.targets[target_key]
+            if target_key in self.shapes and not self._shape_ok(target_key, tensor):
+                return
             if target.kind != "tied_head":      # a tied head's bytes are its embedding's
                 self.model.get_submodule(target.module_name).load_weight_(tensor)
             self.loaded.add(target_key)
         elif target_key in self.shapes:
+            if not self._shape_ok(target_key, tensor):
+                return
             self._assign(target_key, tensor)
             self.loaded.add(target_key)
         else:
-            logger.warning("checkpoint tensor %s (→ %s) is not used by the model", key, target_key)
+            self.unexpected.append(key)
 
     def _put_piece(self, target_key, conv, pattern, key, tensor) -> None:
         n_pieces = _expert_fusion(conv)
@@ -229,7 +240,7 @@ class _Loader:
             param = self._param_for_experts(target_key)
             param.data[e].copy_(w)
         else:
-            logger.warning("checkpoint tensor %s (→ %s) is not used by the model", key, target_key)
+            self.unexpected.append(key)
             return
         done = self.experts_done.setdefault(target_key, set())
         done.add(e)
@@ -280,6 +291,18 @@ def _tie_the_rest(model: nn.Module, missing: set[str], quantised: set[str]) -> N
         tied.update(kept)
 
 
+def check_loaded_complete(model_dir, model: nn.Module, loader: _Loader, shapes: dict[str, tuple]) -> None:
+    """The shared completeness rule (`models.completeness`) on what the stream filled: every
+    parameter and quantised target present, every expert's pieces arrived, no tensor the
+    architecture lacks, every shape equal."""
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    unfilled = [k for k in loader.targets if k not in loader.loaded]
+    pending = [f"{k}[{e}]" for k, e in loader.pending]
+    missing = set(still_meta + unfilled + pending) - {name for name, _, _ in loader.mismatched}
+    require_complete(model_dir, missing, loader.unexpected, loader.mismatched,
+                     expected_count=len(shapes), ignore_unexpected=ignorable_unexpected(model))
+
+
 def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.float32,
                    skip: Iterable[str] = DEFAULT_SKIP, device: "str | torch.device | None" = None) -> nn.Module:
     """Build a causal LM from `model_dir` with its Linear/expert weights stored in `fmt`.
@@ -320,11 +343,7 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
     missing = set(shapes) - loader.loaded
     if hasattr(model, "tie_weights"):
         _tie_the_rest(model, missing, {t.key for t in targets if t.kind in ("tied_head", "embedding")})
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    unfilled = [k for k in loader.targets if k not in loader.loaded]
-    if still_meta or unfilled or loader.pending:
-        names = (unfilled + still_meta + [f"{k}[{e}]" for k, e in loader.pending])[:5]
-        raise UserError(f"checkpoint in {model_dir} lacks weights the model needs, e.g. {', '.join(names)}")
+    check_loaded_complete(model_dir, model, loader, shapes)
     if any(t.kind == "experts" for t in targets):
         use_eager_experts(model)
     model.to(device)                                # the constructor-made buffers (rotary tables)

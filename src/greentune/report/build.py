@@ -23,26 +23,68 @@ from pathlib import Path
 from greentune.energy.factors import Factors
 from greentune.energy.ledger import J_PER_KWH, sum_rows
 from greentune.errors import UserError
-from greentune.fsutil import atomic_write_json, atomic_write_text, read_jsonl
+from greentune.fsutil import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 def _read_json(path: Path):
+    """An optional JSON object file; unreadable or not an object: left out, with a warning."""
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         log.warning("%s is not valid JSON (%s); left out of the report", path, e)
         return None
+    if not isinstance(data, dict):
+        log.warning("%s is a JSON %s, not an object; left out of the report", path, type(data).__name__)
+        return None
+    return data
+
+
+def _records(path: Path) -> list[dict]:
+    """The JSON-object lines of a run's .jsonl file. A torn last line (a kill mid-write) is
+    ignored, as `fsutil.read_jsonl` does; anything else that is not a JSON object is corruption
+    and a `UserError` naming the file and line."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: corrupt (not UTF-8 text); cannot report this run") from None
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(lines):
+                break
+            raise UserError(f"{path}:{lineno}: corrupt line (not JSON); cannot report this run") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: corrupt line (JSON nested too deeply)") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: corrupt line (a JSON {type(record).__name__}, not an object)")
+        out.append(record)
+    return out
+
+
+_METRIC_NUMBERS = ("loss", "eval_loss", "lr", "tokens", "seconds", "joules", "step_joules")
 
 
 def _metrics(path: Path) -> list[dict]:
     by_step: dict[int, dict] = {}
-    for line in read_jsonl(path):
-        if "step" in line:
-            by_step[int(line["step"])] = line
+    for line in _records(path):
+        if "step" not in line:
+            continue
+        bad = [k for k in ("step", *_METRIC_NUMBERS) if k in line and line[k] is not None
+               and (isinstance(line[k], bool) or not isinstance(line[k], (int, float)))]
+        if bad or not isinstance(line["step"], int):
+            raise UserError(f"{path}: corrupt record for step {line.get('step')!r} ({', '.join(bad) or 'step'} "
+                            "not a number); cannot report this run")
+        by_step[line["step"]] = line
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -81,8 +123,12 @@ def build_report(run_dir: str | Path) -> dict:
     if not metrics_path.exists() and not ledger_path.exists():
         raise UserError(f"{run_dir} has neither metrics.jsonl nor ledger.jsonl: not a greentune run directory")
     metrics = _metrics(metrics_path)
-    rows = read_jsonl(ledger_path)
-    totals = sum_rows(rows)
+    rows = _records(ledger_path)
+    try:
+        totals = sum_rows(rows)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{ledger_path}: corrupt ledger rows ({type(err).__name__}: {err}); "
+                        "cannot report this run") from None
     phases = [{"phase": p, **v} for p, v in totals.pop("by_phase").items()]
     summary = _read_json(run_dir / "summary.json") or {}
     savings = _read_json(run_dir / "savings.json")
@@ -104,7 +150,7 @@ def build_report(run_dir: str | Path) -> dict:
         "j_per_token": (train_j / tokens) if train_j is not None and tokens else None,
     }
     expert = next((m["expert_use"] for m in reversed(metrics) if m.get("expert_use")), None)
-    if summary.get("hardware"):
+    if isinstance(summary.get("hardware"), dict) and summary["hardware"]:
         hardware = {**summary["hardware"], "recorded_by": "the run (summary.json)"}
     else:
         from greentune.energy.hardware import describe_hardware
