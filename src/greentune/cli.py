@@ -103,9 +103,26 @@ def _cmd_export(ns) -> int:
     return 0
 
 
+def _version_line() -> str:
+    """`greentune X.Y.Z (torch A, transformers B, Python C)`: what a bug report needs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def ver(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return (f"greentune {__version__} (torch {ver('torch')}, transformers {ver('transformers')}, "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in small model and real text")
@@ -148,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run dir or HF model folder")
     p.add_argument("--format", choices=["gguf", "mlx", "hf"], default="gguf")
     p.add_argument("--quant", default=None, help="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit | none")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export or MODEL_DIR-export)")
+    p.add_argument("--out", default=None, help="output folder, or FILE.gguf for a GGUF "
+                                               "(default: RUN_DIR/export or MODEL_DIR-export)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="write report.html + report.json for a run dir")

@@ -1,4 +1,7 @@
-"""`greentune export RUN_DIR|MODEL_DIR --format gguf|mlx|hf [--quant Q] [--out DIR]`.
+"""`greentune export RUN_DIR|MODEL_DIR --format gguf|mlx|hf [--quant Q] [--out DIR|FILE.gguf]`.
+
+`--out` ending in `.gguf` is the GGUF file to write (its Ollama Modelfile goes beside it);
+any other `--out` is a folder.
 
 A run dir exports its `merged/` model. When the run trained on a quantised base in the
 GGUF format asked for (q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k ↔ q4_k_m), the base tensors are
@@ -36,7 +39,19 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
     else:
         model_dir, prequantized = target, None
         out = out or target.with_name(target.name + "-export")
+    _check_out(out, item.format)
     check_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
     return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    """A `.gguf` name is a file: only for GGUF, and not where a folder already is."""
+    if out.suffix != ".gguf":
+        return
+    if fmt != "gguf":
+        raise UserError(f"--out {out}: a name ending in .gguf is a GGUF file, but --format is {fmt}; "
+                        "give a folder for mlx or hf")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name ending in .gguf or another folder")

@@ -159,13 +159,15 @@ def _same_format(quant_base: str, item) -> bool:
 def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
                  prequantized: dict | None = None) -> Path:
     """One `export:` entry. GGUF from the in-memory merged model, so that `prequantized` (the
-    base's training bytes, keyed by its state-dict names) is written byte for byte."""
+    base's training bytes, keyed by its state-dict names) is written byte for byte. A GGUF
+    `out_dir` whose name ends in `.gguf` is the file itself; any other is a folder."""
     from .export import export, write_gguf, write_modelfile
 
     if fmt == "gguf":
         quant = quant or "q4_k_m"
         source = model if model is not None else merged_dir
-        path = write_gguf(source, out_dir / f"model-{quant}.gguf", quant, tokenizer=tokenizer,
+        gguf_path = out_dir if out_dir.suffix == ".gguf" else out_dir / f"model-{quant}.gguf"
+        path = write_gguf(source, gguf_path, quant, tokenizer=tokenizer,
                           prequantized=prequantized or None)
         write_modelfile(path, merged_dir)
         return path

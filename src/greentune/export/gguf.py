@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from greentune.errors import UserError
 from greentune.export import gguf_quant, gguf_vocab
 from greentune.export.gguf_tensors import Arch, plan
 from greentune.export.source import ModelSource, Packed
+from greentune.fsutil import temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
         log.warning("sliding window %d is not represented in GGUF 'llama': contexts beyond it differ from HF",
                     src.config["sliding_window"])
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
+    tmp = temp_file_beside(out_path)
     try:
         summary = _write(src, arch, tensors, n_vocab, quant, Path(tmp), tokenizer_pre,
                          name or (Path(str(model_dir)).name if isinstance(model_dir, (str, os.PathLike))
