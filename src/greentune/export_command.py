@@ -1,5 +1,6 @@
 """`greentune export RUN_DIR|MODEL_DIR --format gguf|mlx|hf [--quant Q] [--out DIR|FILE.gguf]`.
 
+The target may also be a Hub id (`ORG/NAME[@REVISION]`, resolved through the HF cache).
 `--out` ending in `.gguf` is the GGUF file to write (its Ollama Modelfile goes beside it);
 any other `--out` is a folder.
 
@@ -20,7 +21,7 @@ from .recipe import ExportConfig
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
     from pydantic import ValidationError
 
-    from .models.loader import check_model_dir, load_model, load_tokenizer
+    from .models.loader import check_model_dir, load_model, load_tokenizer, resolve_model_dir
     from .pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
 
     try:
@@ -37,8 +38,10 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         trained = target / TRAINED_BYTES
         prequantized = load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None
     else:
-        model_dir, prequantized = target, None
-        out = out or target.with_name(target.name + "-export")
+        model_dir, prequantized = resolve_model_dir(target), None
+        from_hub = model_dir != target   # a Hub id: the default output goes in the working folder
+        out = out or (Path(target.name.split("@")[0] + "-export") if from_hub
+                      else target.with_name(target.name + "-export"))
     _check_out(out, item.format)
     check_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)

@@ -245,12 +245,23 @@ def _rebuild_for_merge(base: str, recipe: Recipe, trained: dict[str, torch.Tenso
     return model
 
 
+def pin_base_model(recipe: Recipe) -> tuple[Recipe, str]:
+    """(recipe with `base_model_commit` set for a Hub id, the local folder to load from)."""
+    from .models.hub import resolve_model
+
+    resolved = resolve_model(recipe.base_model, revision=recipe.base_model_commit)
+    if resolved.commit is not None:
+        recipe = recipe.model_copy(update={"base_model_commit": resolved.commit})
+    return recipe, str(resolved.path)
+
+
 def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool, progress: bool,
            ctx: DistContext) -> RunResult:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     run_dir = Path(run_dir or Path("runs") / (recipe.name or "run"))
-    base = recipe.base_model
+    recipe, base = pin_base_model(recipe)
+    dense_base = base
 
     # Validate everything the user controls before touching the run dir.
     check_model_dir(base)
@@ -367,10 +378,11 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
         if ctx.world == 1:
-            record_for_planner(run_dir, recipe, recipe.base_model, result, phases.ledger)
+            record_for_planner(run_dir, recipe, dense_base, result, phases.ledger)
         else:
             log.info("a %d-rank run is not recorded as a planner calibration of this machine", ctx.world)
         atomic_write_json(run_dir / "summary.json", {
+            "base_model": recipe.base_model, "base_model_commit": recipe.base_model_commit,
             "steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "eval_loss": out.eval_loss,
             "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
             "outputs": out.outputs, "hardware": describe_hardware(), "ranks": ctx.world,

@@ -110,7 +110,10 @@ class ExportConfig(_Strict):
 
 
 class Recipe(_Strict):
-    base_model: str
+    base_model: str = Field(description="a local Hugging Face model folder, or a Hub id ORG/NAME[@REVISION]")
+    base_model_commit: Optional[str] = Field(
+        None, pattern=r"^[0-9a-f]{40}$",
+        description="the Hub commit a run resolved base_model to (written into the run's recipe.yaml); set it to pin")
     name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
     trust_remote_code: bool = False
     data: DataConfig

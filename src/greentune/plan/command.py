@@ -1,6 +1,6 @@
 """`greentune plan`: arguments, recipe reading and printing (the CLI wires these in).
 
-    greentune plan RECIPE.yaml | --model MODEL_DIR_OR_CONFIG_OR_NAME [--tokens N]
+    greentune plan RECIPE.yaml | --model MODEL_DIR_OR_CONFIG_OR_NAME_OR_HUB_ID [--tokens N]
         [--hardware NAME|this] [--gpus N] [--power-cap-w W] [--deadline-h H] [--json]
     greentune plan --list-models
     greentune plan --calibrate [--hardware this]
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its model, data and training settings)")
-    p.add_argument("--model", default=None, help="catalogue name (see --list-models), config.json or model folder")
+    p.add_argument("--model", default=None,
+                   help="catalogue name (see --list-models), config.json, model folder or Hub id ORG/NAME[@REVISION]")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the recipe's, else 10M)")
     p.add_argument("--hardware", default="this", help="catalogue name (H100, 4090, 'M2 Max', ...) or 'this'")
     p.add_argument("--gpus", type=int, default=1, help="devices in the machine (default 1)")
@@ -182,11 +183,27 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the model
+
+def facts_for(spec: str):
+    """(facts, label) as `catalogue.model_facts`, plus Hub ids: `ORG/NAME[@REVISION]` that is
+    not a catalogue row's own id is planned from its `config.json`, fetched alone (HF cache first)."""
+    from greentune.models.hub import parse_hub_id, resolve_model
+    from greentune.plan.catalogue import model_facts, models
+
+    parsed = parse_hub_id(str(spec))
+    if parsed is None or (parsed[1] is None and any(m.hf.lower() == parsed[0].lower() for m in models())):
+        return model_facts(spec)
+    resolved = resolve_model(spec, config_only=True)
+    facts, _ = model_facts(resolved.path)
+    return facts, resolved.describe()
+
+
 # ---------------------------------------------------------------- the command
 
 def run_plan(ns: argparse.Namespace) -> int:
     """Entry point for `greentune plan` (see module docstring)."""
-    from greentune.plan.catalogue import list_models_table, model_facts
+    from greentune.plan.catalogue import list_models_table
     from greentune.plan.hardware import find_hardware
     from greentune.plan.recommend import DEFAULT_TARGETS, plan
 
@@ -210,7 +227,7 @@ def run_plan(ns: argparse.Namespace) -> int:
     if not ns.recipe and not ns.model:
         raise UserError("give a recipe YAML or --model (a catalogue name, config.json or model folder)")
     rec = read_recipe(ns.recipe) if ns.recipe else None
-    facts, label = model_facts(rec.base_model if rec else ns.model)
+    facts, label = facts_for(rec.base_model if rec else ns.model)
 
     def pick(cli, attr, default):
         return cli if cli is not None else (getattr(rec, attr) if rec else default)
