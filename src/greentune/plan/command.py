@@ -1,7 +1,7 @@
 """`greentune plan`: arguments, recipe reading and printing (the CLI wires these in).
 
     greentune plan RECIPE.yaml | --model MODEL_DIR_OR_CONFIG_OR_NAME_OR_HUB_ID [--tokens N]
-        [--hardware NAME|this] [--gpus N] [--power-cap-w W] [--deadline-h H] [--json]
+        [--hardware NAME|this] [--gpus N] [--power-cap-w W] [--deadline-h H] [--json] [--write-recipe FILE]
     greentune plan --list-models
     greentune plan --calibrate [--hardware this]
 
@@ -48,6 +48,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pue", type=float, default=None, help="facility / IT energy (default: recipe, else by site)")
     p.add_argument("--wue", type=float, default=None, help="on-site litres per IT kWh (default: recipe, else by site)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--write-recipe", default=None, metavar="FILE",
+                   help="also write the recommended technique as a recipe (fill in its data, then greentune train)")
     p.add_argument("--list-models", action="store_true", help="show the model catalogue and exit")
     p.add_argument("--calibrate", action="store_true",
                    help="measure utilisation and power with a short fine-tune on this machine and store them")
@@ -243,7 +245,34 @@ def run_plan(ns: argparse.Namespace) -> int:
     print(json.dumps(result.to_dict(), indent=2, default=str) if ns.json else format_table(result))
     if result.recommended is None:
         raise UserError(result.what_would_have_to_change())
+    if ns.write_recipe:
+        write_planned_recipe(ns, result, rec.base_model if rec else ns.model)
     return 0
+
+
+def write_planned_recipe(ns: argparse.Namespace, result, model: str) -> None:
+    """`--write-recipe FILE`: the recommendation as a recipe whose base_model training can load."""
+    import shlex
+    import sys
+
+    from greentune.models.hub import is_hub_id
+    from greentune.plan.catalogue import find_model
+    from greentune.plan.write_recipe import recipe_technique, recipe_text, write_recipe_file
+
+    local = Path(model).expanduser()
+    if local.exists():
+        base = str(local.resolve().parent if local.is_file() else local.resolve())
+    elif is_hub_id(model) and find_model(model) is None:
+        base = model
+    else:
+        base = find_model(model).hf   # a catalogue name: its Hub id
+    estimate, note = recipe_technique(result)
+    command = "greentune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["plan"] \
+        else "greentune plan"
+    text = recipe_text(result, base, estimate, note, command, region=ns.region, pue=ns.pue, wue_onsite=ns.wue)
+    path = write_recipe_file(ns.write_recipe, text)
+    print(f"wrote {path} ({estimate.technique.name}); fill in data.train, then: greentune train {path}",
+          file=sys.stderr if ns.json else sys.stdout)
 
 
 def plan_command(argv: list[str]) -> int:
