@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from greentune.data.build import build_datasets, split_documents
 from greentune.data.sources import TextSample
@@ -76,3 +77,49 @@ def test_errors_from_the_eval_file_name_it(tmp_path, tokenizer):
     ev.write_text("{oops\n")
     with pytest.raises(UserError, match=rf"^{ev}:1: malformed JSON"):
         build_datasets(train, ev, tokenizer, max_seq_len=8, pack=True, seed=0)
+
+
+def test_token_cache_reuses_rows_and_keys_on_content_and_settings(tmp_path, tokenizer, monkeypatch, caplog):
+    import logging
+
+    from greentune.data import token_cache
+
+    monkeypatch.setenv("GREENTUNE_CACHE", str(tmp_path / "cache"))
+    train = write_texts(tmp_path / "train.jsonl", TEXTS)
+    fresh = build_datasets(train, None, tokenizer, max_seq_len=16, pack=True, seed=0, cache=False)
+    with caplog.at_level(logging.INFO, logger="greentune.data.token_cache"):
+        first = build_datasets(train, None, tokenizer, max_seq_len=16, pack=True, seed=0)
+        assert "tokenised data cached in" in caplog.text
+        entries = list((tmp_path / "cache" / "tokens").iterdir())
+        assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == ["eval.safetensors",
+                                                                                      "train.safetensors"]
+        caplog.clear()
+        second = build_datasets(train, None, tokenizer, max_seq_len=16, pack=True, seed=0)
+        assert "loaded tokenised data from" in caplog.text
+    for a, b, c in zip(fresh, first, second):
+        for name in ("input_ids", "labels", "attention_mask"):
+            x, y, z = getattr(a, name), getattr(b, name), getattr(c, name)
+            assert x.dtype == z.dtype == torch.long and torch.equal(x, y) and torch.equal(x, z)
+    key = token_cache.cache_key(train, None, tokenizer, 16, True, 0, 0.05)
+    assert token_cache.cache_key(train, None, tokenizer, 32, True, 0, 0.05) != key
+    assert token_cache.cache_key(train, None, tokenizer, 16, False, 0, 0.05) != key
+    assert token_cache.cache_key(train, None, tokenizer, 16, True, 1, 0.05) != key
+    write_texts(train, TEXTS + ["one more document"])           # same name, new content
+    assert token_cache.cache_key(train, None, tokenizer, 16, True, 0, 0.05) != key
+    tokenizer_copy = __import__("copy").deepcopy(tokenizer)
+    tokenizer_copy.chat_template = "{{ messages }}"
+    write_texts(train, TEXTS)
+    assert token_cache.cache_key(train, None, tokenizer, 16, True, 0, 0.05) == key
+    assert token_cache.cache_key(train, None, tokenizer_copy, 16, True, 0, 0.05) != key
+
+
+def test_an_unreadable_cache_entry_is_rebuilt(tmp_path, tokenizer, monkeypatch):
+    from greentune.data import token_cache
+
+    monkeypatch.setenv("GREENTUNE_CACHE", str(tmp_path / "cache"))
+    train = write_texts(tmp_path / "train.jsonl", TEXTS)
+    first, _ = build_datasets(train, None, tokenizer, max_seq_len=16)
+    entry = token_cache.cache_root() / token_cache.cache_key(train, None, tokenizer, 16, True, 0, 0.05)
+    (entry / "train.safetensors").write_bytes(b"garbage")
+    again, _ = build_datasets(train, None, tokenizer, max_seq_len=16)
+    assert torch.equal(first.input_ids, again.input_ids)

@@ -7,6 +7,8 @@ choice is a seeded permutation, so the same seed always holds out the same docum
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,8 +33,39 @@ def split_documents(samples: list[Sample], seed: int, eval_fraction: float) -> t
 
 
 def build_datasets(train_path: DataSource, eval_path: DataSource | None, tokenizer, max_seq_len: int,
-                   pack: bool = True, seed: int = 0, eval_fraction: float = 0.05) -> tuple[PackedData, PackedData]:
-    """Read, tokenise (with loss masks) and pack the train and eval data."""
+                   pack: bool = True, seed: int = 0, eval_fraction: float = 0.05,
+                   cache: bool = True) -> tuple[PackedData, PackedData]:
+    """Read, tokenise (with loss masks) and pack the train and eval data; with `cache`, reuse
+    the rows an earlier call made from the same content and settings (see `token_cache`)."""
+    if not cache:
+        return _build(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction)
+    from greentune.data import token_cache
+
+    key = token_cache.cache_key(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction)
+    cached = token_cache.load(key)
+    if cached is not None:
+        return cached
+    train, held = _build(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction)
+    token_cache.store(key, train, held)
+    return train, held
+
+
+@contextmanager
+def _parallel_tokenizers():
+    """Let the fast tokenizer's batch encode use every core (the CLI turns it off elsewhere, for forks)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _build(train_path: DataSource, eval_path: DataSource | None, tokenizer, max_seq_len: int, pack: bool,
+           seed: int, eval_fraction: float) -> tuple[PackedData, PackedData]:
     train_docs = read_samples(train_path)
     if eval_path is not None:
         eval_docs = read_samples(eval_path)
@@ -44,8 +77,9 @@ def build_datasets(train_path: DataSource, eval_path: DataSource | None, tokeniz
         log.info("held out %d of %d documents of %s for evaluation", len(eval_docs),
                  len(train_docs) + len(eval_docs), source_label(train_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return (_pack(train_docs, source_label(train_path), tokenizer, max_seq_len, pack, pad_id),
-            _pack(eval_docs, source_label(eval_path or train_path), tokenizer, max_seq_len, pack, pad_id))
+    with _parallel_tokenizers():
+        return (_pack(train_docs, source_label(train_path), tokenizer, max_seq_len, pack, pad_id),
+                _pack(eval_docs, source_label(eval_path or train_path), tokenizer, max_seq_len, pack, pad_id))
 
 
 def _pack(docs: list[Sample], path: str, tokenizer, max_seq_len: int, pack: bool, pad_id: int) -> PackedData:
