@@ -281,7 +281,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
                             "the ranks; use train.parallel ddp for ReLoRA")
     tokenizer = load_tokenizer(base, recipe.trust_remote_code)
     train_data, eval_data = build_datasets(recipe.data.train, recipe.data.eval, tokenizer, recipe.data.max_seq_len,
-                                           recipe.data.pack, tcfg.seed, recipe.data.eval_fraction)
+                                           recipe.data.pack, tcfg.seed, recipe.data.eval_fraction, progress=progress)
     _on_main(ctx, lambda: prepare_run_dir(run_dir, recipe, resume))
 
     phases = Phases(run_dir, recipe, ctx)

@@ -120,6 +120,13 @@ def test_a_row_that_fits_no_shape_is_one_line(tmp_path, record, expected):
     assert str(err.value) == expected.replace("{p}", str(p))
 
 
+def test_a_complete_shape_wins_over_a_stray_column(tmp_path):
+    """As in HuggingFaceH4/no_robots: rows have "messages" and also a "prompt" column."""
+    p = _jsonl(tmp_path, {"prompt": "hi", "prompt_id": "7", "category": "chat",
+                          "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]})
+    assert read_samples(p) == [ChatSample((("user", "hi"), ("assistant", "hey")), f"{p}:1")]
+
+
 def test_unknown_role_in_a_dataset_names_the_row(tmp_path):
     pq = tmp_path / "chat.parquet"
     pd.DataFrame({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],

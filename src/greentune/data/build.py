@@ -7,8 +7,6 @@ choice is a seeded permutation, so the same seed always holds out the same docum
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,35 +31,18 @@ def split_documents(samples: list[Sample], seed: int, eval_fraction: float) -> t
 
 
 def build_datasets(train_path: DataSource, eval_path: DataSource | None, tokenizer, max_seq_len: int,
-                   pack: bool = True, seed: int = 0, eval_fraction: float = 0.05,
-                   cache: bool = True) -> tuple[PackedData, PackedData]:
-    """Read, tokenise (with loss masks) and pack the train and eval data; with `cache`, reuse
-    the rows an earlier call made from the same content and settings (see `token_cache`)."""
-    if not cache:
-        return _build(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction)
-    from greentune.data import token_cache
+                   pack: bool = True, seed: int = 0, eval_fraction: float = 0.05, cache: bool = True,
+                   progress: bool = True) -> tuple[PackedData, PackedData]:
+    """Read, tokenise (with loss masks) and pack the train and eval data.
 
-    key = token_cache.cache_key(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction)
-    cached = token_cache.load(key)
-    if cached is not None:
-        return cached
-    train, held = _build(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction)
-    token_cache.store(key, train, held)
-    return train, held
+    With `cache` (what `greentune train` uses) through the shared token cache: tokenised
+    once, streamed to memory-mapped files and reused by later runs (see `token_cache`);
+    without, in memory. Both give the same rows."""
+    if cache:
+        from greentune.data.token_cache import cached_datasets
 
-
-@contextmanager
-def _parallel_tokenizers():
-    """Let the fast tokenizer's batch encode use every core (the CLI turns it off elsewhere, for forks)."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
+        return cached_datasets(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction, progress)
+    return _build(train_path, eval_path, tokenizer, max_seq_len, pack, seed, eval_fraction)
 
 
 def _build(train_path: DataSource, eval_path: DataSource | None, tokenizer, max_seq_len: int, pack: bool,
@@ -77,9 +58,8 @@ def _build(train_path: DataSource, eval_path: DataSource | None, tokenizer, max_
         log.info("held out %d of %d documents of %s for evaluation", len(eval_docs),
                  len(train_docs) + len(eval_docs), source_label(train_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    with _parallel_tokenizers():
-        return (_pack(train_docs, source_label(train_path), tokenizer, max_seq_len, pack, pad_id),
-                _pack(eval_docs, source_label(eval_path or train_path), tokenizer, max_seq_len, pack, pad_id))
+    return (_pack(train_docs, source_label(train_path), tokenizer, max_seq_len, pack, pad_id),
+            _pack(eval_docs, source_label(eval_path or train_path), tokenizer, max_seq_len, pack, pad_id))
 
 
 def _pack(docs: list[Sample], path: str, tokenizer, max_seq_len: int, pack: bool, pad_id: int) -> PackedData:

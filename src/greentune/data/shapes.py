@@ -1,6 +1,7 @@
 """One record (a JSON line or a dataset row) → a sample, its shape detected per record.
 
-Shapes (records of different shapes may mix; other keys such as "id" are ignored):
+Shapes (records of different shapes may mix; other keys such as "id" are ignored, and a
+record with every key of one shape is that shape even if it has some keys of another):
 
     {"text": "..."}                                            all tokens are trained on
     {"prompt": "...", "completion": "..."}                     loss on the completion
@@ -21,10 +22,11 @@ from greentune.errors import UserError
 SHAPES = ('{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]}, '
           '{"conversations": [{"from", "value"}, ...]} (ShareGPT) or {"instruction", "input", "output"} (Alpaca)')
 
-# shape name → the keys any of which marks a record as that shape
-_SHAPE_KEYS = (("messages", ("messages",)), ("conversations", ("conversations",)),
-               ("instruction/output", ("instruction",)), ("prompt/completion", ("prompt", "completion")),
-               ("text", ("text",)))
+# shape name → (the keys a complete record of it has, the keys any of which hint at it)
+_SHAPE_KEYS = (("messages", ("messages",), ("messages",)), ("conversations", ("conversations",), ("conversations",)),
+               ("instruction/output", ("instruction", "output"), ("instruction",)),
+               ("prompt/completion", ("prompt", "completion"), ("prompt", "completion")),
+               ("text", ("text",), ("text",)))
 KNOWN_KEYS = ("text", "prompt", "completion", "messages", "conversations", "instruction", "input", "output")
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -37,7 +39,12 @@ def parse_record(obj: object, where: str, columns: dict[str, str] | None = None)
         raise UserError(f"{where}: expected a JSON object, got {json_type(obj)}; accepted shapes: {SHAPES}")
     if columns:
         obj = {columns.get(k, k): v for k, v in obj.items()}
-    shapes = [name for name, keys in _SHAPE_KEYS if any(k in obj for k in keys)]
+    # A row with all keys of exactly one shape is that shape, whatever else it holds (datasets
+    # often carry extra columns, e.g. a "prompt" beside "messages"); failing that, the shape it
+    # has some keys of, so the error can name what is missing.
+    shapes = [name for name, full, _ in _SHAPE_KEYS if all(k in obj for k in full)]
+    if not shapes:
+        shapes = [name for name, _, hints in _SHAPE_KEYS if any(k in obj for k in hints)]
     if not shapes:
         keys = ", ".join(sorted(map(str, obj))) or "none"
         raise UserError(f"{where}: no known keys (found: {keys}); accepted shapes: {SHAPES}")
