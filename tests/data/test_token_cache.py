@@ -90,3 +90,14 @@ def test_a_bad_record_leaves_no_entry(tmp_path, tokenizer, cache):
     with pytest.raises(UserError, match=rf"^{bad}:2: messages\[0\] has unknown role 'bot'"):
         build_datasets(bad, None, tokenizer, max_seq_len=16)
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_when_two_processes_build_one_entry_the_first_rename_wins(tmp_path):
+    folder = tmp_path / "tokens" / "docs-x"
+    with token_cache._new_entry(folder) as late:
+        (late / "offsets.i64").write_text("late")
+        with token_cache._new_entry(folder) as early:
+            (early / "offsets.i64").write_text("early")
+        assert (folder / "offsets.i64").read_text() == "early"
+    assert (folder / "offsets.i64").read_text() == "early"
+    assert [p.name for p in folder.parent.iterdir()] == ["docs-x"]

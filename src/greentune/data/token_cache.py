@@ -1,7 +1,9 @@
 """Tokenise a corpus once, into memory-mapped files in a shared cache, and pack from there.
 
 Two kinds of entry under `$GREENTUNE_CACHE/tokens/` (default ~/.cache/greentune), each a
-folder written through `atomic_dir`, so a reader never sees half of one:
+folder written under a temporary name and renamed into place, so a reader never sees half
+of one; when several processes (e.g. the ranks of a job) build the same entry at once, the
+first rename wins and the others use it (the key fixes the content):
 
 - `docs-<key>/`: every document of one data source, tokenised with its loss mask, as flat
   files: `ids.u32` (token ids), `mask.u8` (1 = a training target) and `offsets.i64`
@@ -28,6 +30,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,7 +44,7 @@ from greentune.data.packing import IGNORE_INDEX, PackedData
 from greentune.data.sources import DataSource, iter_samples, source_label
 from greentune.data.templates import tokenize
 from greentune.errors import UserError
-from greentune.fsutil import atomic_dir
+from greentune.fsutil import fsync_dir, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,8 @@ def tokenised_docs(source: DataSource, tokenizer, key: str, progress: bool = Tru
             return store
         except (OSError, ValueError, IndexError) as err:
             log.warning("token cache entry %s is unreadable (%s); tokenising again", folder, err)
-    with atomic_dir(folder) as tmp:
+            shutil.rmtree(folder, ignore_errors=True)
+    with _new_entry(folder) as tmp:
         _write_docs(source, tokenizer, tmp, progress)
     log.info("tokenised %s into %s", source_label(source), folder)
     return DocStore.open(folder)
@@ -146,6 +151,28 @@ def _write_docs(source: DataSource, tokenizer, folder: Path, progress: bool) -> 
             bar.update(len(batch))
     bar.close()
     np.asarray(offsets, dtype=np.int64).tofile(folder / "offsets.i64")
+
+
+@contextmanager
+def _new_entry(folder: Path):
+    """A temporary sibling folder that becomes `folder` on success (files fsynced first). If
+    another process published `folder` meanwhile, its entry is kept and this one dropped."""
+    tmp = temp_sibling(folder)
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _batches(items: Iterator, n: int) -> Iterator[list]:
@@ -277,7 +304,8 @@ def cached_datasets(train: DataSource, eval_: DataSource | None, tokenizer, max_
             return _open_split_rows(folder, max_seq_len)
         except (OSError, ValueError, KeyError) as err:
             log.warning("token cache entry %s is unreadable (%s); packing again", folder, err)
-    with atomic_dir(folder) as tmp:
+            shutil.rmtree(folder, ignore_errors=True)
+    with _new_entry(folder) as tmp:
         rows = {split: _write_rows(store, docs, max_seq_len, pack, pad_id, tmp, split, where)
                 for split, store, docs, where in plan}
         (tmp / "rows.json").write_text(json.dumps({"rows": rows, "seq_len": max_seq_len}))
