@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="perplexity and tokens/s of a run or model folder on a data file")
-    p.add_argument("target", help="run dir or HF model folder")
-    p.add_argument("--data", required=True, help=".jsonl / .txt / folder of .txt")
+    p.add_argument("target", help="run dir, HF model folder or Hub id ORG/NAME[@REVISION]")
+    p.add_argument("--data", required=True, help=".jsonl / .parquet / .csv / .txt / folder of .txt")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the run's, else 512")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_upcycle)
 
     p = sub.add_parser("export", help="a run or model folder to GGUF (llama.cpp/Ollama/LM Studio), MLX or merged HF")
-    p.add_argument("target", help="run dir or HF model folder")
+    p.add_argument("target", help="run dir, HF model folder or Hub id ORG/NAME[@REVISION]")
     p.add_argument("--format", choices=["gguf", "mlx", "hf"], default="gguf")
     p.add_argument("--quant", default=None, help="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit | none")
     p.add_argument("--out", default=None, help="output folder, or FILE.gguf for a GGUF "
