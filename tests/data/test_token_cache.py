@@ -31,9 +31,11 @@ def same(a, b):
                for n in ("input_ids", "labels", "attention_mask"))
 
 
+@pytest.mark.parametrize("chunk", [token_cache.TOKENS_PER_CHUNK, 50])
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("with_eval", [True, False])
-def test_cached_rows_equal_the_in_memory_rows(tmp_path, tokenizer, cache, pack, with_eval):
+def test_cached_rows_equal_the_in_memory_rows(tmp_path, tokenizer, cache, monkeypatch, pack, with_eval, chunk):
+    monkeypatch.setattr(token_cache, "TOKENS_PER_CHUNK", chunk)   # 50: rows span many packing chunks
     train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     ev = write_jsonl(tmp_path / "eval.jsonl", RECORDS[::7]) if with_eval else None
     expected = build_datasets(train, ev, tokenizer, max_seq_len=12, pack=pack, seed=3, eval_fraction=0.2,

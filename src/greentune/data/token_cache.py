@@ -213,7 +213,7 @@ def _row_chunks(store: DocStore, docs: np.ndarray, T: int, pack: bool, pad_id: i
             ids[0, :r], tgt[0, :r], real[0, :r] = carry_ids, carry_tgt, 1
             yield ids, tgt, real
         return
-    for chunk in _doc_chunks(store, docs):
+    for chunk in _doc_chunks(store, docs, max_docs=max(1, TOKENS_PER_CHUNK // T)):   # one row per document
         k = len(chunk)
         ids, tgt, real = np.full((k, T), pad_id, np.int64), np.zeros((k, T), bool), np.zeros((k, T), np.int64)
         for r, (a, b) in enumerate(chunk):
@@ -223,14 +223,15 @@ def _row_chunks(store: DocStore, docs: np.ndarray, T: int, pack: bool, pad_id: i
         yield ids, tgt, real
 
 
-def _doc_chunks(store: DocStore, docs: np.ndarray) -> Iterator[list[tuple[int, int]]]:
-    """The `(start, end)` token spans of `docs`, grouped into chunks of about TOKENS_PER_CHUNK tokens."""
+def _doc_chunks(store: DocStore, docs: np.ndarray, max_docs: int | None = None) -> Iterator[list[tuple[int, int]]]:
+    """The `(start, end)` token spans of `docs`, in chunks of about TOKENS_PER_CHUNK tokens
+    (and at most `max_docs` documents), so packing holds one chunk in memory at a time."""
     chunk, size = [], 0
     for d in docs:
         a, b = int(store.offsets[d]), int(store.offsets[d + 1])
         chunk.append((a, b))
         size += b - a
-        if size >= TOKENS_PER_CHUNK:
+        if size >= TOKENS_PER_CHUNK or len(chunk) == max_docs:
             yield chunk
             chunk, size = [], 0
     if chunk:
