@@ -1,7 +1,10 @@
 """Shared fixtures: a locally trained tokenizer and tiny checkpoints, built once per session."""
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,6 @@ from greentune.models import tiny
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Calibrations and the demo base go to a temporary cache, never the user's (subprocesses inherit it)."""
-    import os
     os.environ["GREENTUNE_CACHE"] = str(tmp_path_factory.mktemp("greentune-cache"))
 
 
@@ -124,3 +126,64 @@ def code_jsonl(tmp_path_factory):
     p = tmp_path_factory.mktemp("code") / "code.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.source_snippets(limit_chars=200_000)))
     return p
+
+
+# ---------------------------------------------------------------- an offline Hugging Face cache
+# Lay files out exactly as huggingface_hub's cache does, so tests resolve Hub ids offline.
+#
+#     HF_HUB_CACHE/{models|datasets}--ORG--NAME/
+#         blobs/<sha256 of the file>
+#         snapshots/<commit>/<name> -> ../../blobs/<sha256>
+#         refs/main                  (the commit)
+
+
+def _add_to_hub_cache(hub_cache: Path, repo_id: str, src: Path, *, repo_type: str = "model",
+                     commit: str | None = None, only: list[str] | None = None) -> str:
+    """Copy the files under `src` (or the names in `only`) into the cache as one commit; return it."""
+    repo = Path(hub_cache) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = commit or hashlib.sha1(f"{repo_id}:{sorted(os.listdir(src))}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for f in sorted(Path(src).rglob("*")):
+        rel = f.relative_to(src)
+        if not f.is_file() or (only is not None and str(rel) not in only):
+            continue
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+class OfflineHub:
+    """A temporary HF_HOME: `.home`, `.hub_cache`, and `.add(repo_id, folder, ...)` → commit."""
+
+    def __init__(self, home: Path):
+        self.home, self.hub_cache = home, home / "hub"
+
+    def add(self, repo_id: str, src: Path, **kw) -> str:
+        return _add_to_hub_cache(self.hub_cache, repo_id, src, **kw)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A temporary, empty HF_HOME in offline mode, for this process and its subprocesses.
+
+    Files are laid out exactly as huggingface_hub's cache does (see `_add_to_hub_cache`).
+
+    huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE once at import, so its constants are
+    patched as well as the environment."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    (home / "hub").mkdir(parents=True)
+    for name, value in (("HF_HOME", home), ("HF_HUB_CACHE", home / "hub"), ("HF_HUB_OFFLINE", "1"),
+                        ("HF_DATASETS_CACHE", home / "datasets"), ("HF_DATASETS_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return OfflineHub(home)

@@ -112,9 +112,26 @@ def _cmd_export(ns) -> int:
     return 0
 
 
+def _version_line() -> str:
+    """`greentune X.Y.Z (torch A, transformers B, Python C)`: what a bug report needs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def ver(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return (f"greentune {__version__} (torch {ver('torch')}, transformers {ver('transformers')}, "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in small model and real text")
@@ -132,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="perplexity and tokens/s of a run or model folder on a data file")
-    p.add_argument("target", help="run dir or HF model folder")
-    p.add_argument("--data", required=True, help=".jsonl / .txt / folder of .txt")
+    p.add_argument("target", help="run dir, HF model folder or Hub id ORG/NAME[@REVISION]")
+    p.add_argument("--data", required=True, help=".jsonl / .parquet / .csv / .txt / folder of .txt")
     p.add_argument("--max-seq-len", type=count(1, 10**7), default=None,
                    help="default: the run's, else 512; at most the model's positions")
     p.add_argument("--batch-size", type=count(1, 65536), default=8)
@@ -156,10 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_upcycle)
 
     p = sub.add_parser("export", help="a run or model folder to GGUF (llama.cpp/Ollama/LM Studio), MLX or merged HF")
-    p.add_argument("target", help="run dir or HF model folder")
+    p.add_argument("target", help="run dir, HF model folder or Hub id ORG/NAME[@REVISION]")
     p.add_argument("--format", choices=["gguf", "mlx", "hf"], default="gguf")
     p.add_argument("--quant", default=None, help="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit | none")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export or MODEL_DIR-export)")
+    p.add_argument("--out", default=None, help="output folder, or FILE.gguf for a GGUF "
+                                               "(default: RUN_DIR/export or MODEL_DIR-export)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="write report.html + report.json for a run dir")

@@ -14,13 +14,13 @@ from .data.packing import pack
 from .data.sources import read_samples
 from .data.templates import tokenize
 from .errors import UserError
-from .models.loader import default_device, load_model, load_tokenizer, max_positions
+from .models.loader import default_device, load_model, load_tokenizer, max_positions, resolve_model_dir
 from .recipe import read_run_recipe
 from .train.loop import evaluate_loss
 
 
 def resolve_model(target: str | Path, device="cpu"):
-    """(model, tokenizer, description, recipe dict or None) for a run dir or model folder."""
+    """(model, tokenizer, description, recipe dict or None) for a run dir, model folder or Hub id."""
     target = Path(target)
     recipe_path = target / "recipe.yaml"
     if recipe_path.is_file():
@@ -32,7 +32,7 @@ def resolve_model(target: str | Path, device="cpu"):
             from .adapters.lora import apply_lora
             from .adapters.peft_format import load_lora_state_dict, read_adapter
 
-            base = recipe["base_model"]
+            base = resolve_model_dir(recipe["base_model"], recipe.get("base_model_commit"))
             model = load_model(base, device)
             config, sd = read_adapter(target / "adapter")
             lora = recipe.get("method", {}).get("lora", {})
@@ -40,7 +40,8 @@ def resolve_model(target: str | Path, device="cpu"):
             load_lora_state_dict(model, sd, str(target / "adapter"))
             return model, load_tokenizer(base), f"{base} + {target / 'adapter'}", recipe
         raise UserError(f"{target}: run has no merged/ model or adapter/ yet (did it finish?)")
-    return load_model(target, device), load_tokenizer(target), str(target), None
+    model_dir = resolve_model_dir(target)
+    return load_model(model_dir, device), load_tokenizer(model_dir), str(target), None
 
 
 def load_eval_rows(path: str | Path, tokenizer, max_seq_len: int, pack_rows: bool = True):

@@ -1,4 +1,8 @@
-"""`greentune export RUN_DIR|MODEL_DIR --format gguf|mlx|hf [--quant Q] [--out DIR]`.
+"""`greentune export RUN_DIR|MODEL_DIR --format gguf|mlx|hf [--quant Q] [--out DIR|FILE.gguf]`.
+
+The target may also be a Hub id (`ORG/NAME[@REVISION]`, resolved through the HF cache).
+`--out` ending in `.gguf` is the GGUF file to write (its Ollama Modelfile goes beside it);
+any other `--out` is a folder.
 
 A run dir exports its `merged/` model. When the run trained on a quantised base in the
 GGUF format asked for (q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k ↔ q4_k_m), the base tensors are
@@ -16,7 +20,8 @@ from .recipe import ExportConfig, read_run_recipe
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
     from pydantic import ValidationError
 
-    from .models.loader import check_model_dir, check_weights_match, load_config, load_model, load_tokenizer
+    from .models.loader import (check_model_dir, check_weights_match, load_config, load_model, load_tokenizer,
+                                resolve_model_dir)
     from .pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
 
     try:
@@ -32,11 +37,25 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         trained = target / TRAINED_BYTES
         prequantized = load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None
     else:
-        model_dir, prequantized = target, None
-        out = out or target.with_name(target.name + "-export")
+        model_dir, prequantized = resolve_model_dir(target), None
+        from_hub = model_dir != target   # a Hub id: the default output goes in the working folder
+        out = out or (Path(target.name.split("@")[0] + "-export") if from_hub
+                      else target.with_name(target.name + "-export"))
+    _check_out(out, item.format)
     check_model_dir(model_dir)
     remove_stale_temps(out)  # what an export killed mid-write left (greentune's own temp names only)
     check_weights_match(model_dir, load_config(model_dir))   # the writers stream tensors: check them first
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
     return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    """A `.gguf` name is a file: only for GGUF, and not where a folder already is."""
+    if out.suffix != ".gguf":
+        return
+    if fmt != "gguf":
+        raise UserError(f"--out {out}: a name ending in .gguf is a GGUF file, but --format is {fmt}; "
+                        "give a folder for mlx or hf")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name ending in .gguf or another folder")

@@ -6,6 +6,10 @@ never a half-written one, even after SIGKILL.
 Temporary names carry the writer's PID (`.NAME.greentune-PID-XXXX.tmp`), so that
 `remove_stale_temps` can delete what a killed greentune left behind, and nothing else: not
 another live process's temp, not a file greentune did not name.
+
+`tempfile` creates its files 0600 and folders 0700 whatever the umask; the temporary names
+here are given the modes an ordinary `open`/`mkdir` would (0666/0777 less the umask), so
+what is renamed into place is as readable as any other file the user writes.
 """
 from __future__ import annotations
 
@@ -66,14 +70,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """A full disk or a read-only folder is a `UserError` naming `path` (see `errors.user_os_error`)."""
-    path = Path(path)
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp_beside(path: Path) -> tuple[int, str]:
+    """An open temporary file next to `path`, with the umask's ordinary file mode; a full disk
+    or a read-only folder is a `UserError` naming `path` (see `errors.user_os_error`)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise user_os_error(err, path) from None
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def temp_file_beside(path: str | Path) -> Path:
+    """A new empty hidden file next to `path` (umask mode), for writers that open it by name."""
+    fd, tmp = _mkstemp_beside(Path(path))
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = _mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -102,9 +127,11 @@ def temp_sibling(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     except OSError as err:
         raise user_os_error(err, path) from None
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 @contextmanager

@@ -175,7 +175,8 @@ def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, qu
                  prequantized: dict | None = None) -> Path:
     """One `export:` entry. GGUF from the in-memory merged model, so that `prequantized` (the
     base's training bytes, keyed by its state-dict names) is written byte for byte. A full disk
-    or read-only `out_dir` is a `UserError` naming it (the writers leave no temporary file)."""
+    or read-only `out_dir` is a `UserError` naming it (the writers leave no temporary file). A GGUF `out_dir` whose
+    name ends in `.gguf` is the file itself; any other is a folder."""
     try:
         return _export_model(model, tokenizer, merged_dir, out_dir, fmt, quant, prequantized)
     except OSError as err:
@@ -189,7 +190,8 @@ def _export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, q
     if fmt == "gguf":
         quant = quant or "q4_k_m"
         source = model if model is not None else merged_dir
-        path = write_gguf(source, out_dir / f"model-{quant}.gguf", quant, tokenizer=tokenizer,
+        gguf_path = out_dir if out_dir.suffix == ".gguf" else out_dir / f"model-{quant}.gguf"
+        path = write_gguf(source, gguf_path, quant, tokenizer=tokenizer,
                           prequantized=prequantized or None)
         write_modelfile(path, merged_dir)
         return path
@@ -305,12 +307,23 @@ def _rebuild_for_merge(base: str, recipe: Recipe, trained: dict[str, torch.Tenso
     return model
 
 
+def pin_base_model(recipe: Recipe) -> tuple[Recipe, str]:
+    """(recipe with `base_model_commit` set for a Hub id, the local folder to load from)."""
+    from .models.hub import resolve_model
+
+    resolved = resolve_model(recipe.base_model, revision=recipe.base_model_commit)
+    if resolved.commit is not None:
+        recipe = recipe.model_copy(update={"base_model_commit": resolved.commit})
+    return recipe, str(resolved.path)
+
+
 def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool, progress: bool,
            ctx: DistContext) -> RunResult:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     run_dir = Path(run_dir or Path("runs") / (recipe.name or "run"))
-    base = recipe.base_model
+    recipe, base = pin_base_model(recipe)
+    dense_base = base
 
     # Validate everything the user controls before touching the run dir.
     check_run_dir(run_dir)
@@ -333,7 +346,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
                             "the ranks; use train.parallel ddp for ReLoRA")
     tokenizer = load_tokenizer(base, recipe.trust_remote_code)
     train_data, eval_data = build_datasets(recipe.data.train, recipe.data.eval, tokenizer, recipe.data.max_seq_len,
-                                           recipe.data.pack, tcfg.seed, recipe.data.eval_fraction)
+                                           recipe.data.pack, tcfg.seed, recipe.data.eval_fraction, progress=progress)
     lock = _claim_run_dir(run_dir, recipe, resume, ctx)
 
     phases = Phases(run_dir, recipe, ctx)
@@ -430,10 +443,11 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
         if ctx.world == 1:
-            record_for_planner_optional(run_dir, recipe, recipe.base_model, result, phases.ledger)
+            record_for_planner_optional(run_dir, recipe, dense_base, result, phases.ledger)
         else:
             log.info("a %d-rank run is not recorded as a planner calibration of this machine", ctx.world)
         atomic_write_json(run_dir / "summary.json", {
+            "base_model": recipe.base_model, "base_model_commit": recipe.base_model_commit,
             "steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "eval_loss": out.eval_loss,
             "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
             "outputs": out.outputs, "hardware": describe_hardware(), "ranks": ctx.world,

@@ -7,11 +7,12 @@ with its name and the keys that are allowed. Defaults are declared once, on the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from .data.hf_datasets import BUILDERS, DatasetSpec
 from .errors import UserError
 
 QuantBase = Literal["none", "q8_0", "q4_0", "q4_k", "nf4"]
@@ -22,9 +23,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _source_kind(value) -> str:
+    return "spec" if isinstance(value, (dict, DatasetSpec)) else "file"
+
+
+# A data source: a path, or a mapping read as a `DatasetSpec` (errors then name its keys).
+DataSource = Annotated[Union[Annotated[Path, Tag("file")], Annotated[DatasetSpec, Tag("spec")]],
+                       Discriminator(_source_kind)]
+_SOURCE_TAGS = {"file", "spec"}
+
+
 class DataConfig(_Strict):
-    train: Path = Field(description=".jsonl ({text} | {prompt, completion} | {messages}), .txt, or a folder of .txt")
-    eval: Optional[Path] = Field(None, description="held-out data; default: a seeded split of `train`")
+    train: DataSource = Field(
+        description=".jsonl / .parquet / .csv (records of the shapes in greentune.data.shapes), .txt, a folder of "
+                    ".txt, or {dataset: ORG/NAME or PATH, split, name, columns}")
+    eval: Optional[DataSource] = Field(None, description="held-out data; default: a seeded split of `train`")
     max_seq_len: int = Field(512, ge=8, description="tokens per row; must not exceed the model's positions")
     pack: bool = Field(True, description="pack short samples into full rows")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="held-out share of train documents when eval is unset")
@@ -113,7 +126,10 @@ class ExportConfig(_Strict):
 
 
 class Recipe(_Strict):
-    base_model: str
+    base_model: str = Field(description="a local Hugging Face model folder, or a Hub id ORG/NAME[@REVISION]")
+    base_model_commit: Optional[str] = Field(
+        None, pattern=r"^[0-9a-f]{40}$",
+        description="the Hub commit a run resolved base_model to (written into the run's recipe.yaml); set it to pin")
     name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
     trust_remote_code: bool = False
     data: DataConfig
@@ -156,7 +172,7 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _one_line(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
-    loc = tuple(e["loc"])
+    loc = tuple(p for p in e["loc"] if p not in _SOURCE_TAGS)
     key = ".".join(str(p) for p in loc) or "(top level)"
     if e["type"] == "extra_forbidden":
         allowed = _field_names(Recipe, loc)
@@ -183,7 +199,18 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     def fix(p):
         return p if p is None or Path(p).is_absolute() else (base_dir / p).resolve()
 
-    data = recipe.data.model_copy(update={"train": fix(recipe.data.train), "eval": fix(recipe.data.eval)})
+    def fix_source(src):
+        if not isinstance(src, DatasetSpec):
+            return fix(src)
+        local = Path(src.dataset).expanduser()
+        looks_local = (src.dataset.startswith((".", "~")) or local.suffix.lower() in BUILDERS
+                       or (base_dir / local).exists())
+        if local.is_absolute() or not looks_local:
+            return src   # absolute, or a Hub dataset id
+        return src.model_copy(update={"dataset": str(fix(local))})
+
+    data = recipe.data.model_copy(update={"train": fix_source(recipe.data.train),
+                                          "eval": fix_source(recipe.data.eval)})
     base = recipe.base_model
     if base.startswith((".", "/")) or (base_dir / base).exists():
         base = str(fix(Path(base)))

@@ -45,3 +45,52 @@ def test_bad_quant_is_one_line(capsys, tiny_llama_dir):
     assert main(["export", str(tiny_llama_dir), "--format", "gguf", "--quant", "q3_k"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("greentune: error: --quant: quant 'q3_k' is not one of") and "\n" not in err
+
+
+def test_out_ending_in_gguf_is_the_file(tmp_path, tiny_llama_dir, capsys):
+    from gguf import GGUFReader
+
+    out = tmp_path / "mine" / "model.gguf"
+    assert main(["export", str(tiny_llama_dir), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
+    assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    assert len(GGUFReader(out).tensors) > 0
+    assert (tmp_path / "mine" / "model.Modelfile").read_text().startswith("FROM ")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["model.Modelfile", "model.gguf"]
+
+
+def test_out_ending_in_gguf_needs_the_gguf_format(tmp_path, tiny_llama_dir, capsys):
+    assert main(["export", str(tiny_llama_dir), "--format", "hf", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("greentune: error: --out ") and "is a GGUF file, but --format is hf" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_outputs_honour_the_umask(tmp_path, tiny_llama_dir):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(tiny_llama_dir), "--format", "gguf", "--quant", "q8_0",
+                     "--out", str(tmp_path / "a.gguf")]) == 0
+        assert main(["export", str(tiny_llama_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+        os.umask(0o077)
+        assert main(["export", str(tiny_llama_dir), "--format", "gguf", "--quant", "q8_0",
+                     "--out", str(tmp_path / "b.gguf")]) == 0
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+    assert mode(tmp_path / "a.gguf") == 0o644 and mode(tmp_path / "a.Modelfile") == 0o644
+    assert mode(tmp_path / "hf" / "model-hf") == 0o755
+    assert mode(tmp_path / "b.gguf") == 0o600
+
+
+def test_version(capsys):
+    import greentune
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"greentune {greentune.__version__} (torch ")

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from greentune.data.build import build_datasets, split_documents
 from greentune.data.sources import TextSample
@@ -76,3 +77,4 @@ def test_errors_from_the_eval_file_name_it(tmp_path, tokenizer):
     ev.write_text("{oops\n")
     with pytest.raises(UserError, match=rf"^{ev}:1: malformed JSON"):
         build_datasets(train, ev, tokenizer, max_seq_len=8, pack=True, seed=0)
+

@@ -29,6 +29,8 @@ output is tokenised with special tokens recognised, since its markup is made of 
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,15 +56,16 @@ class Segment:
 
 
 def tokenize(samples: list[Sample], tokenizer) -> list[Tokenized]:
-    """Tokenise `samples` with their loss masks; text is encoded in two batched calls."""
+    """Tokenise `samples` with their loss masks; text is encoded in two batched calls (on every core)."""
     docs = [segments(s, tokenizer) for s in samples]
     encoded: dict[bool, dict[str, list[int]]] = {}
     for markup in (False, True):
         texts = list(dict.fromkeys(seg.piece for doc in docs for seg in doc
                                    if isinstance(seg.piece, str) and seg.markup == markup))
         if texts:
-            ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=not markup,
-                            verbose=False)["input_ids"]
+            with parallel_tokenizers():
+                ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=not markup,
+                                verbose=False)["input_ids"]
             encoded[markup] = dict(zip(texts, ids))
     out = []
     for doc in docs:
@@ -74,6 +77,20 @@ def tokenize(samples: list[Sample], tokenizer) -> list[Tokenized]:
             mask += [seg.loss] * len(piece)
         out.append(_wrap(ids, mask, tokenizer))
     return out
+
+
+@contextmanager
+def parallel_tokenizers():
+    """Let the fast tokenizer's batch encode use every core (the CLI turns it off elsewhere, for forks)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 def segments(sample: Sample, tokenizer) -> list[Segment]:

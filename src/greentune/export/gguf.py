@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from greentune.export import gguf_quant, gguf_vocab
 from greentune.export.gguf_tensors import Arch, plan
 from greentune.export.source import ModelSource, Packed
 from greentune.faults import maybe_fault
-from greentune.fsutil import temp_prefix
+from greentune.fsutil import temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +109,7 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
         log.warning("sliding window %d is not represented in GGUF 'llama': contexts beyond it differ from HF",
                     src.config["sliding_window"])
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out_path), suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
+    tmp = temp_file_beside(out_path)
     try:
         summary = _write(src, arch, tensors, n_vocab, quant, Path(tmp), tokenizer_pre,
                          name or (Path(str(model_dir)).name if isinstance(model_dir, (str, os.PathLike))

@@ -53,12 +53,20 @@ def check_safetensors_header(path: Path) -> None:
     read_header(path)
 
 
+def resolve_model_dir(ref: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; a Hub id `ORG/NAME[@REVISION]` → its snapshot folder in the
+    Hugging Face cache, downloaded when online and missing (see `models.hub`)."""
+    from .hub import resolve_model
+
+    return resolve_model(ref, revision).path
+
+
 def check_model_dir(path: str | Path) -> Path:
     """Validate a checkpoint folder: it exists, has config.json and safetensors weights."""
     model_dir = Path(path)
     if not model_dir.exists():
-        raise UserError(f"model not found: {model_dir} (greentune loads local folders; download hub models first, "
-                        f"e.g. `hf download ORG/NAME --local-dir {model_dir}`)")
+        raise UserError(f"model not found: {model_dir} (no such folder; a Hugging Face Hub model is given "
+                        "by its id, ORG/NAME or ORG/NAME@REVISION)")
     if not model_dir.is_dir():
         raise UserError(f"model path is not a folder: {model_dir}")
     if not (model_dir / "config.json").is_file():

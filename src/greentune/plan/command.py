@@ -1,7 +1,7 @@
 """`greentune plan`: arguments, recipe reading and printing (the CLI wires these in).
 
-    greentune plan RECIPE.yaml | --model MODEL_DIR_OR_CONFIG_OR_NAME [--tokens N]
-        [--hardware NAME|this] [--gpus N] [--power-cap-w W] [--deadline-h H] [--json]
+    greentune plan RECIPE.yaml | --model MODEL_DIR_OR_CONFIG_OR_NAME_OR_HUB_ID [--tokens N]
+        [--hardware NAME|this] [--gpus N] [--power-cap-w W] [--deadline-h H] [--json] [--write-recipe FILE]
     greentune plan --list-models
     greentune plan --calibrate [--hardware this]
 
@@ -36,7 +36,8 @@ MAX_TOKENS = 10**15   # ~50x the largest pretraining runs; beyond it the table's
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its model, data and training settings)")
-    p.add_argument("--model", default=None, help="catalogue name (see --list-models), config.json or model folder")
+    p.add_argument("--model", default=None,
+                   help="catalogue name (see --list-models), config.json, model folder or Hub id ORG/NAME[@REVISION]")
     p.add_argument("--tokens", type=count(1, MAX_TOKENS), default=None, help="training tokens (default: the recipe's, else 10M)")
     p.add_argument("--hardware", default="this", help="catalogue name (H100, 4090, 'M2 Max', ...) or 'this'")
     p.add_argument("--gpus", type=count(1, 100_000), default=1, help="devices in the machine (default 1)")
@@ -50,6 +51,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pue", type=real(1, 10), default=None, help="facility / IT energy (default: recipe, else by site)")
     p.add_argument("--wue", type=real(0, 100), default=None, help="on-site litres per IT kWh (default: recipe, else by site)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--write-recipe", default=None, metavar="FILE",
+                   help="also write the recommended technique as a recipe (fill in its data, then greentune train)")
     p.add_argument("--list-models", action="store_true", help="show the model catalogue and exit")
     p.add_argument("--calibrate", action="store_true",
                    help="measure utilisation and power with a short fine-tune on this machine and store them")
@@ -193,11 +196,27 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the model
+
+def facts_for(spec: str):
+    """(facts, label) as `catalogue.model_facts`, plus Hub ids: `ORG/NAME[@REVISION]` that is
+    not a catalogue row's own id is planned from its `config.json`, fetched alone (HF cache first)."""
+    from greentune.models.hub import parse_hub_id, resolve_model
+    from greentune.plan.catalogue import model_facts, models
+
+    parsed = parse_hub_id(str(spec))
+    if parsed is None or (parsed[1] is None and any(m.hf.lower() == parsed[0].lower() for m in models())):
+        return model_facts(spec)
+    resolved = resolve_model(spec, config_only=True)
+    facts, _ = model_facts(resolved.path)
+    return facts, resolved.describe()
+
+
 # ---------------------------------------------------------------- the command
 
 def run_plan(ns: argparse.Namespace) -> int:
     """Entry point for `greentune plan` (see module docstring)."""
-    from greentune.plan.catalogue import list_models_table, model_facts
+    from greentune.plan.catalogue import list_models_table
     from greentune.plan.hardware import find_hardware
     from greentune.plan.recommend import DEFAULT_TARGETS, plan
 
@@ -221,7 +240,7 @@ def run_plan(ns: argparse.Namespace) -> int:
     if not ns.recipe and not ns.model:
         raise UserError("give a recipe YAML or --model (a catalogue name, config.json or model folder)")
     rec = read_recipe(ns.recipe) if ns.recipe else None
-    facts, label = model_facts(rec.base_model if rec else ns.model)
+    facts, label = facts_for(rec.base_model if rec else ns.model)
 
     def pick(cli, attr, default):
         return cli if cli is not None else (getattr(rec, attr) if rec else default)
@@ -237,7 +256,34 @@ def run_plan(ns: argparse.Namespace) -> int:
     print(json.dumps(result.to_dict(), indent=2, default=str) if ns.json else format_table(result))
     if result.recommended is None:
         raise UserError(result.what_would_have_to_change())
+    if ns.write_recipe:
+        write_planned_recipe(ns, result, rec.base_model if rec else ns.model)
     return 0
+
+
+def write_planned_recipe(ns: argparse.Namespace, result, model: str) -> None:
+    """`--write-recipe FILE`: the recommendation as a recipe whose base_model training can load."""
+    import shlex
+    import sys
+
+    from greentune.models.hub import is_hub_id
+    from greentune.plan.catalogue import find_model
+    from greentune.plan.write_recipe import recipe_technique, recipe_text, write_recipe_file
+
+    local = Path(model).expanduser()
+    if local.exists():
+        base = str(local.resolve().parent if local.is_file() else local.resolve())
+    elif is_hub_id(model) and find_model(model) is None:
+        base = model
+    else:
+        base = find_model(model).hf   # a catalogue name: its Hub id
+    estimate, note = recipe_technique(result)
+    command = "greentune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["plan"] \
+        else "greentune plan"
+    text = recipe_text(result, base, estimate, note, command, region=ns.region, pue=ns.pue, wue_onsite=ns.wue)
+    path = write_recipe_file(ns.write_recipe, text)
+    print(f"wrote {path} ({estimate.technique.name}); fill in data.train, then: greentune train {path}",
+          file=sys.stderr if ns.json else sys.stdout)
 
 
 def plan_command(argv: list[str]) -> int:
