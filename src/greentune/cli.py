@@ -54,15 +54,9 @@ def _cmd_train(ns) -> int:
 
 
 def _cmd_eval(ns) -> int:
-    from .evaluate import evaluate_path
+    from .inference import run_eval_command
 
-    report = evaluate_path(ns.target, ns.data, max_seq_len=ns.max_seq_len, batch_size=ns.batch_size)
-    if ns.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"perplexity {report['perplexity']:.4f}  loss {report['loss']:.4f}  "
-              f"{report['tokens']:,} tokens  {report['tokens_per_s']:,.0f} tokens/s  ({report['model']})")
-    return 0
+    return run_eval_command(ns)
 
 
 def _cmd_demo(ns) -> int:
@@ -103,6 +97,17 @@ def _cmd_export(ns) -> int:
     return 0
 
 
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """`greentune eval`'s engine and throughput options (greentune.inference)."""
+    p.add_argument("--engine", choices=["torch", "llamacpp"], default="torch",
+                   help="torch: the PyTorch model; llamacpp: the exported GGUF in llama.cpp (xllamacpp)")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length for prompt processing (default 256)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens per generation (default 128)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable)")
+    p.add_argument("--seconds", type=float, default=2.0, help="meter each of prompt/generation at least this long")
+    p.add_argument("--gguf", default=None, metavar="QUANT", help="which of a run's exported GGUFs (f16, q4_k_m, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -122,12 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on N processes of this machine through torchrun (one per GPU; gloo on CPU)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity and tokens/s of a run or model folder on a data file")
-    p.add_argument("target", help="run dir or HF model folder")
+    p = sub.add_parser("eval", help="perplexity, tokens/s, J/token and memory of a run, model folder or GGUF")
+    p.add_argument("target", help="run dir, HF model folder or .gguf file")
     p.add_argument("--data", required=True, help=".jsonl / .txt / folder of .txt")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the run's, else 512")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
+    _add_inference_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
     from .plan.command import add_plan_arguments, run_plan
