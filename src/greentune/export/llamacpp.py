@@ -61,7 +61,8 @@ def available() -> bool:
     return True
 
 
-def _require(gguf_path: Path) -> None:
+def require_gguf(gguf_path: Path) -> None:
+    """UserError unless the binding is importable and `gguf_path` is a GGUF file."""
     if not available():
         raise UserError("running a GGUF needs the llama.cpp binding: pip install xllamacpp")
     if not gguf_path.is_file():
@@ -87,6 +88,31 @@ def eog_token_ids(gguf_path: str | Path) -> set[int]:
     return ids
 
 
+def gguf_preset(path: str | Path) -> str:
+    """The file's preset (f16, q8_0, q4_k_m, ...) from `general.file_type`, else its stem's suffix."""
+    from gguf import GGUFReader
+
+    from greentune.export.gguf_quant import FILE_TYPE
+
+    path = Path(path)
+    field = GGUFReader(str(path)).get_field("general.file_type")
+    if field is not None:
+        name = {int(v): k for k, v in FILE_TYPE.items()}.get(int(field.contents()))
+        if name:
+            return name
+    return path.stem.rsplit("-", 1)[-1].lower()
+
+
+def gguf_context_length(path: str | Path) -> int | None:
+    """`<arch>.context_length` of the file (the context the model was built for), or None."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = reader.get_field("general.architecture")
+    field = reader.get_field(f"{arch.contents()}.context_length") if arch is not None else None
+    return int(field.contents()) if field is not None else None
+
+
 class LlamaCpp:
     """One GGUF loaded in llama.cpp (an in-process `xllamacpp.Server`), for many requests.
 
@@ -96,7 +122,7 @@ class LlamaCpp:
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int = 512, n_threads: int = 2):
         self.path = Path(gguf_path)
-        _require(self.path)
+        require_gguf(self.path)
         import xllamacpp as x
         p = x.CommonParams()
         p.model.path = str(self.path)

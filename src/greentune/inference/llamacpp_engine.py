@@ -11,34 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from greentune.export.gguf_quant import FILE_TYPE
-from greentune.export.llamacpp import LlamaCpp
+from greentune.export.llamacpp import LlamaCpp, gguf_preset
 
 log = logging.getLogger(__name__)
-
-
-def gguf_format(path: Path) -> str:
-    """The file's preset (f16, q8_0, q4_k_m, ...) from `general.file_type`, else its stem's suffix."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).get_field("general.file_type")
-    if field is not None:
-        by_value = {int(v): k for k, v in FILE_TYPE.items()}
-        name = by_value.get(int(field.contents()))
-        if name:
-            return name
-    return path.stem.rsplit("-", 1)[-1].lower()
-
-
-def gguf_context_length(path: Path) -> int | None:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = reader.get_field("general.architecture")
-    if arch is None:
-        return None
-    field = reader.get_field(f"{arch.contents()}.context_length")
-    return int(field.contents()) if field is not None else None
 
 
 class LlamaCppEngine:
@@ -49,7 +24,7 @@ class LlamaCppEngine:
     def __init__(self, gguf: Path, n_ctx: int, threads: int):
         self.gguf = Path(gguf)
         self.llm = LlamaCpp(self.gguf, n_ctx=n_ctx, n_threads=threads)
-        self.format = gguf_format(self.gguf)
+        self.format = gguf_preset(self.gguf)
         self.description = str(self.gguf)
         self.model_bytes = self.gguf.stat().st_size
         self.reported: dict[str, list[tuple[int, float]]] = {"prompt": [], "generate": []}

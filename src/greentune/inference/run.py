@@ -53,7 +53,7 @@ def _check_args(engine: str, prompt_tokens: int, gen_tokens: int, threads: int, 
 
 def _context_length(t: Target, engine: str) -> int | None:
     if engine == "llamacpp":
-        from greentune.inference.llamacpp_engine import gguf_context_length
+        from greentune.export.llamacpp import gguf_context_length
         return gguf_context_length(t.gguf)
     from greentune.models.facts import load_config_dict
     return load_config_dict(t.model_dir).get("max_position_embeddings")
@@ -110,10 +110,10 @@ def _open_engine(t: Target, engine: str, n_ctx: int, threads: int):
 
 def _check_target(t: Target, engine: str, target) -> None:
     if engine == "llamacpp":
-        from greentune.export.llamacpp import _require
+        from greentune.export.llamacpp import require_gguf
         if t.gguf is None:
             raise UserError(f"{target}: no exported GGUF found (export it first: greentune export {target})")
-        _require(t.gguf)
+        require_gguf(t.gguf)
     elif t.model_dir is None and not (t.run_dir is not None and (t.run_dir / "adapter").is_dir()):
         raise UserError(f"{target}: the torch engine needs a run dir or model folder (got a GGUF file without one)")
 
@@ -148,10 +148,10 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
     if ctx is not None:
         max_seq_len = min(int(max_seq_len), int(ctx))
     rows = load_eval_rows(data, load_tokenizer_for(t), int(max_seq_len))
+    prompt = _prompt_ids(rows, int(prompt_tokens))
     if max_rows is not None:
         from greentune.data.packing import PackedData
         rows = PackedData(rows.input_ids[:max_rows], rows.labels[:max_rows], rows.attention_mask[:max_rows])
-    prompt = _prompt_ids(rows, int(prompt_tokens))
 
     own_meter = meter is None
     meter = meter or Meter.auto()

@@ -134,14 +134,9 @@ def profile_from_gguf(path: str | Path) -> InferenceProfile:
         weight_bytes += nbytes * frac
         if len(t.shape) >= 2:  # matrices (and stacked experts, router included); not norms or biases
             matmul += n * frac
-    fmt = path.stem.rsplit("-", 1)[-1].lower()
-    try:
-        from greentune.inference.llamacpp_engine import gguf_format
-        fmt = gguf_format(path)
-    except Exception:  # noqa: BLE001 — the name is only a label
-        pass
+    from greentune.export.llamacpp import gguf_preset
     return InferenceProfile(
-        name=path.name, format=fmt, weight_bytes_per_token=weight_bytes,
+        name=path.name, format=gguf_preset(path), weight_bytes_per_token=weight_bytes,
         kv_bytes_per_context_token=float(KV_BYTES * layers * kv_heads * (d_k + d_v)),
         matmul_params=matmul, attn_flops_per_context_token=float(2 * layers * heads * (d_k + d_v)),
         file_bytes=float(path.stat().st_size))
