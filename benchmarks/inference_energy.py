@@ -144,36 +144,46 @@ def part_b(a, out: Path, data: Path) -> tuple[list[dict], float]:
         tiny.build_tiny_model("llama", wide, tokenizer=tok, intermediate=8192, **sizes)
     if not (moe / "config.json").exists():
         upcycle(dense, moe, experts=4, top_k=1, seed=0)
+    import psutil
     this = detect_this()
     power = device_power_w(this, a.threads)
+    cores = min(psutil.cpu_count(logical=False) or 1, len(psutil.Process().cpu_affinity() or [1]))
+    peak = this.peak_flops * min(a.threads, cores) / cores   # the threads llama.cpp runs, not the whole CPU
     cases = [("dense 60 M", dense, "f16"), ("dense 60 M", dense, "q8_0"), ("dense 60 M", dense, "q4_0"),
              ("MoE 4x top-1 (equal active, 3x total)", moe, "q8_0"), ("dense 4x MLP (equal total)", wide, "q8_0")]
     rows, bws = [], []
     for name, model_dir, quant in cases:
         path = _export(model_dir, out, quant)
-        bw = measure_bandwidth(a.threads)
+        bw = measure_bandwidth(a.threads, clock="cpu")
         r = _eval(path, data, a, max_rows=1)
-        bw = (bw + measure_bandwidth(a.threads)) / 2   # the bandwidth around this very measurement
+        bw = (bw + measure_bandwidth(a.threads, clock="cpu")) / 2   # the bandwidth around this very measurement
         bws.append(bw)
-        p = project(profile_from_gguf(path), this, a.prompt_tokens, a.gen_tokens, bandwidth_gbs=bw, power_w=power)
+        p = project(profile_from_gguf(path), this, a.prompt_tokens, a.gen_tokens, bandwidth_gbs=bw, power_w=power,
+                    peak_flops=peak)
         total, active = _params(model_dir)
+        tg, pp = r["generate"], r["prompt"]
         rows.append({"model": name, "format": quant, "mb": r["model_bytes"] / 1e6, "total": total, "active": active,
-                     "bw": bw, "pred_tg": p.decode_tokens_per_s, "meas_tg": r["generate"]["tokens_per_s"],
-                     "pred_tg_j": p.decode_j_per_token, "meas_tg_j": r["generate"]["j_per_token"],
-                     "pred_pp": p.prompt_tokens_per_s, "meas_pp": r["prompt"]["tokens_per_s"]})
-        print(f"  calib {name} {quant}: decode predicted {p.decode_tokens_per_s:.1f} measured "
-              f"{r['generate']['tokens_per_s']:.1f} tok/s at {bw:.1f} GB/s", file=sys.stderr)
+                     "bw": bw, "pred_tg": p.decode_tokens_per_s, "meas_tg": tg["tokens_per_cpu_s"] * a.threads,
+                     "meas_tg_wall": tg["tokens_per_s"], "pred_tg_j": p.decode_j_per_token,
+                     "meas_tg_j": tg["j_per_token"], "pred_pp": p.prompt_tokens_per_s,
+                     "meas_pp": pp["tokens_per_cpu_s"] * a.threads, "meas_pp_wall": pp["tokens_per_s"],
+                     "l3_resident": r["model_bytes"] <= a.l3_mb * 2**20, "estimate": r["estimate"]})
+        print(f"  calib {name} {quant}: decode predicted {p.decode_tokens_per_s:.1f}, measured "
+              f"{rows[-1]['meas_tg']:.1f} tok/s per CPU-second ({tg['tokens_per_s']:.1f} wall) at {bw:.1f} GB/s",
+              file=sys.stderr)
     return rows, power
 
 
 def _calib_table(rows: list[dict]) -> str:
     out = ["| model | format | file MB | params total / active | bandwidth GB/s (measured) | decode tok/s predicted "
-           "| measured | pred/meas | decode mJ/tok predicted | measured | prompt tok/s predicted | measured |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| measured (per CPU-s; wall) | pred/meas | decode mJ/tok predicted | measured | prompt tok/s predicted "
+           "| measured (per CPU-s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['format']} | {r['mb']:.0f} | {r['total'] / 1e6:.0f} M / {r['active'] / 1e6:.0f} M "
-                   f"| {r['bw']:.1f} | {r['pred_tg']:.1f} | {r['meas_tg']:.1f} | {r['pred_tg'] / r['meas_tg']:.2f} "
-                   f"| {r['pred_tg_j'] * 1e3:.1f} | {r['meas_tg_j'] * 1e3:.1f} | {r['pred_pp']:,.0f} | {r['meas_pp']:,.0f} |")
+        l3 = " (fits the L3: not DRAM-bound)" if r["l3_resident"] else ""
+        out.append(f"| {r['model']} | {r['format']}{l3} | {r['mb']:.0f} | {r['total'] / 1e6:.0f} M / "
+                   f"{r['active'] / 1e6:.0f} M | {r['bw']:.1f} | {r['pred_tg']:.1f} | {r['meas_tg']:.1f}; "
+                   f"{r['meas_tg_wall']:.1f} | {r['pred_tg'] / r['meas_tg']:.2f} | {r['pred_tg_j'] * 1e3:.1f} "
+                   f"| {r['meas_tg_j'] * 1e3:.1f} | {r['pred_pp']:,.0f} | {r['meas_pp']:,.0f} |")
     return "\n".join(out)
 
 
@@ -187,6 +197,7 @@ def main() -> int:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--rows", type=int, default=40, help="held-out rows of 128 tokens for the perplexity")
     ap.add_argument("--skip-calibration", action="store_true")
+    ap.add_argument("--l3-mb", type=float, default=32.0, help="this CPU's last-level cache, MiB (lscpu)")
     ap.add_argument("--calibration-only", action="store_true", help="part B only (no demo models needed)")
     a = ap.parse_args()
     from greentune.energy.hardware import describe_hardware
@@ -198,14 +209,15 @@ def main() -> int:
              f"loaded (other jobs on the 2 cores); {dt.date.today().isoformat()}")
     t0 = time.time()
     rows = [] if a.calibration_only else part_a(a, out, data)
-    est = any(r["estimate"] for r in rows)
-    text = [f"Machine: {label}. Energy: {'estimate (no energy counter: CPU time × W/thread + RSS × W/GiB)' if est else 'measured'}.",
-            "", _table(rows), "", *_ratios(rows)]
+    text = ["", _table(rows), "", *_ratios(rows)] if rows else []
     calib = []
     if not a.skip_calibration:
         calib, power = part_b(a, out, data)
         text += ["", f"Planner check (plan.inference, 'this' machine at the bandwidth measured beside each run, "
                      f"{power:.2f} W for {a.threads} thread(s)):", "", _calib_table(calib)]
+    est = any(r["estimate"] for r in rows + calib)
+    text.insert(0, f"Machine: {label}. Energy: "
+                   f"{'estimate (no energy counter: CPU time × W/thread + RSS × W/GiB)' if est else 'measured'}.")
     text.append(f"\n({time.time() - t0:.0f} s)")
     print("\n".join(text))
     (out / "results.json").write_text(json.dumps({"machine": label, "rows": rows, "calibration": calib}, indent=2))

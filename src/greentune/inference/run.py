@@ -8,7 +8,9 @@ The steps, each engine alike (see `llamacpp_engine`, `torch_engine`):
 3. ``generate``: `gen_tokens` greedy tokens after that prompt, repeated the same way.
 
 Each of 2 and 3 is one meter window; J/token = window joules ÷ tokens, tokens/s = tokens ÷
-window seconds (wall clock, the same window as the energy). Peak memory is the process's
+window seconds (wall clock, the same window as the energy); ``tokens_per_cpu_s`` divides by the
+process's CPU seconds instead, the rate while it ran, which a machine shared with other jobs
+distorts less (with one thread; with T threads it is T × the per-thread rate). Peak memory is the process's
 peak resident set over the evaluation (sampled every 20 ms), and its growth over the RSS
 before the model was loaded. For a run dir the whole evaluation is one ledger row, phase
 ``inference``, carrying the result in its ``details`` field.
@@ -73,12 +75,14 @@ def _repeat(meter, phase: str, fn, min_seconds: float) -> dict:
     """Call `fn()` (→ tokens) in one meter window until it lasted `min_seconds`; the window's numbers."""
     tokens, repeats = 0, 0
     window = meter.start(phase)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while repeats < MAX_REPEATS and (repeats == 0 or time.perf_counter() - t0 < min_seconds):
         tokens += fn()
         repeats += 1
+    cpu = time.process_time() - cpu0
     m = window.end()
     return {"tokens": tokens, "repeats": repeats, "seconds": m.seconds, "tokens_per_s": tokens / max(m.seconds, 1e-9),
+            "cpu_seconds": cpu, "tokens_per_cpu_s": tokens / max(cpu, 1e-9),
             "joules": m.total_joules, "j_per_token": m.total_joules / max(tokens, 1),
             "joules_by_component": dict(m.joules), "estimate": m.is_estimate}
 
