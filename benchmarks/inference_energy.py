@@ -162,7 +162,8 @@ def part_b(a, out: Path, data: Path) -> tuple[list[dict], float]:
                     peak_flops=peak)
         total, active = _params(model_dir)
         tg, pp = r["generate"], r["prompt"]
-        rows.append({"model": name, "format": quant, "mb": r["model_bytes"] / 1e6, "total": total, "active": active,
+        rows.append({"model": name, "format": quant, "file": str(path), "mb": r["model_bytes"] / 1e6, "total": total,
+                     "active": active,
                      "bw": bw, "pred_tg": p.decode_tokens_per_s, "meas_tg": tg["tokens_per_cpu_s"] * a.threads,
                      "meas_tg_wall": tg["tokens_per_s"], "pred_tg_j": p.decode_j_per_token,
                      "meas_tg_j": tg["j_per_token"], "pred_pp": p.prompt_tokens_per_s,
@@ -171,18 +172,38 @@ def part_b(a, out: Path, data: Path) -> tuple[list[dict], float]:
         print(f"  calib {name} {quant}: decode predicted {p.decode_tokens_per_s:.1f}, measured "
               f"{rows[-1]['meas_tg']:.1f} tok/s per CPU-second ({tg['tokens_per_s']:.1f} wall) at {bw:.1f} GB/s",
               file=sys.stderr)
+    _calibrate(rows, a, this, power, peak)
     return rows, power
 
 
-def _calib_table(rows: list[dict]) -> str:
-    out = ["| model | format | file MB | params total / active | bandwidth GB/s (measured) | decode tok/s predicted "
-           "| measured (per CPU-s; wall) | pred/meas | decode mJ/tok predicted | measured | prompt tok/s predicted "
-           "| measured (per CPU-s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _calibrate(rows: list[dict], a, this, power: float, peak: float) -> None:
+    """Per format, the first (dense) model's measured decode fixes this machine's weight-streaming rate
+    (`effective_bandwidth_gbs`); the projection of every other model in that format uses it."""
+    from greentune.plan.inference import effective_bandwidth_gbs, profile_from_gguf, project
+
+    ref: dict[str, float] = {}
     for r in rows:
-        l3 = " (fits the L3: not DRAM-bound)" if r["l3_resident"] else ""
+        prof = profile_from_gguf(r["file"])
+        if r["format"] not in ref:
+            ref[r["format"]] = effective_bandwidth_gbs(prof, r["meas_tg"], a.prompt_tokens, a.gen_tokens)
+            r["calibrates"] = True
+        r["eff_bw"] = ref[r["format"]]
+        r["cal_tg"] = project(prof, this, a.prompt_tokens, a.gen_tokens, bandwidth_gbs=r["eff_bw"], power_w=power,
+                              peak_flops=peak).decode_tokens_per_s
+
+
+def _calib_table(rows: list[dict]) -> str:
+    out = ["| model | format | file MB | params total / active | probe GB/s | decode tok/s: raw prediction "
+           "| calibrated prediction | measured (per CPU-s; wall) | raw / meas | calibrated / meas "
+           "| decode mJ/tok predicted (raw) | measured | prompt tok/s predicted | measured (per CPU-s) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        l3 = " (fits the L3)" if r["l3_resident"] else ""
+        cal = (f"calibrates ({r['eff_bw']:.1f} GB/s)" if r.get("calibrates") else f"{r['cal_tg']:.1f}")
+        ratio = "—" if r.get("calibrates") else f"{r['cal_tg'] / r['meas_tg']:.2f}"
         out.append(f"| {r['model']} | {r['format']}{l3} | {r['mb']:.0f} | {r['total'] / 1e6:.0f} M / "
-                   f"{r['active'] / 1e6:.0f} M | {r['bw']:.1f} | {r['pred_tg']:.1f} | {r['meas_tg']:.1f}; "
-                   f"{r['meas_tg_wall']:.1f} | {r['pred_tg'] / r['meas_tg']:.2f} | {r['pred_tg_j'] * 1e3:.1f} "
+                   f"{r['active'] / 1e6:.0f} M | {r['bw']:.1f} | {r['pred_tg']:.1f} | {cal} | {r['meas_tg']:.1f}; "
+                   f"{r['meas_tg_wall']:.1f} | {r['pred_tg'] / r['meas_tg']:.2f} | {ratio} | {r['pred_tg_j'] * 1e3:.1f} "
                    f"| {r['meas_tg_j'] * 1e3:.1f} | {r['pred_pp']:,.0f} | {r['meas_pp']:,.0f} |")
     return "\n".join(out)
 

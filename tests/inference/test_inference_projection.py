@@ -66,3 +66,14 @@ def test_plan_prints_serving_beside_training(capsys):
     assert "serving the exported model (q4_k_m" in out
     for device in ("Apple M2", "Apple M3", "Apple M4", "NVIDIA H100 SXM5 80GB"):
         assert device in out.split("serving the exported model")[1]
+
+
+def test_effective_bandwidth_inverts_the_memory_term():
+    """Calibrating on a measured decode and projecting the same model gives the measured rate back."""
+    from greentune.plan.inference import effective_bandwidth_gbs
+
+    prof = InferenceProfile("m", "q8_0", 5.0e7, 1.0e4, 5.0e7, 1.0e3, 5.5e7)
+    bw = effective_bandwidth_gbs(prof, 200.0, 256, 64)
+    assert bw == pytest.approx((5.0e7 + 1.0e4 * 288) * 200.0 / 1e9)
+    p = project(prof, find_hardware("laptop"), 256, 64, bandwidth_gbs=bw)
+    assert p.decode_bound == "memory" and p.decode_tokens_per_s == pytest.approx(200.0)

@@ -161,6 +161,21 @@ def profile_from_facts(facts, quant: str = "q4_k_m", name: str = "model") -> Inf
         file_bytes=float(file_bytes))
 
 
+def decode_bytes_per_token(profile: InferenceProfile, prompt_tokens: int, gen_tokens: int) -> float:
+    """Bytes one decoded token reads: active weights + KV cache at the mean context (prompt + gen/2)."""
+    return profile.weight_bytes_per_token + profile.kv_bytes_per_context_token * (prompt_tokens + gen_tokens / 2.0)
+
+
+def effective_bandwidth_gbs(profile: InferenceProfile, decode_tokens_per_s: float, prompt_tokens: int,
+                            gen_tokens: int) -> float:
+    """The weight-streaming rate a measured decode implies, GB/s: the inverse of `project`'s memory term.
+
+    Measured on one model of a format on one machine, it calibrates the projection of other
+    models in that format there (a CPU thread that dequantises and multiplies while it reads
+    streams weights slower than its memory system could deliver them)."""
+    return decode_bytes_per_token(profile, prompt_tokens, gen_tokens) * decode_tokens_per_s / 1e9
+
+
 def device_power_w(hw: Hardware, threads: int | None = None) -> float:
     """Power while serving: GPU board + host, Apple whole machine, CPU package power of `threads` threads."""
     if hw.kind == "cpu" and threads is not None and hw.name.startswith("this"):
@@ -181,8 +196,7 @@ def project(profile: InferenceProfile, hw: Hardware, prompt_tokens: int = 256, g
     peak = float(peak_flops if peak_flops is not None else hw.peak_flops)
     power = float(power_w if power_w is not None else device_power_w(hw))
     ctx = prompt_tokens + gen_tokens / 2.0
-    decode_bytes = profile.weight_bytes_per_token + profile.kv_bytes_per_context_token * ctx
-    t_mem, t_flop = decode_bytes / bw, profile.flops_per_token(ctx) / peak
+    t_mem, t_flop = decode_bytes_per_token(profile, prompt_tokens, gen_tokens) / bw, profile.flops_per_token(ctx) / peak
     t_decode = max(t_mem, t_flop)
     t_prompt = max(prompt_tokens * profile.flops_per_token((prompt_tokens + 1) / 2.0) / (peak * prompt_utilisation),
                    profile.weight_bytes_per_token / bw)
