@@ -6,7 +6,6 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
