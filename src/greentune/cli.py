@@ -6,12 +6,11 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from .cli_types import OneLineParser, count
+from .cli_types import OneLineParser, count, real
 from .errors import UserError, is_user_os_error, os_error_line
 from .train.signals import Stopped, exit_code
 from .recipe import MAX_EXPERTS
@@ -63,15 +62,9 @@ def _cmd_train(ns) -> int:
 
 
 def _cmd_eval(ns) -> int:
-    from .evaluate import evaluate_path
+    from .inference import run_eval_command
 
-    report = evaluate_path(ns.target, ns.data, max_seq_len=ns.max_seq_len, batch_size=ns.batch_size)
-    if ns.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"perplexity {report['perplexity']:.4f}  loss {report['loss']:.4f}  "
-              f"{report['tokens']:,} tokens  {report['tokens_per_s']:,.0f} tokens/s  ({report['model']})")
-    return 0
+    return run_eval_command(ns)
 
 
 def _cmd_demo(ns) -> int:
@@ -128,6 +121,17 @@ def _version_line() -> str:
             f"Python {platform.python_version()})")
 
 
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """`greentune eval`'s engine and throughput options (greentune.inference)."""
+    p.add_argument("--engine", choices=["torch", "llamacpp"], default="torch",
+                   help="torch: the PyTorch model; llamacpp: the exported GGUF in llama.cpp (xllamacpp)")
+    p.add_argument("--prompt-tokens", type=count(1, 10**6), default=256, help="prompt length for prompt processing (default 256)")
+    p.add_argument("--gen-tokens", type=count(1, 10**6), default=128, help="greedy tokens per generation (default 128)")
+    p.add_argument("--threads", type=count(1, 4096), default=None, help="CPU threads (default: all usable)")
+    p.add_argument("--seconds", type=real(0, 3600, low_open=True), default=2.0, help="meter each of prompt/generation at least this long")
+    p.add_argument("--gguf", default=None, metavar="QUANT", help="which of a run's exported GGUFs (f16, q4_k_m, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="greentune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -148,13 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on N processes of this machine through torchrun (one per GPU; gloo on CPU)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity and tokens/s of a run or model folder on a data file")
-    p.add_argument("target", help="run dir, HF model folder or Hub id ORG/NAME[@REVISION]")
+    p = sub.add_parser("eval", help="perplexity, tokens/s, J/token and memory of a run, model folder or GGUF")
+    p.add_argument("target", help="run dir, HF model folder, Hub id ORG/NAME[@REVISION] or .gguf file")
     p.add_argument("--data", required=True, help=".jsonl / .parquet / .csv / .txt / folder of .txt")
     p.add_argument("--max-seq-len", type=count(1, 10**7), default=None,
                    help="default: the run's, else 512; at most the model's positions")
     p.add_argument("--batch-size", type=count(1, 65536), default=8)
     p.add_argument("--json", action="store_true")
+    _add_inference_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
     from .plan.command import add_plan_arguments, run_plan

@@ -9,6 +9,8 @@ Each line (field names are fixed; tools read them)::
     region, grid_g_per_kwh, kg_co2e = facility_kwh × grid_g_per_kwh / 1000
     wue_onsite_l_per_kwh, offsite_l_per_kwh,
     water_l = it_kwh × wue_onsite_l_per_kwh + facility_kwh × offsite_l_per_kwh
+    details {…}                         optional: what the phase measured besides energy (an
+                                        ``inference`` row carries `greentune eval`'s result)
 
 Distributed jobs: every rank meters its own devices and process, and each `record` is a
 collective that merges the ranks' measurements of the same window into **one row**: rank
@@ -146,13 +148,15 @@ class Ledger:
     def _writes(self) -> bool:
         return self.ctx is None or self.ctx.is_main
 
-    def record(self, measurement: Measurement, phase: str | None = None) -> dict:
-        """Append one row for `measurement` (renamed to `phase` if given); return the row.
+    def record(self, measurement: Measurement, phase: str | None = None, details: dict | None = None) -> dict:
+        """Append one row for `measurement` (renamed to `phase` if given, with `details` if given); return it.
 
         In a distributed job every rank calls this for the same window and gets the merged row."""
         if self._distributed:
             measurement = merge_ranks([Measurement(**d) for d in self.ctx.gather(measurement.to_dict())])
         row = bill(measurement, self.factors, phase)
+        if details is not None:
+            row["details"] = details
         if self._writes:
             append_jsonl(self.path, row)
         return row

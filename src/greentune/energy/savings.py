@@ -25,7 +25,7 @@ from greentune.energy.meter import Meter
 from greentune.fsutil import atomic_write_json
 
 
-class _PeakRss:
+class PeakRss:
     """Samples this process's RSS in a thread; `peak` is the largest seen, bytes."""
 
     def __init__(self, interval_s: float = 0.02):
@@ -38,7 +38,7 @@ class _PeakRss:
         while not self._stop.wait(interval_s):
             self.peak = max(self.peak, self.proc.memory_info().rss)
 
-    def __enter__(self) -> "_PeakRss":
+    def __enter__(self) -> "PeakRss":
         self._thread.start()
         return self
 
@@ -94,7 +94,7 @@ def measure_full_finetune(model_factory: Callable[[], "torch.nn.Module"], batch:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        with _PeakRss() as rss:
+        with PeakRss() as rss:
             for _ in range(warmup_steps):
                 step()
             with meter.phase("full-finetune-probe") as window:

@@ -253,7 +253,7 @@ def run_plan(ns: argparse.Namespace) -> int:
         rank=pick(ns.rank, "rank", 16), targets=rec.targets if rec else DEFAULT_TARGETS,
         merge_every=(rec.relora_merge_every or 200) if rec else 200, extra=[rec.technique()] if rec else None,
         memory_gb=ns.memory_gb)
-    print(json.dumps(result.to_dict(), indent=2, default=str) if ns.json else format_table(result))
+    _print_plan(ns, rec, facts, result)
     if result.recommended is None:
         raise UserError(result.what_would_have_to_change())
     if ns.write_recipe:
@@ -284,6 +284,18 @@ def write_planned_recipe(ns: argparse.Namespace, result, model: str) -> None:
     path = write_recipe_file(ns.write_recipe, text)
     print(f"wrote {path} ({estimate.technique.name}); fill in data.train, then: greentune train {path}",
           file=sys.stderr if ns.json else sys.stdout)
+
+
+def _print_plan(ns, rec, facts, result) -> None:
+    """The training plan, then the modelled serving cost of the exported model (plan/inference.py)."""
+    from greentune.plan.inference import serving_plan
+
+    serving = serving_plan(facts, result.hardware, ns.recipe, rec.upcycle if rec else None)
+    if ns.json:
+        print(json.dumps({**result.to_dict(), "serving": {k: v for k, v in serving.items() if k != "text"}},
+                         indent=2, default=str))
+    else:
+        print(format_table(result) + "\n\n" + serving["text"])
 
 
 def plan_command(argv: list[str]) -> int:

@@ -12,6 +12,8 @@ Inputs (all optional except that a run needs metrics.jsonl or ledger.jsonl):
 * ``recipe.yaml``: shown verbatim.
 * ``savings.json``: {"full_fine_tune": {...}, "rows": [...]} from `energy.savings`.
 * ``summary.json``: the pipeline's summary; ``hardware`` in it is shown when present.
+* ``inference`` ledger rows (`greentune eval`) and ``export/*.gguf``: the serving section
+  (`report.serving`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from pathlib import Path
 from greentune.energy.factors import Factors
 from greentune.energy.ledger import J_PER_KWH, sum_rows
 from greentune.errors import UserError
-from greentune.fsutil import atomic_write_json, atomic_write_text
+from greentune.fsutil import atomic_write_json, atomic_write_text, read_jsonl
+from greentune.report.serving import serving_section
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +176,7 @@ def build_report(run_dir: str | Path) -> dict:
         "summary": summary,
         "hardware": hardware,
         "recipe": recipe_path.read_text(encoding="utf-8") if recipe_path.exists() else None,
+        "serving": serving_section(run_dir, rows),
     }
 
 

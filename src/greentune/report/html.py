@@ -8,6 +8,7 @@ from __future__ import annotations
 from html import escape
 
 from greentune.energy.ledger import J_PER_KWH
+from greentune.report.serving import cost_cards, render_serving
 from greentune.report.svg import bar_chart, fmt, heatmap, line_chart
 
 CSS = """
@@ -92,7 +93,8 @@ def _cards(r: dict) -> str:
         ("total-seconds", "Metered time", _n(t["seconds"], "s"), False),
         ("train-tokens", "Tokens trained", _n(tr["tokens"]), False),
         ("train-j-per-token", "Training energy / token", _n(tr["j_per_token"], "J"), est),
-    ]
+        ("train-joules", "Training energy", _n(tr["joules"], "J"), est),
+    ] + cost_cards(r)
     return '<div class="cards">' + "".join(
         f'<div class="card" id="{i}"><div class="k">{_e(k)}</div><div class="v">{_e(v)}{_tag(e)}</div></div>'
         for i, k, v, e in cards) + "</div>"
@@ -218,6 +220,8 @@ def render_html(r: dict) -> str:
 {_phase_table(r)}
 <p class="note">facility kWh = IT kWh × PUE; kgCO2e = facility kWh × grid gCO2e/kWh ÷ 1000;
 litres = IT kWh × on-site WUE + facility kWh × off-site L/kWh. 1 kWh = {J_PER_KWH:.0f} J.</p>
+<h2>Serving: cost per token of the shipped model</h2>
+{render_serving(r)}
 <h2>Savings</h2>
 {_savings(r)}
 <h2>Factors</h2>
