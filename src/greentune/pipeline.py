@@ -30,6 +30,7 @@ from .moe import fuse_expert_lora_, prepare_moe_, upcycle
 from .moe.hook import MoEHook
 from .recipe import MoeConfig, Recipe, load_recipe
 from .train import distributed
+from .train.activation_checkpointing import apply_activation_checkpointing
 from .train.distributed import SINGLE, DistContext
 from .train.loop import LoopResult, evaluate_loss, run_training
 
@@ -175,7 +176,8 @@ def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, qu
     return export(merged_dir, out_dir, fmt)
 
 
-def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger) -> dict:
+def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger,
+                       checkpointing: bool = False) -> dict:
     """This run's measured speed and power as a planner calibration: written to the run dir
     and stored for this machine, so the next `greentune plan` starts from what was measured."""
     from dataclasses import asdict
@@ -194,7 +196,8 @@ def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: L
     sources = sorted({s for r in rows for s in r["source"].values()})
     cal = record_observation(detect_this(), arch_facts(Path(dense_base)), technique, recipe.data.max_seq_len,
                              result.tokens, result.seconds, joules, power_source="+".join(sources) or "ledger",
-                             micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum))
+                             micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum),
+                             checkpointing=checkpointing)
     data = asdict(cal)
     atomic_write_json(run_dir / "calibration.json", data)
     return data
@@ -301,6 +304,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
                                    router=moe.router, aux_loss_coef=moe.aux_loss_coef)
             if fsdp:
                 distributed.shard_model_(model, ctx)
+        checkpointing = apply_activation_checkpointing(model, recipe, device, ctx)
         if ctx.world > 1:  # dropout masks differ between ranks, reproducibly
             torch.manual_seed(tcfg.seed + 7919 * (ctx.rank + 1))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -365,7 +369,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
         if ctx.world == 1:
-            record_for_planner(run_dir, recipe, recipe.base_model, result, phases.ledger)
+            record_for_planner(run_dir, recipe, recipe.base_model, result, phases.ledger, checkpointing.enabled)
         else:
             log.info("a %d-rank run is not recorded as a planner calibration of this machine", ctx.world)
         atomic_write_json(run_dir / "summary.json", {
@@ -373,6 +377,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
             "outputs": out.outputs, "hardware": describe_hardware(), "ranks": ctx.world,
             "parallel": tcfg.parallel if ctx.world > 1 else None,
+            "activation_checkpointing": checkpointing.to_dict(),
             "energy": {k: out.energy[k] for k in ("it_kwh", "facility_kwh", "kg_co2e", "water_l", "estimate")},
         })
         from .report import write_report

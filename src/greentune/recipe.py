@@ -7,7 +7,7 @@ with its name and the keys that are allowed. Defaults are declared once, on the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -81,6 +81,9 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp replicates the frozen base, fsdp shards it over the ranks")
+    activation_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="recompute each decoder layer in the backward instead of keeping its activations; "
+                            "auto: on when the planner's memory model says the run would not fit without it")
 
 
 class EnergyConfig(_Strict):
