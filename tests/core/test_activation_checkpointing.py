@@ -265,3 +265,76 @@ def test_bad_planner_recipe_value_is_one_line(tmp_path, tiny_llama_dir):
     path.write_text(yaml.safe_dump({"base_model": str(tiny_llama_dir), "train": {"activation_checkpointing": 3}}))
     with pytest.raises(UserError, match="train.activation_checkpointing must be auto, true or false"):
         read_recipe(path)
+
+
+# ---------------------------------------------------------------- end to end: resume, DDP, FSDP
+
+def _write(path, base, data, method=None, **train):
+    path.write_text(yaml.safe_dump({
+        "base_model": str(base), "data": {"train": str(data), "max_seq_len": 64},
+        "method": {"lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"], "dropout": 0.1}, **(method or {})},
+        "train": {"steps": 6, "batch_size": 4, "lr": 2e-3, "warmup": 1, "checkpoint_every": 3, **train},
+        "energy": {"measure_savings": False}}))
+    return path
+
+
+def _cli(recipe, run_dir, *extra, nproc=None, fault=None):
+    cmd = [sys.executable, "-m", "greentune", "train", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra]
+    if nproc:
+        cmd += ["--nproc", str(nproc)]
+    env = {k: v for k, v in os.environ.items() if k != "GREENTUNE_FAULT"}
+    if fault:
+        env["GREENTUNE_FAULT"] = fault
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _adapter(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_killed_run_with_checkpointing_resumes_bit_identically(tmp_path, tiny_llama_dir, text_jsonl):
+    recipe = _write(tmp_path / "r.yaml", tiny_llama_dir, text_jsonl, activation_checkpointing=True)
+    ref = _cli(recipe, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert summary["activation_checkpointing"]["enabled"] is True
+    killed = _cli(recipe, tmp_path / "run", fault="checkpoint-write:6")
+    assert killed.returncode == -9 and (tmp_path / "run" / "checkpoints" / "step-3").is_dir()
+    resumed = _cli(recipe, tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _adapter(tmp_path / "ref"), _adapter(tmp_path / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_train_the_same_with_and_without(tmp_path, tiny_llama_dir, tiny_mixtral_dir, text_jsonl, parallel):
+    """DDP on a dense base; FSDP2 on a quantised MoE with expert LoRA (its layers sharded)."""
+    if parallel == "ddp":
+        base, method = tiny_llama_dir, None
+    else:
+        base, method = tiny_mixtral_dir, {"quant_base": "q4_0",
+                                          "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["attn", "experts"]}}
+    runs = {}
+    for setting in (False, True):
+        recipe = _write(tmp_path / f"{setting}.yaml", base, text_jsonl, method, parallel=parallel,
+                        activation_checkpointing=setting)
+        proc = _cli(recipe, tmp_path / str(setting), nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[setting] = tmp_path / str(setting)
+    on = json.loads((runs[True] / "summary.json").read_text())["activation_checkpointing"]
+    assert on["enabled"] is True
+    assert _losses(runs[True]) == pytest.approx(_losses(runs[False]), rel=1e-6)
+    a, b = _adapter(runs[False]), _adapter(runs[True])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
