@@ -141,8 +141,17 @@ def enable_(model: nn.Module) -> None:
 def apply_activation_checkpointing(model: nn.Module, recipe: Recipe, device,
                                    ctx: DistContext = SINGLE) -> CheckpointingDecision:
     """Decide (`decide`), log the decision, and enable checkpointing on `model` when it is on.
-    Call after the adapters are attached and before training; returns the decision."""
-    decision = decide(recipe, device, ctx)
+    Call after the adapters are attached and before training; returns the decision. In a job
+    rank 0 decides for all (each rank's free memory differs a little from moment to moment)."""
+    decision = None
+    if ctx.is_main:
+        try:
+            decision = decide(recipe, device, ctx)
+        except UserError as e:   # raised on every rank, so that none waits for the others
+            decision = str(e)
+    decision = ctx.from_main(decision)
+    if isinstance(decision, str):
+        raise UserError(decision)
     if decision.enabled and decision.setting == "auto" and not getattr(model, "supports_gradient_checkpointing",
                                                                        False):
         decision = CheckpointingDecision(**{**decision.to_dict(), "enabled": False,
