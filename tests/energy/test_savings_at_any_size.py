@@ -81,7 +81,7 @@ def test_the_planner_models_it_when_not_even_a_slice_fits(tiny_llama_dir, monkey
     from greentune.models.facts import arch_facts
     from greentune.plan.cost import DEFAULT_UTILISATION, Technique, Workload, estimate
     from greentune.plan.recommend import site_factors
-    from greentune.energy.savings import _hardware
+    from greentune.plan.hardware import this_hardware_for
 
     _, one_layer = _limits(tiny_llama_dir)
     _no_whole_model(monkeypatch)
@@ -91,7 +91,7 @@ def test_the_planner_models_it_when_not_even_a_slice_fits(tiny_llama_dir, monkey
     assert full["method"] == "modelled by the planner"
     assert full["estimate"] is True and full["source"] == {"all": "planner"}
     assert full["planner"]["calibrated"] is False    # this test's cache holds no calibration
-    hw = _hardware("cpu")
+    hw = this_hardware_for("cpu")
     e = estimate(arch_facts(tiny_llama_dir), Technique("full", "full"), Workload(tokens=3 * 64, seq_len=32,
                  micro_batch=2), hw, site_factors(hw), 1, DEFAULT_UTILISATION["cpu"])
     assert full["s_per_token"] == pytest.approx(e.seconds / 192)

@@ -149,23 +149,6 @@ def measure_full_finetune(model_factory: Callable[[], "torch.nn.Module"], batch:
             meter.close()
 
 
-def _device_kind(device) -> str:
-    return getattr(device, "type", str(device).split(":")[0])
-
-
-def _hardware(device):
-    """This machine as the planner knows it, of the kind `device` is (its compute dtype)."""
-    from dataclasses import replace
-
-    from greentune.plan.hardware import detect_this
-
-    hw = detect_this()
-    on_gpu = _device_kind(device) != "cpu"
-    if (hw.kind == "cpu") == on_gpu:
-        hw = replace(hw, kind="gpu" if on_gpu else "cpu")
-    return hw
-
-
 def _sliced_config(config, layers: int):
     """`config` with `layers` decoder layers (per-layer lists cut to match)."""
     cfg = copy.deepcopy(config)
@@ -181,9 +164,11 @@ def full_finetune_memory(config, batch_rows: int, seq_len: int, device) -> float
     """The planner's peak bytes of a full fine-tune of `config` on a batch of `batch_rows` × `seq_len`."""
     from greentune.models.facts import arch_facts
     from greentune.plan.cost import Technique, Workload, memory_breakdown
+    from greentune.plan.hardware import this_hardware_for
 
     w = Workload(tokens=batch_rows * seq_len, seq_len=seq_len, micro_batch=batch_rows)
-    return memory_breakdown(arch_facts(config.to_dict()), Technique("full", "full"), w, _hardware(device))["total"]
+    hw = this_hardware_for(device)
+    return memory_breakdown(arch_facts(config.to_dict()), Technique("full", "full"), w, hw)["total"]
 
 
 def _random_slice_factory(config, layers: int, device):
@@ -200,8 +185,13 @@ def _random_slice_factory(config, layers: int, device):
     return build
 
 
+_SLICE_KEYS = ("j_per_token", "s_per_token", "peak_mem_bytes", "trainable_params")
+
+
 def _measure_slice(config, k: int, device, batch: dict, steps: int, meter, whole_bytes: float) -> dict:
     """Measure k layers and no layers, and scale to the model's L (module docstring)."""
+    from greentune.models.facts import arch_facts
+
     total_layers = config.num_hidden_layers
     part = measure_full_finetune(_random_slice_factory(config, k, device), batch, steps, meter=meter)
     base = measure_full_finetune(_random_slice_factory(config, 0, device), batch, steps, meter=meter)
@@ -212,17 +202,14 @@ def _measure_slice(config, k: int, device, batch: dict, steps: int, meter, whole
             out[key] = base[key] + total_layers * per_layer
         else:   # a noisy machine measured the layers as free: scale the whole slice instead
             out[key] = part[key] * total_layers / k
-    from greentune.models.facts import arch_facts
     out.update(
         peak_mem_bytes=int(whole_bytes),
         peak_mem_kind="modelled by the planner (a full copy would not fit)",
         trainable_params=arch_facts(config.to_dict()).total_params,
         method=f"full fine-tune measured on {k} of {total_layers} layers, scaled",
         slice={"layers": k, "of": total_layers, "weights": "random: only time, energy and memory matter",
-               "measured": {key: part[key] for key in ("j_per_token", "s_per_token", "peak_mem_bytes",
-                                                        "trainable_params")},
-               "no_layers": {key: base[key] for key in ("j_per_token", "s_per_token", "peak_mem_bytes",
-                                                         "trainable_params")}})
+               "measured": {key: part[key] for key in _SLICE_KEYS},
+               "no_layers": {key: base[key] for key in _SLICE_KEYS}})
     return out
 
 
@@ -231,11 +218,12 @@ def _modelled(config, device, batch: dict, steps: int, whole_bytes: float) -> di
     from greentune.models.facts import arch_facts
     from greentune.plan.calibrate import load_calibration, utilisation_for
     from greentune.plan.cost import Technique, Workload, estimate
+    from greentune.plan.hardware import this_hardware_for
     from greentune.plan.recommend import site_factors
 
     rows, seq = batch["input_ids"].shape
     facts = arch_facts(config.to_dict())
-    hw = _hardware(device)
+    hw = this_hardware_for(device)
     t = Technique("full", "full")
     w = Workload(tokens=rows * seq * steps, seq_len=seq, micro_batch=rows)
     cal = load_calibration(hw)

@@ -232,11 +232,25 @@ def run_memory_bytes(device="cpu") -> tuple[float, str]:
         if not gb > 0:
             raise UserError(f"{MEMORY_LIMIT_ENV}={raw!r}: expected a positive number of GB")
         return gb * GB, f"{MEMORY_LIMIT_ENV}={raw}"
-    kind = getattr(device, "type", str(device).split(":")[0])
-    if kind == "cuda":
+    if device_type(device) == "cuda":
         import torch
 
         total = torch.cuda.get_device_properties(device).total_memory
         return total * 0.95, "CUDA device memory × 0.95"
     held = psutil.Process().memory_info().rss
     return float(psutil.virtual_memory().available + held), "available RAM + this process's RSS (psutil)"
+
+
+def device_type(device) -> str:
+    """"cpu", "cuda", "mps", … of a torch device or its name."""
+    return getattr(device, "type", str(device).split(":")[0])
+
+
+def this_hardware_for(device) -> Hardware:
+    """This machine (`detect_this`) as the kind of device a run trains on, so that the
+    planner's compute dtype is the run's (a CPU run on a GPU machine computes in fp32)."""
+    hw = detect_this()
+    on_gpu = device_type(device) != "cpu"
+    if (hw.kind == "cpu") == on_gpu:
+        hw = replace(hw, kind="gpu" if on_gpu else "cpu")
+    return hw

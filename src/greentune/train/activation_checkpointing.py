@@ -73,11 +73,9 @@ def recipe_technique(recipe: Recipe):
 def predicted_memory(recipe: Recipe, device, ctx: DistContext = SINGLE) -> dict:
     """The planner's memory breakdown (bytes per device) of this recipe's run on `device`:
     its micro-batch per rank (DDP), or the base sharded over the ranks (FSDP)."""
-    from dataclasses import replace
-
     from ..models.facts import arch_facts
     from ..plan.cost import Workload, memory_breakdown
-    from ..plan.hardware import detect_this
+    from ..plan.hardware import this_hardware_for
 
     t = recipe_technique(recipe)
     facts = arch_facts(Path(recipe.base_model))
@@ -89,10 +87,7 @@ def predicted_memory(recipe: Recipe, device, ctx: DistContext = SINGLE) -> dict:
     devices = ctx.world if sharded else 1
     if ctx.world > 1 and not sharded:
         micro = max(1, micro // ctx.world)
-    hw = detect_this()
-    on_gpu = getattr(device, "type", str(device).split(":")[0]) != "cpu"
-    if (hw.kind == "cpu") == on_gpu:   # only the compute dtype is read from it
-        hw = replace(hw, kind="gpu" if on_gpu else "cpu")
+    hw = this_hardware_for(device)
     w = Workload(tokens=recipe.data.max_seq_len * micro, seq_len=recipe.data.max_seq_len, micro_batch=micro)
     return memory_breakdown(facts, t, w, hw, devices)
 
@@ -119,9 +114,11 @@ def decide(recipe: Recipe, device, ctx: DistContext = SINGLE) -> CheckpointingDe
         reason = f"the recipe sets it {name}"
     elif enabled:
         reason = (f"auto: on, the planner predicts {need / GB:,.2f} GB without it > {available / GB:,.2f} GB "
-                  f"({source}); {need_ckpt / GB:,.2f} GB with it")
+                  f"({source}); {need_ckpt / GB:,.2f} GB with it"
+                  + ("" if need_ckpt <= available else ", which does not fit either"))
     else:
-        reason = f"auto: off, the planner predicts {need / GB:,.2f} GB without it <= {available / GB:,.2f} GB ({source})"
+        reason = (f"auto: off, the planner predicts {need / GB:,.2f} GB without it <= {available / GB:,.2f} GB "
+                  f"({source})")
     return CheckpointingDecision(name, enabled, reason, need, need_ckpt, available, source)
 
 
@@ -152,8 +149,8 @@ def apply_activation_checkpointing(model: nn.Module, recipe: Recipe, device,
     decision = ctx.from_main(decision)
     if isinstance(decision, str):
         raise UserError(decision)
-    if decision.enabled and decision.setting == "auto" and not getattr(model, "supports_gradient_checkpointing",
-                                                                       False):
+    supported = getattr(model, "supports_gradient_checkpointing", False)
+    if decision.enabled and decision.setting == "auto" and not supported:
         decision = CheckpointingDecision(**{**decision.to_dict(), "enabled": False,
                                             "reason": decision.reason + f"; but {type(model).__name__} cannot"})
         log.warning("activation checkpointing: %s", decision.reason)
