@@ -128,10 +128,12 @@ class Recipe(_Strict):
         return self.model_dump(mode="json")
 
     def identity(self) -> dict:
-        """What makes two runs the same run: everything but the energy budget and the name."""
+        """What makes two runs the same run: everything but the energy budget, the name and
+        activation checkpointing (it changes memory, not results: a run may resume with it on)."""
         d = self.dump()
         d.pop("name", None)
         d["energy"].pop("budget_kwh", None)
+        d["train"].pop("activation_checkpointing", None)
         return d
 
 

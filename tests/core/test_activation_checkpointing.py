@@ -338,3 +338,15 @@ def test_two_ranks_train_the_same_with_and_without(tmp_path, tiny_llama_dir, tin
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_run_may_resume_with_another_setting(tmp_path, tiny_llama_dir, text_jsonl):
+    """It changes memory, not results: turning it on to resume a run that ran out of memory is allowed."""
+    from greentune.errors import UserError
+    from greentune.pipeline import prepare_run_dir
+
+    run = tmp_path / "run"
+    prepare_run_dir(run, _recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=False), False)
+    prepare_run_dir(run, _recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=True), True)
+    with pytest.raises(UserError, match="differs at 'train.lr'"):
+        prepare_run_dir(run, _recipe(tmp_path, tiny_llama_dir, text_jsonl, lr=5e-3), True)
