@@ -92,8 +92,8 @@ def read_recipe(path: str | Path) -> RecipeInputs:
 
     Keys read: base_model, data.max_seq_len, method.lora.rank/targets, method.quant_base,
     method.relora.merge_every, moe.upcycle.experts/top_k, train.steps/batch_size/grad_accum/
-    activation_checkpointing, energy.region/pue/wue_onsite. Defaults match greentune.recipe's. This is the one place
-    to switch to the validated pydantic recipe.
+    activation_checkpointing, energy.region/pue/wue_onsite. Defaults match greentune.recipe's.
+    This is the one place to switch to the validated pydantic recipe.
     """
     p = Path(path)
     if not p.is_file():
