@@ -35,6 +35,7 @@ from .moe.hook import MoEHook
 from .recipe import MoeConfig, Recipe, load_recipe
 from .runlock import RunLock
 from .train import checkpoint, distributed
+from .train.activation_checkpointing import apply_activation_checkpointing
 from .train.distributed import SINGLE, DistContext
 from .train.loop import LoopResult, evaluate_loss, run_training
 
@@ -125,10 +126,11 @@ class Phases:
 
 
 def _measure_savings(run_dir: Path, base: str, device, batch: dict, result: LoopResult, phases: Phases) -> None:
-    """The counterfactual, measured here: a few steps of full fine-tuning of the same model and batch."""
-    from .energy.savings import measure_full_finetune, save_savings, savings_table
+    """The counterfactual, measured here: a few steps of full fine-tuning of the same model (or of
+    a slice of its layers, or the planner's model of it, when it would not fit) and batch."""
+    from .energy.savings import full_finetune_counterfactual, save_savings, savings_table
 
-    full = measure_full_finetune(lambda: load_model(base, device=device), batch, steps=3, meter=phases.meter)
+    full = full_finetune_counterfactual(base, device, batch, steps=3, meter=phases.meter)  # never what cannot fit
     rows_train = [r for r in phases.ledger.rows() if r["phase"] == "train"]
     run_joules = sum(sum(r["joules"].values()) for r in rows_train)
     estimate = any(src == "estimate" for r in rows_train for src in r["source"].values())
@@ -201,7 +203,8 @@ def _export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, q
     return export(merged_dir, out_dir, fmt)
 
 
-def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger) -> dict:
+def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger,
+                       checkpointing: bool = False) -> dict:
     """This run's measured speed and power as a planner calibration: written to the run dir
     and stored for this machine, so the next `greentune plan` starts from what was measured."""
     from dataclasses import asdict
@@ -220,18 +223,19 @@ def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: L
     sources = sorted({s for r in rows for s in r["source"].values()})
     cal = record_observation(detect_this(), arch_facts(Path(dense_base)), technique, recipe.data.max_seq_len,
                              result.tokens, result.seconds, joules, power_source="+".join(sources) or "ledger",
-                             micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum))
+                             micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum),
+                             checkpointing=checkpointing)
     data = asdict(cal)
     atomic_write_json(run_dir / "calibration.json", data)
     return data
 
 
 def record_for_planner_optional(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult,
-                                ledger) -> None:
+                                ledger, checkpointing: bool = False) -> None:
     """`record_for_planner`, as the optional bookkeeping it is: a cache that cannot be
     written (read-only $HOME, a bad GREENTUNE_CACHE) is one warning, not a failed run."""
     try:
-        record_for_planner(run_dir, recipe, dense_base, result, ledger)
+        record_for_planner(run_dir, recipe, dense_base, result, ledger, checkpointing)
     except (OSError, ValueError) as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         log.warning("not recorded as a planner calibration: %s%s", getattr(err, "strerror", None) or err, where)
@@ -379,6 +383,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
                                    router=moe.router, aux_loss_coef=moe.aux_loss_coef)
             if fsdp:
                 distributed.shard_model_(model, ctx)
+        checkpointing = apply_activation_checkpointing(model, recipe, device, ctx)
         if ctx.world > 1:  # dropout masks differ between ranks, reproducibly
             torch.manual_seed(tcfg.seed + 7919 * (ctx.rank + 1))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -443,7 +448,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
         if ctx.world == 1:
-            record_for_planner_optional(run_dir, recipe, dense_base, result, phases.ledger)
+            record_for_planner_optional(run_dir, recipe, dense_base, result, phases.ledger, checkpointing.enabled)
         else:
             log.info("a %d-rank run is not recorded as a planner calibration of this machine", ctx.world)
         atomic_write_json(run_dir / "summary.json", {
@@ -452,6 +457,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
             "outputs": out.outputs, "hardware": describe_hardware(), "ranks": ctx.world,
             "parallel": tcfg.parallel if ctx.world > 1 else None,
+            "activation_checkpointing": checkpointing.to_dict(),
             "energy": {k: out.energy[k] for k in ("it_kwh", "facility_kwh", "kg_co2e", "water_l", "estimate")},
         })
         from .report import write_report

@@ -97,6 +97,9 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp replicates the frozen base, fsdp shards it over the ranks")
+    activation_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="recompute each decoder layer in the backward instead of keeping its activations; "
+                            "auto: on when the planner's memory model says the run would not fit without it")
 
 
 class EnergyConfig(_Strict):
@@ -144,10 +147,12 @@ class Recipe(_Strict):
         return self.model_dump(mode="json")
 
     def identity(self) -> dict:
-        """What makes two runs the same run: everything but the energy budget and the name."""
+        """What makes two runs the same run: everything but the energy budget, the name and
+        activation checkpointing (it changes memory, not results: a run may resume with it on)."""
         d = self.dump()
         d.pop("name", None)
         d["energy"].pop("budget_kwh", None)
+        d["train"].pop("activation_checkpointing", None)
         return d
 
 

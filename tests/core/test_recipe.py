@@ -13,7 +13,7 @@ def test_defaults_fill_every_section():
 
 
 @pytest.mark.parametrize("data, expected", [
-    ({**BASE, "train": {"stepz": 3}}, "unknown key 'train.stepz' (allowed here: batch_size,"),
+    ({**BASE, "train": {"stepz": 3}}, "unknown key 'train.stepz' (allowed here: activation_checkpointing, batch_size,"),
     ({**BASE, "method": {"lora": {"rnk": 3}}}, "unknown key 'method.lora.rnk' (allowed here: alpha, dropout, rank, targets)"),
     ({**BASE, "colour": 1}, "unknown key 'colour'"),
     ({**BASE, "method": {"quant_base": "q3"}}, "method.quant_base: Input should be 'none', 'q8_0', 'q4_0', 'q4_k' or 'nf4'"),

@@ -79,6 +79,7 @@ class RecipeInputs:
     region: str | None = None
     pue: float | None = None
     wue_onsite: float | None = None
+    activation_checkpointing: bool | None = None   # None: auto (the planner decides)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -96,9 +97,9 @@ def read_recipe(path: str | Path) -> RecipeInputs:
     """The planner's inputs from a recipe YAML, read as a plain dict.
 
     Keys read: base_model, data.max_seq_len, method.lora.rank/targets, method.quant_base,
-    method.relora.merge_every, moe.upcycle.experts/top_k, train.steps/batch_size/grad_accum,
-    energy.region/pue/wue_onsite. Defaults match greentune.recipe's. This is the one place
-    to switch to the validated pydantic recipe.
+    method.relora.merge_every, moe.upcycle.experts/top_k, train.steps/batch_size/grad_accum/
+    activation_checkpointing, energy.region/pue/wue_onsite. Defaults match greentune.recipe's.
+    This is the one place to switch to the validated pydantic recipe.
     """
     p = Path(path)
     if not p.is_file():
@@ -122,6 +123,9 @@ def read_recipe(path: str | Path) -> RecipeInputs:
     lora = method.get("lora") or {}
     relora = method.get("relora")
     up = moe.get("upcycle")
+    checkpointing = train.get("activation_checkpointing", "auto")
+    if checkpointing not in (True, False, "auto"):
+        raise UserError(f"{p}: train.activation_checkpointing must be auto, true or false, got {checkpointing!r}")
     base = str(d["base_model"])
     if not Path(base).expanduser().exists() and (p.parent / base).exists():
         base = str(p.parent / base)
@@ -133,7 +137,8 @@ def read_recipe(path: str | Path) -> RecipeInputs:
             quant_base=str(method.get("quant_base", "none")),
             relora_merge_every=int((relora or {}).get("merge_every", 200)) if relora is not None else None,
             upcycle=(int(up.get("experts", 8)), int(up.get("top_k", 2))) if up else None,
-            region=energy.get("region"), pue=energy.get("pue"), wue_onsite=energy.get("wue_onsite"))
+            region=energy.get("region"), pue=energy.get("pue"), wue_onsite=energy.get("wue_onsite"),
+            activation_checkpointing=None if checkpointing == "auto" else checkpointing)
     except (TypeError, ValueError) as e:
         raise UserError(f"{p}: {e}") from None
 
@@ -252,7 +257,7 @@ def run_plan(ns: argparse.Namespace) -> int:
         region=pick(ns.region, "region", None), pue=pick(ns.pue, "pue", None), wue_onsite=pick(ns.wue, "wue_onsite", None),
         rank=pick(ns.rank, "rank", 16), targets=rec.targets if rec else DEFAULT_TARGETS,
         merge_every=(rec.relora_merge_every or 200) if rec else 200, extra=[rec.technique()] if rec else None,
-        memory_gb=ns.memory_gb)
+        memory_gb=ns.memory_gb, extra_checkpointing=rec.activation_checkpointing if rec else None)
     _print_plan(ns, rec, facts, result)
     if result.recommended is None:
         raise UserError(result.what_would_have_to_change())

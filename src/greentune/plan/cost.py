@@ -273,6 +273,15 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
             "total": total, "total_checkpointed": total_ckpt}
 
 
+def choose_checkpointing(mem: dict, available_bytes: float, setting: bool | None = None) -> bool:
+    """Activation checkpointing on or off: the recipe's `setting` when it gives one (True /
+    False), else (auto, None) on exactly when the run would not fit in `available_bytes`
+    without it. `mem` is `memory_breakdown`'s dict. The trainer and the planner both decide here."""
+    if setting is not None:
+        return bool(setting)
+    return mem["total"] > available_bytes
+
+
 def flops_per_token(facts: ArchFacts, t: Technique, seq_len: int, checkpointing: bool) -> float:
     """Training FLOPs per token (module docstring), causal attention over `seq_len`."""
     n = facts.active_matmul_params
@@ -333,9 +342,12 @@ def dequant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, c
 def estimate(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, site: Site, devices: int = 1,
              utilisation: float | None = None, measured_power_w: float | None = None,
              power_cap_w: float | None = None, deadline_h: float | None = None,
-             dequant_s_per_weight: dict[str, float] | None = None) -> Estimate:
+             dequant_s_per_weight: dict[str, float] | None = None,
+             checkpointing: bool | None = None) -> Estimate:
     """Predict one technique's cost on `devices` × `hw`, and whether it fits.
 
+    checkpointing: True / False as a recipe's `train.activation_checkpointing` says; None
+    (auto) turns it on only when the run would not fit without it (`choose_checkpointing`).
     utilisation: achieved / peak FLOP/s (calibrated, else `DEFAULT_UTILISATION[kind]`).
     measured_power_w: a calibrated average IT power for the whole machine (replaces the
     board × load + host model; single device only).
@@ -349,7 +361,7 @@ def estimate(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, site: Si
         facts = facts.upcycled(*t.upcycle)
     mem = memory_breakdown(facts, t, w, hw, devices)
     available = hw.memory_gb * GB * hw.usable_fraction
-    ckpt = mem["total"] > available
+    ckpt = choose_checkpointing(mem, available, checkpointing)
     need = mem["total_checkpointed"] if ckpt else mem["total"]
     u = utilisation if utilisation is not None else DEFAULT_UTILISATION[hw.kind]
     fpt = flops_per_token(facts, t, w.seq_len, ckpt)

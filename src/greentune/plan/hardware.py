@@ -207,3 +207,50 @@ def detect_this(pynvml=None) -> Hardware:
         site="desk", source=(f"psutil: {cores} cores × {ghz:.2f} GHz × {fpc} FLOPs/cycle; power {basis}; "
                              f"rest: 0.375 W/GB of RAM; bandwidth 20 GB/s per core (assumed)"),
         aliases=("this",))
+
+
+#: Caps the memory a run may plan with, in GB (1e9 bytes, the planner's GB), on any device: for a
+#: machine shared with other jobs, and for tests of what happens when something does not fit.
+MEMORY_LIMIT_ENV = "GREENTUNE_MEMORY_GB"
+
+
+def run_memory_bytes(device="cpu") -> tuple[float, str]:
+    """The memory this process may fill while it trains on `device`, bytes, and where that figure
+    came from: `GREENTUNE_MEMORY_GB` when set; a CUDA device's total × the GPU usable fraction;
+    on the CPU the machine's available RAM (psutil) plus what this process already holds
+    (the planner's totals include the model this process may already have loaded)."""
+    import os
+
+    import psutil
+
+    raw = os.environ.get(MEMORY_LIMIT_ENV)
+    if raw:
+        try:
+            gb = float(raw)
+        except ValueError:
+            gb = -1.0
+        if not gb > 0:
+            raise UserError(f"{MEMORY_LIMIT_ENV}={raw!r}: expected a positive number of GB")
+        return gb * GB, f"{MEMORY_LIMIT_ENV}={raw}"
+    if device_type(device) == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        return total * 0.95, "CUDA device memory × 0.95"
+    held = psutil.Process().memory_info().rss
+    return float(psutil.virtual_memory().available + held), "available RAM + this process's RSS (psutil)"
+
+
+def device_type(device) -> str:
+    """"cpu", "cuda", "mps", … of a torch device or its name."""
+    return getattr(device, "type", str(device).split(":")[0])
+
+
+def this_hardware_for(device) -> Hardware:
+    """This machine (`detect_this`) as the kind of device a run trains on, so that the
+    planner's compute dtype is the run's (a CPU run on a GPU machine computes in fp32)."""
+    hw = detect_this()
+    on_gpu = device_type(device) != "cpu"
+    if (hw.kind == "cpu") == on_gpu:
+        hw = replace(hw, kind="gpu" if on_gpu else "cpu")
+    return hw

@@ -138,10 +138,12 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
          wue_onsite: float | None = None, rank: int = 16, targets: tuple[str, ...] = DEFAULT_TARGETS,
          merge_every: int = 200, extra: list[Technique] | None = None, memory_gb: float | None = None,
          calibration_file: Path | None = None, use_calibration: bool = True,
-         utilisation: float | None = None) -> PlanResult:
+         utilisation: float | None = None, extra_checkpointing: bool | None = None) -> PlanResult:
     """Estimate every candidate (plus `extra`, e.g. the recipe's own) and pick the cheapest that fits.
 
     `utilisation` overrides both the calibration and the default (for what-if plans and tests).
+    `extra_checkpointing`: the recipe's `train.activation_checkpointing` (True / False), used
+    for the `extra` techniques instead of deciding; None (auto) decides as for every candidate.
     """
     hw = hardware if isinstance(hardware, Hardware) else find_hardware(hardware)
     if memory_gb is not None:
@@ -171,7 +173,9 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         notes[t.name] = found
         return found[0]
 
-    ests = [estimate(facts, t, w, hw, site, gpus, util_of(t), power, power_cap_w, deadline_h, rates)
+    extra_ids = {id(t) for t in extra or []}
+    ests = [estimate(facts, t, w, hw, site, gpus, util_of(t), power, power_cap_w, deadline_h, rates,
+                     checkpointing=extra_checkpointing if id(t) in extra_ids else None)
             for t in techs]
     fitting = sorted((e for e in ests if e.fits), key=lambda e: (e.facility_kwh, e.seconds))
     best = fitting[0] if fitting else None
@@ -209,8 +213,10 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         "norms stay in the compute dtype",
         ("dequantisation timed per format on this hardware" if rates else
          "dequantisation modelled as memory traffic at the hardware's bandwidth"),
-        "memory-efficient attention (no T² scores stored); activation checkpointing only when needed to fit; "
-        "1 GB runtime overhead + 5 % fragmentation",
+        "memory-efficient attention (no T² scores stored); activation checkpointing only when needed to fit"
+        + ("" if extra_checkpointing is None else
+           f" (the recipe's row: {'on' if extra_checkpointing else 'off'}, as its train.activation_checkpointing says)")
+        + "; 1 GB runtime overhead + 5 % fragmentation",
         "multi-GPU: FSDP-style sharding, communication time not modelled; data loading and evaluation not modelled",
     ]
     return PlanResult(model=model, facts=facts, hardware=hw, devices=gpus, workload=w, site=site, estimates=ests,

@@ -141,6 +141,22 @@ def _phase_table(r: dict) -> str:
                   "table-phases")
 
 
+def _counterfactual_basis(full: dict) -> str:
+    """Why the counterfactual was not measured whole, when it was not (energy.savings)."""
+    fit, sl, pl = full.get("fit") or {}, full.get("slice"), full.get("planner")
+    if not (sl or pl):
+        return ""
+    why = (f' A full copy would need {_n(fit.get("whole_bytes", 0) / 2**30, "GiB")}, more than the '
+           f'{_n(fit.get("available_bytes", 0) / 2**30, "GiB")} available ({_e(fit.get("available_source", ""))}):')
+    if sl:
+        m, z = sl["measured"], sl["no_layers"]
+        return why + (f' measured on {sl["layers"]} of {sl["of"]} decoder layers of the same shapes and batch '
+                      f'(weights {_e(sl["weights"])}), {_n(m["j_per_token"], "J/token")}, and without layers (embedding and head), '
+                      f'{_n(z["j_per_token"], "J/token")}; scaled to {sl["of"]} layers.')
+    return why + (f' modelled by the planner at utilisation {pl["utilisation"]:.3f} '
+                  f'({_e(pl["utilisation_basis"])}), {pl["power_w"]:,.0f} W.')
+
+
 def _savings(r: dict) -> str:
     sv = r.get("savings")
     if not sv or not sv.get("rows"):
@@ -159,7 +175,8 @@ def _savings(r: dict) -> str:
         extra = (f'<p class="note">Counterfactual: {_e(full.get("method", ""))}; '
                  f'{_n(full.get("j_per_token"), "J/token")}, {_n(full.get("s_per_token"), "s/token")}, '
                  f'peak memory {_n((full.get("peak_mem_bytes") or 0) / 2**30, "GiB")} ({_e(full.get("peak_mem_kind", ""))}); '
-                 f'sources: {_e(", ".join(f"{k} {v}" for k, v in sorted((full.get("source") or {}).items())))}.</p>')
+                 f'sources: {_e(", ".join(f"{k} {v}" for k, v in sorted((full.get("source") or {}).items())))}.'
+                 f'{_counterfactual_basis(full)}</p>')
     return _table(["quantity", "unit", "this run", "full fine-tune", "saved", "saved %", "method"], rows,
                   "table-savings") + extra
 
