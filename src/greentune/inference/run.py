@@ -57,6 +57,8 @@ def _context_length(t: Target, engine: str) -> int | None:
     if engine == "llamacpp":
         from greentune.export.llamacpp import gguf_context_length
         return gguf_context_length(t.gguf)
+    if t.model_dir is None:   # a run with an adapter only: its base's config is checked when it loads
+        return None
     from greentune.models.facts import load_config_dict
     return load_config_dict(t.model_dir).get("max_position_embeddings")
 
