@@ -60,6 +60,9 @@ def test_llamacpp_eval_json_and_ledger_row(capsys, run_dir, held_out):
     r = json.loads(out)
     _check_numbers(r, "llamacpp", "f32")
     assert r["file"].endswith("model-f32.gguf") and r["prompt"]["engine_tokens_per_s"] > 0
+    m = r["modelled"]
+    assert m["this"]["basis"] == m["Apple M2"]["basis"] == "modelled" and m["this_bandwidth_probe_gbs"] > 0
+    assert m["this"]["bandwidth_gbs"] == pytest.approx(m["this_bandwidth_probe_gbs"])
     rows = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     row = rows[-1]
     assert row["phase"] == "inference" and row["details"]["engine"] == "llamacpp"
@@ -92,6 +95,7 @@ def test_text_output_labels_energy(capsys, run_dir, held_out):
                            "--engine", "llamacpp", *FAST)
     assert code == 0, err
     assert "J/token" in out and "J per 1,000 generated tokens" in out and "(phase inference)" in out
+    assert "modelled (plan.inference): here" in out and "Apple M2" in out
     if "estimate" in out:
         assert "no energy counter" in out
 

@@ -77,3 +77,16 @@ def test_effective_bandwidth_inverts_the_memory_term():
     assert bw == pytest.approx((5.0e7 + 1.0e4 * 288) * 200.0 / 1e9)
     p = project(prof, find_hardware("laptop"), 256, 64, bandwidth_gbs=bw)
     assert p.decode_bound == "memory" and p.decode_tokens_per_s == pytest.approx(200.0)
+
+
+def test_plan_json_has_serving(capsys):
+    import json
+
+    from greentune.plan.command import plan_command
+
+    assert plan_command(["--model", "llama-3.1-8b", "--hardware", "M2 Max", "--json"]) == 0
+    serving = json.loads(capsys.readouterr().out)["serving"]
+    assert serving["profile"]["format"] == "q4_k_m"
+    devices = [p["device"] for p in serving["projections"]]
+    assert devices == ["Apple M2", "Apple M3", "Apple M4", "Apple M2 Max"]
+    assert all(p["basis"] == "modelled" and p["decode_tokens_per_s"] > 0 for p in serving["projections"])

@@ -57,6 +57,8 @@ def _context_length(t: Target, engine: str) -> int | None:
     if engine == "llamacpp":
         from greentune.export.llamacpp import gguf_context_length
         return gguf_context_length(t.gguf)
+    if t.model_dir is None:   # a run with an adapter only: its base's config is checked when it loads
+        return None
     from greentune.models.facts import load_config_dict
     return load_config_dict(t.model_dir).get("max_position_embeddings")
 
@@ -193,9 +195,21 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
         "machine": f"{hw['cpu']} ({hw['usable_cpus']} usable CPUs)" + (f", {', '.join(hw['gpus'])}" if hw["gpus"] else ""),
         "measured_at": measurement.end,
     }
+    if engine == "llamacpp":
+        result["modelled"] = _modelled(t.gguf, threads, prompt_tokens, gen_tokens)
     if record and t.run_dir is not None:
         result["ledger"] = str(record_inference(t.run_dir, measurement, result))
     return result
+
+
+def _modelled(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int) -> dict:
+    """The planner's projection of this file here (at a bandwidth probed now) and on the target laptop."""
+    from greentune.plan.inference import measure_bandwidth, projections_for_file
+
+    bw = measure_bandwidth(threads, megabytes=256, repeats=3)
+    out = projections_for_file(gguf, threads, prompt_tokens, gen_tokens, bandwidth_gbs=bw)
+    out["this_bandwidth_probe_gbs"] = bw
+    return out
 
 
 def record_inference(run_dir: Path, measurement, result: dict) -> Path:
@@ -223,6 +237,14 @@ def format_result(r: dict) -> str:
                      f"({p['tokens']:,} tokens in {p['seconds']:.2f} s)")
     lines.append(f"  cost to serve {r['j_per_1k_generated']:.3g} J per 1,000 generated tokens; peak memory "
                  f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB ({r['rss_growth_bytes'] / 2**20:,.0f} MiB over the start)")
+    m = r.get("modelled")
+    if m:
+        here = m["this"]
+        laptop = next(v for k, v in m.items() if k not in ("this", "this_bandwidth_probe_gbs"))
+        lines.append(f"  modelled (plan.inference): here {here['decode_tokens_per_s']:,.0f} tokens/s decode at "
+                     f"{m['this_bandwidth_probe_gbs']:.1f} GB/s probed ({here['decode_tokens_per_s'] / max(r['generate']['tokens_per_s'], 1e-9):.2f}× "
+                     f"the measured); {laptop['device']} {laptop['decode_tokens_per_s']:,.0f} tokens/s, "
+                     f"{laptop['j_per_1k_generated']:.3g} J per 1,000 generated tokens")
     if r.get("ledger"):
         lines.append(f"  recorded in {r['ledger']} (phase inference)")
     return "\n".join(lines)

@@ -281,3 +281,26 @@ def serving_plan(facts, training: Hardware | None, recipe_path: str | Path | Non
     projections = [project(prof, hw, prompt_tokens, gen_tokens) for hw in serving_devices(training)]
     return {"profile": asdict(prof), "projections": [p.to_dict() for p in projections],
             "text": format_serving(prof, projections, prompt_tokens, gen_tokens)}
+
+
+def projections_for_file(path: str | Path, threads: int, prompt_tokens: int, gen_tokens: int,
+                         bandwidth_gbs: float | None = None) -> dict:
+    """The modelled serving cost of a GGUF file here and on the target laptop (what `greentune eval
+    --engine llamacpp` prints beside its measurement).
+
+    "this" is this machine as the planner sees it (`detect_this`), at the peak and power of
+    `threads` threads on a CPU and at `bandwidth_gbs` (a probe's) when given."""
+    import os
+
+    from greentune.plan.hardware import detect_this, find_hardware
+
+    prof = profile_from_gguf(path)
+    this = detect_this()
+    peak = None
+    if this.kind == "cpu":
+        cores = max(1, min(os.cpu_count() or 1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+        peak = this.peak_flops * min(int(threads), cores) / cores
+    here = project(prof, this, prompt_tokens, gen_tokens, bandwidth_gbs=bandwidth_gbs,
+                   power_w=device_power_w(this, threads), peak_flops=peak)
+    laptop = project(prof, find_hardware(TARGET_LAPTOP), prompt_tokens, gen_tokens)
+    return {"this": here.to_dict(), TARGET_LAPTOP: laptop.to_dict()}
