@@ -125,10 +125,12 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     """`greentune eval`'s engine and throughput options (greentune.inference)."""
     p.add_argument("--engine", choices=["torch", "llamacpp"], default="torch",
                    help="torch: the PyTorch model; llamacpp: the exported GGUF in llama.cpp (xllamacpp)")
-    p.add_argument("--prompt-tokens", type=count(1, 10**6), default=256, help="prompt length for prompt processing (default 256)")
-    p.add_argument("--gen-tokens", type=count(1, 10**6), default=128, help="greedy tokens per generation (default 128)")
-    p.add_argument("--threads", type=count(1, 4096), default=None, help="CPU threads (default: all usable)")
-    p.add_argument("--seconds", type=real(0, 3600, low_open=True), default=2.0, help="meter each of prompt/generation at least this long")
+    p.add_argument("--prompt-tokens", type=count(1), default=None,
+                   help="prompt length for prompt processing (default 256, shortened to fit the model)")
+    p.add_argument("--gen-tokens", type=count(1), default=None,
+                   help="greedy tokens per generation (default 128, shortened to fit the model)")
+    p.add_argument("--threads", type=count(1, 1024), default=None, help="CPU threads (default: all usable)")
+    p.add_argument("--seconds", type=real(0, 3600), default=2.0, help="meter each of prompt/generation at least this long")
     p.add_argument("--gguf", default=None, metavar="QUANT", help="which of a run's exported GGUFs (f16, q4_k_m, ...)")
 
 

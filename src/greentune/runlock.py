@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, user_os_error
 
 LOCK_NAME = ".greentune.lock"
 
@@ -61,8 +61,13 @@ class RunLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:   # a full disk: the lock file cannot even hold a PID
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise user_os_error(err, run_dir) from None
         return cls(run_dir, fd, created)
 
     def release(self) -> None:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import atexit
 import os
+import tempfile
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,8 +56,29 @@ DOCS_PER_BATCH = 2048
 TOKENS_PER_CHUNK = 1 << 22       # packing works through the documents this many tokens at a time
 
 
+_private_root: Path | None = None
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("GREENTUNE_CACHE") or "~/.cache/greentune").expanduser() / "tokens"
+    """`$GREENTUNE_CACHE/tokens` (default ~/.cache/greentune/tokens). The cache is optional
+    bookkeeping: when that folder cannot be made or written (a read-only $HOME, a variable
+    pointing below a file), one warning, and this process tokenises into a private temporary
+    folder removed at exit, so the run goes on."""
+    global _private_root
+    if _private_root is not None:
+        return _private_root
+    root = Path(os.environ.get("GREENTUNE_CACHE") or "~/.cache/greentune").expanduser() / "tokens"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+        reason = "not writable"
+    except OSError as err:
+        reason = err.strerror or str(err)
+    _private_root = Path(tempfile.mkdtemp(prefix="greentune-tokens-"))
+    atexit.register(shutil.rmtree, _private_root, True)
+    log.warning("token cache %s unusable (%s): tokenising into %s for this process only", root, reason, _private_root)
+    return _private_root
 
 
 def _digest(obj) -> str:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from greentune.errors import UserError
+from greentune.recipe import read_run_recipe
 from greentune.inference.target import Target, load_tokenizer_for, resolve_target
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,28 @@ def _check_target(t: Target, engine: str, target) -> None:
         raise UserError(f"{target}: the torch engine needs a run dir or model folder (got a GGUF file without one)")
 
 
-def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "torch", prompt_tokens: int = 256,
-                       gen_tokens: int = 128, threads: int | None = None, max_seq_len: int | None = None,
+DEFAULT_PROMPT_TOKENS, DEFAULT_GEN_TOKENS = 256, 128
+
+
+def _fit_lengths(prompt_tokens: int | None, gen_tokens: int | None, ctx: int | None) -> tuple[int, int]:
+    """The prompt and generation lengths: the user's, refused when they exceed the model's
+    context; the defaults, shortened to fit a small context (half prompt, up to half generation)."""
+    if ctx is not None and prompt_tokens is not None and gen_tokens is not None and prompt_tokens + gen_tokens > ctx:
+        raise UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's context "
+                        f"of {ctx} tokens")
+    room = ctx if ctx is not None else DEFAULT_PROMPT_TOKENS + DEFAULT_GEN_TOKENS
+    if prompt_tokens is None:
+        prompt_tokens = max(1, min(DEFAULT_PROMPT_TOKENS, room // 2, room - (gen_tokens or 1)))
+    if gen_tokens is None:
+        gen_tokens = max(1, min(DEFAULT_GEN_TOKENS, room - prompt_tokens))
+    if ctx is not None and prompt_tokens + gen_tokens > ctx:
+        raise UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's context "
+                        f"of {ctx} tokens")
+    return prompt_tokens, gen_tokens
+
+
+def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "torch",
+                       prompt_tokens: int | None = None, gen_tokens: int | None = None, threads: int | None = None, max_seq_len: int | None = None,
                        batch_size: int = 8, min_seconds: float = 2.0, gguf_quant: str | None = None,
                        max_rows: int | None = None, record: bool = True, meter=None) -> dict:
     """The numbers of the module docstring for `target` on `data` (a dict, JSON-ready).
@@ -133,27 +154,27 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
     `max_rows` limits the perplexity to the first rows (None: all). With `record` and a run
     dir, the evaluation is appended to the run's ledger. Raises UserError for bad input.
     """
-    import yaml
-
     from greentune.energy import Meter
     from greentune.energy.hardware import describe_hardware
     from greentune.energy.savings import PeakRss
     from greentune.evaluate import load_eval_rows
 
     threads = usable_cpus() if threads is None else int(threads)
-    _check_args(engine, int(prompt_tokens), int(gen_tokens), threads, float(min_seconds))
+    _check_args(engine, prompt_tokens or 1, gen_tokens or 1, threads, float(min_seconds))
     t = resolve_target(target, gguf_quant)
     _check_target(t, engine, target)
-    recipe = yaml.safe_load((t.run_dir / "recipe.yaml").read_text()) or {} if t.run_dir else {}
-    if max_seq_len is None:
-        max_seq_len = recipe.get("data", {}).get("max_seq_len", 512)
+    recipe = read_run_recipe(t.run_dir) if t.run_dir else {}
     ctx = _context_length(t, engine)
-    if ctx is not None and prompt_tokens + gen_tokens > ctx:
-        raise UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's context "
-                        f"of {ctx} tokens")
-    if ctx is not None:
-        max_seq_len = min(int(max_seq_len), int(ctx))
+    if max_seq_len is None:   # the run's rows, at most the model's positions
+        max_seq_len = recipe.get("data", {}).get("max_seq_len", 512)
+        max_seq_len = min(int(max_seq_len), int(ctx)) if ctx is not None else max_seq_len
+    elif ctx is not None and max_seq_len > ctx:
+        raise UserError(f"--max-seq-len {max_seq_len} must be between 1 and the model's {ctx} positions ({target})")
+    user_prompt = prompt_tokens is not None
+    prompt_tokens, gen_tokens = _fit_lengths(prompt_tokens, gen_tokens, ctx)
     rows = load_eval_rows(data, load_tokenizer_for(t), int(max_seq_len))
+    if not user_prompt:   # a small held-out file: a shorter default prompt, not a refusal
+        prompt_tokens = max(1, min(prompt_tokens, int(rows.attention_mask.sum()) if len(rows) else 1))
     prompt = _prompt_ids(rows, int(prompt_tokens))
     if max_rows is not None:
         from greentune.data.packing import PackedData
@@ -184,7 +205,7 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
             meter.close()
     hw = describe_hardware()
     result = {
-        "engine": engine, "format": eng.format, "model": eng.description, "data": str(data),
+        "engine": engine, "format": eng.format, "model": t.label or eng.description, "data": str(data),
         "file": str(t.gguf) if engine == "llamacpp" else None, "model_bytes": int(eng.model_bytes),
         "threads": threads, "prompt_tokens": int(prompt_tokens), "gen_tokens": int(gen_tokens),
         "loss": loss, "perplexity": math.exp(loss), "tokens": count, "seconds": eval_seconds,

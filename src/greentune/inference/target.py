@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from greentune.errors import UserError
+from greentune.models.hub import is_hub_id
+from greentune.models.loader import resolve_model_dir
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Target:
     run_dir: Path | None
     model_dir: Path | None     # an HF folder PyTorch can load (merged/ or the folder itself)
     gguf: Path | None
+    label: str | None = None   # what the user named, when that is not a path (a Hub id)
 
 
 def _is_run(path: Path) -> bool:
@@ -46,6 +49,8 @@ def resolve_target(target: str | Path, quant: str | None = None) -> Target:
         run = path.parent.parent if path.parent.name == "export" and _is_run(path.parent.parent) else None
         model_dir = run / "merged" if run is not None and (run / "merged" / "config.json").is_file() else None
         return Target(run, model_dir, path)
+    if not path.exists() and is_hub_id(target):
+        return Target(None, resolve_model_dir(target), None, label=str(target))
     if not path.is_dir():
         raise UserError(f"no run dir, model folder or .gguf file at {path}")
     if _is_run(path):
@@ -65,10 +70,10 @@ def load_tokenizer_for(t: Target):
     if t.model_dir is not None:
         return load_tokenizer(t.model_dir)
     if t.run_dir is not None:
-        import yaml
-        base = (yaml.safe_load((t.run_dir / "recipe.yaml").read_text()) or {}).get("base_model")
-        if base:
-            return load_tokenizer(base)
+        from greentune.recipe import read_run_recipe
+        recipe = read_run_recipe(t.run_dir)
+        if recipe.get("base_model"):
+            return load_tokenizer(resolve_model_dir(recipe["base_model"], recipe.get("base_model_commit")))
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(t.gguf.parent), gguf_file=t.gguf.name)
