@@ -17,8 +17,9 @@ llama-cpp-python``) and pass its interpreter as ``--llama-python``.
      and `export_gguf` alone inside an already started interpreter;
    - llama.cpp: `llama_model_quantize(f16.gguf, Q4_K_M)` with ``nthread`` = threads, the call
      alone (its interpreter start-up and import are not counted).
-   Weights/s per thread = parameters / seconds / threads; the ratio is greentune's over
-   llama.cpp's, best round against best round (the machine is shared; both run in one job).
+   Weights/s per thread = parameters / seconds / threads, on the wall clock and on the CPU
+   clock (user + system seconds: on a shared machine the fairer of the two); the ratio is
+   greentune's over llama.cpp's, best round against best round, both measured in one job.
 2. Quality (`--ppl-steps` > 0): `export_quality.py`'s small Llama trained briefly, exported by
    greentune to f16 and q4_k_m, its f16 GGUF quantised by llama.cpp to Q4_K_M, and all three
    evaluated by llama.cpp (xllamacpp) on held-out text: perplexity increase over f16.
