@@ -2,6 +2,7 @@
 
     python benchmarks/quant_speed.py --llama-python /tmp/qbench-venv/bin/python
     python benchmarks/quant_speed.py --llama-python ... --rounds 1 --ppl-steps 20   # smoke run
+    python benchmarks/quant_speed.py --llama-python ... --threads --ppl-steps 40    # quality only
 
 llama.cpp's quantiser is `llama_cpp.llama_model_quantize` from llama-cpp-python, which compiles
 llama.cpp at install (~15 min on 2 cores) and is no dependency of greentune: install it into a
@@ -159,7 +160,7 @@ def quality(work: Path, llama_python: str, steps: int, eval_tokens: int, ctx: in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python installed")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--threads", type=int, nargs="*", default=[1], help="thread counts to time (none: skip)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ppl-steps", type=int, default=150, help="0: skip the perplexity part")
     ap.add_argument("--eval-tokens", type=int, default=1024)

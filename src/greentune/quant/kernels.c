@@ -1,9 +1,9 @@
 /* greentune.quant native kernels: packed GGUF blocks <-> float32, one block after another.
  *
  * Built on first use by `kernels.py` with the system C compiler (cc -O3 -march=native
- * -ffp-contract=off) and called through ctypes. Each dequantise function computes exactly what
- * the format's plain-torch `_dequantize_blocks` computes, and each quantise function exactly
- * what its `_quantize_blocks` computes, in the same order of fp32 operations (no fused
+ * -ffp-contract=off -fno-trapping-math) and called through ctypes. Each dequantise function
+ * computes exactly what the format's plain-torch `_dequantize_blocks` computes, and each
+ * quantise function exactly what its `_quantize_blocks` computes, in the same order of fp32 operations (no fused
  * multiply-add: -ffp-contract=off), so values and bytes are bit-identical; tests check it.
  */
 #include <math.h>
