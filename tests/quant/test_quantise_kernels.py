@@ -147,25 +147,28 @@ def test_streaming_loader_quantises_with_the_kernels(tmp_path, tokenizer, monkey
 
 
 def test_gguf_exporter_quantises_with_the_kernels(tmp_path, tokenizer, monkeypatch):
-    """q4_k_m (Q4_K + Q6_K) and q4_0 (Q4_0 + Q6_K head) exports never reach plain torch or
-    gguf.quants; the bytes are the ones gguf's reader returns."""
+    """q4_k_m (Q4_K + Q6_K), q4_0 (Q4_0 + Q6_K head) and q8_0 exports never reach plain torch or
+    gguf.quants, and the tensor bytes gguf's reader returns are the plain-torch quantiser's."""
     import gguf.quants
     from gguf import GGUFReader
+    from safetensors.torch import load_file
 
     from greentune.export.gguf import export_gguf
     from greentune.models.tiny import build_tiny_model
     src = tmp_path / "model"
     build_tiny_model("llama", src, tokenizer=tokenizer, hidden=256, intermediate=512, layers=1)
+    down = load_file(src / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    # layer 0 of 1 is in use_more_bits' last eighth: ffn_down is Q6_K under q4_k_m
+    fmts = {"q4_k_m": ("Q6_K", "q6_k"), "q4_0": ("Q4_0", "q4_0"), "q8_0": ("Q8_0", "q8_0")}
+    expected = {q: get_format(f)._quantize_blocks(down.reshape(-1, get_format(f).block_size)).numpy()
+                for q, (_, f) in fmts.items()}
     _refuse_plain(monkeypatch)
     monkeypatch.setattr(gguf.quants, "quantize", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("gguf.quants used")))
-    for quant in ("q4_k_m", "q4_0", "q8_0"):
-        summary = export_gguf(src, tmp_path / f"m-{quant}.gguf", quant)
-        reader = GGUFReader(summary.path)
+    for quant, (gtype, _) in fmts.items():
+        reader = GGUFReader(export_gguf(src, tmp_path / f"m-{quant}.gguf", quant).path)
         types = {t.name: t.tensor_type.name for t in reader.tensors}
-        assert set(types.values()) >= ({"Q4_K", "Q6_K"} if quant == "q4_k_m" else
-                                       {"Q4_0", "Q6_K"} if quant == "q4_0" else {"Q8_0"})
-        # the bytes dequantise to the weights (within the format's error)
+        assert set(types.values()) >= ({"Q4_K", "Q6_K"} if quant == "q4_k_m" else {gtype})
         t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-        assert np.isfinite(w).all() and w.shape == (256, 512)
+        assert t.tensor_type.name == gtype
+        assert np.array_equal(np.asarray(t.data).reshape(-1), expected[quant].reshape(-1))
