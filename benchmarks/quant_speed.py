@@ -18,8 +18,8 @@ llama-cpp-python``) and pass its interpreter as ``--llama-python``.
      and `export_gguf` alone inside an already started interpreter;
    - llama.cpp: `llama_model_quantize(f16.gguf, Q4_K_M)` with ``nthread`` = threads, the call
      alone (its interpreter start-up and import are not counted).
-   Weights/s per thread = parameters / seconds / threads, on the wall clock and on the CPU
-   clock (user + system seconds: on a shared machine the fairer of the two); the ratio is
+   Weights/s per thread = parameters / wall seconds / threads, and parameters per CPU second
+   (user + system, all threads: on a shared machine the fairer of the two); the ratio is
    greentune's over llama.cpp's, best round against best round, both measured in one job.
 2. Quality (`--ppl-steps` > 0): `export_quality.py`'s small Llama trained briefly, exported by
    greentune to f16 and q4_k_m, its f16 GGUF quantised by llama.cpp to Q4_K_M, and all three
@@ -130,7 +130,9 @@ def speed(work: Path, llama_python: str, threads: int, rounds: int) -> dict:
             "cpu": {"greentune_cli": best("greentune_cli", "cpu"),
                     "greentune_export": best("greentune_export", "part_cpu"),
                     "llamacpp": best("llamacpp", "part_cpu")}}
-    per_thread = {clock: {k: n_params / v / threads for k, v in d.items()} for clock, d in secs.items()}
+    # CPU seconds already add up the threads: weights per CPU-second is per thread as it is
+    per_thread = {clock: {k: n_params / v / (threads if clock == "wall" else 1) for k, v in d.items()}
+                  for clock, d in secs.items()}
     ratios = {clock: {k: d["llamacpp"] / d[k] for k in ("greentune_cli", "greentune_export")}
               for clock, d in secs.items()}
     return {"params": n_params, "threads": threads, "rounds": runs, "best_s": secs,
