@@ -26,8 +26,10 @@ q4_k_m    llama.cpp's Q4_K_M mix (src/llama-quant.cpp, `llama_tensor_get_type_im
 Never quantised (as in llama.cpp): 1-D tensors (norms, biases), the router
 `ffn_gate_inp` (routing decisions are sensitive and the tensor is tiny), rope factors.
 
-Quantisers: Q8_0/Q4_0/Q5_0/Q5_1 use `gguf.quants` (the numpy port of ggml's reference
-quantisers). Q4_K/Q6_K come from `greentune.quant.formats` (imported lazily).
+Quantisers: Q8_0/Q4_0/Q4_K/Q6_K come from `greentune.quant.formats` (imported lazily), whose
+`quantize` runs the native multi-threaded kernels (`greentune.quant.kernels`; Q8_0/Q4_0 bytes
+equal `gguf.quants`'). Q5_0/Q5_1, only ever a fallback for rows that are not whole K-quant
+blocks, use `gguf.quants` (the numpy port of ggml's reference quantisers).
 """
 from __future__ import annotations
 
@@ -162,8 +164,8 @@ def _gguf(t: T) -> Callable[[np.ndarray], np.ndarray]:
 QUANTISERS: dict[T, Callable[[np.ndarray], np.ndarray]] = {
     T.F32: lambda x: np.ascontiguousarray(x, dtype=np.float32),
     T.F16: lambda x: np.ascontiguousarray(x, dtype=np.float16),
-    T.Q8_0: _gguf(T.Q8_0),
-    T.Q4_0: _gguf(T.Q4_0),
+    T.Q8_0: _ours("q8_0"),
+    T.Q4_0: _ours("q4_0"),
     T.Q5_0: _gguf(T.Q5_0),
     T.Q5_1: _gguf(T.Q5_1),
     T.Q4_K: _ours("q4_k"),

@@ -108,11 +108,18 @@ class BlockFormat:
 
     # ---- the two operations ----------------------------------------------------------------
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """float ``[..., K]`` → uint8 ``packed_shape(w.shape)``; K must be a multiple of block_size."""
+        """float ``[..., K]`` → uint8 ``packed_shape(w.shape)``; K must be a multiple of block_size.
+
+        On CPU by the format's native kernel when it has one and it can be built
+        (`kernels.quantize_blocks`; the same bytes as `_quantize_blocks`, bit for bit)."""
         w = torch.as_tensor(w)
         packed = self.packed_shape(w.shape)
         blocks = w.detach().reshape(-1, self.block_size).to(torch.float32)
-        out = self._quantize_blocks(blocks)
+        from . import kernels                   # (lazy: kernels imports nothing of ours)
+        if kernels.quantize_wanted(self, blocks.device):
+            out = kernels.quantize_blocks(self, blocks)         # same bytes, native code
+        else:
+            out = self._quantize_blocks(blocks)
         assert out.shape == (blocks.shape[0], self.type_size), (self.name, out.shape)
         return out.reshape(packed)
 

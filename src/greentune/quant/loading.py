@@ -10,7 +10,8 @@
 3. Each safetensors shard is read tensor by tensor with plain file reads (not mmap: mapped
    pages would count as resident until the file is closed) and each tensor is quantised into
    its module, or, if it is not quantised (embeddings, norms, lm_head, routers), materialised
-   in `dtype`, then dropped. Peak memory ≈ quantised model + non-quantised weights + the
+   in `dtype`, then dropped (quantising runs in the native kernels, `kernels.quantize_blocks`,
+   over `torch.get_num_threads()` threads). Peak memory ≈ quantised model + non-quantised weights + the
    largest tensor (+ its fp32 copy and a few MB of quantiser work space). The packed buffers
    are uninitialised storage (`replace.empty_quantized_module`), resident only once written,
    and `greentune.heap.limit_heap_retention` fixes glibc's mmap threshold at 1 MB for the process, so freed

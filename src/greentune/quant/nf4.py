@@ -16,6 +16,9 @@ dequantises and writes another type.
   *dequantised* absmax, the scale they will be multiplied by. Because the second-level
   blocks span rows, `nf4_dq` packs a whole tensor into one flat byte string (`row_local` is
   False): packed shape ``(n_blocks·33 + 4·ceil(n_blocks/256) + 4,)``.
+
+On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirror of `NF4._quantize_blocks` (the same
+bytes); `nf4_dq` quantises in torch (its second-level scales span the tensor).
 """
 from __future__ import annotations
 

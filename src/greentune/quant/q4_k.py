@@ -17,6 +17,10 @@ against the stored (f16 × 6-bit) scale and min. Here the search runs for all gr
 torch (fp32, round-half-even like `nearest_int`). Sums are reduced in torch's order, not C's
 sequential order, so a rare group whose candidate errors tie to the last bit may pick the other
 candidate; its error is then equal to within fp32 rounding (see `make_qkx2_quants`).
+
+On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirror of `_quantize_chunk` instead (the same
+bytes: torch's summation order and torch's own sqrt are kept); this torch code is the reference
+it is tested against and the path on other devices.
 """
 from __future__ import annotations
 

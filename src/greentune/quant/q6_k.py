@@ -16,6 +16,7 @@ Quantisation follows ggml's `quantize_row_q6_K_ref`: per group `make_qx_quants(1
 rmse_type=1)` (weights x², 19 candidate grids ``iscale = −(32 + 0.1·i)/max``, i = −9..9, the best
 by ``(Σwxl)²/Σwl²``), the group scales quantised to int8 against the largest, then each weight
 re-rounded against its stored scale. It is the type the Q4_K_M mix uses for some tensors.
+On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirror of `_quantize_chunk` (the same bytes).
 """
 from __future__ import annotations
 

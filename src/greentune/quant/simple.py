@@ -8,6 +8,9 @@ Bytes equal gguf-py's `gguf.quants.quantize` (itself bit-exact with ggml's
 * Q4_0, 32 weights → 18 bytes (4.5 bits/weight): ``d = max / -8`` where `max` is the signed
   weight of largest magnitude, stored as f16; ``q = min(15, trunc(x / d + 8.5))``, low
   nibbles hold weights 0–15, high nibbles 16–31; ``x̂ = d · (q − 8)``.
+
+On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirrors of the Q8_0/Q4_0 `_quantize_blocks`
+(the same bytes).
 """
 from __future__ import annotations
 
