@@ -156,3 +156,12 @@ def test_build_datasets_from_a_dataset_entry(tmp_path, tokenizer):
     train, held = build_datasets(DatasetSpec(dataset=str(pq), columns={"body": "text"}), None, tokenizer,
                                  max_seq_len=16, pack=False, seed=0, eval_fraction=0.1)
     assert len(train) == 18 and len(held) == 2
+
+
+def test_the_recipe_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, greentune.recipe; print('torch' in sys.modules, 'datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr

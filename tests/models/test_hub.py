@@ -128,3 +128,69 @@ def test_the_environment_is_honoured_by_a_fresh_process(offline_hub, tiny_llama_
     proc = subprocess.run([sys.executable, "-m", "greentune", "plan", "--model", "nobody/nothing"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "HF_HUB_OFFLINE=1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class FakeHub:
+    """Stands in for the network side of `snapshot_download`: serves `repo`'s files through
+    huggingface_hub's own pattern filter, so what greentune asks for is what it gets."""
+
+    def __init__(self, repo: Path, tmp: Path, error=None):
+        self.repo, self.snapshot, self.error, self.asked = repo, tmp / "snap" / ("c" * 40), error, []
+
+    def __call__(self, repo_id, revision=None, allow_patterns=None, ignore_patterns=None, local_files_only=False,
+                 **kw):
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.utils import filter_repo_objects
+
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        if self.error is not None:
+            raise self.error
+        names = [str(p.relative_to(self.repo)) for p in self.repo.rglob("*") if p.is_file()]
+        picked = sorted(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        self.asked.append(picked)
+        for name in picked:
+            (self.snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.snapshot / name).write_bytes((self.repo / name).read_bytes())
+        return str(self.snapshot)
+
+
+def test_download_fetches_config_tokenizer_and_indexed_shards_only(tmp_path, monkeypatch, tiny_llama_dir):
+    import shutil
+
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_llama_dir, repo)
+    (repo / "model.safetensors").rename(repo / "model-00001-of-00001.safetensors")
+    (repo / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}}))
+    for extra in ("pytorch_model.bin", "consolidated.safetensors", "original/model.safetensors", "README.md"):
+        (repo / extra).parent.mkdir(exist_ok=True)
+        (repo / extra).write_bytes(b"not wanted")
+    fake = FakeHub(repo, tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    r = resolve_model("org/model")
+    assert r.commit == "c" * 40 and r.path == fake.snapshot
+    assert "config.json" in fake.asked[0] and "tokenizer.json" in fake.asked[0]
+    assert fake.asked[1] == ["model-00001-of-00001.safetensors"]
+    got = {str(p.relative_to(fake.snapshot)) for p in fake.snapshot.rglob("*") if p.is_file()}
+    assert not got & {"pytorch_model.bin", "consolidated.safetensors", "original/model.safetensors", "README.md"}
+    assert resolve_model("org/model", config_only=True) and fake.asked[-1] == ["config.json"]
+
+
+@pytest.mark.parametrize("error,needles", [
+    ("gated", ("org/model is gated: accept its licence on https://huggingface.co/org/model", "`hf auth login`")),
+    ("missing", ("org/model: no such model on the Hugging Face Hub, or it is private", "hf download org/model")),
+])
+def test_gated_or_missing_repo_is_one_line(tmp_path, monkeypatch, error, needles):
+    import httpx2 as httpx
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    response = httpx.Response(403 if error == "gated" else 404, request=httpx.Request("GET", "https://huggingface.co"))
+    exc = (GatedRepoError if error == "gated" else RepositoryNotFoundError)("no", response=response)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tmp_path, tmp_path, error=exc))
+    with pytest.raises(UserError) as err:
+        resolve_model("org/model")
+    assert all(n in str(err.value) for n in needles) and "\n" not in str(err.value)
