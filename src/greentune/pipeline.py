@@ -24,10 +24,11 @@ from .energy.hook import EnergyHook
 from .errors import UserError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from .models.loader import check_model_dir, default_device, load_config, load_model, load_tokenizer, max_positions
-from .quant import load_quantized
-from .quant.dequantize import dequantize_model_
+from .models.support import check_family
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
 from .moe.hook import MoEHook
+from .quant import load_quantized
+from .quant.dequantize import dequantize_model_
 from .recipe import MoeConfig, Recipe, load_recipe
 from .train import distributed
 from .train.distributed import SINGLE, DistContext
@@ -253,6 +254,8 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
     # Validate everything the user controls before touching the run dir.
     check_model_dir(base)
     config = load_config(Path(base), recipe.trust_remote_code)
+    if not (recipe.moe and recipe.moe.upcycle):   # an upcycled base is checked as the Mixtral it becomes
+        check_family(config.to_dict(), recipe.export)
     limit = max_positions(config)
     if limit is not None and recipe.data.max_seq_len > limit:
         raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "

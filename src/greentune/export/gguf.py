@@ -8,12 +8,14 @@ type), then each tensor is read, permuted/stacked, quantised and written before 
 one is read, so peak memory is about one (stacked-expert) tensor. It is written to a
 temporary name in the target folder and renamed when complete.
 
-Metadata written (llama arch): `general.{architecture,name,file_type,quantization_version}`,
-`llama.{context_length, embedding_length, block_count, feed_forward_length,
-rope.dimension_count, rope.freq_base, attention.head_count, attention.head_count_kv,
-attention.layer_norm_rms_epsilon, vocab_size}`, `llama.attention.{key,value}_length` when
-head_dim ≠ n_embd/n_head, `llama.rope.scaling.*` for linear scaling, `llama.expert_count`
-and `llama.expert_used_count` for MoE, and the tokenizer keys of `gguf_vocab`.
+Metadata written, under the family's llama.cpp architecture ARCH (`gguf_families`):
+`general.{architecture,name,file_type,quantization_version}`, `ARCH.{context_length,
+embedding_length, block_count, feed_forward_length, rope.dimension_count, rope.freq_base,
+attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon,
+vocab_size}`, `ARCH.attention.{key,value}_length` when head_dim ≠ n_embd/n_head (always
+for the families llama.cpp reads it from), `ARCH.rope.scaling.*` for linear scaling,
+`ARCH.expert_count` and `ARCH.expert_used_count` for MoE, the family's own keys
+(`Family.keys`), and the tokenizer keys of `gguf_vocab`.
 
 Quantisation presets and the per-tensor mix are in `gguf_quant`. Tensors given in
 `prequantized` (HF name → (ggml type, block bytes)) are written byte for byte whatever the
@@ -73,7 +75,7 @@ def _as_source(model, tokenizer, prequantized) -> ModelSource:
 def write_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None,
                prequantized: dict | None = None, tokenizer_pre: str | None = None,
                name: str | None = None) -> Path:
-    """Export a llama/mistral/qwen2/mixtral model to GGUF at `out_path`; return the path.
+    """Export a model of a `gguf_families.FAMILIES` type to GGUF at `out_path`; return the path.
 
     Args:
         model_dir: HF model directory (config.json, *.safetensors, tokenizer files), or an
@@ -129,7 +131,7 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
 
 def _write(src: ModelSource, arch: Arch, tensors, n_vocab: int, quant: str, path: Path,
            tokenizer_pre: str | None, name: str) -> GGUFSummary:
-    w = GGUFWriter(path, "llama")
+    w = GGUFWriter(path, arch.family.name)
     try:
         return _write_all(w, src, arch, tensors, n_vocab, quant, path, tokenizer_pre, name)
     finally:
@@ -209,12 +211,12 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
     w.add_embedding_length(a.n_embd)
     w.add_block_count(a.n_layer)
     w.add_feed_forward_length(a.n_ff)
-    w.add_rope_dimension_count(a.head_dim)
+    w.add_rope_dimension_count(a.n_rot or a.head_dim)
     w.add_head_count(a.n_head)
     w.add_head_count_kv(a.n_head_kv)
     w.add_layer_norm_rms_eps(a.eps)
     w.add_rope_freq_base(a.rope_theta)
-    if a.head_dim != a.n_embd // a.n_head:
+    if a.head_dim != a.n_embd // a.n_head or a.family.name != "llama":
         w.add_key_length(a.head_dim)
         w.add_value_length(a.head_dim)
     rtype = a.rope_scaling.get("rope_type", a.rope_scaling.get("type"))
@@ -226,3 +228,5 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
     if a.n_expert:
         w.add_expert_count(a.n_expert)
         w.add_expert_used_count(a.n_expert_used)
+    if a.family.keys is not None:
+        a.family.keys(w, a.config)
