@@ -117,16 +117,16 @@ def test_prequantized_must_cover_all_experts(tmp_path, scaled_mixtral_dir):
 
 
 def test_user_errors(tmp_path, scaled_llama_dir, tokenizer):
-    from transformers import AutoModelForCausalLM, Phi3Config
+    from safetensors.torch import save_file
+    from transformers import GptOssConfig
     with pytest.raises(UserError, match="unknown GGUF quant"):
         write_gguf(scaled_llama_dir, tmp_path / "x.gguf", "q3_k")
-    phi3 = tmp_path / "phi3"        # no GGUF mapping yet (tests/families)
-    AutoModelForCausalLM.from_config(Phi3Config(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-        pad_token_id=tokenizer.pad_token_id)).save_pretrained(phi3)
-    tokenizer.save_pretrained(phi3)
-    with pytest.raises(UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'phi3'"):
-        write_gguf(phi3, tmp_path / "x.gguf", "f16")
+    gpt_oss = tmp_path / "gpt_oss"      # no GGUF mapping yet: refused from its config alone
+    GptOssConfig().save_pretrained(gpt_oss)
+    save_file({"placeholder": torch.zeros(1)}, str(gpt_oss / "model.safetensors"))
+    tokenizer.save_pretrained(gpt_oss)
+    with pytest.raises(UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt_oss'"):
+        write_gguf(gpt_oss, tmp_path / "x.gguf", "f16")
     with pytest.raises(UserError, match="config.json"):
         write_gguf(tmp_path, tmp_path / "x.gguf")
     with pytest.raises(UserError, match="not a tensor"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +115,10 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
     try:
+        name = name or (Path(str(model_dir)).name if isinstance(model_dir, (str, os.PathLike))
+                        else src.config.get("model_type", "model"))
         summary = _write(src, arch, tensors, n_vocab, quant, Path(tmp), tokenizer_pre,
-                         name or (Path(str(model_dir)).name if isinstance(model_dir, (str, os.PathLike))
-                                  else src.config.get("model_type", "model")))
+                         _loadable_name(name, arch, src.tokenizer))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
@@ -127,6 +129,23 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
     log.info("wrote %s: %d tensors, %.1f MB, %.2f bits/weight", out_path, len(tensors),
              summary.n_bytes / 1e6, summary.bits_per_weight)
     return summary
+
+
+# llama.cpp sets token attributes of these when `general.name` contains "phi3" / "phi-3",
+# and fails to load a file whose vocabulary lacks one of them
+_PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _loadable_name(name: str, arch: Arch, tokenizer) -> str:
+    """`name`, unless llama.cpp would key a vocabulary lookup on it that this vocabulary fails."""
+    if arch.model_type == "phi3" and re.search(r"phi-?3", name.lower()):
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in _PHI3_NAMED_TOKENS if t not in vocab]
+        if missing:
+            log.warning("general.name %r written as 'model': llama.cpp looks up %s in Phi-3-named models, "
+                        "which this vocabulary lacks", name, missing)
+            return "model"
+    return name
 
 
 def _write(src: ModelSource, arch: Arch, tensors, n_vocab: int, quant: str, path: Path,

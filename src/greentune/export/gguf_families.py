@@ -151,6 +151,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(MODEL_ARCH.QWEN3),
     "gemma2": Family(MODEL_ARCH.GEMMA2, norm_offset=1.0, keys=_gemma2_keys, check=_gemma_check),
     "gemma3_text": Family(MODEL_ARCH.GEMMA3, norm_offset=1.0, keys=_gemma3_keys, check=_gemma3_check),
+    "phi3": Family(MODEL_ARCH.PHI3, keys=_phi3_keys, check=_phi3_check),
     "olmo2": Family(MODEL_ARCH.OLMO2),
     "qwen2_moe": Family(MODEL_ARCH.QWEN2MOE, moe=True, keys=_qwen2moe_keys, check=_qwen2moe_check),
     "qwen3_moe": Family(MODEL_ARCH.QWEN3MOE, moe=True, keys=_qwen3moe_keys, check=_qwen3moe_check),

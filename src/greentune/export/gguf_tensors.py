@@ -146,7 +146,7 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
         head.append(PlannedTensor("rope_freqs.weight", (arch.head_dim // 2,), lambda: llama3_rope_factors(arch)))
     out = head
     for i in range(arch.n_layer):
-        out += layers[i]
+        out += sorted(layers[i], key=lambda t: t.name)   # by GGUF name: the same file from any HF layout
         if arch.n_expert:
             _experts(out, src, arch, i)
     return out + sorted(tail, key=lambda t: t.name != "output_norm.weight")

@@ -193,6 +193,8 @@ def _mlx_config(cfg: dict, bits: int | None, group_size: int, dtype: str) -> dic
     if scaling:
         config["rope_scaling"] = scaling
     config.pop("rope_parameters", None)
+    if SUPPORTED.get(cfg.get("model_type")) == "mlp" and "num_local_experts" in config:
+        config.setdefault("num_experts", config["num_local_experts"])   # v5 Qwen3-MoE's spelling; mlx-lm reads this
     config["torch_dtype"] = dtype
     config.pop("dtype", None)
     if bits is not None:
