@@ -84,7 +84,8 @@ def hf_model_from_mlx(mlx_dir, model_dir):
     for name in [n for n in sd if ".switch_mlp.gate_proj." in n]:
         moe = name.split(".switch_mlp.")[0]
         p = moe.rsplit(".", 1)[0]
-        sd[f"{p}.mlp.experts.gate_up_proj"] = np.concatenate([sd.pop(name), sd.pop(f"{moe}.switch_mlp.up_proj.weight")], 1)
+        up = sd.pop(f"{moe}.switch_mlp.up_proj.weight")
+        sd[f"{p}.mlp.experts.gate_up_proj"] = np.concatenate([sd.pop(name), up], 1)
         sd[f"{p}.mlp.experts.down_proj"] = sd.pop(f"{moe}.switch_mlp.down_proj.weight")
         sd[f"{p}.mlp.gate.weight"] = sd.pop(f"{moe}.gate.weight")
     if "lm_head.weight" not in sd:

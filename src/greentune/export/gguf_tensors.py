@@ -59,7 +59,9 @@ class Arch:
         theta, scaling = rope_settings(cfg)
         head_dim = cfg.get("head_dim") or hidden // n_head
         n_expert = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
-        n_ff = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if n_expert else cfg["intermediate_size"]
+        n_ff = cfg["intermediate_size"]
+        if n_expert:                    # the experts' width (Qwen-MoE families give it separately)
+            n_ff = int(cfg.get("moe_intermediate_size") or n_ff)
         return cls(
             model_type=mt, family=fam, n_layer=cfg["num_hidden_layers"], n_embd=hidden, n_ff=n_ff,
             n_head=n_head, n_head_kv=cfg.get("num_key_value_heads") or n_head, head_dim=head_dim,
