@@ -28,10 +28,11 @@ from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, remove_sta
 from .ownership import RUN, check_run_dir, mark
 from .models.loader import (check_model_dir, check_weights_match, default_device, load_config, load_model,
                             load_tokenizer, max_positions)
-from .quant import load_quantized
-from .quant.dequantize import dequantize_model_
+from .models.support import check_family
 from .moe import fuse_expert_lora_, prepare_moe_, upcycle
 from .moe.hook import MoEHook
+from .quant import load_quantized
+from .quant.dequantize import dequantize_model_
 from .recipe import MoeConfig, Recipe, load_recipe
 from .runlock import RunLock
 from .train import checkpoint, distributed
@@ -333,6 +334,8 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
     check_run_dir(run_dir)
     check_model_dir(base)
     config = load_config(Path(base), recipe.trust_remote_code)
+    if not (recipe.moe and recipe.moe.upcycle):   # an upcycled base is checked as the Mixtral it becomes
+        check_family(config.to_dict(), recipe.export)
     limit = max_positions(config)
     if limit is not None and recipe.data.max_seq_len > limit:
         raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "

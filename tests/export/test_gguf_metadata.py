@@ -116,11 +116,17 @@ def test_prequantized_must_cover_all_experts(tmp_path, scaled_mixtral_dir):
         write_gguf(scaled_mixtral_dir, tmp_path / "x.gguf", "f16", prequantized=pre)
 
 
-def test_user_errors(tmp_path, scaled_llama_dir, tiny_qwen2_moe_dir):
+def test_user_errors(tmp_path, scaled_llama_dir, tokenizer):
+    from safetensors.torch import save_file
+    from transformers import GptOssConfig
     with pytest.raises(UserError, match="unknown GGUF quant"):
         write_gguf(scaled_llama_dir, tmp_path / "x.gguf", "q3_k")
-    with pytest.raises(UserError, match="qwen2_moe"):
-        write_gguf(tiny_qwen2_moe_dir, tmp_path / "x.gguf", "f16")
+    gpt_oss = tmp_path / "gpt_oss"      # no GGUF mapping yet: refused from its config alone
+    GptOssConfig().save_pretrained(gpt_oss)
+    save_file({"placeholder": torch.zeros(1)}, str(gpt_oss / "model.safetensors"))
+    tokenizer.save_pretrained(gpt_oss)
+    with pytest.raises(UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt_oss'"):
+        write_gguf(gpt_oss, tmp_path / "x.gguf", "f16")
     with pytest.raises(UserError, match="config.json"):
         write_gguf(tmp_path, tmp_path / "x.gguf")
     with pytest.raises(UserError, match="not a tensor"):

@@ -8,12 +8,14 @@ type), then each tensor is read, permuted/stacked, quantised and written before 
 one is read, so peak memory is about one (stacked-expert) tensor. It is written to a
 temporary name in the target folder and renamed when complete.
 
-Metadata written (llama arch): `general.{architecture,name,file_type,quantization_version}`,
-`llama.{context_length, embedding_length, block_count, feed_forward_length,
-rope.dimension_count, rope.freq_base, attention.head_count, attention.head_count_kv,
-attention.layer_norm_rms_epsilon, vocab_size}`, `llama.attention.{key,value}_length` when
-head_dim ≠ n_embd/n_head, `llama.rope.scaling.*` for linear scaling, `llama.expert_count`
-and `llama.expert_used_count` for MoE, and the tokenizer keys of `gguf_vocab`.
+Metadata written, under the family's llama.cpp architecture ARCH (`gguf_families`):
+`general.{architecture,name,file_type,quantization_version}`, `ARCH.{context_length,
+embedding_length, block_count, feed_forward_length, rope.dimension_count, rope.freq_base,
+attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon,
+vocab_size}`, `ARCH.attention.{key,value}_length` when head_dim ≠ n_embd/n_head (always
+for the families llama.cpp reads it from), `ARCH.rope.scaling.*` for linear scaling,
+`ARCH.expert_count` and `ARCH.expert_used_count` for MoE, the family's own keys
+(`Family.keys`), and the tokenizer keys of `gguf_vocab`.
 
 Quantisation presets and the per-tensor mix are in `gguf_quant`. Tensors given in
 `prequantized` (HF name → (ggml type, block bytes)) are written byte for byte whatever the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +77,7 @@ def _as_source(model, tokenizer, prequantized) -> ModelSource:
 def write_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None,
                prequantized: dict | None = None, tokenizer_pre: str | None = None,
                name: str | None = None) -> Path:
-    """Export a llama/mistral/qwen2/mixtral model to GGUF at `out_path`; return the path.
+    """Export a model of a `gguf_families.FAMILIES` type to GGUF at `out_path`; return the path.
 
     Args:
         model_dir: HF model directory (config.json, *.safetensors, tokenizer files), or an
@@ -111,9 +114,10 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
 
     tmp = temp_file_beside(out_path)
     try:
+        name = name or (Path(str(model_dir)).name if isinstance(model_dir, (str, os.PathLike))
+                        else src.config.get("model_type", "model"))
         summary = _write(src, arch, tensors, n_vocab, quant, Path(tmp), tokenizer_pre,
-                         name or (Path(str(model_dir)).name if isinstance(model_dir, (str, os.PathLike))
-                                  else src.config.get("model_type", "model")))
+                         _loadable_name(name, arch, src.tokenizer))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         maybe_fault(f"write:{out_path.name}")
@@ -127,9 +131,26 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
     return summary
 
 
+# llama.cpp sets token attributes of these when `general.name` contains "phi3" / "phi-3",
+# and fails to load a file whose vocabulary lacks one of them
+_PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _loadable_name(name: str, arch: Arch, tokenizer) -> str:
+    """`name`, unless llama.cpp would key a vocabulary lookup on it that this vocabulary fails."""
+    if arch.model_type == "phi3" and re.search(r"phi-?3", name.lower()):
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in _PHI3_NAMED_TOKENS if t not in vocab]
+        if missing:
+            log.warning("general.name %r written as 'model': llama.cpp looks up %s in Phi-3-named models, "
+                        "which this vocabulary lacks", name, missing)
+            return "model"
+    return name
+
+
 def _write(src: ModelSource, arch: Arch, tensors, n_vocab: int, quant: str, path: Path,
            tokenizer_pre: str | None, name: str) -> GGUFSummary:
-    w = GGUFWriter(path, "llama")
+    w = GGUFWriter(path, arch.family.name)
     try:
         return _write_all(w, src, arch, tensors, n_vocab, quant, path, tokenizer_pre, name)
     finally:
@@ -209,12 +230,12 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
     w.add_embedding_length(a.n_embd)
     w.add_block_count(a.n_layer)
     w.add_feed_forward_length(a.n_ff)
-    w.add_rope_dimension_count(a.head_dim)
+    w.add_rope_dimension_count(a.n_rot or a.head_dim)
     w.add_head_count(a.n_head)
     w.add_head_count_kv(a.n_head_kv)
     w.add_layer_norm_rms_eps(a.eps)
     w.add_rope_freq_base(a.rope_theta)
-    if a.head_dim != a.n_embd // a.n_head:
+    if a.head_dim != a.n_embd // a.n_head or a.family.name != "llama":
         w.add_key_length(a.head_dim)
         w.add_value_length(a.head_dim)
     rtype = a.rope_scaling.get("rope_type", a.rope_scaling.get("type"))
@@ -226,3 +247,5 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
     if a.n_expert:
         w.add_expert_count(a.n_expert)
         w.add_expert_used_count(a.n_expert_used)
+    if a.family.keys is not None:
+        a.family.keys(w, a.config)

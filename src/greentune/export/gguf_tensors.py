@@ -1,37 +1,39 @@
-"""HF → GGUF tensor plan for llama-architecture models (Llama, Mistral, Qwen2, Mixtral).
+"""HF → GGUF tensor plan for every family of `gguf_families.FAMILIES`.
 
-llama.cpp runs all four as `general.architecture = "llama"`:
-- Llama / Mistral: dense; Mistral's sliding window is not represented (as llama.cpp's own
-  converter does), so contexts longer than the window differ from HF;
-- Qwen2: dense with q/k/v biases (the llama graph adds them when present);
-- Mixtral: experts stacked into `blk.N.ffn_{gate,up,down}_exps` (numpy shapes
-  (E, n_ff, n_embd), (E, n_ff, n_embd), (E, n_embd, n_ff)), router `blk.N.ffn_gate_inp`.
+Names: each HF tensor is mapped by the `gguf` package's `TensorNameMap` of the family's
+llama.cpp architecture; a tensor it does not know is refused (never silently dropped).
+Experts are stacked into `blk.N.ffn_{gate,up,down}_exps` (numpy shapes (E, n_ff, n_embd),
+(E, n_ff, n_embd), (E, n_embd, n_ff)); the router is `blk.N.ffn_gate_inp`, a shared expert
+`blk.N.ffn_{gate,up,down}_shexp` with its gate `blk.N.ffn_gate_inp_shexp` (all by the map).
 
-q and k are permuted as llama.cpp's converter does, because its "llama" graph applies
-rotary embeddings to interleaved pairs (x0,x1),(x2,x3)… while HF rotates halves
-(x_i, x_{i+d/2}): per head the rows are reordered with
+q and k are permuted for the llama-rope families as llama.cpp's converter does, because
+its "llama" graph applies rotary embeddings to interleaved pairs (x0,x1),(x2,x3)… while HF
+rotates halves (x_i, x_{i+d/2}): per head the rows are reordered with
 `reshape(n_head, 2, d/2, …).swapaxes(1, 2)` (n_head_kv heads for k). The same index
-permutation applies to prequantized block bytes since blocks never cross rows.
+permutation applies to prequantized block bytes since blocks never cross rows. Gemma's
+norms are stored as 1 + w (`Family.norm_offset`).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from gguf import MODEL_TENSOR, TENSOR_NAMES, TensorNameMap
 
 from greentune.errors import UserError
-from greentune.export.source import ModelSource, Tensor, rope_settings, shape_of, take_rows
-
-SUPPORTED = {"llama", "mistral", "mixtral", "qwen2"}
+from greentune.export.gguf_families import Family, family_of
+from greentune.export.source import ModelSource, Packed, Tensor, rope_settings, shape_of, take_rows
 
 
 @dataclass
 class Arch:
-    """The hyper-parameters llama.cpp's "llama" graph reads."""
+    """The hyper-parameters llama.cpp's graphs read, and the family's row."""
 
     model_type: str
+    family: Family
     n_layer: int
     n_embd: int
     n_ff: int
@@ -45,25 +47,31 @@ class Arch:
     n_expert: int = 0
     n_expert_used: int = 0
     tied: bool = False
-    extra: dict = field(default_factory=dict)
+    n_rot: int = 0                  # rotary dimensions (phi3's partial_rotary_factor); 0: head_dim
+    config: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: dict, has_lm_head: bool) -> "Arch":
         mt = cfg.get("model_type")
-        if mt not in SUPPORTED:
-            raise UserError(f"GGUF export supports model types {sorted(SUPPORTED)}; this model is {mt!r}")
+        fam = family_of(cfg)
         n_head = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         theta, scaling = rope_settings(cfg)
         head_dim = cfg.get("head_dim") or hidden // n_head
-        n_expert = int(cfg.get("num_local_experts") or 0) if mt == "mixtral" else 0
+        n_expert = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
+        n_ff = cfg["intermediate_size"]
+        if n_expert:                    # the experts' width (Qwen-MoE families give it separately)
+            n_ff = int(cfg.get("moe_intermediate_size") or n_ff)
         return cls(
-            model_type=mt, n_layer=cfg["num_hidden_layers"], n_embd=hidden, n_ff=cfg["intermediate_size"],
+            model_type=mt, family=fam, n_layer=cfg["num_hidden_layers"], n_embd=hidden, n_ff=n_ff,
             n_head=n_head, n_head_kv=cfg.get("num_key_value_heads") or n_head, head_dim=head_dim,
             n_ctx=cfg.get("max_position_embeddings", 4096), eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=theta, rope_scaling=scaling, n_expert=n_expert,
             n_expert_used=int(cfg.get("num_experts_per_tok") or 0) if n_expert else 0,
             tied=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
+            n_rot=int(head_dim * float((cfg.get("rope_parameters") or {}).get(
+                "partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))),
+            config=cfg,
         )
 
 
@@ -104,46 +112,59 @@ def llama3_rope_factors(arch: Arch) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+_EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
     """Every GGUF tensor of the model, in llama.cpp's usual order, each loaded on demand."""
-    out: list[PlannedTensor] = []
-
-    def direct(gname: str, hname: str, layer: int | None = None, perm_heads: int | None = None):
-        shape = src.torch_shape(hname)
-
-        def load() -> Tensor:
-            t = src.get(hname)
-            if perm_heads:
-                t = _permute(t, perm_heads)
-            return t
-        out.append(PlannedTensor(gname, shape, load, layer, (hname,)))
-
-    direct("token_embd.weight", "model.embed_tokens.weight")
+    fam = arch.family
+    names = TensorNameMap(fam.arch, arch.n_layer)
+    head: list[PlannedTensor] = []
+    layers: dict[int, list[PlannedTensor]] = {i: [] for i in range(arch.n_layer)}
+    tail: list[PlannedTensor] = []
+    for hname in src.names():
+        if "rotary_emb" in hname or _EXPERT.search(hname) or (hname == "lm_head.weight" and arch.tied):
+            continue
+        gname = names.get_name(hname, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise UserError(f"{src.origin}: tensor {hname!r} has no GGUF {fam.name!r} counterpart; "
+                            "its export would silently drop it")
+        m = _LAYER.match(hname)
+        layer = int(m.group(1)) if m else None
+        heads = None
+        if fam.interleaved_rope and layer is not None:
+            heads = {"attn_q": arch.n_head, "attn_k": arch.n_head_kv}.get(gname.split(".")[2])
+        offset = fam.norm_offset if "norm" in gname else 0.0
+        t = PlannedTensor(gname, src.torch_shape(hname), _loader(src, hname, heads, offset), layer, (hname,))
+        if layer is not None:
+            layers[layer].append(t)
+        elif gname.startswith("token_embd"):
+            head.append(t)
+        else:
+            tail.append(t)
     rtype = arch.rope_scaling.get("rope_type", arch.rope_scaling.get("type"))
     if rtype == "llama3":
-        out.append(PlannedTensor("rope_freqs.weight", (arch.head_dim // 2,), lambda: llama3_rope_factors(arch)))
+        head.append(PlannedTensor("rope_freqs.weight", (arch.head_dim // 2,), lambda: llama3_rope_factors(arch)))
+    out = head
     for i in range(arch.n_layer):
-        p = f"model.layers.{i}"
-        b = f"blk.{i}"
-        direct(f"{b}.attn_norm.weight", f"{p}.input_layernorm.weight", i)
-        for proj, g, heads in (("q", "attn_q", arch.n_head), ("k", "attn_k", arch.n_head_kv), ("v", "attn_v", None)):
-            direct(f"{b}.{g}.weight", f"{p}.self_attn.{proj}_proj.weight", i, heads)
-            if src.has(f"{p}.self_attn.{proj}_proj.bias"):
-                _bias(out, src, f"{b}.{g}.bias", f"{p}.self_attn.{proj}_proj.bias", i, heads)
-        direct(f"{b}.attn_output.weight", f"{p}.self_attn.o_proj.weight", i)
-        if src.has(f"{p}.self_attn.o_proj.bias"):
-            _bias(out, src, f"{b}.attn_output.bias", f"{p}.self_attn.o_proj.bias", i, None)
-        direct(f"{b}.ffn_norm.weight", f"{p}.post_attention_layernorm.weight", i)
+        out += sorted(layers[i], key=lambda t: t.name)   # by GGUF name: the same file from any HF layout
         if arch.n_expert:
             _experts(out, src, arch, i)
-        else:
-            direct(f"{b}.ffn_gate.weight", f"{p}.mlp.gate_proj.weight", i)
-            direct(f"{b}.ffn_up.weight", f"{p}.mlp.up_proj.weight", i)
-            direct(f"{b}.ffn_down.weight", f"{p}.mlp.down_proj.weight", i)
-    direct("output_norm.weight", "model.norm.weight")
-    if not arch.tied:
-        direct("output.weight", "lm_head.weight")
-    return out
+    return out + sorted(tail, key=lambda t: t.name != "output_norm.weight")
+
+
+def _loader(src: ModelSource, hname: str, heads: int | None, offset: float):
+    def load() -> Tensor:
+        t = src.get(hname)
+        if heads:
+            t = _permute(t, heads) if len(shape_of(t)) > 1 else t[qk_permutation(t.shape[0], heads)]
+        if offset:
+            if isinstance(t, Packed):
+                raise UserError(f"{hname}: a norm weight cannot be prequantized")
+            t = t + np.float32(offset)
+        return t
+    return load
 
 
 def _permute(t: Tensor, n_head: int) -> Tensor:
@@ -151,20 +172,7 @@ def _permute(t: Tensor, n_head: int) -> Tensor:
     return take_rows(t, qk_permutation(rows, n_head))
 
 
-def _bias(out, src: ModelSource, gname: str, hname: str, layer: int, heads: int | None):
-    def load() -> Tensor:
-        v = src.get(hname)
-        if heads:
-            v = v[qk_permutation(v.shape[0], heads)]
-        return v
-    out.append(PlannedTensor(gname, src.torch_shape(hname), load, layer, (hname,)))
-
-
 def _experts(out, src: ModelSource, arch: Arch, i: int) -> None:
-    b = f"blk.{i}"
-    router = src.router_name(i)
-    out.append(PlannedTensor(f"{b}.ffn_gate_inp.weight", src.torch_shape(router), lambda: src.get(router), i,
-                             (router,)))
     cache: dict[str, Tensor] = {}
     kinds = ("gate", "up", "down")
 
@@ -179,5 +187,6 @@ def _experts(out, src: ModelSource, arch: Arch, i: int) -> None:
 
     E, ff, h = arch.n_expert, arch.n_ff, arch.n_embd
     names = src.expert_sources(i, arch.n_expert)
-    for kind, shape, srcs in zip(kinds, ((E, ff, h), (E, ff, h), (E, h, ff)), names):
-        out.append(PlannedTensor(f"{b}.ffn_{kind}_exps.weight", shape, part(kind), i, srcs))
+    tensors = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP, MODEL_TENSOR.FFN_DOWN_EXP)
+    for kind, tensor, shape, srcs in zip(kinds, tensors, ((E, ff, h), (E, ff, h), (E, h, ff)), names):
+        out.append(PlannedTensor(TENSOR_NAMES[tensor].format(bid=i) + ".weight", shape, part(kind), i, srcs))

@@ -20,8 +20,13 @@ whose input size is a multiple of `g`. Kept in `dtype`: norms, biases and the Mo
 (a tiny tensor whose errors change which experts run). mlx-lm quantises a module exactly
 when `<module>.scales` is present, so this choice loads as written.
 
-Mixtral: experts are stacked as `model.layers.N.block_sparse_moe.switch_mlp.{gate,up,
-down}_proj.*` ([E, out, in]), the router stays `model.layers.N.block_sparse_moe.gate.weight`.
+MoE: experts are stacked as `<moe>.switch_mlp.{gate,up,down}_proj.*` ([E, out, in]) and the
+router stays `<moe>.gate.weight`, where `<moe>` is `model.layers.N.block_sparse_moe` for
+Mixtral and `model.layers.N.mlp` for Qwen2-MoE, Qwen3-MoE and OLMoE (mlx-lm's module
+paths); Qwen2-MoE's shared expert and its gate keep their HF names. Every other tensor keeps
+its HF name (phi3's fused qkv_proj / gate_up_proj included), which is what mlx-lm's models
+read. Gemma-3's per-layer-type rope thetas become mlx-lm's `rope_theta` (full layers) and
+`rope_local_base_freq` (sliding layers).
 """
 from __future__ import annotations
 
@@ -38,7 +43,10 @@ from greentune.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = {"llama", "mistral", "mixtral", "qwen2"}
+# model_type -> module path of its MoE block ("" for dense families)
+SUPPORTED = {"llama": "", "mistral": "", "qwen2": "", "qwen3": "", "gemma2": "", "gemma3_text": "", "phi3": "",
+             "olmo2": "", "granite": "", "mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp",
+             "olmoe": "mlp"}
 BITS = (2, 3, 4, 5, 6, 8)
 
 
@@ -83,8 +91,8 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
     """(MLX name, loader of float32 numpy) for every weight, in a stable order."""
     cfg = src.config
     out = []
-    moe = cfg.get("model_type") == "mixtral"
-    n_exp = int(cfg.get("num_local_experts") or 0)
+    moe = SUPPORTED.get(cfg.get("model_type"), "")
+    n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
     skip = set()
     for i in range(cfg["num_hidden_layers"]):
         if not moe:
@@ -93,12 +101,12 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
         for kind, t in zip(("gate_proj", "up_proj", "down_proj"), range(3)):
             def load(i=i, t=t):
                 return _float(src.expert_weights(i, n_exp)[t])
-            out.append((f"{p}.block_sparse_moe.switch_mlp.{kind}.weight", load))
+            out.append((f"{p}.{moe}.switch_mlp.{kind}.weight", load))
         for names in src.expert_sources(i, n_exp):
             skip.update(names)
         router = src.router_name(i)
         skip.add(router)
-        out.append((f"{p}.block_sparse_moe.gate.weight", lambda r=router: _float(src.get(r))))
+        out.append((f"{p}.{moe}.gate.weight", lambda r=router: _float(src.get(r))))
     for name in src.names():
         if name in skip or "rotary_emb" in name:
             continue
@@ -118,7 +126,9 @@ def _float(t) -> np.ndarray:
 def _quantisable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
     if len(shape) < 2 or not name.endswith(".weight") or shape[-1] % group_size:
         return False
-    return "norm" not in name and not name.endswith("block_sparse_moe.gate.weight")
+    # routers (and Qwen2-MoE's shared-expert gate) stay in float: their errors change which experts run
+    return "norm" not in name and not name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight",
+                                                      "shared_expert_gate.weight"))
 
 
 def write_mlx(model_dir, out_dir, bits: int | None = 4, group_size: int = 64, *, tokenizer=None,
@@ -177,9 +187,14 @@ def _mlx_config(cfg: dict, bits: int | None, group_size: int, dtype: str) -> dic
     config = {k: v for k, v in cfg.items() if k not in ("quantization", "quantization_config")}
     theta, scaling = rope_settings(cfg)
     config["rope_theta"] = theta
+    local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
+    if local is not None:
+        config["rope_local_base_freq"] = float(local)
     if scaling:
         config["rope_scaling"] = scaling
     config.pop("rope_parameters", None)
+    if SUPPORTED.get(cfg.get("model_type")) == "mlp" and "num_local_experts" in config:
+        config.setdefault("num_experts", config["num_local_experts"])   # v5 Qwen3-MoE's spelling; mlx-lm reads this
     config["torch_dtype"] = dtype
     config.pop("dtype", None)
     if bits is not None:

@@ -9,9 +9,10 @@ Tensors come back as numpy arrays (float32) in HF's (out, in) orientation, or as
 ship"). Rows of either kind can be selected, permuted and stacked the same way
 (`take_rows`, `stack`), because a GGUF block never crosses a row.
 
-Mixtral experts exist in two layouts and both are read:
-- on disk (`save_pretrained` in transformers v5 reverts to the hub names):
+Experts exist in three layouts and all are read:
+- Mixtral on disk (`save_pretrained` in transformers v5 reverts to the hub names):
   `model.layers.N.block_sparse_moe.experts.E.{w1,w2,w3}.weight` (gate, down, up);
+- Qwen2-MoE / Qwen3-MoE / OLMoE on disk: `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`;
 - in memory (transformers v5 fused parameters):
   `model.layers.N.mlp.experts.gate_up_proj [E, 2I, H]` (gate rows first, then up) and
   `model.layers.N.mlp.experts.down_proj [E, H, I]`, router `model.layers.N.mlp.gate.weight`.
@@ -196,14 +197,9 @@ class ModelSource:
             inter = shape_of(gu)[-2] // 2
             return (take_rows(gu, slice(0, inter)), take_rows(gu, slice(inter, 2 * inter)),
                     self.get(f"{p}.mlp.experts.down_proj"))
-        base = f"{p}.block_sparse_moe.experts"
-        if not self.has(f"{base}.0.w1.weight"):
-            raise UserError(f"{self.origin}: layer {layer} has neither fused experts ({fused}) "
-                            f"nor per-expert weights ({base}.0.w1.weight)")
-        gate = stack([self.get(f"{base}.{e}.w1.weight") for e in range(n_experts)])
-        up = stack([self.get(f"{base}.{e}.w3.weight") for e in range(n_experts)])
-        down = stack([self.get(f"{base}.{e}.w2.weight") for e in range(n_experts)])
-        return gate, up, down
+        gate, up, down = self.expert_sources(layer, n_experts)
+        return (stack([self.get(n) for n in gate]), stack([self.get(n) for n in up]),
+                stack([self.get(n) for n in down]))
 
     def expert_sources(self, layer: int, n_experts: int) -> tuple[tuple[str, ...], ...]:
         """HF names that `expert_weights(layer)` reads for (gate, up, down)."""
@@ -211,8 +207,12 @@ class ModelSource:
         if self.has(f"{p}.mlp.experts.gate_up_proj"):
             gu = (f"{p}.mlp.experts.gate_up_proj",)
             return gu, gu, (f"{p}.mlp.experts.down_proj",)
-        base = f"{p}.block_sparse_moe.experts"
-        return tuple(tuple(f"{base}.{e}.{w}.weight" for e in range(n_experts)) for w in ("w1", "w3", "w2"))
+        for base, kinds in ((f"{p}.block_sparse_moe.experts", ("w1", "w3", "w2")),
+                            (f"{p}.mlp.experts", ("gate_proj", "up_proj", "down_proj"))):
+            if self.has(f"{base}.0.{kinds[0]}.weight"):
+                return tuple(tuple(f"{base}.{e}.{w}.weight" for e in range(n_experts)) for w in kinds)
+        raise UserError(f"{self.origin}: layer {layer} has neither fused experts ({p}.mlp.experts.gate_up_proj) "
+                        f"nor per-expert weights ({p}.mlp.experts.0.gate_proj.weight)")
 
     def prequantized_type(self, names: tuple[str, ...]):
         """The GGML type shared by prequantized `names`, None if none is prequantized."""

@@ -1,0 +1,96 @@
+"""GGUF → HF state dict for any family row, so PyTorch runs exactly the weights llama.cpp sees.
+
+Independent of the exporter's code path: names come from the `gguf` package's
+`TensorNameMap` applied to the HF model's own state-dict names; every tensor is dequantised
+with `gguf.quants.dequantize`; the row's `interleaved` and `norm_offset` are undone; stacked
+experts become transformers v5's fused `gate_up_proj` / `down_proj`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    rows = w.shape[0]
+    idx = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+    inv = np.empty_like(idx)
+    inv[idx] = np.arange(rows)
+    return w[inv]
+
+
+def _arch(name: str):
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES
+    return next(a for a in MODEL_ARCH if MODEL_ARCH_NAMES[a] == name)
+
+
+def hf_model_from_gguf(path, model_dir, row):
+    """The HF model of `model_dir` with every weight replaced by the GGUF's (dequantised)."""
+    from gguf import TensorNameMap
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import helpers
+    meta, t, _ = helpers.read_gguf(path)
+    assert meta["general.architecture"] == row.arch
+    cfg = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    names = TensorNameMap(_arch(row.arch), cfg.num_hidden_layers)
+    sd = {}
+    for hname in model.state_dict():
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", hname)
+        if m:
+            b = f"blk.{m.group(1)}"
+            sd[hname] = (np.concatenate([t[f"{b}.ffn_gate_exps.weight"], t[f"{b}.ffn_up_exps.weight"]], axis=1)
+                         if m.group(2) == "gate_up_proj" else t[f"{b}.ffn_down_exps.weight"])
+            continue
+        g = names.get_name(hname, try_suffixes=(".weight", ".bias"))
+        if hname == "lm_head.weight" and "output.weight" not in t:
+            g = "token_embd.weight"
+        assert g in t, (hname, g)
+        v = t[g]
+        kind = g.split(".")[2] if g.startswith("blk.") else ""
+        if row.interleaved and kind in ("attn_q", "attn_k"):
+            v = _unpermute(v, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
+        if row.norm_offset and "norm" in g:
+            v = v - np.float32(row.norm_offset)
+        sd[hname] = v
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
+    return model
+
+
+def hf_model_from_mlx(mlx_dir, model_dir):
+    """The HF model of `model_dir` with the MLX folder's weights, dequantised by MLX's formula."""
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from greentune.export.mlx import dequantize_affine
+    cfg = json.loads((Path(mlx_dir) / "config.json").read_text())
+    q = cfg.get("quantization") or {}
+    w = load_file(Path(mlx_dir) / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sd = {}
+    for name, t in w.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        base = name[: -len(".weight")]
+        if f"{base}.scales" in w:
+            t = dequantize_affine(t.view(np.uint32), w[f"{base}.scales"].astype(np.float32),
+                                  w[f"{base}.biases"].astype(np.float32), q["bits"], q["group_size"])
+        sd[name] = t.astype(np.float32)
+    for name in [n for n in sd if ".switch_mlp.gate_proj." in n]:
+        moe = name.split(".switch_mlp.")[0]
+        p = moe.rsplit(".", 1)[0]
+        up = sd.pop(f"{moe}.switch_mlp.up_proj.weight")
+        sd[f"{p}.mlp.experts.gate_up_proj"] = np.concatenate([sd.pop(name), up], 1)
+        sd[f"{p}.mlp.experts.down_proj"] = sd.pop(f"{moe}.switch_mlp.down_proj.weight")
+        sd[f"{p}.mlp.gate.weight"] = sd.pop(f"{moe}.gate.weight")
+    if "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+                                                strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+    return model

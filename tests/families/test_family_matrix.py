@@ -1,0 +1,205 @@
+"""The family matrix: every row of rows.ROWS trained, merged, exported and run by the real consumers.
+
+Per family, through the CLI (`greentune train`, `greentune export`):
+- fp32 base, LoRA on [attn, mlp] (dense) or [attn, experts] (MoE), 4 steps with a ReLoRA
+  merge after step 2; exported to GGUF f32 / q8_0 / q4_k_m and to MLX.
+  llama.cpp (xllamacpp) on the f32 GGUF matches the merged PyTorch model within 1e-4 in
+  log-probability (greedy, 12 tokens); on q8_0 / q4_k_m it matches PyTorch run on the GGUF's
+  own dequantised weights (`gguf_inverse`) within row.q_atol (0.3 dense) — llama.cpp
+  quantises activations to 8 bits there; for MoE on a prompt whose routing has no near-tie
+  (`_untied_prompt`). mlx_lm loads the float32 MLX export and matches the merged model
+  within 1e-4, and the CLI's 4-bit one within float16 rounding of PyTorch on its
+  dequantised weights.
+- q4_k base (Q4_K blocks trained on), 2 steps; `greentune export --quant q4_k_m` writes the
+  trained base bytes unchanged, and llama.cpp runs the file as PyTorch does on its weights.
+
+Gemma's GELU: ggml evaluates GELU through an f16 lookup table, which alone moves Gemma's
+log-probabilities by ~2e-3; for those rows PyTorch evaluates GELU the same way
+(`ggml_gelu`), which brings an untrained hidden-64 Gemma to 5e-5 and these hidden-256 ones
+to ~3.5e-4 (row.f32_atol 5e-4; 2e-3 for the 6-layer Gemma-3, ~1e-3 measured). Gemma's ×sqrt(hidden) embedding scale and soft-capping
+also magnify llama.cpp's 8-bit activation rounding in quantised files (row.q_atol 0.75).
+
+A row with `arch = None` has no GGUF export yet: `greentune export` says so in one line,
+and the rest (training, MLX) is checked.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import gguf_inverse
+import helpers
+from rows import ROWS
+
+pytest.importorskip("xllamacpp", reason="llama.cpp binding (pip install xllamacpp, in the test extra)")
+pytestmark = pytest.mark.slow
+
+PROMPT = [5, 6, 7, 8, 9, 10, 40, 41]
+N_GEN = 12
+PARAMS = [pytest.param(r, id=r.model_type) for r in ROWS]
+
+
+@contextlib.contextmanager
+def ggml_gelu(enabled: bool):
+    """Within: transformers' tanh-GELU rounds its input and output to f16 as ggml's table does."""
+    import transformers.activations as acts
+    if not enabled:
+        yield
+        return
+    cls = acts.GELUTanh if hasattr(acts, "GELUTanh") else acts.PytorchGELUTanh
+    original = cls.forward
+
+    def forward(self, x):
+        y = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+    cls.forward = forward
+    try:
+        yield
+    finally:
+        cls.forward = original
+
+
+def _train(tmp_path, base, data, row, quant_base, steps, relora):
+    from greentune.cli import main
+    method = {"quant_base": quant_base, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": row.targets}}
+    if relora:
+        method["relora"] = {"merge_every": 2, "optimizer_prune": 0.9, "restart_warmup": 1}
+    train, held_out = data
+    recipe = {"base_model": str(base), "data": {"train": str(train), "eval": str(held_out), "max_seq_len": 32},
+              "method": method,
+              "train": {"steps": steps, "batch_size": 2, "lr": 1e-3, "warmup": 1, "checkpoint_every": steps},
+              "energy": {"measure_savings": False}}
+    path = tmp_path / f"{quant_base}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / f"run-{quant_base}"
+    assert main(["train", str(path), "--run-dir", str(run), "--quiet"]) == 0
+    return run
+
+
+def _export(run, fmt, quant, out):
+    from greentune.cli import main
+    assert main(["export", str(run), "--format", fmt, "--quant", quant, "--out", str(out)]) == 0
+    return out
+
+
+def _merged(run):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+
+
+def _untied_prompt(model, banned, margin: float = 0.02) -> list[int]:
+    """The first of a fixed series of 8-token prompts whose PyTorch greedy continuation routes
+    no token within `margin` of a top-k boundary (where llama.cpp's 8-bit activation rounding
+    may pick another expert, and everything after differs by more than rounding)."""
+    allowed = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    allowed[list(banned)] = False
+    for start in range(5, 400, 8):
+        ids = list(range(start, start + 8))
+        with torch.no_grad():
+            for _ in range(N_GEN):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(torch.where(allowed, logits, -torch.inf).argmax()))
+        if helpers.first_routing_tie(model, ids, margin) is None:
+            return ids[:8]
+    pytest.fail("every candidate prompt has a routing near-tie")
+
+
+def _compare(path, model, banned, row, atol, quantised):
+    moe_q = row.moe and quantised
+    prompt = _untied_prompt(model, banned) if moe_q else PROMPT
+    llama = helpers.Llama(path)
+    try:
+        with ggml_gelu(row.model_type.startswith("gemma")):
+            worst, agree, n = helpers.compare_with_torch(
+                llama, model, prompt, banned, n=N_GEN, atol=atol, tie=atol, router_margin=0.02 if moe_q else None)
+    finally:
+        llama.close()
+    return worst, agree, n
+
+
+@pytest.mark.parametrize("row", PARAMS)
+def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data, banned):
+    run = _train(tmp_path, family_base(row.model_type), small_data, row, "none", steps=4, relora=True)
+    phases = [json.loads(l)["phase"] for l in (run / "ledger.jsonl").read_text().splitlines()]
+    assert phases.count("merge") >= 2, phases            # the ReLoRA merge and the final one
+    merged = _merged(run)
+    if row.arch is None:
+        _gguf_refused(run, tmp_path)
+        _check_mlx(run, merged, row, tmp_path)
+        return
+
+    f32 = _export(run, "gguf", "f32", tmp_path / "x") / "model-f32.gguf"
+    meta, _, types = helpers.read_gguf(f32)
+    assert meta["general.architecture"] == row.arch
+    # transformers v5 loads the saved tokenizer as the family's class (Qwen2's sets its own regex)
+    assert meta["tokenizer.ggml.pre"] in ("gpt-2", "qwen2") and meta["tokenizer.chat_template"]
+    assert meta["tokenizer.ggml.eos_token_id"] == merged.config.eos_token_id
+    if row.moe:
+        assert meta[f"{row.arch}.expert_count"] == 4 and meta[f"{row.arch}.expert_used_count"] == 2
+    _, agree, _ = _compare(f32, merged, banned, row, row.f32_atol, quantised=False)
+    assert agree == N_GEN
+    assert (tmp_path / "x" / "model-f32.Modelfile").read_text().startswith("FROM ./model-f32.gguf")
+
+    for quant in ("q8_0", "q4_k_m"):
+        path = _export(run, "gguf", quant, tmp_path / "x") / f"model-{quant}.gguf"
+        _, _, types = helpers.read_gguf(path)
+        assert types["blk.0.attn_output.weight"] == {"q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
+        _compare(path, gguf_inverse.hf_model_from_gguf(path, run / "merged", row), banned, row, row.q_atol,
+                 quantised=True)
+
+    _check_mlx(run, merged, row, tmp_path)
+
+
+def _gguf_refused(run, tmp_path):
+    from greentune.cli import main
+    out = tmp_path / "x"
+    assert main(["export", str(run), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 2
+    assert not out.exists() or not list(out.glob("*.gguf"))
+
+
+def _check_mlx(run, merged, row, tmp_path):
+    from greentune.export import write_mlx
+    out = _export(run, "mlx", "4bit", tmp_path / "m") / "model-mlx-4bit"
+    exact = write_mlx(run / "merged", tmp_path / "mlx-f32", bits=None, dtype="float32")
+    try:
+        import mlx.core as mx
+        from mlx_lm import load
+    except ImportError:
+        return
+    with torch.no_grad():
+        want = merged(torch.tensor([PROMPT])).logits[0].numpy()
+    model, _ = load(str(exact))
+    got = np.array(model(mx.array([PROMPT])).astype(mx.float32))[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    model, _ = load(str(out))
+    got4 = np.array(model(mx.array([PROMPT])).astype(mx.float32))[0]
+    with torch.no_grad():
+        want4 = gguf_inverse.hf_model_from_mlx(out, run / "merged")(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(want4 - want).max() > 0.05                     # 4 bits do change the model ...
+    np.testing.assert_allclose(got4, want4, atol=0.05 * np.abs(want4).max(), rtol=0)   # ... mlx runs those weights
+
+
+@pytest.mark.parametrize("row", PARAMS)
+def test_q4_k_base_ships_its_training_bytes(tmp_path, row, family_base, small_data, banned):
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    run = _train(tmp_path, family_base(row.model_type), small_data, row, "q4_k", steps=2, relora=False)
+    if row.arch is None:
+        _gguf_refused(run, tmp_path)
+        return
+    path = _export(run, "gguf", "q4_k_m", tmp_path / "x") / "model-q4_k_m.gguf"
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    with safe_open(str(run / "trained-base.safetensors"), "pt") as f:
+        name = "model.layers.1.self_attn.o_proj.weight"
+        assert f.metadata()[name] == "Q4_K"
+        trained = f.get_tensor(name).numpy()
+    written = np.asarray(tensors["blk.1.attn_output.weight"].data).view(np.uint8).reshape(trained.shape)
+    assert np.array_equal(written, trained)
+    _compare(path, gguf_inverse.hf_model_from_gguf(path, run / "merged", row), banned, row, row.q_atol,
+             quantised=True)
