@@ -44,7 +44,11 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
     _check_out(out, item.format)
     check_model_dir(model_dir)
     remove_stale_temps(out)  # what an export killed mid-write left (greentune's own temp names only)
-    check_weights_match(model_dir, load_config(model_dir))   # the writers stream tensors: check them first
+    config = load_config(model_dir)
+    if item.format == "gguf":   # a family llama.cpp cannot run: one line before the weights are read
+        from .export.gguf_families import family_of
+        family_of(config.to_dict())
+    check_weights_match(model_dir, config)   # the writers stream tensors: check them first
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
     return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]
