@@ -15,14 +15,6 @@ import numpy as np
 import torch
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    rows = w.shape[0]
-    idx = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
-    inv = np.empty_like(idx)
-    inv[idx] = np.arange(rows)
-    return w[inv]
-
-
 def _arch(name: str):
     from gguf import MODEL_ARCH, MODEL_ARCH_NAMES
     return next(a for a in MODEL_ARCH if MODEL_ARCH_NAMES[a] == name)
@@ -54,7 +46,7 @@ def hf_model_from_gguf(path, model_dir, row):
         v = t[g]
         kind = g.split(".")[2] if g.startswith("blk.") else ""
         if row.interleaved and kind in ("attn_q", "attn_k"):
-            v = _unpermute(v, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
+            v = helpers._unpermute(v, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
         if row.norm_offset and "norm" in g:
             v = v - np.float32(row.norm_offset)
         sd[hname] = v

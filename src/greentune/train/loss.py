@@ -37,7 +37,7 @@ class CausalLMLoss(nn.Module):
         parts = fused_head(self.model) if self.fused else None
         if parts is None:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                             num_items_in_batch=num_items)
+                             num_items_in_batch=num_items, use_cache=False)   # training keeps no KV cache
             return out.loss
         backbone, head = parts
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
