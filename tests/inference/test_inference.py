@@ -137,3 +137,23 @@ def test_bad_input_one_line(capsys, tmp_path, run_dir, held_out, monkeypatch):
     from greentune.export import llamacpp
     monkeypatch.setattr(llamacpp, "available", lambda: False)
     _one_line(*_eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp"), "pip install xllamacpp")
+
+
+def test_llamacpp_eval_stores_the_streaming_rate_of_a_file_bigger_than_the_caches(capsys, run_dir, held_out,
+                                                                               monkeypatch, tmp_path):
+    """A file that streams from memory calibrates this machine's serving projection; a cache-sized one does not."""
+    from greentune.inference import run as inference_run
+    from greentune.plan.calibrate import load_streaming_rate
+    from greentune.plan.hardware import detect_this
+
+    monkeypatch.setenv("GREENTUNE_CACHE", str(tmp_path / "cache"))
+    this = detect_this()
+    code, out, err = _eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json")
+    assert code == 0, err
+    assert load_streaming_rate(this, "f32") is None     # the tiny file is cache-resident
+    monkeypatch.setattr(inference_run, "STREAMING_MIN_BYTES", 0)
+    code, out, err = _eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    stored = load_streaming_rate(this, "f32")
+    assert stored is not None and stored["gbs"] == pytest.approx(r["streaming_gbs"]) and stored["threads"] == r["threads"]

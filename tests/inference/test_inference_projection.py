@@ -90,3 +90,23 @@ def test_plan_json_has_serving(capsys):
     devices = [p["device"] for p in serving["projections"]]
     assert devices == ["Apple M2", "Apple M3", "Apple M4", "Apple M2 Max"]
     assert all(p["basis"] == "modelled" and p["decode_tokens_per_s"] > 0 for p in serving["projections"])
+
+
+def test_a_stored_streaming_rate_calibrates_the_plan_for_that_device(capsys, monkeypatch, tmp_path):
+    """`greentune plan` projects a device with the rate a llama.cpp decode measured there, others from the catalogue."""
+    import json
+
+    monkeypatch.setenv("GREENTUNE_CACHE", str(tmp_path / "cache"))
+    from greentune.plan.calibrate import store_streaming_rate
+    from greentune.plan.command import plan_command
+
+    h100 = find_hardware("H100")
+    store_streaming_rate(h100, "q4_k_m", 123.0, threads=4)
+    assert plan_command(["--model", "llama-3.1-8b", "--hardware", "H100", "--json"]) == 0
+    serving = json.loads(capsys.readouterr().out)["serving"]
+    by_device = {p["device"]: p for p in serving["projections"]}
+    assert by_device[h100.name]["bandwidth_gbs"] == pytest.approx(123.0)
+    assert by_device["Apple M2"]["bandwidth_gbs"] == pytest.approx(find_hardware("Apple M2").bandwidth_gbs)
+    assert serving["calibrated"] and "123.0 GB/s measured by llama.cpp at 4 thread(s)" in serving["calibrated"][0]
+    with pytest.raises(ValueError):
+        store_streaming_rate(h100, "q4_k_m", 0.0, threads=1)

@@ -218,6 +218,8 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
     }
     if engine == "llamacpp":
         result["modelled"] = _modelled(t.gguf, threads, prompt_tokens, gen_tokens)
+        result["streaming_gbs"] = record_streaming_rate(t.gguf, threads, prompt_tokens, gen_tokens,
+                                                        tg["tokens_per_s"])
     if record and t.run_dir is not None:
         result["ledger"] = str(record_inference(t.run_dir, measurement, result))
     return result
@@ -231,6 +233,28 @@ def _modelled(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int) -> 
     out = projections_for_file(gguf, threads, prompt_tokens, gen_tokens, bandwidth_gbs=bw)
     out["this_bandwidth_probe_gbs"] = bw
     return out
+
+
+STREAMING_MIN_BYTES = 64 * 2**20   # below this a model sits in the CPU's caches: its decode is overhead-bound
+
+
+def record_streaming_rate(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int,
+                          decode_tokens_per_s: float) -> float:
+    """The weight-streaming rate (GB/s) this decode implied; for a file too big for the caches
+    (`STREAMING_MIN_BYTES`) it is stored as this machine's serving calibration for its format,
+    which `greentune plan` then projects with. Optional bookkeeping: a failure is one warning."""
+    from greentune.plan.calibrate import store_streaming_rate
+    from greentune.plan.hardware import detect_this
+    from greentune.plan.inference import effective_bandwidth_gbs, profile_from_gguf
+
+    prof = profile_from_gguf(gguf)
+    gbs = effective_bandwidth_gbs(prof, decode_tokens_per_s, prompt_tokens, gen_tokens)
+    if prof.file_bytes >= STREAMING_MIN_BYTES:
+        try:
+            store_streaming_rate(detect_this(), prof.format, gbs, threads)
+        except (OSError, ValueError) as err:
+            log.warning("serving calibration not stored: %s", err)
+    return gbs
 
 
 def record_inference(run_dir: Path, measurement, result: dict) -> Path:

@@ -188,6 +188,27 @@ def store_calibration(cal: Calibration, path: Path | None = None) -> Path:
     return path
 
 
+def store_streaming_rate(hw: Hardware, fmt: str, gbs: float, threads: int, path: Path | None = None) -> Path:
+    """Record the weight-streaming rate a measured llama.cpp decode of a `fmt` GGUF implied on
+    `hw` at `threads` threads (see `plan.inference.effective_bandwidth_gbs`); the serving
+    projection for `hw` then uses it instead of the catalogue's bandwidth. Replaces the last one."""
+    if not gbs > 0:
+        raise ValueError(f"implausible streaming rate {gbs} GB/s")
+    path = path or calibration_path()
+    data = _read(path)
+    data.setdefault("streaming", {}).setdefault(hw.key, {})[fmt.lower()] = {
+        "gbs": float(gbs), "threads": int(threads), "measured_at": time.time()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_streaming_rate(hw: Hardware, fmt: str, path: Path | None = None) -> dict | None:
+    """{"gbs", "threads", "measured_at"} stored for `hw` and `fmt`, or None."""
+    row = _read(path or calibration_path()).get("streaming", {}).get(hw.key, {}).get(fmt.lower())
+    return row if isinstance(row, dict) and isinstance(row.get("gbs"), (int, float)) and row["gbs"] > 0 else None
+
+
 # ---------------------------------------------------------------- the measured run
 
 def _sizes(on_gpu: bool) -> dict:

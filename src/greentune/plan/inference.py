@@ -277,10 +277,20 @@ def serving_plan(facts, training: Hardware | None, recipe_path: str | Path | Non
     GGUF preset. Returns {"profile", "projections", "text"} (JSON-ready but for `text`)."""
     if upcycle:
         facts = facts.upcycled(*upcycle)
+    from greentune.plan.calibrate import load_streaming_rate
+
     prof = profile_from_facts(facts, export_quant_of(recipe_path))
-    projections = [project(prof, hw, prompt_tokens, gen_tokens) for hw in serving_devices(training)]
+    projections, calibrated = [], []
+    for hw in serving_devices(training):
+        rate = load_streaming_rate(hw, prof.format)   # a measured llama.cpp decode here, if any
+        projections.append(project(prof, hw, prompt_tokens, gen_tokens, bandwidth_gbs=rate["gbs"] if rate else None))
+        if rate:
+            calibrated.append(f"{hw.name}: {rate['gbs']:.1f} GB/s measured by llama.cpp at {rate['threads']} thread(s)")
+    text = format_serving(prof, projections, prompt_tokens, gen_tokens)
+    if calibrated:
+        text += "\n  streaming rate calibrated (greentune eval --engine llamacpp): " + "; ".join(calibrated)
     return {"profile": asdict(prof), "projections": [p.to_dict() for p in projections],
-            "text": format_serving(prof, projections, prompt_tokens, gen_tokens)}
+            "calibrated": calibrated, "text": text}
 
 
 def projections_for_file(path: str | Path, threads: int, prompt_tokens: int, gen_tokens: int,
