@@ -10,10 +10,10 @@ the largest RSS a 1 ms sampler saw); `step_bytes` = peak − before. `predicted_
 the same step, so the caller can tell a real drop from noise.
 """
 import json
-import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -27,19 +27,8 @@ from greentune.quant.loading import release_free_memory
 from greentune.train.activation_checkpointing import enable_
 from greentune.train.loss import CausalLMLoss
 
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # tests/: the shared probe helper
+from peak_rss import reset_hwm, vm_hwm  # noqa: E402
 
 
 torch.set_num_threads(1)
@@ -65,7 +54,7 @@ def step() -> float:
 def measured_step() -> dict:
     release_free_memory()
     before = proc.memory_info().rss
-    use_hwm = _reset_hwm()
+    use_hwm = reset_hwm()
     sampled = [before]
     stop = threading.Event()
     if not use_hwm:
@@ -75,7 +64,7 @@ def measured_step() -> dict:
                 time.sleep(0.001)
         threading.Thread(target=sample, daemon=True).start()
     loss = step()
-    peak = _vm_hwm() if use_hwm else max(sampled)
+    peak = vm_hwm() if use_hwm else max(sampled)
     stop.set()
     opt.zero_grad(set_to_none=False)
     return dict(before=before, peak=peak, step_bytes=peak - before, loss=loss, hwm_reset=use_hwm)

@@ -10,30 +10,20 @@ is the memory the model itself holds.
 """
 import gc
 import json
-import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
 
+
 from greentune.quant import QuantEmbedding, QuantExperts3D, QuantLinear, load_quantized
 from greentune.quant.loading import release_free_memory
 
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # tests/: the shared probe helper
+from peak_rss import reset_hwm, vm_hwm  # noqa: E402
 
 
 torch.set_num_threads(1)
@@ -43,7 +33,7 @@ gc.collect()
 release_free_memory()
 proc = psutil.Process()
 base = proc.memory_info().rss
-use_hwm = _reset_hwm()
+use_hwm = reset_hwm()
 sampled = [base]
 stop = threading.Event()
 if not use_hwm:
@@ -53,7 +43,7 @@ if not use_hwm:
             time.sleep(0.001)
     threading.Thread(target=sample, daemon=True).start()
 model = load_quantized(model_dir, fmt)
-peak = _vm_hwm() if use_hwm else max(sampled)
+peak = vm_hwm() if use_hwm else max(sampled)
 stop.set()
 gc.collect()
 after = proc.memory_info().rss
