@@ -16,6 +16,7 @@
 Prints both runs' seconds and the speed-ups; `--uncached` also times the in-memory path
 (`cache=False`) once, to show what the first run costs against no cache at all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ from pathlib import Path
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
     from greentune.demo import corpus
 
-    pool = [p for t in corpus.docstrings(limit_chars=3_000_000) + corpus.source_snippets(limit_chars=3_000_000)
-            for p in t.split("\n\n") if p.strip()]
+    pool = [
+        p
+        for t in corpus.docstrings(limit_chars=3_000_000) + corpus.source_snippets(limit_chars=3_000_000)
+        for p in t.split("\n\n")
+        if p.strip()
+    ]
     rng = random.Random(seed)
     target, written, n = int(megabytes * 1e6), 0, 0
     with open(path, "w", encoding="utf-8") as f:
@@ -50,8 +55,11 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size (default 8192)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
-    ap.add_argument("--uncached", action="store_true",
-                    help="also time build_datasets(cache=False), the in-memory path, as the first run's baseline")
+    ap.add_argument(
+        "--uncached",
+        action="store_true",
+        help="also time build_datasets(cache=False), the in-memory path, as the first run's baseline",
+    )
     args = ap.parse_args()
 
     import os
@@ -61,24 +69,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        os.environ["GREENTUNE_CACHE"] = str(work / "cache")   # a cold cache for run 1
+        os.environ["GREENTUNE_CACHE"] = str(work / "cache")  # a cold cache for run 1
+        from transformers import AutoTokenizer
+
         from greentune import pipeline
         from greentune.demo import corpus
         from greentune.models import tiny
-        from transformers import AutoTokenizer
 
         data = work / "corpus.jsonl"
         t0 = time.perf_counter()
         docs = write_corpus(data, args.mb)
-        print(f"corpus: {data.stat().st_size / 1e6:,.1f} MB, {docs:,} documents ({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"corpus: {data.stat().st_size / 1e6:,.1f} MB, {docs:,} documents ({time.perf_counter() - t0:.1f} s)"
+        )
         tiny.build_tokenizer(corpus.docstrings(limit_chars=2_000_000), work / "tok", vocab_size=args.vocab)
         tok = AutoTokenizer.from_pretrained(work / "tok")
         tiny.build_tiny_model("llama", work / "model", tokenizer=tok, max_positions=args.seq_len)
         recipe = work / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump({
-            "base_model": str(work / "model"), "data": {"train": str(data), "max_seq_len": args.seq_len},
-            "method": {"lora": {"rank": 4, "alpha": 8}}, "energy": {"measure_savings": False},
-            "train": {"steps": 1, "batch_size": 8, "warmup": 0, "checkpoint_every": 1}}))
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "base_model": str(work / "model"),
+                    "data": {"train": str(data), "max_seq_len": args.seq_len},
+                    "method": {"lora": {"rank": 4, "alpha": 8}},
+                    "energy": {"measure_savings": False},
+                    "train": {"steps": 1, "batch_size": 8, "warmup": 0, "checkpoint_every": 1},
+                }
+            )
+        )
 
         class DataReady(Exception):
             """Raised once the data is built: start-up is over, the rest of a run is not measured."""
@@ -100,23 +118,37 @@ def main() -> int:
             except DataReady as ready:
                 data_s, rows, tokens = ready.args
             runs.append((data_s, time.perf_counter() - t))
-            print(f"run {run}: build_datasets {data_s:8.2f} s   start-up (train() called -> data ready) "
-                  f"{runs[-1][1]:8.2f} s   ({rows:,} train rows, {tokens:,} tokens)")
+            print(
+                f"run {run}: build_datasets {data_s:8.2f} s   start-up (train() called -> data ready) "
+                f"{runs[-1][1]:8.2f} s   ({rows:,} train rows, {tokens:,} tokens)"
+            )
         if args.uncached:
             from greentune.recipe import load_recipe
 
             r = load_recipe(recipe)
             t = time.perf_counter()
-            build(r.data.train, r.data.eval, tok, r.data.max_seq_len, r.data.pack, r.train.seed,
-                  r.data.eval_fraction, cache=False)
+            build(
+                r.data.train,
+                r.data.eval,
+                tok,
+                r.data.max_seq_len,
+                r.data.pack,
+                r.train.seed,
+                r.data.eval_fraction,
+                cache=False,
+            )
             plain = time.perf_counter() - t
-            print(f"in memory, no cache: build_datasets {plain:8.2f} s (run 1 through the cache took "
-                  f"{runs[0][0] / plain:.2f}x as long)")
+            print(
+                f"in memory, no cache: build_datasets {plain:8.2f} s (run 1 through the cache took "
+                f"{runs[0][0] / plain:.2f}x as long)"
+            )
         cache_mb = sum(f.stat().st_size for f in (work / "cache" / "tokens").rglob("*") if f.is_file()) / 1e6
         print(f"token cache on disk: {cache_mb:,.0f} MB")
         (d1, s1), (d2, s2) = runs
-        print(f"second run vs first: build_datasets {d1 / d2:,.1f}x faster ({d1:.1f} s -> {d2:.2f} s), "
-              f"start-up {s1 / s2:,.1f}x faster ({s1:.1f} s -> {s2:.2f} s)")
+        print(
+            f"second run vs first: build_datasets {d1 / d2:,.1f}x faster ({d1:.1f} s -> {d2:.2f} s), "
+            f"start-up {s1 / s2:,.1f}x faster ({s1:.1f} s -> {s2:.2f} s)"
+        )
     return 0
 
 

@@ -19,6 +19,7 @@
 Prints one row per file: type, perplexity, Δ vs f16, bits per weight (tensor bytes × 8 /
 parameters) and file size. Target (issue 6): greentune's q4_k_m Δ ≤ llama.cpp's Q4_K_M Δ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,25 @@ def train_model(out_dir: Path, steps: int, seq: int, batch: int, seed: int = 0):
     tok_dir = out_dir / "tok"
     tiny.build_tokenizer(train_texts, tok_dir, vocab_size=1024)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    model = tiny.build_tiny_model("llama", out_dir / "model", tokenizer=tok, hidden=256, layers=4, heads=4,
-                                  kv_heads=2, intermediate=768, max_positions=512, seed=seed)
+    model = tiny.build_tiny_model(
+        "llama",
+        out_dir / "model",
+        tokenizer=tok,
+        hidden=256,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        intermediate=768,
+        max_positions=512,
+        seed=seed,
+    )
     ids = [i for t in train_texts for i in tok(t + "\n")["input_ids"]]
     data = torch.tensor(ids)
-    print(f"training: {sum(p.numel() for p in model.parameters())/1e6:.2f} M params, "
-          f"{len(ids)/1e6:.2f} M train tokens, {steps} steps × {batch}×{seq}", flush=True)
+    print(
+        f"training: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+        f"{len(ids) / 1e6:.2f} M train tokens, {steps} steps × {batch}×{seq}",
+        flush=True,
+    )
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1), pct_start=0.1)
@@ -59,7 +73,7 @@ def train_model(out_dir: Path, steps: int, seq: int, batch: int, seed: int = 0):
     t0 = time.time()
     for step in range(steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,))
-        x = torch.stack([data[s:s + seq] for s in starts])
+        x = torch.stack([data[s : s + seq] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -77,11 +91,12 @@ def train_model(out_dir: Path, steps: int, seq: int, batch: int, seed: int = 0):
 def held_out_windows(tok, texts: list[str], n_tokens: int, ctx: int) -> list[list[int]]:
     ids = [i for t in texts for i in tok(t + "\n")["input_ids"]]
     ids = ids[: n_tokens + n_tokens // (ctx - 1) + 1]
-    return [ids[i:i + ctx] for i in range(0, len(ids) - 1, ctx) if len(ids[i:i + ctx]) > 1]
+    return [ids[i : i + ctx] for i in range(0, len(ids) - 1, ctx) if len(ids[i : i + ctx]) > 1]
 
 
 def ppl_torch(model_dir: Path, windows) -> float:
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -96,6 +111,7 @@ def ppl_torch(model_dir: Path, windows) -> float:
 def ppl_llamacpp(path: Path, windows, ctx: int) -> float:
     """Perplexity computed by llama.cpp: per position, force the next token and read its raw logprob."""
     import xllamacpp as x
+
     p = x.CommonParams()
     p.model.path = str(path)
     p.n_ctx = ctx + 8
@@ -106,9 +122,17 @@ def ppl_llamacpp(path: Path, windows, ctx: int) -> float:
     nll, n = 0.0, 0
     for w in windows:
         for j in range(1, len(w)):
-            r = server.handle_completions({
-                "prompt": w[:j], "max_tokens": 1, "temperature": 0, "n_probs": 1, "cache_prompt": True,
-                "logit_bias": [[int(w[j]), 100.0]], "samplers": ["logit_bias", "top_k"]})
+            r = server.handle_completions(
+                {
+                    "prompt": w[:j],
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "n_probs": 1,
+                    "cache_prompt": True,
+                    "logit_bias": [[int(w[j]), 100.0]],
+                    "samplers": ["logit_bias", "top_k"],
+                }
+            )
             content = r["choices"][0]["logprobs"]["content"]
             assert content and content[0]["id"] == w[j], json.dumps(r)[:300]
             nll -= content[0]["logprob"]
@@ -120,6 +144,7 @@ def ppl_llamacpp(path: Path, windows, ctx: int) -> float:
 def gguf_stats(path: Path) -> tuple[float, int]:
     """(bits per weight over all tensors, file bytes)."""
     from gguf import GGUFReader
+
     r = GGUFReader(path)
     n_params = sum(int(np.prod(t.shape)) for t in r.tensors)
     n_bytes = sum(int(t.n_bytes) for t in r.tensors)
@@ -174,21 +199,37 @@ def main(argv=None) -> int:
     rows, base = [], None
     for label, path in files:
         if path is None:
-            rows.append({"file": label, "skipped": "llama-cpp-python is not installed "
-                                                   "(pip install llama-cpp-python; compiles ~14 min)"})
+            rows.append(
+                {
+                    "file": label,
+                    "skipped": "llama-cpp-python is not installed "
+                    "(pip install llama-cpp-python; compiles ~14 min)",
+                }
+            )
             print(f"{label:22s} skipped: llama-cpp-python not installed", flush=True)
             continue
         t0 = time.time()
         ppl = ppl_llamacpp(path, windows, args.ctx)
         bpw, size = gguf_stats(path)
         base = ppl if base is None else base
-        row = {"file": label, "ppl": ppl, "delta_vs_f16": ppl - base, "bits_per_weight": bpw, "bytes": size,
-               "eval_s": time.time() - t0}
+        row = {
+            "file": label,
+            "ppl": ppl,
+            "delta_vs_f16": ppl - base,
+            "bits_per_weight": bpw,
+            "bytes": size,
+            "eval_s": time.time() - t0,
+        }
         rows.append(row)
-        print(f"{label:22s} ppl {ppl:9.4f}  Δ {ppl - base:+8.4f}  {bpw:5.2f} bpw  {size/1e6:7.2f} MB "
-              f"({row['eval_s']:.0f} s)", flush=True)
+        print(
+            f"{label:22s} ppl {ppl:9.4f}  Δ {ppl - base:+8.4f}  {bpw:5.2f} bpw  {size / 1e6:7.2f} MB "
+            f"({row['eval_s']:.0f} s)",
+            flush=True,
+        )
     if args.json:
-        args.json.write_text(json.dumps({"pytorch_fp32_ppl": ref, "eval_tokens": n_eval, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"pytorch_fp32_ppl": ref, "eval_tokens": n_eval, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -30,6 +30,7 @@ also computes the full expert weight gradient (+25.8 GFLOP) and rebuilds W + B·
 Measured single-thread, the MoE layers are ~50 % of greentune's step, attention ~29 %, lm_head
 and the loss ~17 %, so even free experts would leave about half of the step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,27 +47,43 @@ H, I, E, K, LAYERS, HEADS, VOCAB, BATCH, SEQ, RANK, ALPHA = 512, 1024, 8, 2, 4, 
 
 def config():
     import transformers as tf
-    return tf.MixtralConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS,
-                            num_attention_heads=HEADS, num_key_value_heads=HEADS, num_local_experts=E,
-                            num_experts_per_tok=K, max_position_embeddings=SEQ, sliding_window=None,
-                            tie_word_embeddings=False)
+
+    return tf.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        num_local_experts=E,
+        num_experts_per_tok=K,
+        max_position_embeddings=SEQ,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    )
 
 
 def base_model(device, dtype):
     import transformers as tf
+
     torch.manual_seed(0)
     return tf.MixtralForCausalLM(config()).to(device, dtype)
 
 
 def hf_peft(base, impl):
     from peft import LoraConfig, get_peft_model
+
     model = copy.deepcopy(base)
     model.config._experts_implementation = impl
     for layer in model.model.layers:
         layer.mlp.experts.config._experts_implementation = impl
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    cfg = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
     return get_peft_model(model, cfg)
 
 
@@ -76,7 +93,9 @@ class _LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base, self.scale = base, ALPHA / RANK
-        self.A = nn.Parameter(torch.empty(RANK, base.in_features, device=base.weight.device).uniform_(-0.04, 0.04))
+        self.A = nn.Parameter(
+            torch.empty(RANK, base.in_features, device=base.weight.device).uniform_(-0.04, 0.04)
+        )
         self.B = nn.Parameter(torch.zeros(base.out_features, RANK, device=base.weight.device))
 
     def forward(self, x):
@@ -85,12 +104,14 @@ class _LoRALinear(nn.Module):
 
 def greentune_model(base):
     from greentune.moe import add_expert_lora_, replace_experts_
+
     model = copy.deepcopy(base)
     for p in model.parameters():
         p.requires_grad_(False)
     replace_experts_(model)
-    try:   # apply_lora freezes the whole model, so it goes before the expert LoRA
+    try:  # apply_lora freezes the whole model, so it goes before the expert LoRA
         from greentune.adapters.lora import apply_lora
+
         apply_lora(model, ["attn"], rank=RANK, alpha=ALPHA)
     except ImportError:
         for layer in model.model.layers:
@@ -111,12 +132,14 @@ def make_step(model, ids, objective: bool = False):
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
     if objective:
         from greentune.train.loss import CausalLMLoss, count_targets
+
         wrapped, mask = CausalLMLoss(model), torch.ones_like(ids)
         n_items = torch.tensor(float(count_targets(ids)))
 
         def loss_of():
             return wrapped(ids, mask, ids, n_items)
     else:
+
         def loss_of():
             return model(input_ids=ids, labels=ids).loss
 
@@ -126,6 +149,7 @@ def make_step(model, ids, objective: bool = False):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
     return step
 
 
@@ -134,12 +158,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-CLOCK = time.perf_counter   # --cpu-time switches to process CPU seconds (a shared machine)
+CLOCK = time.perf_counter  # --cpu-time switches to process CPU seconds (a shared machine)
 
 
 def time_round_robin(fns: dict, steps: int, device) -> dict[str, list[float]]:
     times = {n: [] for n in fns}
-    for n, f in fns.items():   # warm-up
+    for n, f in fns.items():  # warm-up
         f()
     for _ in range(steps):
         for n, f in fns.items():
@@ -159,6 +183,7 @@ def layer_times(device, dtype, steps):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     from greentune.moe import add_expert_lora_, replace_experts_
+
     torch.manual_seed(0)
 
     def block(impl):
@@ -174,32 +199,50 @@ def layer_times(device, dtype, steps):
     replace_experts_(moe)
     moe_lora = copy.deepcopy(moe)
     add_expert_lora_(moe_lora, r=RANK, alpha=ALPHA)
-    peft_cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[],
-                          target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    peft_cfg = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=[],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    )
     hf = {impl: inject_adapter_in_model(peft_cfg, block(impl)) for impl in ("eager", "grouped_mm")}
-    dense = nn.ModuleDict({"gate_up": nn.Linear(H, 4 * I, bias=False), "down": nn.Linear(2 * I, H, bias=False)})
+    dense = nn.ModuleDict(
+        {"gate_up": nn.Linear(H, 4 * I, bias=False), "down": nn.Linear(2 * I, H, bias=False)}
+    )
     dense = dense.to(device, dtype).requires_grad_(False)
-    dense_lora = {n: (torch.randn(RANK, m.in_features, device=device, dtype=dtype, requires_grad=True),
-                      torch.randn(m.out_features, RANK, device=device, dtype=dtype, requires_grad=True))
-                  for n, m in dense.items()}
+    dense_lora = {
+        n: (
+            torch.randn(RANK, m.in_features, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(m.out_features, RANK, device=device, dtype=dtype, requires_grad=True),
+        )
+        for n, m in dense.items()
+    }
     x = torch.randn(BATCH, SEQ, H, device=device, dtype=dtype, requires_grad=True)
 
     def dense_fwd(lora):
         def lin(n, v):
             y = dense[n](v)
-            if lora:   # the same formulation as ExpertLoRA: base + s · (v A^T) B^T in one addmm
+            if lora:  # the same formulation as ExpertLoRA: base + s · (v A^T) B^T in one addmm
                 a, b = dense_lora[n]
-                y = torch.addmm(y.view(-1, y.shape[-1]), (v @ a.t()).view(-1, RANK), b.t(),
-                                alpha=ALPHA / RANK).view(y.shape)
+                y = torch.addmm(
+                    y.view(-1, y.shape[-1]), (v @ a.t()).view(-1, RANK), b.t(), alpha=ALPHA / RANK
+                ).view(y.shape)
             return y
+
         g, u = lin("gate_up", x).chunk(2, -1)
         return lin("down", F.silu(g) * u)
 
     def run(f):
         return lambda: f().backward(torch.ones(BATCH, SEQ, H, device=device, dtype=dtype))
-    fns = {"moe": run(lambda: moe(x)), "dense": run(lambda: dense_fwd(False)),
-           "moe_lora": run(lambda: moe_lora(x)), "dense_lora": run(lambda: dense_fwd(True)),
-           "hf_eager_lora": run(lambda: hf["eager"](x)), "hf_grouped_mm_lora": run(lambda: hf["grouped_mm"](x))}
+
+    fns = {
+        "moe": run(lambda: moe(x)),
+        "dense": run(lambda: dense_fwd(False)),
+        "moe_lora": run(lambda: moe_lora(x)),
+        "dense_lora": run(lambda: dense_fwd(True)),
+        "hf_eager_lora": run(lambda: hf["eager"](x)),
+        "hf_grouped_mm_lora": run(lambda: hf["grouped_mm"](x)),
+    }
     return time_round_robin(fns, steps, device)
 
 
@@ -213,11 +256,14 @@ def main():
     ap.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence")
     ap.add_argument("--profile", action="store_true", help="print the top ops of one greentune step")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with process CPU seconds and report the fastest step (for a shared CPU machine; "
-                         "tokens/s are then per CPU-second of all threads). Use --threads 1 or "
-                         "OMP_WAIT_POLICY=PASSIVE: OpenMP workers spin between parallel regions, which "
-                         "counts as CPU time and penalises code with more small ops")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with process CPU seconds and report the fastest step (for a shared CPU machine; "
+        "tokens/s are then per CPU-second of all threads). Use --threads 1 or "
+        "OMP_WAIT_POLICY=PASSIVE: OpenMP workers spin between parallel regions, which "
+        "counts as CPU time and penalises code with more small ops",
+    )
     args = ap.parse_args()
     BATCH, SEQ = args.batch, args.seq
     if args.threads:
@@ -229,10 +275,15 @@ def main():
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), device=device)
     base = base_model(device, dtype)
-    print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; "
-          f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters; batch {BATCH}x{SEQ}")
-    builders = {"hf_eager": lambda: hf_peft(base, "eager"), "hf_grouped_mm": lambda: hf_peft(base, "grouped_mm"),
-                "greentune": lambda: greentune_model(base)}
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; "
+        f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters; batch {BATCH}x{SEQ}"
+    )
+    builders = {
+        "hf_eager": lambda: hf_peft(base, "eager"),
+        "hf_grouped_mm": lambda: hf_peft(base, "grouped_mm"),
+        "greentune": lambda: greentune_model(base),
+    }
     models = {n: builders[n]() for n in args.variants.split(",") if n}
     for n, m in models.items():
         print(f"  {n}: {sum(p.numel() for p in trainable(m)) / 1e6:.3f} M trainable")
@@ -240,8 +291,9 @@ def main():
     times = time_round_robin(steps, args.steps, device) if models else {}
     tps = {n: BATCH * SEQ / pick(t) for n, t in times.items()}
     for n, t in times.items():
-        print(f"{n:>14}: {tps[n]:8.0f} tokens/s   step {pick(t):.3f} s   "
-              f"({', '.join(f'{x:.2f}' for x in t)})")
+        print(
+            f"{n:>14}: {tps[n]:8.0f} tokens/s   step {pick(t):.3f} s   ({', '.join(f'{x:.2f}' for x in t)})"
+        )
     if "greentune" in tps:
         for n in tps:
             if n != "greentune":
@@ -255,12 +307,17 @@ def main():
     t = layer_times(device, dtype, args.steps)
     med = {n: pick(v) for n, v in t.items()}
     ms = {n: f"{v * 1e3:.0f} ms" for n, v in med.items()}
-    print(f"one MoE layer, fwd+bwd, {BATCH * SEQ} tokens, LoRA r{RANK} on experts: greentune {ms['moe_lora']}, "
-          f"HF+PEFT eager {ms['hf_eager_lora']} ({med['hf_eager_lora'] / med['moe_lora']:.2f}x), "
-          f"grouped_mm {ms['hf_grouped_mm_lora']} ({med['hf_grouped_mm_lora'] / med['moe_lora']:.2f}x)")
-    print(f"active-compute ratio (MoE block top-{K} of {E} / dense MLP intermediate {K * I}), fwd+bwd: "
-          f"{med['moe'] / med['dense']:.2f}x without LoRA ({ms['moe']} / {ms['dense']}), "
-          f"{med['moe_lora'] / med['dense_lora']:.2f}x with LoRA r{RANK} ({ms['moe_lora']} / {ms['dense_lora']})")
+    print(
+        f"one MoE layer, fwd+bwd, {BATCH * SEQ} tokens, LoRA r{RANK} on experts: greentune {ms['moe_lora']}, "
+        f"HF+PEFT eager {ms['hf_eager_lora']} ({med['hf_eager_lora'] / med['moe_lora']:.2f}x), "
+        f"grouped_mm {ms['hf_grouped_mm_lora']} ({med['hf_grouped_mm_lora'] / med['moe_lora']:.2f}x)"
+    )
+    print(
+        f"active-compute ratio (MoE block top-{K} of {E} / dense MLP intermediate {K * I}), fwd+bwd: "
+        f"{med['moe'] / med['dense']:.2f}x without LoRA ({ms['moe']} / {ms['dense']}), "
+        f"{med['moe_lora'] / med['dense_lora']:.2f}x with LoRA r{RANK} ({ms['moe_lora']} / {ms['dense_lora']})"
+    )
+
 
 if __name__ == "__main__":
     main()

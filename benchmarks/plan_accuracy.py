@@ -19,6 +19,7 @@ Mixtral-architecture MoE, ReLoRA on a dense llama — it
 Tiny models and data are built locally (greentune.models.tiny, stdlib docstrings), so it
 needs no network. It takes a few minutes on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,22 +55,35 @@ def _build(work: Path) -> dict:
 
 
 def _recipes(work: Path, paths: dict, steps: int) -> dict[str, Path]:
-    common = {"data": {"train": str(paths["data"]), "max_seq_len": 256},
-              "train": {"steps": steps, "batch_size": 4, "grad_accum": 1, "warmup": 5, "checkpoint_every": 10_000},
-              "energy": {"region": "WORLD"}}
+    common = {
+        "data": {"train": str(paths["data"]), "max_seq_len": 256},
+        "train": {"steps": steps, "batch_size": 4, "grad_accum": 1, "warmup": 5, "checkpoint_every": 10_000},
+        "energy": {"region": "WORLD"},
+    }
     specs = {
-        "lora-dense": {"base_model": str(paths["llama"]),
-                       "method": {"quant_base": "none", "lora": {"rank": 16, "targets": ["attn", "mlp"]}}},
-        "qlora-moe": {"base_model": str(paths["mixtral"]),
-                      "method": {"quant_base": "q4_k", "lora": {"rank": 16, "targets": ["attn", "experts"]}}},
-        "relora-dense": {"base_model": str(paths["llama"]),
-                         "method": {"quant_base": "none", "lora": {"rank": 16, "targets": ["attn", "mlp"]},
-                                    "relora": {"merge_every": max(1, steps // 3)}}},
+        "lora-dense": {
+            "base_model": str(paths["llama"]),
+            "method": {"quant_base": "none", "lora": {"rank": 16, "targets": ["attn", "mlp"]}},
+        },
+        "qlora-moe": {
+            "base_model": str(paths["mixtral"]),
+            "method": {"quant_base": "q4_k", "lora": {"rank": 16, "targets": ["attn", "experts"]}},
+        },
+        "relora-dense": {
+            "base_model": str(paths["llama"]),
+            "method": {
+                "quant_base": "none",
+                "lora": {"rank": 16, "targets": ["attn", "mlp"]},
+                "relora": {"merge_every": max(1, steps // 3)},
+            },
+        },
     }
     out = {}
     for name, spec in specs.items():
         p = work / f"{name}.yaml"
-        p.write_text("# python benchmarks/plan_accuracy.py\n" + yaml.safe_dump({**common, **spec, "name": name}))
+        p.write_text(
+            "# python benchmarks/plan_accuracy.py\n" + yaml.safe_dump({**common, **spec, "name": name})
+        )
         out[name] = p
     return out
 
@@ -81,9 +95,22 @@ def _predict(recipe: Path):
 
     rec = read_recipe(recipe)
     facts, label = model_facts(rec.base_model)
-    r = plan(facts, label, tokens=rec.tokens, hardware="this", seq_len=rec.seq_len, micro_batch=rec.batch_size,
-             grad_accum=rec.grad_accum, region=rec.region, pue=rec.pue, wue_onsite=rec.wue_onsite, rank=rec.rank,
-             targets=rec.targets, merge_every=rec.relora_merge_every or 200, extra=[rec.technique()])
+    r = plan(
+        facts,
+        label,
+        tokens=rec.tokens,
+        hardware="this",
+        seq_len=rec.seq_len,
+        micro_batch=rec.batch_size,
+        grad_accum=rec.grad_accum,
+        region=rec.region,
+        pue=rec.pue,
+        wue_onsite=rec.wue_onsite,
+        rank=rec.rank,
+        targets=rec.targets,
+        merge_every=rec.relora_merge_every or 200,
+        extra=[rec.technique()],
+    )
     return r.estimates[0], r.calibrated
 
 
@@ -93,6 +120,7 @@ def _measure(recipe: Path, run_dir: Path) -> dict:
     meter = None
     try:
         from greentune.energy.meter import Meter
+
         meter = Meter.auto(scope="self")
     except Exception:  # noqa: BLE001
         pass
@@ -103,13 +131,14 @@ def _measure(recipe: Path, run_dir: Path) -> dict:
     whole = window.end() if window else None
     if meter:
         meter.close()
+
     def jsonl(name):
         p = run_dir / name
         return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
     steps = [r for r in jsonl("metrics.jsonl") if "step_seconds" in r and "step_joules" in r]
     ledger = [r for r in jsonl("ledger.jsonl") if str(r.get("phase", "")).startswith("train")]
-    if steps:   # optimiser steps only: the ledger's train phase also holds in-loop evaluation
+    if steps:  # optimiser steps only: the ledger's train phase also holds in-loop evaluation
         seconds = sum(float(r["step_seconds"]) for r in steps)
         joules = sum(float(r["step_joules"]) for r in steps)
         how = "metrics.jsonl (sum of step_seconds, step_joules)"
@@ -128,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/plan-accuracy", help="folder for models, data and runs")
     ap.add_argument("--steps", type=int, default=60, help="training steps per recipe")
-    ap.add_argument("--no-calibrate", action="store_true", help="use the stored calibration instead of measuring")
+    ap.add_argument(
+        "--no-calibrate", action="store_true", help="use the stored calibration instead of measuring"
+    )
     ap.add_argument("--calibrate-seconds", type=float, default=20.0)
     ap.add_argument("--json", default=None, help="also write the results here")
     ns = ap.parse_args(argv)
@@ -138,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.no_calibrate:
         from greentune.plan.calibrate import run_calibration, store_calibration
         from greentune.plan.hardware import find_hardware
+
         cal = run_calibration(find_hardware("this"), seconds=ns.calibrate_seconds)
         store_calibration(cal)
         print(f"calibration: utilisation {cal.utilisation:.3f}, {cal.power_w:.1f} W ({cal.power_source})")
@@ -146,12 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, recipe in _recipes(work, paths, ns.steps).items():
         est, calibrated = _predict(recipe)
         meas = _measure(recipe, work / "runs" / name)
-        rows.append({"recipe": name, "technique": est.technique.name, "calibrated": calibrated,
-                     "predicted_s": est.seconds, "measured_s": meas["seconds"],
-                     "predicted_kwh": est.it_kwh, "measured_kwh": meas["it_kwh"],
-                     "tokens": meas["tokens"], "measured_by": meas["how"]})
+        rows.append(
+            {
+                "recipe": name,
+                "technique": est.technique.name,
+                "calibrated": calibrated,
+                "predicted_s": est.seconds,
+                "measured_s": meas["seconds"],
+                "predicted_kwh": est.it_kwh,
+                "measured_kwh": meas["it_kwh"],
+                "tokens": meas["tokens"],
+                "measured_by": meas["how"],
+            }
+        )
 
-    print(f"\n{'recipe':<14}{'pred s':>9}{'meas s':>9}{'ratio':>7}{'pred Wh':>10}{'meas Wh':>10}{'ratio':>7}  within ±25 %")
+    print(
+        f"\n{'recipe':<14}{'pred s':>9}{'meas s':>9}{'ratio':>7}{'pred Wh':>10}{'meas Wh':>10}{'ratio':>7}  within ±25 %"
+    )
     ok_all = True
     for r in rows:
         rt = r["predicted_s"] / r["measured_s"] if r["measured_s"] else float("nan")
@@ -159,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = abs(rt - 1) <= TARGET and abs(re_ - 1) <= TARGET
         ok_all &= ok
         r.update(time_ratio=rt, energy_ratio=re_, within_target=ok)
-        print(f"{r['recipe']:<14}{r['predicted_s']:>9.1f}{r['measured_s']:>9.1f}{rt:>7.2f}"
-              f"{r['predicted_kwh'] * 1000:>10.3f}{r['measured_kwh'] * 1000:>10.3f}{re_:>7.2f}  {'yes' if ok else 'no'}")
-    print("\nmeasured by: " + "; ".join(sorted({r['measured_by'] for r in rows})))
+        print(
+            f"{r['recipe']:<14}{r['predicted_s']:>9.1f}{r['measured_s']:>9.1f}{rt:>7.2f}"
+            f"{r['predicted_kwh'] * 1000:>10.3f}{r['measured_kwh'] * 1000:>10.3f}{re_:>7.2f}  {'yes' if ok else 'no'}"
+        )
+    print("\nmeasured by: " + "; ".join(sorted({r["measured_by"] for r in rows})))
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if ok_all else 1

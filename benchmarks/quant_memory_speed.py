@@ -24,6 +24,7 @@ instead of growing a fragmented heap: the comparison is like for like.
 The machine's load average is printed with the results: on a shared machine, step times
 follow it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ RANK, ALPHA = 16, 32
 
 def rss_mb() -> float:
     import psutil
+
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -88,9 +90,11 @@ class PeakSampler(threading.Thread):
 
 def child(variant: str, model_dir: str, steps: int, seq: int, threads: int, fp32_io: bool = False) -> None:
     import torch
+
     if threads:
         torch.set_num_threads(threads)
     import transformers  # noqa: F401
+
     from greentune.adapters.lora import apply_lora
     from greentune.models.loader import load_model
     from greentune.quant import load_quantized
@@ -98,6 +102,7 @@ def child(variant: str, model_dir: str, steps: int, seq: int, threads: int, fp32
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (1, seq))
     import gc
+
     gc.collect()
     base_rss, base_max = rss_mb(), maxrss_mb()
     base_anon, base_file = rss_parts_mb()
@@ -126,30 +131,61 @@ def child(variant: str, model_dir: str, steps: int, seq: int, threads: int, fp32
             times.append(time.perf_counter() - t)
     sampler.stop = True
     sampler.join()
-    print(json.dumps({
-        "variant": variant, "baseline_mb": base_rss, "baseline_maxrss_mb": base_max,
-        "peak_maxrss_mb": maxrss_mb(), "peak_sampled_mb": sampler.peak,
-        "after_load_mb": after_load, "load_maxrss_mb": load_maxrss, "load_s": load_s,
-        "baseline_anon_mb": base_anon, "baseline_file_mb": base_file, "phases": sampler.phases,
-        "step_s": statistics.median(times), "step_times": times,
-        "trainable": sum(p.numel() for p in params), "loss": float(loss),
-        "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
-    }))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "baseline_mb": base_rss,
+                "baseline_maxrss_mb": base_max,
+                "peak_maxrss_mb": maxrss_mb(),
+                "peak_sampled_mb": sampler.peak,
+                "after_load_mb": after_load,
+                "load_maxrss_mb": load_maxrss,
+                "load_s": load_s,
+                "baseline_anon_mb": base_anon,
+                "baseline_file_mb": base_file,
+                "phases": sampler.phases,
+                "step_s": statistics.median(times),
+                "step_times": times,
+                "trainable": sum(p.numel() for p in params),
+                "loss": float(loss),
+                "torch_threads": torch.get_num_threads(),
+                "loadavg": os.getloadavg(),
+            }
+        )
+    )
 
 
 def build(out_dir: str, layers: int, seq: int) -> None:
     import torch
+
     from greentune.models.tiny import build_tiny_model
 
-    model = build_tiny_model("llama", out_dir, tokenizer=None, vocab_size=VOCAB, hidden=HIDDEN, layers=layers,
-                             heads=HEADS, kv_heads=KV_HEADS, intermediate=INTER, max_positions=512)
+    model = build_tiny_model(
+        "llama",
+        out_dir,
+        tokenizer=None,
+        vocab_size=VOCAB,
+        hidden=HIDDEN,
+        layers=layers,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        intermediate=INTER,
+        max_positions=512,
+    )
     n = sum(p.numel() for p in model.parameters())
-    n_lin = sum(m.weight.numel() for name, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
-    print(f"model: llama, {layers} layers, hidden {HIDDEN}, intermediate {INTER}, vocab {VOCAB}: "
-          f"{n / 1e6:.1f} M parameters ({n_lin / 1e6:.1f} M in the layers' linears, "
-          f"{(n - n_lin) / 1e6:.1f} M embeddings + lm_head); batch 1 x {seq}; "
-          f"LoRA r{RANK} attn+mlp; {os.cpu_count()} CPUs", flush=True)
+    n_lin = sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+    )
+    print(
+        f"model: llama, {layers} layers, hidden {HIDDEN}, intermediate {INTER}, vocab {VOCAB}: "
+        f"{n / 1e6:.1f} M parameters ({n_lin / 1e6:.1f} M in the layers' linears, "
+        f"{(n - n_lin) / 1e6:.1f} M embeddings + lm_head); batch 1 x {seq}; "
+        f"LoRA r{RANK} attn+mlp; {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -157,10 +193,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch's default)")
-    ap.add_argument("--compile", default="auto", choices=["auto", "0", "1"],
-                    help="GREENTUNE_QUANT_COMPILE for the children (0: plain-torch dequantise, no native kernels)")
-    ap.add_argument("--fp32-io", action="store_true", help="keep the q4_k base's embedding and lm_head in fp32")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads in the children (0: torch's default)"
+    )
+    ap.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "0", "1"],
+        help="GREENTUNE_QUANT_COMPILE for the children (0: plain-torch dequantise, no native kernels)",
+    )
+    ap.add_argument(
+        "--fp32-io", action="store_true", help="keep the q4_k base's embedding and lm_head in fp32"
+    )
     ap.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, metavar=("VARIANT", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,47 +216,88 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gt-qbench-") as tmp:
         # Built in a subprocess: Linux carries ru_maxrss across fork+exec, so a parent that had held
         # the 2 GB model would put its own peak into every child's ru_maxrss.
-        subprocess.run([sys.executable, __file__, "--build", tmp, "--layers", str(args.layers), "--seq", str(args.seq)],
-                       check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, __file__, "--build", tmp, "--layers", str(args.layers), "--seq", str(args.seq)],
+            check=True,
+            stderr=subprocess.DEVNULL,
+        )
         res = {}
         env = dict(os.environ, GREENTUNE_QUANT_COMPILE=args.compile)
         for variant in ("fp32", "q4_k"):
-            out = subprocess.run([sys.executable, __file__, "--child", variant, tmp, "--steps", str(args.steps),
-                                  "--seq", str(args.seq), "--threads", str(args.threads)]
-                                 + (["--fp32-io"] if args.fp32_io else []),
-                                 capture_output=True, text=True, check=True, env=env)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    tmp,
+                    "--steps",
+                    str(args.steps),
+                    "--seq",
+                    str(args.seq),
+                    "--threads",
+                    str(args.threads),
+                ]
+                + (["--fp32-io"] if args.fp32_io else []),
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
             res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             r = res[variant]
-            print(f"  {variant}: baseline {r['baseline_mb']:.0f} MB (maxrss at start {r['baseline_maxrss_mb']:.0f} MB), "
-                  f"load {r['load_s']:.1f} s, "
-                  f"steps {[round(t, 2) for t in r['step_times']]}, load average {r['loadavg'][0]:.2f}", flush=True)
+            print(
+                f"  {variant}: baseline {r['baseline_mb']:.0f} MB (maxrss at start {r['baseline_maxrss_mb']:.0f} MB), "
+                f"load {r['load_s']:.1f} s, "
+                f"steps {[round(t, 2) for t in r['step_times']]}, load average {r['loadavg'][0]:.2f}",
+                flush=True,
+            )
 
     f, q = res["fp32"], res["q4_k"]
+
     def above(r):
         return r["peak_maxrss_mb"] - r["baseline_mb"]
+
     def above_s(r):
         return r["peak_sampled_mb"] - r["baseline_mb"]
+
     print()
     print(f"| {'':29} | {'fp32 base':>10} | {'q4_k base':>10} | {'ratio':>6} | target |")
     print(f"|{'-' * 31}|{'-' * 12}|{'-' * 12}|{'-' * 8}|--------|")
-    print(f"| {'baseline RSS after imports':29} | {f['baseline_mb']:7.0f} MB | {q['baseline_mb']:7.0f} MB | "
-          f"{'':>6} |        |")
-    print(f"| {'peak above baseline (maxrss)':29} | {above(f):7.0f} MB | {above(q):7.0f} MB | "
-          f"{above(q) / above(f):6.3f} | ≤ 0.35 |")
-    print(f"| {'peak above baseline (sampled)':29} | {above_s(f):7.0f} MB | {above_s(q):7.0f} MB | "
-          f"{above_s(q) / above_s(f):6.3f} |        |")
-    print(f"| {'step time (median)':29} | {f['step_s']:8.2f} s | {q['step_s']:8.2f} s | "
-          f"{q['step_s'] / f['step_s']:6.3f} | ≤ 1.25 |")
+    print(
+        f"| {'baseline RSS after imports':29} | {f['baseline_mb']:7.0f} MB | {q['baseline_mb']:7.0f} MB | "
+        f"{'':>6} |        |"
+    )
+    print(
+        f"| {'peak above baseline (maxrss)':29} | {above(f):7.0f} MB | {above(q):7.0f} MB | "
+        f"{above(q) / above(f):6.3f} | ≤ 0.35 |"
+    )
+    print(
+        f"| {'peak above baseline (sampled)':29} | {above_s(f):7.0f} MB | {above_s(q):7.0f} MB | "
+        f"{above_s(q) / above_s(f):6.3f} |        |"
+    )
+    print(
+        f"| {'step time (median)':29} | {f['step_s']:8.2f} s | {q['step_s']:8.2f} s | "
+        f"{q['step_s'] / f['step_s']:6.3f} | ≤ 1.25 |"
+    )
     for phase in ("load", "train"):
         pf, pq = f["phases"][phase], q["phases"][phase]
-        print(f"| {'sampled peak, ' + phase + ' phase':29} | {pf[0] - f['baseline_mb']:7.0f} MB | "
-              f"{pq[0] - q['baseline_mb']:7.0f} MB | {(pq[0] - q['baseline_mb']) / (pf[0] - f['baseline_mb']):6.3f} |        |")
-        print(f"|   {'of which anon / file-backed':27} | {pf[1] - f['baseline_anon_mb']:4.0f}/{pf[2] - f['baseline_file_mb']:<5.0f} | "
-              f"{pq[1] - q['baseline_anon_mb']:4.0f}/{pq[2] - q['baseline_file_mb']:<5.0f} |        |        |")
-    print(f"| {'maxrss at end of load':29} | {f['load_maxrss_mb'] - f['baseline_mb']:7.0f} MB | "
-          f"{q['load_maxrss_mb'] - q['baseline_mb']:7.0f} MB |        |        |")
-    print(f"| {'load time':29} | {f['load_s']:8.1f} s | {q['load_s']:8.1f} s | "
-          f"{q['load_s'] / f['load_s']:6.2f} |        |")
+        print(
+            f"| {'sampled peak, ' + phase + ' phase':29} | {pf[0] - f['baseline_mb']:7.0f} MB | "
+            f"{pq[0] - q['baseline_mb']:7.0f} MB | {(pq[0] - q['baseline_mb']) / (pf[0] - f['baseline_mb']):6.3f} |        |"
+        )
+        print(
+            f"|   {'of which anon / file-backed':27} | {pf[1] - f['baseline_anon_mb']:4.0f}/{pf[2] - f['baseline_file_mb']:<5.0f} | "
+            f"{pq[1] - q['baseline_anon_mb']:4.0f}/{pq[2] - q['baseline_file_mb']:<5.0f} |        |        |"
+        )
+    print(
+        f"| {'maxrss at end of load':29} | {f['load_maxrss_mb'] - f['baseline_mb']:7.0f} MB | "
+        f"{q['load_maxrss_mb'] - q['baseline_mb']:7.0f} MB |        |        |"
+    )
+    print(
+        f"| {'load time':29} | {f['load_s']:8.1f} s | {q['load_s']:8.1f} s | "
+        f"{q['load_s'] / f['load_s']:6.2f} |        |"
+    )
 
 
 if __name__ == "__main__":

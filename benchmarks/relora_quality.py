@@ -23,6 +23,7 @@ variant whose settings match an earlier line is read from there instead of re-ru
 one torch thread by default (`--threads`): on a shared 2-core CPU, OpenMP spin-waiting made
 2 threads ~5x slower than 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,11 @@ def prepare(work: Path, pretrain_steps: int, seed: int, batch: int = 16) -> Path
     tok = build_tokenizer(docs, work / "tok", VOCAB)
     model = build_tiny_model("llama", work / "init", tokenizer=tok, seed=seed, **SIZES)
     train, held = build_datasets(work / "pretrain.jsonl", None, tok, SEQ, True, seed, 0.02)
-    print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
-          f"{len(train)} rows of {SEQ}, {pretrain_steps} steps x {batch}, lr 2e-3", flush=True)
+    print(
+        f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+        f"{len(train)} rows of {SEQ}, {pretrain_steps} steps x {batch}, lr 2e-3",
+        flush=True,
+    )
     stream = BatchStream(train, batch, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
@@ -78,8 +82,12 @@ def prepare(work: Path, pretrain_steps: int, seed: int, batch: int = 16) -> Path
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 50 == 0:
-            print(f"  pretrain step {step + 1}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"  pretrain step {step + 1}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     from greentune.train.loop import evaluate_loss
+
     print(f"  pretrain held-out docstring loss {evaluate_loss(model, held, 16)[0]:.3f}", flush=True)
     model.save_pretrained(base, safe_serialization=True)
     tok.save_pretrained(base)
@@ -95,19 +103,25 @@ def full_finetune(base: Path, work: Path, args) -> float:
     from greentune.train.schedule import lr_at
 
     tok = load_tokenizer(base)
-    train, _ = build_datasets(work / "adapt_train.jsonl", work / "adapt_eval.jsonl", tok, SEQ, True, args.seed)
+    train, _ = build_datasets(
+        work / "adapt_train.jsonl", work / "adapt_eval.jsonl", tok, SEQ, True, args.seed
+    )
     rows = load_eval_rows(work / "adapt_eval.jsonl", tok, SEQ)
     torch.manual_seed(args.seed)
     model = load_model(base)
     model.train()
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr_full, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    opt = torch.optim.AdamW(
+        params, lr=args.lr_full, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, foreach=True
+    )
     stream = BatchStream(train, args.batch, args.seed)
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr_full, args.steps, args.warmup, "cosine", 0.1)
         b = next(stream)
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.backward()
+        model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
+        ).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -117,26 +131,44 @@ def full_finetune(base: Path, work: Path, args) -> float:
 def pipeline_run(base: Path, work: Path, name: str, quant: str, relora: bool, args) -> float:
     from greentune.pipeline import train
 
-    method = {"quant_base": quant, "lora": {"rank": args.rank, "alpha": args.alpha, "targets": ["attn", "mlp"]}}
+    method = {
+        "quant_base": quant,
+        "lora": {"rank": args.rank, "alpha": args.alpha, "targets": ["attn", "mlp"]},
+    }
     if relora:
-        method["relora"] = {"merge_every": args.merge_every, "optimizer_prune": args.prune,
-                            "restart_warmup": args.rewarm}
+        method["relora"] = {
+            "merge_every": args.merge_every,
+            "optimizer_prune": args.prune,
+            "restart_warmup": args.rewarm,
+        }
     recipe = {
         "base_model": str(base),
-        "data": {"train": str(work / "adapt_train.jsonl"), "eval": str(work / "adapt_eval.jsonl"),
-                 "max_seq_len": SEQ, "pack": True},
+        "data": {
+            "train": str(work / "adapt_train.jsonl"),
+            "eval": str(work / "adapt_eval.jsonl"),
+            "max_seq_len": SEQ,
+            "pack": True,
+        },
         "method": method,
-        "train": {"steps": args.steps, "batch_size": args.batch, "lr": args.lr_relora if relora else args.lr_lora,
-                  "warmup": args.warmup, "schedule": "cosine", "seed": args.seed,
-                  "checkpoint_every": args.steps},
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "lr": args.lr_relora if relora else args.lr_lora,
+            "warmup": args.warmup,
+            "schedule": "cosine",
+            "seed": args.seed,
+            "checkpoint_every": args.steps,
+        },
         "energy": {"measure_savings": False},
     }
     import hashlib
+
     tag = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-    run_dir = work / "runs" / f"{name}-{tag}"   # distinct settings never share (or wipe) a run dir
+    run_dir = work / "runs" / f"{name}-{tag}"  # distinct settings never share (or wipe) a run dir
     path = work / f"{name}-{tag}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     import shutil
+
     shutil.rmtree(run_dir, ignore_errors=True)
     return train(path, run_dir=run_dir, progress=False).eval_loss
 
@@ -158,8 +190,12 @@ def main() -> None:
     ap.add_argument("--prune", type=float, default=0.9)
     ap.add_argument("--rewarm", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 by default: on a shared 2-core machine OpenMP spin-waits make 2 threads ~5x slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 by default: on a shared 2-core machine OpenMP spin-waits make 2 threads ~5x slower)",
+    )
     ap.add_argument("--variants", default="full,lora,relora,lora_q4k,relora_q4k")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -167,9 +203,12 @@ def main() -> None:
 
     t0 = time.perf_counter()
     base = prepare(args.work, args.pretrain_steps, args.seed, args.pretrain_batch)
-    print(f"base ready ({time.perf_counter() - t0:.0f} s); adapting: {args.steps} steps x {args.batch} x {SEQ}, "
-          f"rank {args.rank}, alpha {args.alpha}, warmup {args.warmup}; ReLoRA merge every {args.merge_every}, "
-          f"prune {args.prune} (joint), re-warm {args.rewarm}", flush=True)
+    print(
+        f"base ready ({time.perf_counter() - t0:.0f} s); adapting: {args.steps} steps x {args.batch} x {SEQ}, "
+        f"rank {args.rank}, alpha {args.alpha}, warmup {args.warmup}; ReLoRA merge every {args.merge_every}, "
+        f"prune {args.prune} (joint), re-warm {args.rewarm}",
+        flush=True,
+    )
     jobs = {
         "full": lambda: full_finetune(base, args.work, args),
         "lora": lambda: pipeline_run(base, args.work, "lora", "none", False, args),
@@ -184,9 +223,25 @@ def main() -> None:
     for name in args.variants.split(","):
         key = {k: v for k, v in vars(args).items() if k not in ("work", "variants", "threads")}
         if name == "full":
-            key = {k: key[k] for k in ("pretrain_steps", "pretrain_batch", "steps", "batch", "lr_full", "warmup", "seed")}
+            key = {
+                k: key[k]
+                for k in ("pretrain_steps", "pretrain_batch", "steps", "batch", "lr_full", "warmup", "seed")
+            }
         elif name.startswith("lora"):
-            key = {k: key[k] for k in ("pretrain_steps", "pretrain_batch", "steps", "batch", "rank", "alpha", "lr_lora", "warmup", "seed")}
+            key = {
+                k: key[k]
+                for k in (
+                    "pretrain_steps",
+                    "pretrain_batch",
+                    "steps",
+                    "batch",
+                    "rank",
+                    "alpha",
+                    "lr_lora",
+                    "warmup",
+                    "seed",
+                )
+            }
         else:
             key = {k: v for k, v in key.items() if k not in ("lr_full", "lr_lora")}
         hit = [r for r in prior if r["variant"] == name and r["key"] == key]
@@ -198,14 +253,22 @@ def main() -> None:
         res[name] = jobs[name]()
         dt = time.perf_counter() - t
         with cache_path.open("a") as f:
-            f.write(json.dumps({"variant": name, "key": key, "eval_loss": res[name], "seconds": round(dt, 1)}) + "\n")
+            f.write(
+                json.dumps({"variant": name, "key": key, "eval_loss": res[name], "seconds": round(dt, 1)})
+                + "\n"
+            )
         print(f"  {name:11} eval loss {res[name]:.4f} ({dt:.0f} s)", flush=True)
 
     print()
     print("| variant            | eval loss | ppl    |")
     print("|--------------------|-----------|--------|")
-    labels = {"full": "full fine-tune", "lora": "LoRA (fp32)", "relora": "ReLoRA (fp32)",
-              "lora_q4k": "LoRA (q4_k)", "relora_q4k": "ReLoRA (q4_k)"}
+    labels = {
+        "full": "full fine-tune",
+        "lora": "LoRA (fp32)",
+        "relora": "ReLoRA (fp32)",
+        "lora_q4k": "LoRA (q4_k)",
+        "relora_q4k": "ReLoRA (q4_k)",
+    }
     for name, loss in res.items():
         print(f"| {labels[name]:18} | {loss:9.4f} | {math.exp(loss):6.2f} |")
     if "full" in res:

@@ -12,6 +12,7 @@ Prints, per process count: steady-state tokens/s (steps after the first 3), scal
 process, the training phase's J/token from the run's ledger (every rank's meters summed,
 each device counted once) and whether those joules were measured or estimated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,21 @@ def build_default(work: Path, steps: int) -> Path:
 
     tiny.build_tokenizer(corpus.docstrings(limit_chars=300_000), work / "tok", vocab_size=2048)
     tok = AutoTokenizer.from_pretrained(work / "tok")
-    tiny.build_tiny_model("llama", work / "base", tokenizer=tok, hidden=256, layers=4, heads=8, kv_heads=4,
-                          intermediate=512)
+    tiny.build_tiny_model(
+        "llama", work / "base", tokenizer=tok, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=512
+    )
     data = work / "code.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.source_snippets(limit_chars=400_000)))
-    recipe = {"name": "scaling", "base_model": str(work / "base"),
-              "data": {"train": str(data), "max_seq_len": 128},
-              "method": {"lora": {"rank": 16, "alpha": 32, "targets": ["attn", "mlp"], "dropout": 0.0}},
-              "train": {"steps": steps, "batch_size": 16, "lr": 1e-3, "warmup": 2, "checkpoint_every": steps},
-              "energy": {"measure_savings": False, "interval_steps": 1}}
+    data.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in corpus.source_snippets(limit_chars=400_000))
+    )
+    recipe = {
+        "name": "scaling",
+        "base_model": str(work / "base"),
+        "data": {"train": str(data), "max_seq_len": 128},
+        "method": {"lora": {"rank": 16, "alpha": 32, "targets": ["attn", "mlp"], "dropout": 0.0}},
+        "train": {"steps": steps, "batch_size": 16, "lr": 1e-3, "warmup": 2, "checkpoint_every": steps},
+        "energy": {"measure_savings": False, "interval_steps": 1},
+    }
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -59,8 +66,13 @@ def measure(recipe: Path, run_dir: Path, nproc: int) -> dict:
     joules = sum(sum(r["joules"].values()) for r in train)
     total_tokens = steps[-1]["tokens"] if steps else 0
     sources = sorted({s for r in train for s in r["source"].values()})
-    return {"nproc": nproc, "tokens_per_s": tokens / seconds, "j_per_token": joules / max(total_tokens, 1),
-            "sources": "+".join(sources), "components": sorted({k for r in train for k in r["joules"]})}
+    return {
+        "nproc": nproc,
+        "tokens_per_s": tokens / seconds,
+        "j_per_token": joules / max(total_tokens, 1),
+        "sources": "+".join(sources),
+        "components": sorted({k for r in train for k in r["joules"]}),
+    }
 
 
 def main() -> None:
@@ -76,8 +88,10 @@ def main() -> None:
     base = results[0]["tokens_per_s"]
     print(f"{'processes':>9}  {'tokens/s':>9}  {'scaling':>7}  {'J/token':>8}  energy")
     for r in results:
-        print(f"{r['nproc']:>9}  {r['tokens_per_s']:>9,.0f}  {r['tokens_per_s'] / base:>6.2f}×  "
-              f"{r['j_per_token']:>8.4f}  {r['sources']} ({', '.join(r['components'])})")
+        print(
+            f"{r['nproc']:>9}  {r['tokens_per_s']:>9,.0f}  {r['tokens_per_s'] / base:>6.2f}×  "
+            f"{r['j_per_token']:>8.4f}  {r['sources']} ({', '.join(r['components'])})"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Prints tokens/s of each, the ratio, greentune's achieved GFLOP/s and this machin
 measured matmul GFLOP/s (fp32 on CPU; on a GPU everything runs in bf16 and the matmul
 rate is bf16's). Run it on a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,18 @@ B, T, RANK, ALPHA = 4, 256, 16, 32
 
 
 def make_config(max_positions: int = 1024):
-    return tiny_config("mixtral", vocab_size=8192, hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1024,
-                       experts=8, top_k=2, max_positions=max(1024, max_positions))
+    return tiny_config(
+        "mixtral",
+        vocab_size=8192,
+        hidden=512,
+        layers=4,
+        heads=8,
+        kv_heads=8,
+        intermediate=1024,
+        experts=8,
+        top_k=2,
+        max_positions=max(1024, max_positions),
+    )
 
 
 def hf_peft(base, implementation: str):
@@ -38,7 +49,9 @@ def hf_peft(base, implementation: str):
 
     model = copy.deepcopy(base)
     model.set_experts_implementation(implementation)
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    cfg = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     return get_peft_model(model, cfg)
 
 
@@ -70,6 +83,7 @@ def time_steps(model, batch, steps: int) -> float:
         def loss_of():
             return model(batch["input_ids"], batch["attention_mask"], batch["labels"], num_items)
     else:
+
         def loss_of():
             return model(**batch).loss
 
@@ -99,7 +113,7 @@ def matmul_gflops(device, dtype, n: int = 2048, reps: int = 10) -> float:
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
@@ -109,9 +123,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     ap.add_argument("--batch", type=int, default=B, help="sequences per step")
     ap.add_argument("--seq", type=int, default=T, help="tokens per sequence")
-    ap.add_argument("--also-plain-loss", action="store_true",
-                    help="add greentune with transformers' own loss (no fused lm_head + CE) as a contestant")
-    ap.add_argument("--profile", action="store_true", help="print the top ops of one step of greentune and of HF")
+    ap.add_argument(
+        "--also-plain-loss",
+        action="store_true",
+        help="add greentune with transformers' own loss (no fused lm_head + CE) as a contestant",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="print the top ops of one step of greentune and of HF"
+    )
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -134,9 +153,13 @@ def main() -> None:
         contestants["greentune (HF loss)"] = CausalLMLoss(contestants["greentune"].model, fused=False)
     with torch.no_grad():
         ref = contestants["HF+PEFT (eager)"](**batch).loss.item()
-        ours = contestants["greentune"](batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                        torch.tensor(float(count_targets(batch["labels"])))).item()
-    tol = 1e-4 if dtype == torch.float32 else 5e-2   # bf16: the two compute in a different order
+        ours = contestants["greentune"](
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            torch.tensor(float(count_targets(batch["labels"]))),
+        ).item()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: the two compute in a different order
     assert abs(ref - ours) < tol, f"models disagree before training: {ref} vs {ours}"
 
     times = {name: [] for name in contestants}
@@ -150,7 +173,11 @@ def main() -> None:
     # forward + activation-gradient backward of the frozen base (no weight gradients), + LoRA's 6 FLOPs/param
     flops_per_token = 2 * facts.forward_flops_per_token(t) + 6 * lora_params
     mm = matmul_gflops(device, dtype)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} CPU threads"
+    )
     print(f"torch {torch.__version__}, {where}, {dtype}; batch {b}x{t}; LoRA r{RANK} on attention")
     print(f"model: {facts.total_params / 1e6:.1f} M parameters, {facts.active_params / 1e6:.1f} M active")
     for name, v in tps.items():
@@ -158,17 +185,27 @@ def main() -> None:
     best_hf_name = max((n for n in tps if n.startswith("HF")), key=tps.get)
     best_hf = tps[best_hf_name]
     print(f"ratio greentune / best HF+PEFT: {tps['greentune'] / best_hf:.2f}x")
-    print(f"greentune achieved {flops_per_token * tps['greentune'] / 1e9:.1f} GFLOP/s "
-          f"({flops_per_token / 1e6:.1f} MFLOP/token); {str(dtype)[6:]} matmul on this machine: {mm:.1f} GFLOP/s")
+    print(
+        f"greentune achieved {flops_per_token * tps['greentune'] / 1e9:.1f} GFLOP/s "
+        f"({flops_per_token / 1e6:.1f} MFLOP/token); {str(dtype)[6:]} matmul on this machine: {mm:.1f} GFLOP/s"
+    )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
+
         on_gpu = device.type == "cuda"
         for name in ("greentune", best_hf_name):
-            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+            with profile(
+                activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+            ) as prof:
                 time_steps(contestants[name], batch, 1)
             print(f"--- {name}: top ops of two steps by {'device' if on_gpu else 'CPU'} time")
-            print(prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
-                                            row_limit=14, max_name_column_width=40))
+            print(
+                prof.key_averages().table(
+                    sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                    row_limit=14,
+                    max_name_column_width=40,
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared fixtures: a locally trained tokenizer and tiny checkpoints, built once per session."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,6 +44,7 @@ def tokenizer_dir(tmp_path_factory, corpus_texts):
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
@@ -74,6 +76,7 @@ def tiny_qwen2_moe_dir(tmp_path_factory, tokenizer):
 def text_jsonl(tmp_path_factory, corpus_texts):
     """400 real-text documents as {"text"} lines."""
     import json
+
     p = tmp_path_factory.mktemp("data") / "train.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[:400]))
     return p
@@ -89,7 +92,14 @@ def write_recipe(tmp_path):
             "base_model": str(base_model),
             "data": {"train": str(train_path), "max_seq_len": 64, **(data or {})},
             "method": {"lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"]}, **(method or {})},
-            "train": {"steps": 12, "batch_size": 4, "lr": 1e-3, "warmup": 2, "checkpoint_every": 5, **(train or {})},
+            "train": {
+                "steps": 12,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "warmup": 2,
+                "checkpoint_every": 5,
+                **(train or {}),
+            },
             **top,
         }
         path = tmp_path / "recipe.yaml"
@@ -123,6 +133,7 @@ def pretrained_llama_dir(tmp_path_factory, tokenizer, corpus_texts):
 def code_jsonl(tmp_path_factory):
     """Real Python source (stdlib), as {"text"} lines: a 'client' domain unlike the docstrings."""
     import json
+
     p = tmp_path_factory.mktemp("code") / "code.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus.source_snippets(limit_chars=200_000)))
     return p
@@ -137,8 +148,15 @@ def code_jsonl(tmp_path_factory):
 #         refs/main                  (the commit)
 
 
-def _add_to_hub_cache(hub_cache: Path, repo_id: str, src: Path, *, repo_type: str = "model",
-                     commit: str | None = None, only: list[str] | None = None) -> str:
+def _add_to_hub_cache(
+    hub_cache: Path,
+    repo_id: str,
+    src: Path,
+    *,
+    repo_type: str = "model",
+    commit: str | None = None,
+    only: list[str] | None = None,
+) -> str:
     """Copy the files under `src` (or the names in `only`) into the cache as one commit; return it."""
     repo = Path(hub_cache) / f"{repo_type}s--{repo_id.replace('/', '--')}"
     commit = commit or hashlib.sha1(f"{repo_id}:{sorted(os.listdir(src))}".encode()).hexdigest()
@@ -181,8 +199,13 @@ def offline_hub(tmp_path, monkeypatch):
 
     home = tmp_path / "hf-home"
     (home / "hub").mkdir(parents=True)
-    for name, value in (("HF_HOME", home), ("HF_HUB_CACHE", home / "hub"), ("HF_HUB_OFFLINE", "1"),
-                        ("HF_DATASETS_CACHE", home / "datasets"), ("HF_DATASETS_OFFLINE", "1")):
+    for name, value in (
+        ("HF_HOME", home),
+        ("HF_HUB_CACHE", home / "hub"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_DATASETS_CACHE", home / "datasets"),
+        ("HF_DATASETS_OFFLINE", "1"),
+    ):
         monkeypatch.setenv(name, str(value))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

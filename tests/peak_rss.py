@@ -3,6 +3,7 @@
 Linux's VmHWM is the high-water RSS; writing 5 to /proc/self/clear_refs resets it to the
 current RSS (refused on some kernels, where the probes fall back to a 1 ms sampler).
 """
+
 import re
 
 

@@ -7,13 +7,14 @@ A value that is not a number, not finite (nan, inf), not whole where a count is 
 out of range is refused with the allowed range in the message; `OneLineParser` turns that
 into a `UserError` (one line, exit 2), so no command ever starts on a number it cannot honour.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import re
 
-from .errors import UserError
+from greentune.errors import UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -53,7 +54,7 @@ def count(low: int = 1, high: int | None = None):
             raise _range_error(text, low, high, False)
         return value
 
-    parse.__name__ = "count"    # argparse names the type in its messages
+    parse.__name__ = "count"  # argparse names the type in its messages
     return parse
 
 

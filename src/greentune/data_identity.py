@@ -6,14 +6,15 @@ run. So a run stores the content hash of its data (`data-identity.json`) and
 `--resume` refuses when they differ. A full hash, not a sample: a change of one byte in
 the middle counts. It costs a fraction of a second per 200 MB, against minutes to tokenise it.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .data.token_cache import source_digest
-from .errors import UserError
-from .fsutil import atomic_write_json
+from greentune.data.token_cache import source_digest
+from greentune.errors import UserError
+from greentune.fsutil import atomic_write_json
 
 IDENTITY_FILE = "data-identity.json"
 
@@ -22,8 +23,11 @@ def data_identity(sources: dict) -> dict:
     """`{"train": {"path", "sha256"}, "eval": ...}` for the recipe's data sources (None ones left
     out): the same content digest the token cache is keyed by (a file's or folder's bytes, a
     dataset's fingerprint), so a change that would re-tokenise also refuses a resume."""
-    return {k: {"path": v.label() if hasattr(v, "label") else str(v), "sha256": source_digest(v)}
-            for k, v in sources.items() if v is not None}
+    return {
+        k: {"path": v.label() if hasattr(v, "label") else str(v), "sha256": source_digest(v)}
+        for k, v in sources.items()
+        if v is not None
+    }
 
 
 def check_unchanged(run_dir: Path, current: dict) -> None:
@@ -36,8 +40,10 @@ def check_unchanged(run_dir: Path, current: dict) -> None:
     for key, was in stored.items() if isinstance(stored, dict) else ():
         now = current.get(key)
         if isinstance(was, dict) and now is not None and was.get("sha256") != now["sha256"]:
-            raise UserError(f"--resume: data.{key} {now['path']} changed since this run started "
-                            "(its content hash differs); restore it or start a new run with another --run-dir")
+            raise UserError(
+                f"--resume: data.{key} {now['path']} changed since this run started "
+                "(its content hash differs); restore it or start a new run with another --run-dir"
+            )
 
 
 def store(run_dir: Path, current: dict) -> None:

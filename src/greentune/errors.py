@@ -6,12 +6,24 @@ and keeps its traceback. OS conditions the user causes and can fix (a full disk,
 or foreign folder) count as user mistakes too: `user_os_error` makes them one line naming
 the path the user gave.
 """
+
 from __future__ import annotations
 
 import errno
 
-USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                            errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST})
+USER_OS_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+    }
+)
 
 
 class UserError(Exception):

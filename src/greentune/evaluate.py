@@ -4,19 +4,26 @@ A run dir is evaluated through its `merged/` model when present, else as base + 
 Perplexity = exp(mean cross-entropy over the predicted tokens), with the same loss masks
 as training (prompt tokens are not scored).
 """
+
 from __future__ import annotations
 
 import math
 import time
 from pathlib import Path
 
-from .data.packing import pack
-from .data.sources import read_samples
-from .data.templates import tokenize
-from .errors import UserError
-from .models.loader import default_device, load_model, load_tokenizer, max_positions, resolve_model_dir
-from .recipe import read_run_recipe
-from .train.loop import evaluate_loss
+from greentune.data.packing import pack
+from greentune.data.sources import read_samples
+from greentune.data.templates import tokenize
+from greentune.errors import UserError
+from greentune.models.loader import (
+    default_device,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve_model_dir,
+)
+from greentune.recipe import read_run_recipe
+from greentune.train.loop import evaluate_loss
 
 
 def resolve_model(target: str | Path, device="cpu"):
@@ -29,8 +36,8 @@ def resolve_model(target: str | Path, device="cpu"):
             model_dir = target / "merged"
             return load_model(model_dir, device), load_tokenizer(model_dir), f"{model_dir}", recipe
         if (target / "adapter").is_dir():
-            from .adapters.lora import apply_lora
-            from .adapters.peft_format import load_lora_state_dict, read_adapter
+            from greentune.adapters.lora import apply_lora
+            from greentune.adapters.peft_format import load_lora_state_dict, read_adapter
 
             base = resolve_model_dir(recipe["base_model"], recipe.get("base_model_commit"))
             model = load_model(base, device)
@@ -54,12 +61,14 @@ def check_seq_len(max_seq_len: int, config, description: str) -> None:
     rotary embeddings, be out of distribution and allocate T² attention for nothing)."""
     limit = max_positions(config)
     if max_seq_len < 1 or (limit is not None and max_seq_len > limit):
-        raise UserError(f"--max-seq-len {max_seq_len} must be between 1 and the model's {limit} positions "
-                        f"({description})")
+        raise UserError(
+            f"--max-seq-len {max_seq_len} must be between 1 and the model's {limit} positions ({description})"
+        )
 
 
-def evaluate_path(target: str | Path, data: str | Path, max_seq_len: int | None = None,
-                  batch_size: int = 8) -> dict:
+def evaluate_path(
+    target: str | Path, data: str | Path, max_seq_len: int | None = None, batch_size: int = 8
+) -> dict:
     """Perplexity, loss, tokens and tokens/s of `target` on `data`."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -72,5 +81,12 @@ def evaluate_path(target: str | Path, data: str | Path, max_seq_len: int | None 
     t0 = time.perf_counter()
     loss, count = evaluate_loss(model, rows, batch_size, device=device)
     seconds = time.perf_counter() - t0
-    return {"model": description, "data": str(data), "loss": loss, "perplexity": math.exp(loss),
-            "tokens": count, "seconds": seconds, "tokens_per_s": rows.n_tokens / max(seconds, 1e-9)}
+    return {
+        "model": description,
+        "data": str(data),
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": count,
+        "seconds": seconds,
+        "tokens_per_s": rows.n_tokens / max(seconds, 1e-9),
+    }

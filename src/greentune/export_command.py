@@ -8,21 +8,28 @@ A run dir exports its `merged/` model. When the run trained on a quantised base 
 GGUF format asked for (q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k ↔ q4_k_m), the base tensors are
 written from the run's saved training bytes, byte for byte, not quantised a second time.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import remove_stale_temps
-from .recipe import ExportConfig, read_run_recipe
+from greentune.errors import UserError
+from greentune.fsutil import remove_stale_temps
+from greentune.recipe import ExportConfig, read_run_recipe
 
 
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
     from pydantic import ValidationError
 
-    from .models.loader import (check_model_dir, check_weights_match, load_config, load_model, load_tokenizer,
-                                resolve_model_dir)
-    from .pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
+    from greentune.models.loader import (
+        check_model_dir,
+        check_weights_match,
+        load_config,
+        load_model,
+        load_tokenizer,
+        resolve_model_dir,
+    )
+    from greentune.pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
 
     try:
         item = ExportConfig(format=fmt, quant=quant)
@@ -35,20 +42,26 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         quant_base = (read_run_recipe(target).get("method") or {}).get("quant_base", "none")
         out = out or target / "export"
         trained = target / TRAINED_BYTES
-        prequantized = load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None
+        prequantized = (
+            load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None
+        )
     else:
         model_dir, prequantized = resolve_model_dir(target), None
-        from_hub = model_dir != target   # a Hub id: the default output goes in the working folder
-        out = out or (Path(target.name.split("@")[0] + "-export") if from_hub
-                      else target.with_name(target.name + "-export"))
+        from_hub = model_dir != target  # a Hub id: the default output goes in the working folder
+        out = out or (
+            Path(target.name.split("@")[0] + "-export")
+            if from_hub
+            else target.with_name(target.name + "-export")
+        )
     _check_out(out, item.format)
     check_model_dir(model_dir)
     remove_stale_temps(out)  # what an export killed mid-write left (greentune's own temp names only)
     config = load_config(model_dir)
-    if item.format == "gguf":   # a family llama.cpp cannot run: one line before the weights are read
-        from .export.gguf_families import family_of
+    if item.format == "gguf":  # a family llama.cpp cannot run: one line before the weights are read
+        from greentune.export.gguf_families import family_of
+
         family_of(config.to_dict())
-    check_weights_match(model_dir, config)   # the writers stream tensors: check them first
+    check_weights_match(model_dir, config)  # the writers stream tensors: check them first
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
     return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]
@@ -59,7 +72,9 @@ def _check_out(out: Path, fmt: str) -> None:
     if out.suffix != ".gguf":
         return
     if fmt != "gguf":
-        raise UserError(f"--out {out}: a name ending in .gguf is a GGUF file, but --format is {fmt}; "
-                        "give a folder for mlx or hf")
+        raise UserError(
+            f"--out {out}: a name ending in .gguf is a GGUF file, but --format is {fmt}; "
+            "give a folder for mlx or hf"
+        )
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name ending in .gguf or another folder")

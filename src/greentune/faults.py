@@ -12,6 +12,7 @@ Points (each checked where the work happens, so a test kills a real run at a rea
 
 Unset (the normal case) it costs one dictionary lookup.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ another live process's temp, not a file greentune did not name.
 here are given the modes an ordinary `open`/`mkdir` would (0666/0777 less the umask), so
 what is renamed into place is as readable as any other file the user writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from .errors import user_os_error
-from .faults import maybe_fault
+from greentune.errors import user_os_error
+from greentune.faults import maybe_fault
 
 _TEMP_RE = re.compile(r"^\..+\.greentune-(\d+)-[^/]*\.tmp$")
 
@@ -162,7 +163,7 @@ def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path
         fsync_dir(path.parent)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):   # a full disk or read-only folder: one line naming `path`
+        if isinstance(err, OSError):  # a full disk or read-only folder: one line naming `path`
             raise user_os_error(err, path) from None
         raise
 

@@ -3,6 +3,7 @@
 Used by both model loaders (fp32/bf16 and quantised), so a training run of either kind gets
 freed tensors back to the operating system instead of a fragmented, growing heap.
 """
+
 from __future__ import annotations
 
 import ctypes

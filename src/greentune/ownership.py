@@ -7,14 +7,15 @@ marker of the same kind, may go; anything else is the user's and is refused with
 naming the path, unless the user passes ``--force``. A folder that holds a model being read
 (the source of an upcycle) is never replaced, ``--force`` or not.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import atomic_write_text
-from .runlock import LOCK_NAME
+from greentune.errors import UserError
+from greentune.fsutil import atomic_write_text
+from greentune.runlock import LOCK_NAME
 
 MARKER = ".greentune"
 
@@ -52,8 +53,10 @@ def check_replaceable(folder: str | Path, kind: str, force: bool = False, protec
         raise UserError(f"{folder} exists and is not a folder; choose another path")
     if force or made_by_greentune(folder, kind) or not any(folder.iterdir()):
         return
-    raise UserError(f"{folder} already exists, is not empty and was not made by greentune; "
-                    "choose another folder or pass --force to replace it")
+    raise UserError(
+        f"{folder} already exists, is not empty and was not made by greentune; "
+        "choose another folder or pass --force to replace it"
+    )
 
 
 RUN = "run"
@@ -63,7 +66,9 @@ def is_run_dir(folder: str | Path) -> bool:
     """A run dir greentune made: its marker, or (runs from before the marker) its `recipe.yaml`
     next to a `checkpoints/` folder, which only greentune's training loop writes."""
     folder = Path(folder)
-    return made_by_greentune(folder, RUN) or ((folder / "recipe.yaml").is_file() and (folder / "checkpoints").is_dir())
+    return made_by_greentune(folder, RUN) or (
+        (folder / "recipe.yaml").is_file() and (folder / "checkpoints").is_dir()
+    )
 
 
 def check_run_dir(folder: str | Path) -> None:
@@ -72,5 +77,7 @@ def check_run_dir(folder: str | Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"run dir {folder} is a file, not a folder; choose another --run-dir")
     if folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()) and not is_run_dir(folder):
-        raise UserError(f"run dir {folder} already exists, is not empty and is not a greentune run; "
-                        "choose another --run-dir (greentune never deletes files it did not write)")
+        raise UserError(
+            f"run dir {folder} already exists, is not empty and is not a greentune run; "
+            "choose another --run-dir (greentune never deletes files it did not write)"
+        )

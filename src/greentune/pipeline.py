@@ -4,6 +4,7 @@ reuse a pretrained model → (quantise its frozen base) → (upcycle it to exper
 (Re)LoRA adapters → train them → merge → export → report, metering the energy of every
 phase into the run's ledger on the way.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,30 +16,37 @@ from pathlib import Path
 import torch
 import yaml
 
-from .adapters.lora import apply_lora, check_rank_fits, fuse_all_
-from .adapters.peft_format import save_adapter
-from .adapters.relora import ReLoRA
-from .data import BatchStream, build_datasets
-from .energy import Factors, Ledger, Meter, describe_hardware
-from .energy.hook import EnergyHook
-from . import data_identity
-from .errors import UserError, user_os_error
-from .faults import maybe_fault
-from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
-from .ownership import RUN, check_run_dir, mark
-from .models.loader import (check_model_dir, check_weights_match, default_device, load_config, load_model,
-                            load_tokenizer, max_positions)
-from .models.support import check_family
-from .moe import fuse_expert_lora_, prepare_moe_, upcycle
-from .moe.hook import MoEHook
-from .quant import load_quantized
-from .quant.dequantize import dequantize_model_
-from .recipe import MoeConfig, Recipe, load_recipe
-from .runlock import RunLock
-from .train import checkpoint, distributed
-from .train.activation_checkpointing import apply_activation_checkpointing
-from .train.distributed import SINGLE, DistContext
-from .train.loop import LoopResult, evaluate_loss, run_training
+from greentune import data_identity
+from greentune.adapters.lora import apply_lora, check_rank_fits, fuse_all_
+from greentune.adapters.peft_format import save_adapter
+from greentune.adapters.relora import ReLoRA
+from greentune.data import BatchStream, build_datasets
+from greentune.energy import Factors, Ledger, Meter, describe_hardware
+from greentune.energy.hook import EnergyHook
+from greentune.errors import UserError, user_os_error
+from greentune.faults import maybe_fault
+from greentune.fsutil import atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
+from greentune.models.loader import (
+    check_model_dir,
+    check_weights_match,
+    default_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+    max_positions,
+)
+from greentune.models.support import check_family
+from greentune.moe import fuse_expert_lora_, prepare_moe_, upcycle
+from greentune.moe.hook import MoEHook
+from greentune.ownership import RUN, check_run_dir, mark
+from greentune.quant import load_quantized
+from greentune.quant.dequantize import dequantize_model_
+from greentune.recipe import MoeConfig, Recipe, load_recipe
+from greentune.runlock import RunLock
+from greentune.train import checkpoint, distributed
+from greentune.train.activation_checkpointing import apply_activation_checkpointing
+from greentune.train.distributed import SINGLE, DistContext
+from greentune.train.loop import LoopResult, evaluate_loss, run_training
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ def _first_difference(a, b, prefix="") -> str | None:
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     """Claim `run_dir` for this recipe: refuse another recipe's run, or an accidental overwrite."""
-    check_run_dir(run_dir)      # never a folder of the user's: its files would be replaced below
+    check_run_dir(run_dir)  # never a folder of the user's: its files would be replaced below
     recipe_path = run_dir / "recipe.yaml"
     if recipe_path.exists():
         try:
@@ -81,11 +89,15 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
             old = {}
         diff = _first_difference(old, recipe.identity())
         if diff:
-            raise UserError(f"run dir {run_dir} belongs to a different recipe (differs at '{diff}'); "
-                            "choose another --run-dir")
+            raise UserError(
+                f"run dir {run_dir} belongs to a different recipe (differs at '{diff}'); "
+                "choose another --run-dir"
+            )
         if not resume and checkpoint.list_checkpoints(run_dir / "checkpoints"):  # progress to lose
-            raise UserError(f"run dir {run_dir} already holds a run; pass --resume to continue it "
-                            "or choose another --run-dir")
+            raise UserError(
+                f"run dir {run_dir} already holds a run; pass --resume to continue it "
+                "or choose another --run-dir"
+            )
     elif resume:
         raise UserError(f"--resume: {run_dir} holds no run (no recipe.yaml)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,11 +117,22 @@ class Phases:
         if ctx.world == 1:
             self.meter = Meter.auto()
         else:  # each device metered by exactly one rank (see Meter.auto)
-            self.meter = Meter.auto(scope="self", host=ctx.local_rank == 0,
-                                    gpu_index=ctx.local_rank if torch.cuda.is_available() else None)
-        self.ledger = Ledger(run_dir, Factors.for_region(e.region, pue=e.pue, wue_onsite=e.wue_onsite,
-                                                         grid_g_per_kwh=e.grid_g_per_kwh,
-                                                         offsite_l_per_kwh=e.offsite_l_per_kwh), ctx=ctx)
+            self.meter = Meter.auto(
+                scope="self",
+                host=ctx.local_rank == 0,
+                gpu_index=ctx.local_rank if torch.cuda.is_available() else None,
+            )
+        self.ledger = Ledger(
+            run_dir,
+            Factors.for_region(
+                e.region,
+                pue=e.pue,
+                wue_onsite=e.wue_onsite,
+                grid_g_per_kwh=e.grid_g_per_kwh,
+                offsite_l_per_kwh=e.offsite_l_per_kwh,
+            ),
+            ctx=ctx,
+        )
 
     @contextmanager
     def __call__(self, name: str):
@@ -119,24 +142,30 @@ class Phases:
         self.ledger.record(window.result)
 
     def train_hook(self, recipe: Recipe) -> EnergyHook:
-        return EnergyHook(self.meter, self.ledger, recipe.energy.interval_steps, recipe.energy.budget_kwh,
-                          ctx=self.ctx)
+        return EnergyHook(
+            self.meter, self.ledger, recipe.energy.interval_steps, recipe.energy.budget_kwh, ctx=self.ctx
+        )
 
     def close(self) -> None:
         self.meter.close()
 
 
-def _measure_savings(run_dir: Path, base: str, device, batch: dict, result: LoopResult, phases: Phases) -> None:
+def _measure_savings(
+    run_dir: Path, base: str, device, batch: dict, result: LoopResult, phases: Phases
+) -> None:
     """The counterfactual, measured here: a few steps of full fine-tuning of the same model (or of
     a slice of its layers, or the planner's model of it, when it would not fit) and batch."""
-    from .energy.savings import full_finetune_counterfactual, save_savings, savings_table
+    from greentune.energy.savings import full_finetune_counterfactual, save_savings, savings_table
 
-    full = full_finetune_counterfactual(base, device, batch, steps=3, meter=phases.meter)  # never what cannot fit
+    full = full_finetune_counterfactual(
+        base, device, batch, steps=3, meter=phases.meter
+    )  # never what cannot fit
     rows_train = [r for r in phases.ledger.rows() if r["phase"] == "train"]
     run_joules = sum(sum(r["joules"].values()) for r in rows_train)
     estimate = any(src == "estimate" for r in rows_train for src in r["source"].values())
-    save_savings(run_dir, full, savings_table(result.tokens, run_joules, result.seconds, full,
-                                              run_estimate=estimate))
+    save_savings(
+        run_dir, full, savings_table(result.tokens, run_joules, result.seconds, full, run_estimate=estimate)
+    )
 
 
 TRAINED_BYTES = "trained-base.safetensors"
@@ -146,7 +175,8 @@ def save_trained_bytes(path: Path, packed: dict[str, tuple]) -> None:
     """The quantised base's block bytes (uint8) with their GGML types in the metadata."""
     from safetensors.torch import save
 
-    from .fsutil import atomic_write_bytes
+    from greentune.fsutil import atomic_write_bytes
+
     tensors = {k: v.contiguous() for k, (_, v) in packed.items()}
     atomic_write_bytes(path, save(tensors, metadata={k: t.name for k, (t, _) in packed.items()}))
 
@@ -155,10 +185,12 @@ def load_trained_bytes(path: Path) -> dict[str, tuple]:
     import gguf
     from safetensors import safe_open
 
-    from .models.safetensors_header import read_header
+    from greentune.models.safetensors_header import read_header
 
-    header = read_header(path)          # a corrupt file is one line naming it
-    unknown = [k for k in header.tensors if header.metadata.get(k) not in gguf.GGMLQuantizationType.__members__]
+    header = read_header(path)  # a corrupt file is one line naming it
+    unknown = [
+        k for k in header.tensors if header.metadata.get(k) not in gguf.GGMLQuantizationType.__members__
+    ]
     if unknown:
         raise UserError(f"{path}: corrupt training bytes (no GGML type for {unknown[0]})")
     with safe_open(str(path), "pt") as f:
@@ -174,8 +206,15 @@ def _same_format(quant_base: str, item) -> bool:
     return item.format == "gguf" and _GGUF_BASE_FORMAT.get(item.quant or "q4_k_m") == quant_base
 
 
-def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
-                 prequantized: dict | None = None) -> Path:
+def export_model(
+    model,
+    tokenizer,
+    merged_dir: Path,
+    out_dir: Path,
+    fmt: str,
+    quant: str | None,
+    prequantized: dict | None = None,
+) -> Path:
     """One `export:` entry. GGUF from the in-memory merged model, so that `prequantized` (the
     base's training bytes, keyed by its state-dict names) is written byte for byte. A full disk
     or read-only `out_dir` is a `UserError` naming it (the writers leave no temporary file). A GGUF `out_dir` whose
@@ -186,16 +225,16 @@ def export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, qu
         raise user_os_error(err, out_dir) from None
 
 
-def _export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None,
-                  prequantized: dict | None) -> Path:
-    from .export import export, write_gguf, write_modelfile
+def _export_model(
+    model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, quant: str | None, prequantized: dict | None
+) -> Path:
+    from greentune.export import export, write_gguf, write_modelfile
 
     if fmt == "gguf":
         quant = quant or "q4_k_m"
         source = model if model is not None else merged_dir
         gguf_path = out_dir if out_dir.suffix == ".gguf" else out_dir / f"model-{quant}.gguf"
-        path = write_gguf(source, gguf_path, quant, tokenizer=tokenizer,
-                          prequantized=prequantized or None)
+        path = write_gguf(source, gguf_path, quant, tokenizer=tokenizer, prequantized=prequantized or None)
         write_modelfile(path, merged_dir)
         return path
     if fmt == "mlx":
@@ -204,42 +243,61 @@ def _export_model(model, tokenizer, merged_dir: Path, out_dir: Path, fmt: str, q
     return export(merged_dir, out_dir, fmt)
 
 
-def record_for_planner(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger,
-                       checkpointing: bool = False) -> dict:
+def record_for_planner(
+    run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger, checkpointing: bool = False
+) -> dict:
     """This run's measured speed and power as a planner calibration: written to the run dir
     and stored for this machine, so the next `greentune plan` starts from what was measured."""
     from dataclasses import asdict
 
-    from .models.facts import arch_facts
-    from .plan.calibrate import record_observation
-    from .plan.cost import Technique
-    from .plan.hardware import detect_this
+    from greentune.models.facts import arch_facts
+    from greentune.plan.calibrate import record_observation
+    from greentune.plan.cost import Technique
+    from greentune.plan.hardware import detect_this
 
     lora, relora, moe = recipe.method.lora, recipe.method.relora, recipe.moe
     upcycle_to = (moe.upcycle.experts, moe.upcycle.top_k) if moe and moe.upcycle else None
-    technique = Technique("observed run", "relora" if relora else "lora", recipe.method.quant_base, lora.rank,
-                          tuple(lora.targets), upcycle_to, relora.merge_every if relora else 200)
+    technique = Technique(
+        "observed run",
+        "relora" if relora else "lora",
+        recipe.method.quant_base,
+        lora.rank,
+        tuple(lora.targets),
+        upcycle_to,
+        relora.merge_every if relora else 200,
+    )
     rows = [r for r in ledger.rows() if r["phase"] == "train"]
     joules = sum(sum(r["joules"].values()) for r in rows) if rows else None
     sources = sorted({s for r in rows for s in r["source"].values()})
-    cal = record_observation(detect_this(), arch_facts(Path(dense_base)), technique, recipe.data.max_seq_len,
-                             result.tokens, result.seconds, joules, power_source="+".join(sources) or "ledger",
-                             micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum),
-                             checkpointing=checkpointing)
+    cal = record_observation(
+        detect_this(),
+        arch_facts(Path(dense_base)),
+        technique,
+        recipe.data.max_seq_len,
+        result.tokens,
+        result.seconds,
+        joules,
+        power_source="+".join(sources) or "ledger",
+        micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum),
+        checkpointing=checkpointing,
+    )
     data = asdict(cal)
     atomic_write_json(run_dir / "calibration.json", data)
     return data
 
 
-def record_for_planner_optional(run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult,
-                                ledger, checkpointing: bool = False) -> None:
+def record_for_planner_optional(
+    run_dir: Path, recipe: Recipe, dense_base: str, result: LoopResult, ledger, checkpointing: bool = False
+) -> None:
     """`record_for_planner`, as the optional bookkeeping it is: a cache that cannot be
     written (read-only $HOME, a bad GREENTUNE_CACHE) is one warning, not a failed run."""
     try:
         record_for_planner(run_dir, recipe, dense_base, result, ledger, checkpointing)
     except (OSError, ValueError) as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        log.warning("not recorded as a planner calibration: %s%s", getattr(err, "strerror", None) or err, where)
+        log.warning(
+            "not recorded as a planner calibration: %s%s", getattr(err, "strerror", None) or err, where
+        )
 
 
 def _claim_run_dir(run_dir: Path, recipe: Recipe, resume: bool, ctx: DistContext) -> RunLock | None:
@@ -249,7 +307,7 @@ def _claim_run_dir(run_dir: Path, recipe: Recipe, resume: bool, ctx: DistContext
     held = []
 
     def claim():
-        check_run_dir(run_dir)      # before the lock file is written into someone else's folder
+        check_run_dir(run_dir)  # before the lock file is written into someone else's folder
         lock = RunLock.acquire(run_dir)
         try:
             for folder in (run_dir, run_dir / "export"):
@@ -269,8 +327,12 @@ def _claim_run_dir(run_dir: Path, recipe: Recipe, resume: bool, ctx: DistContext
     return held[0] if held else None
 
 
-def train(recipe: Recipe | str | Path, run_dir: str | Path | None = None, resume: bool = False,
-          progress: bool = True) -> RunResult:
+def train(
+    recipe: Recipe | str | Path,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunResult:
     """Run a recipe end to end; returns where everything went and the final eval loss.
 
     Under torchrun every rank calls this: they train together, then rank 0 alone merges,
@@ -300,11 +362,18 @@ def _rebuild_for_merge(base: str, recipe: Recipe, trained: dict[str, torch.Tenso
     as in training) with the gathered adapter tensors loaded into fresh LoRA modules."""
     lora, moe = recipe.method.lora, recipe.moe or MoeConfig()
     quant = recipe.method.quant_base
-    model = (load_quantized(base, quant) if quant != "none"
-             else load_model(base, device="cpu", trust_remote_code=recipe.trust_remote_code))
+    model = (
+        load_quantized(base, quant)
+        if quant != "none"
+        else load_model(base, device="cpu", trust_remote_code=recipe.trust_remote_code)
+    )
     apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
-    prepare_moe_(model, (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
-                 router=moe.router, aux_loss_coef=moe.aux_loss_coef)
+    prepare_moe_(
+        model,
+        (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
+        router=moe.router,
+        aux_loss_coef=moe.aux_loss_coef,
+    )
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, value in trained.items():
@@ -314,7 +383,7 @@ def _rebuild_for_merge(base: str, recipe: Recipe, trained: dict[str, torch.Tenso
 
 def pin_base_model(recipe: Recipe) -> tuple[Recipe, str]:
     """(recipe with `base_model_commit` set for a Hub id, the local folder to load from)."""
-    from .models.hub import resolve_model
+    from greentune.models.hub import resolve_model
 
     resolved = resolve_model(recipe.base_model, revision=recipe.base_model_commit)
     if resolved.commit is not None:
@@ -322,8 +391,9 @@ def pin_base_model(recipe: Recipe) -> tuple[Recipe, str]:
     return recipe, str(resolved.path)
 
 
-def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool, progress: bool,
-           ctx: DistContext) -> RunResult:
+def _train(
+    recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool, progress: bool, ctx: DistContext
+) -> RunResult:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     run_dir = Path(run_dir or Path("runs") / (recipe.name or "run"))
@@ -334,26 +404,39 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
     check_run_dir(run_dir)
     check_model_dir(base)
     config = load_config(Path(base), recipe.trust_remote_code)
-    if not (recipe.moe and recipe.moe.upcycle):   # an upcycled base is checked as the Mixtral it becomes
+    if not (recipe.moe and recipe.moe.upcycle):  # an upcycled base is checked as the Mixtral it becomes
         check_family(config.to_dict(), recipe.export)
     limit = max_positions(config)
     if limit is not None and recipe.data.max_seq_len > limit:
-        raise UserError(f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "
-                        f"({base}/config.json)")
-    check_weights_match(base, config)         # missing / unexpected / mis-shaped tensors, from the headers
+        raise UserError(
+            f"data.max_seq_len {recipe.data.max_seq_len} exceeds the model's {limit} positions "
+            f"({base}/config.json)"
+        )
+    check_weights_match(base, config)  # missing / unexpected / mis-shaped tensors, from the headers
     check_rank_fits(config, recipe.method.lora.rank, recipe.method.lora.targets, base)
     Factors.for_region(recipe.energy.region)  # an unknown region fails now, not after training
     tcfg = recipe.train
     if ctx.world > 1:
-        distributed.check_same_recipe(ctx, {"recipe": recipe.identity(), "run_dir": str(run_dir.resolve()),
-                                            "resume": resume})
+        distributed.check_same_recipe(
+            ctx, {"recipe": recipe.identity(), "run_dir": str(run_dir.resolve()), "resume": resume}
+        )
         distributed.check_divisible(ctx, tcfg.batch_size, tcfg.grad_accum)
         if tcfg.parallel == "fsdp" and recipe.method.relora is not None:
-            raise UserError("method.relora merges into the whole base, which train.parallel fsdp shards over "
-                            "the ranks; use train.parallel ddp for ReLoRA")
+            raise UserError(
+                "method.relora merges into the whole base, which train.parallel fsdp shards over "
+                "the ranks; use train.parallel ddp for ReLoRA"
+            )
     tokenizer = load_tokenizer(base, recipe.trust_remote_code)
-    train_data, eval_data = build_datasets(recipe.data.train, recipe.data.eval, tokenizer, recipe.data.max_seq_len,
-                                           recipe.data.pack, tcfg.seed, recipe.data.eval_fraction, progress=progress)
+    train_data, eval_data = build_datasets(
+        recipe.data.train,
+        recipe.data.eval,
+        tokenizer,
+        recipe.data.max_seq_len,
+        recipe.data.pack,
+        tcfg.seed,
+        recipe.data.eval_fraction,
+        progress=progress,
+    )
     lock = _claim_run_dir(run_dir, recipe, resume, ctx)
 
     phases = Phases(run_dir, recipe, ctx)
@@ -366,7 +449,9 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
             with phases("upcycle"):
                 target = run_dir / "upcycled"
                 if ctx.is_main and not (target / "config.json").exists():
-                    upcycle(base, target, experts=moe.upcycle.experts, top_k=moe.upcycle.top_k, seed=tcfg.seed)
+                    upcycle(
+                        base, target, experts=moe.upcycle.experts, top_k=moe.upcycle.top_k, seed=tcfg.seed
+                    )
                 ctx.barrier()
                 base = str(target)
         quant = recipe.method.quant_base
@@ -382,8 +467,12 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
                 model = load_model(base, device=load_device, trust_remote_code=recipe.trust_remote_code)
         with phases("adapt"):
             wrapped = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
-            monitor = prepare_moe_(model, (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
-                                   router=moe.router, aux_loss_coef=moe.aux_loss_coef)
+            monitor = prepare_moe_(
+                model,
+                (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
+                router=moe.router,
+                aux_loss_coef=moe.aux_loss_coef,
+            )
             if fsdp:
                 distributed.shard_model_(model, ctx)
         checkpointing = apply_activation_checkpointing(model, recipe, device, ctx)
@@ -397,12 +486,32 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
         energy_hook = phases.train_hook(recipe)
         hooks = [energy_hook] + ([MoEHook(monitor)] if monitor is not None else [])
         if recipe.method.relora is not None:
-            hooks.append(ReLoRA(model, recipe.method.relora, tcfg.steps, phase=energy_hook.separate_phase,
-                                seed=tcfg.seed))
-        result = run_training(model, stream, tcfg, run_dir, resume=resume, eval_data=eval_data, device=device,
-                              progress=progress, hooks=hooks, ctx=ctx, parallel=tcfg.parallel)
-        out = RunResult(run_dir=run_dir, steps=result.step, tokens=result.tokens, seconds=result.seconds,
-                        stopped=result.stopped, signal=result.signal)
+            hooks.append(
+                ReLoRA(
+                    model, recipe.method.relora, tcfg.steps, phase=energy_hook.separate_phase, seed=tcfg.seed
+                )
+            )
+        result = run_training(
+            model,
+            stream,
+            tcfg,
+            run_dir,
+            resume=resume,
+            eval_data=eval_data,
+            device=device,
+            progress=progress,
+            hooks=hooks,
+            ctx=ctx,
+            parallel=tcfg.parallel,
+        )
+        out = RunResult(
+            run_dir=run_dir,
+            steps=result.step,
+            tokens=result.tokens,
+            seconds=result.seconds,
+            stopped=result.stopped,
+            signal=result.signal,
+        )
         if result.stopped:
             out.energy = phases.ledger.totals()
             return out
@@ -431,7 +540,7 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
 
         adapter_dir = save_adapter(model, run_dir / "adapter", lora.rank, lora.alpha, lora.dropout, base)
         with phases("merge"):
-            fuse_all_(model)             # into a quantised base: dequantise → add → re-quantise
+            fuse_all_(model)  # into a quantised base: dequantise → add → re-quantise
             fuse_expert_lora_(model)
             trained_bytes = dequantize_model_(model)  # the block bytes the base was trained in
             if trained_bytes:
@@ -443,27 +552,50 @@ def _train(recipe: Recipe | str | Path, run_dir: str | Path | None, resume: bool
         out.outputs.update(adapter=str(adapter_dir), merged=str(merged_dir))
         for item in recipe.export:
             with phases("export"):
-                path = export_model(model, tokenizer, merged_dir, run_dir / "export", item.format, item.quant,
-                                    trained_bytes if _same_format(quant, item) else None)
+                path = export_model(
+                    model,
+                    tokenizer,
+                    merged_dir,
+                    run_dir / "export",
+                    item.format,
+                    item.quant,
+                    trained_bytes if _same_format(quant, item) else None,
+                )
             out.outputs.setdefault("export", []).append(str(path))
         del model
         if recipe.energy.measure_savings:
             _measure_savings(run_dir, base, device, first_batch, result, phases)
         out.energy = phases.ledger.totals()
         if ctx.world == 1:
-            record_for_planner_optional(run_dir, recipe, dense_base, result, phases.ledger, checkpointing.enabled)
+            record_for_planner_optional(
+                run_dir, recipe, dense_base, result, phases.ledger, checkpointing.enabled
+            )
         else:
             log.info("a %d-rank run is not recorded as a planner calibration of this machine", ctx.world)
-        atomic_write_json(run_dir / "summary.json", {
-            "base_model": recipe.base_model, "base_model_commit": recipe.base_model_commit,
-            "steps": out.steps, "tokens": out.tokens, "seconds": out.seconds, "eval_loss": out.eval_loss,
-            "eval_ppl": out.eval_ppl, "trainable_parameters": n_train, "lora_modules": len(wrapped),
-            "outputs": out.outputs, "hardware": describe_hardware(), "ranks": ctx.world,
-            "parallel": tcfg.parallel if ctx.world > 1 else None,
-            "activation_checkpointing": checkpointing.to_dict(),
-            "energy": {k: out.energy[k] for k in ("it_kwh", "facility_kwh", "kg_co2e", "water_l", "estimate")},
-        })
-        from .report import write_report
+        atomic_write_json(
+            run_dir / "summary.json",
+            {
+                "base_model": recipe.base_model,
+                "base_model_commit": recipe.base_model_commit,
+                "steps": out.steps,
+                "tokens": out.tokens,
+                "seconds": out.seconds,
+                "eval_loss": out.eval_loss,
+                "eval_ppl": out.eval_ppl,
+                "trainable_parameters": n_train,
+                "lora_modules": len(wrapped),
+                "outputs": out.outputs,
+                "hardware": describe_hardware(),
+                "ranks": ctx.world,
+                "parallel": tcfg.parallel if ctx.world > 1 else None,
+                "activation_checkpointing": checkpointing.to_dict(),
+                "energy": {
+                    k: out.energy[k] for k in ("it_kwh", "facility_kwh", "kg_co2e", "water_l", "estimate")
+                },
+            },
+        )
+        from greentune.report import write_report
+
         json_path, html_path = write_report(run_dir)
         out.outputs.update(report=str(html_path))
         return out

@@ -4,16 +4,17 @@ Every section is a pydantic model with `extra="forbid"`, so a misspelt key is re
 with its name and the keys that are allowed. Defaults are declared once, on the fields.
 `load_recipe` turns every validation problem into one `UserError` line.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from .data.hf_datasets import BUILDERS, DatasetSpec
-from .errors import UserError
+from greentune.data.hf_datasets import BUILDERS, DatasetSpec
+from greentune.errors import UserError
 
 QuantBase = Literal["none", "q8_0", "q4_0", "q4_k", "nf4"]
 Target = Literal["attn", "mlp", "experts"]
@@ -28,19 +29,23 @@ def _source_kind(value) -> str:
 
 
 # A data source: a path, or a mapping read as a `DatasetSpec` (errors then name its keys).
-DataSource = Annotated[Union[Annotated[Path, Tag("file")], Annotated[DatasetSpec, Tag("spec")]],
-                       Discriminator(_source_kind)]
+DataSource = Annotated[
+    Annotated[Path, Tag("file")] | Annotated[DatasetSpec, Tag("spec")], Discriminator(_source_kind)
+]
 _SOURCE_TAGS = {"file", "spec"}
 
 
 class DataConfig(_Strict):
     train: DataSource = Field(
         description=".jsonl / .parquet / .csv (records of the shapes in greentune.data.shapes), .txt, a folder of "
-                    ".txt, or {dataset: ORG/NAME or PATH, split, name, columns}")
-    eval: Optional[DataSource] = Field(None, description="held-out data; default: a seeded split of `train`")
+        ".txt, or {dataset: ORG/NAME or PATH, split, name, columns}"
+    )
+    eval: DataSource | None = Field(None, description="held-out data; default: a seeded split of `train`")
     max_seq_len: int = Field(512, ge=8, description="tokens per row; must not exceed the model's positions")
     pack: bool = Field(True, description="pack short samples into full rows")
-    eval_fraction: float = Field(0.05, gt=0, lt=1, description="held-out share of train documents when eval is unset")
+    eval_fraction: float = Field(
+        0.05, gt=0, lt=1, description="held-out share of train documents when eval is unset"
+    )
 
 
 class LoraConfig(_Strict):
@@ -52,17 +57,19 @@ class LoraConfig(_Strict):
 
 class ReloraConfig(_Strict):
     merge_every: int = Field(200, ge=1, description="steps between merge-and-restart")
-    optimizer_prune: float = Field(0.9, ge=0, le=1, description="fraction of LoRA Adam moments zeroed by magnitude")
+    optimizer_prune: float = Field(
+        0.9, ge=0, le=1, description="fraction of LoRA Adam moments zeroed by magnitude"
+    )
     restart_warmup: int = Field(20, ge=0, description="linear LR re-warm steps after each merge")
 
 
 class MethodConfig(_Strict):
     quant_base: QuantBase = "none"
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    relora: Optional[ReloraConfig] = None
+    relora: ReloraConfig | None = None
 
 
-MAX_EXPERTS = 256   # the most any released MoE uses (DeepSeek-V3); bounds upcycling's allocation
+MAX_EXPERTS = 256  # the most any released MoE uses (DeepSeek-V3); bounds upcycling's allocation
 
 
 class UpcycleConfig(_Strict):
@@ -77,7 +84,7 @@ class UpcycleConfig(_Strict):
 
 
 class MoeConfig(_Strict):
-    upcycle: Optional[UpcycleConfig] = None
+    upcycle: UpcycleConfig | None = None
     aux_loss_coef: float = Field(0.0, ge=0)
     router: Literal["frozen", "full"] = "frozen"
 
@@ -96,32 +103,39 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="under torchrun: ddp replicates the frozen base, fsdp shards it over the ranks")
-    activation_checkpointing: Union[bool, Literal["auto"]] = Field(
-        "auto", description="recompute each decoder layer in the backward instead of keeping its activations; "
-                            "auto: on when the planner's memory model says the run would not fit without it")
+        "ddp", description="under torchrun: ddp replicates the frozen base, fsdp shards it over the ranks"
+    )
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="recompute each decoder layer in the backward instead of keeping its activations; "
+        "auto: on when the planner's memory model says the run would not fit without it",
+    )
 
 
 class EnergyConfig(_Strict):
     region: str = "WORLD"
-    pue: Optional[float] = Field(None, ge=1.0)
-    wue_onsite: Optional[float] = Field(None, ge=0, description="litres per IT kWh")
-    grid_g_per_kwh: Optional[float] = Field(None, ge=0)
-    offsite_l_per_kwh: Optional[float] = Field(None, ge=0)
-    budget_kwh: Optional[float] = Field(None, gt=0)
+    pue: float | None = Field(None, ge=1.0)
+    wue_onsite: float | None = Field(None, ge=0, description="litres per IT kWh")
+    grid_g_per_kwh: float | None = Field(None, ge=0)
+    offsite_l_per_kwh: float | None = Field(None, ge=0)
+    budget_kwh: float | None = Field(None, gt=0)
     interval_steps: int = Field(10, ge=1, description="training steps per ledger line")
     measure_savings: bool = Field(True, description="time a short full fine-tune as the counterfactual")
 
 
 class ExportConfig(_Strict):
     format: Literal["gguf", "mlx", "hf"]
-    quant: Optional[str] = Field(None, description="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); "
-                                                   "mlx: 4bit (default) | none")
+    quant: str | None = Field(
+        None, description="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit (default) | none"
+    )
 
     @model_validator(mode="after")
     def _known_quant(self):
-        allowed = {"gguf": {None, "f32", "f16", "q8_0", "q4_0", "q4_k_m"}, "mlx": {None, "4bit", "none"},
-                   "hf": {None}}[self.format]
+        allowed = {
+            "gguf": {None, "f32", "f16", "q8_0", "q4_0", "q4_k_m"},
+            "mlx": {None, "4bit", "none"},
+            "hf": {None},
+        }[self.format]
         if self.quant not in allowed:
             names = ", ".join(sorted(a for a in allowed if a)) or "none"
             raise ValueError(f"quant {self.quant!r} is not one of {names} for format {self.format}")
@@ -130,14 +144,16 @@ class ExportConfig(_Strict):
 
 class Recipe(_Strict):
     base_model: str = Field(description="a local Hugging Face model folder, or a Hub id ORG/NAME[@REVISION]")
-    base_model_commit: Optional[str] = Field(
-        None, pattern=r"^[0-9a-f]{40}$",
-        description="the Hub commit a run resolved base_model to (written into the run's recipe.yaml); set it to pin")
-    name: Optional[str] = Field(None, description="run name; default: the recipe file's stem")
+    base_model_commit: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{40}$",
+        description="the Hub commit a run resolved base_model to (written into the run's recipe.yaml); set it to pin",
+    )
+    name: str | None = Field(None, description="run name; default: the recipe file's stem")
     trust_remote_code: bool = False
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
-    moe: Optional[MoeConfig] = None
+    moe: MoeConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
     export: list[ExportConfig] = Field(default_factory=list)
@@ -166,12 +182,17 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
-        cur = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        cur = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
         if cur is None:
             args = getattr(ann, "__args__", ())
             inner = [getattr(a, "__args__", ()) for a in args]
             for group in inner:
-                cur = next((a for a in group if isinstance(a, type) and issubclass(a, BaseModel)), None) or cur
+                cur = (
+                    next((a for a in group if isinstance(a, type) and issubclass(a, BaseModel)), None) or cur
+                )
     return sorted(cur.model_fields) if cur is not None else []
 
 
@@ -208,14 +229,18 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         if not isinstance(src, DatasetSpec):
             return fix(src)
         local = Path(src.dataset).expanduser()
-        looks_local = (src.dataset.startswith((".", "~")) or local.suffix.lower() in BUILDERS
-                       or (base_dir / local).exists())
+        looks_local = (
+            src.dataset.startswith((".", "~"))
+            or local.suffix.lower() in BUILDERS
+            or (base_dir / local).exists()
+        )
         if local.is_absolute() or not looks_local:
-            return src   # absolute, or a Hub dataset id
+            return src  # absolute, or a Hub dataset id
         return src.model_copy(update={"dataset": str(fix(local))})
 
-    data = recipe.data.model_copy(update={"train": fix_source(recipe.data.train),
-                                          "eval": fix_source(recipe.data.eval)})
+    data = recipe.data.model_copy(
+        update={"train": fix_source(recipe.data.train), "eval": fix_source(recipe.data.eval)}
+    )
     base = recipe.base_model
     if base.startswith((".", "/")) or (base_dir / base).exists():
         base = str(fix(Path(base)))

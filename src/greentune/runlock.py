@@ -6,13 +6,14 @@ lock when its process dies, however it dies (SIGKILL included), so a lock is nev
 the file holds the PID only to name the holder. Under torchrun only rank 0 takes it, for
 the whole job.
 """
+
 from __future__ import annotations
 
 import fcntl
 import os
 from pathlib import Path
 
-from .errors import UserError, user_os_error
+from greentune.errors import UserError, user_os_error
 
 LOCK_NAME = ".greentune.lock"
 
@@ -32,7 +33,7 @@ class RunLock:
         self.run_dir, self.path, self._fd, self._created = run_dir, run_dir / LOCK_NAME, fd, created
 
     @classmethod
-    def acquire(cls, run_dir: str | Path) -> "RunLock":
+    def acquire(cls, run_dir: str | Path) -> RunLock:
         """Lock `run_dir` (created if missing) or raise UserError naming the holder's PID."""
         run_dir = Path(run_dir)
         if run_dir.exists() and not run_dir.is_dir():
@@ -53,8 +54,10 @@ class RunLock:
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
-                raise UserError(f"run dir {run_dir} is in use by another greentune process (PID {holder}); "
-                                "wait for it to end, or choose another --run-dir") from None
+                raise UserError(
+                    f"run dir {run_dir} is in use by another greentune process (PID {holder}); "
+                    "wait for it to end, or choose another --run-dir"
+                ) from None
             try:  # the previous holder may have removed the file between our open and our lock
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -64,7 +67,7 @@ class RunLock:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as err:   # a full disk: the lock file cannot even hold a PID
+        except OSError as err:  # a full disk: the lock file cannot even hold a PID
             os.close(fd)
             path.unlink(missing_ok=True)
             raise user_os_error(err, run_dir) from None

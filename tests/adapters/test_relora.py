@@ -1,4 +1,5 @@
 """ReLoRA: merges keep the function, pruning touches only LoRA moments, resume across a merge is exact."""
+
 import json
 import subprocess
 import sys
@@ -78,26 +79,49 @@ def test_prune_zeroes_the_stated_fraction_of_lora_moments_only(tiny_llama_dir):
 
 
 def test_lr_factor_is_jagged(tiny_llama_dir):
-    hook = ReLoRA(torch.nn.Linear(2, 2), ReloraConfig(merge_every=10, optimizer_prune=0.9, restart_warmup=4), 100)
+    hook = ReLoRA(
+        torch.nn.Linear(2, 2), ReloraConfig(merge_every=10, optimizer_prune=0.9, restart_warmup=4), 100
+    )
     assert [hook.lr_factor(s) for s in (9, 10, 11, 12, 14, 20)] == [1.0, 0.0, 0.25, 0.5, 1.0, 0.0]
 
 
 def _train(recipe, run_dir, *extra, env=None):
     import os
-    cmd = [sys.executable, "-m", "greentune", "train", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra]
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "greentune",
+        "train",
+        str(recipe),
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
 @pytest.mark.parametrize("quant_base", ["none", "q8_0"])
-def test_resume_across_a_merge_is_bit_identical_and_merges_are_ledger_phases(tmp_path, tiny_llama_dir, text_jsonl,
-                                                                            quant_base):
+def test_resume_across_a_merge_is_bit_identical_and_merges_are_ledger_phases(
+    tmp_path, tiny_llama_dir, text_jsonl, quant_base
+):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "base_model": str(tiny_llama_dir), "data": {"train": str(text_jsonl), "max_seq_len": 64},
-        "method": {"quant_base": quant_base, "lora": {"rank": 4, "alpha": 8}, "relora": {"merge_every": 4, "optimizer_prune": 0.9,
-                                                               "restart_warmup": 2}},
-        "train": {"steps": 12, "batch_size": 4, "lr": 2e-3, "warmup": 2, "checkpoint_every": 6},
-        "energy": {"measure_savings": False}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(tiny_llama_dir),
+                "data": {"train": str(text_jsonl), "max_seq_len": 64},
+                "method": {
+                    "quant_base": quant_base,
+                    "lora": {"rank": 4, "alpha": 8},
+                    "relora": {"merge_every": 4, "optimizer_prune": 0.9, "restart_warmup": 2},
+                },
+                "train": {"steps": 12, "batch_size": 4, "lr": 2e-3, "warmup": 2, "checkpoint_every": 6},
+                "energy": {"measure_savings": False},
+            }
+        )
+    )
     ref = _train(recipe, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     # killed while writing the step-12 checkpoint: resumes from step 6 (after the merge at 4, before the one at 8)

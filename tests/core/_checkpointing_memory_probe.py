@@ -9,6 +9,7 @@ VmHWM, reset just before it by writing 5 to /proc/self/clear_refs; where that is
 the largest RSS a 1 ms sampler saw); `step_bytes` = peak − before. `predicted_activations[_checkpointed]`: the planner's activation bytes for
 the same step, so the caller can tell a real drop from noise.
 """
+
 import json
 import sys
 import threading
@@ -27,9 +28,8 @@ from greentune.quant.loading import release_free_memory
 from greentune.train.activation_checkpointing import enable_
 from greentune.train.loss import CausalLMLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # tests/: the shared probe helper
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared probe helper
 from peak_rss import reset_hwm, vm_hwm  # noqa: E402
-
 
 torch.set_num_threads(1)
 model_dir, BATCH, SEQ = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -58,10 +58,12 @@ def measured_step() -> dict:
     sampled = [before]
     stop = threading.Event()
     if not use_hwm:
+
         def sample():
             while not stop.is_set():
                 sampled.append(proc.memory_info().rss)
                 time.sleep(0.001)
+
         threading.Thread(target=sample, daemon=True).start()
     loss = step()
     peak = vm_hwm() if use_hwm else max(sampled)
@@ -70,7 +72,7 @@ def measured_step() -> dict:
     return dict(before=before, peak=peak, step_bytes=peak - before, loss=loss, hwm_reset=use_hwm)
 
 
-step()                         # warm-up: allocator caches, gradient buffers, AdamW state
+step()  # warm-up: allocator caches, gradient buffers, AdamW state
 opt.step()
 opt.zero_grad(set_to_none=False)
 # Checkpointed first: memory the allocator keeps from an earlier step can only make a later
@@ -79,8 +81,14 @@ enable_(model)
 result = {"on": measured_step()}
 model.activation_checkpointing_disable()
 result["off"] = measured_step()
-mem = memory_breakdown(arch_facts(model_dir), Technique("probe", "lora", targets=("attn", "mlp"), rank=4),
-                       Workload(tokens=BATCH * SEQ, seq_len=SEQ, micro_batch=BATCH), detect_this())
-result.update(predicted_activations=mem["activations"],
-              predicted_activations_checkpointed=mem["activations_checkpointed"])
+mem = memory_breakdown(
+    arch_facts(model_dir),
+    Technique("probe", "lora", targets=("attn", "mlp"), rank=4),
+    Workload(tokens=BATCH * SEQ, seq_len=SEQ, micro_batch=BATCH),
+    detect_this(),
+)
+result.update(
+    predicted_activations=mem["activations"],
+    predicted_activations_checkpointed=mem["activations_checkpointed"],
+)
 print(json.dumps(result))

@@ -1,4 +1,5 @@
 """Shared by the LoRA tests: make a fresh adapter non-zero, so it changes the model's output."""
+
 import torch
 
 from greentune.adapters.lora import LoRALinear

@@ -2,6 +2,7 @@
 without it for dense, MoE and quantised models (dropout too), the router counted once, the
 peak memory measured lower, `auto` decided by the planner's memory model and written down,
 and the planner reading the recipe's setting."""
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,10 @@ def _build(model_dir, quant, targets, dropout, moe):
     randomise_lora(model)
     monitor = None
     if moe:
-        monitor = prepare_moe_(model, (4, 8.0, dropout) if "experts" in targets else None, router="full",
-                               aux_loss_coef=0.05)
-        with torch.no_grad():   # expert LoRA's B starts at zero: make it count
+        monitor = prepare_moe_(
+            model, (4, 8.0, dropout) if "experts" in targets else None, router="full", aux_loss_coef=0.05
+        )
+        with torch.no_grad():  # expert LoRA's B starts at zero: make it count
             for n, p in model.named_parameters():
                 if p.requires_grad and ".lora.B_" in n:
                     p.add_(torch.randn_like(p) * 0.05)
@@ -61,7 +63,7 @@ def _grads(model_dir, checkpointing, quant="none", targets=("attn", "mlp"), drop
     mask = torch.ones_like(ids)
     mask[2, 18:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    torch.manual_seed(123)   # the dropout masks
+    torch.manual_seed(123)  # the dropout masks
     loss = CausalLMLoss(model)(ids, mask, labels, torch.tensor(float(count_targets(labels))))
     aux = None
     if monitor is not None:
@@ -82,14 +84,14 @@ def _assert_same_grads(off, on):
         assert rel <= 1e-6, f"{name}: relative difference {rel:.2e}"
 
 
-LAYERS = 2   # the tiny fixtures' decoder layers
+LAYERS = 2  # the tiny fixtures' decoder layers
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_dense_lora_gradients_equal_with_and_without(tiny_llama_dir, dropout):
     off, n_off, loss_off, _, _ = _grads(tiny_llama_dir, False, dropout=dropout)
     on, n_on, loss_on, _, _ = _grads(tiny_llama_dir, True, dropout=dropout)
-    assert n_off == LAYERS and n_on == 2 * LAYERS      # each layer really was recomputed
+    assert n_off == LAYERS and n_on == 2 * LAYERS  # each layer really was recomputed
     assert loss_on == loss_off
     _assert_same_grads(off, on)
 
@@ -102,16 +104,17 @@ def test_moe_expert_lora_router_and_aux_loss_equal_and_counted_once(tiny_mixtral
     assert n_on == 2 * n_off
     assert any(".gate." in n for n in on) and any("lora" in n and "experts" in n for n in on)
     assert aux_on == aux_off and aux_off > 0 and loss_on == loss_off
-    assert stats_on == stats_off           # expert use from the forward only, not the recompute
-    tokens = 3 * 24 - 6                     # the mask's real tokens
+    assert stats_on == stats_off  # expert use from the forward only, not the recompute
+    tokens = 3 * 24 - 6  # the mask's real tokens
     # every layer's use sums to 1 over its k·tokens slots: nothing counted twice or dropped
     assert set(stats_on["expert_use"]) == {str(i) for i in range(LAYERS)}
     _assert_same_grads(off, on)
     assert tokens > 0
 
 
-@pytest.mark.parametrize("model, targets", [("tiny_llama_dir", ("attn", "mlp")),
-                                            ("tiny_mixtral_dir", ("attn", "experts"))])
+@pytest.mark.parametrize(
+    "model, targets", [("tiny_llama_dir", ("attn", "mlp")), ("tiny_mixtral_dir", ("attn", "experts"))]
+)
 def test_quantised_base_gradients_equal(request, model, targets):
     """LoRA on a q4_0 base (`_DequantMatmul`) and on quantised experts (`_StoreLinear`)."""
     d = request.getfixturevalue(model)
@@ -141,10 +144,16 @@ def test_peak_memory_drops(tmp_path, tokenizer):
     from greentune.models import tiny
 
     d = tmp_path / "model"
-    tiny.build_tiny_model("llama", d, tokenizer=tokenizer, layers=6, hidden=128, intermediate=512,
-                          max_positions=512)
-    out = subprocess.run([sys.executable, str(PROBE), str(d), "4", "256"], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    tiny.build_tiny_model(
+        "llama", d, tokenizer=tokenizer, layers=6, hidden=128, intermediate=512, max_positions=512
+    )
+    out = subprocess.run(
+        [sys.executable, str(PROBE), str(d), "4", "256"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.splitlines()[-1])
     on, off = r["on"], r["off"]
@@ -157,23 +166,31 @@ def test_peak_memory_drops(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------- auto, and the planner
 
+
 def _recipe(tmp_path, base, data, **train):
     from greentune.recipe import Recipe
-    return Recipe.model_validate({
-        "base_model": str(base), "data": {"train": str(data), "max_seq_len": 32},
-        "method": {"lora": {"rank": 4, "alpha": 8, "targets": ["attn"]}},
-        "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 0, "checkpoint_every": 2, **train},
-        "energy": {"measure_savings": False}})
+
+    return Recipe.model_validate(
+        {
+            "base_model": str(base),
+            "data": {"train": str(data), "max_seq_len": 32},
+            "method": {"lora": {"rank": 4, "alpha": 8, "targets": ["attn"]}},
+            "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 0, "checkpoint_every": 2, **train},
+            "energy": {"measure_savings": False},
+        }
+    )
 
 
 def _between(mem) -> str:
     """A memory limit (GB) in which the run fits only with checkpointing."""
     from greentune.plan.hardware import GB
+
     return f"{(mem['total'] + mem['total_checkpointed']) / 2 / GB:.12f}"
 
 
-def test_auto_turns_it_on_when_the_planner_says_it_would_not_fit(tmp_path, tiny_llama_dir, text_jsonl,
-                                                                  monkeypatch, caplog):
+def test_auto_turns_it_on_when_the_planner_says_it_would_not_fit(
+    tmp_path, tiny_llama_dir, text_jsonl, monkeypatch, caplog
+):
     from greentune.pipeline import train
 
     recipe = _recipe(tmp_path, tiny_llama_dir, text_jsonl)
@@ -186,12 +203,15 @@ def test_auto_turns_it_on_when_the_planner_says_it_would_not_fit(tmp_path, tiny_
     assert decision["setting"] == "auto" and decision["enabled"] is True
     assert decision["memory_bytes"] == pytest.approx(mem["total"])
     assert decision["available_source"].startswith("GREENTUNE_MEMORY_GB=")
-    assert any("activation checkpointing on: auto: on, the planner predicts" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "activation checkpointing on: auto: on, the planner predicts" in r.getMessage()
+        for r in caplog.records
+    )
 
 
-def test_auto_leaves_it_off_when_it_fits_and_the_recipe_overrides(tmp_path, tiny_llama_dir, text_jsonl,
-                                                                  monkeypatch):
+def test_auto_leaves_it_off_when_it_fits_and_the_recipe_overrides(
+    tmp_path, tiny_llama_dir, text_jsonl, monkeypatch
+):
     from greentune.train.activation_checkpointing import decide
 
     recipe = _recipe(tmp_path, tiny_llama_dir, text_jsonl)
@@ -200,7 +220,9 @@ def test_auto_leaves_it_off_when_it_fits_and_the_recipe_overrides(tmp_path, tiny
     assert not d.enabled and d.reason.startswith("auto: off") and "available RAM" in d.available_source
     monkeypatch.setenv("GREENTUNE_MEMORY_GB", _between(predicted_memory(recipe, "cpu")))
     assert decide(recipe, "cpu").enabled
-    assert not decide(_recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=False), "cpu").enabled
+    assert not decide(
+        _recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=False), "cpu"
+    ).enabled
     monkeypatch.delenv("GREENTUNE_MEMORY_GB")
     forced = decide(_recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=True), "cpu")
     assert forced.enabled and forced.setting == "true" and forced.reason == "the recipe sets it true"
@@ -208,28 +230,43 @@ def test_auto_leaves_it_off_when_it_fits_and_the_recipe_overrides(tmp_path, tiny
 
 def test_recipe_rejects_other_values(tmp_path, tiny_llama_dir, text_jsonl):
     from pydantic import ValidationError
+
     with pytest.raises(ValidationError):
         _recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing="sometimes")
 
 
 @pytest.mark.parametrize("setting", [True, False, "auto"])
 def test_planner_uses_the_recipes_setting(tmp_path, tiny_llama_dir, setting):
-    from greentune.plan.command import read_recipe
     from greentune.plan.catalogue import model_facts
+    from greentune.plan.command import read_recipe
     from greentune.plan.recommend import plan
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"base_model": str(tiny_llama_dir), "data": {"train": "x.jsonl"},
-                                    "train": {"activation_checkpointing": setting}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(tiny_llama_dir),
+                "data": {"train": "x.jsonl"},
+                "train": {"activation_checkpointing": setting},
+            }
+        )
+    )
     rec = read_recipe(path)
     assert rec.activation_checkpointing == (None if setting == "auto" else setting)
     facts, label = model_facts(rec.base_model)
-    result = plan(facts, label, tokens=rec.tokens, hardware="H100", extra=[rec.technique()],
-                  extra_checkpointing=rec.activation_checkpointing, use_calibration=False)
+    result = plan(
+        facts,
+        label,
+        tokens=rec.tokens,
+        hardware="H100",
+        extra=[rec.technique()],
+        extra_checkpointing=rec.activation_checkpointing,
+        use_calibration=False,
+    )
     mine, alike = result.get(rec.technique().name), result.get("lora")
-    assert not alike.checkpointing                       # a tiny model fits: the planner leaves it off
+    assert not alike.checkpointing  # a tiny model fits: the planner leaves it off
     assert mine.checkpointing is (setting is True)
-    if setting is True:                                  # the recompute is priced in
+    if setting is True:  # the recompute is priced in
         assert mine.flops_per_token > alike.flops_per_token
         assert mine.memory_bytes == mine.memory["total_checkpointed"]
 
@@ -240,18 +277,43 @@ def test_planner_respects_false_even_when_it_would_not_fit(tmp_path, tiny_llama_
     from greentune.plan.recommend import plan
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"base_model": str(tiny_llama_dir), "data": {"train": "x.jsonl"},
-                                    "train": {"activation_checkpointing": False}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(tiny_llama_dir),
+                "data": {"train": "x.jsonl"},
+                "train": {"activation_checkpointing": False},
+            }
+        )
+    )
     rec = read_recipe(path)
     facts, label = model_facts(rec.base_model)
-    probe = plan(facts, label, tokens=rec.tokens, hardware="H100", extra=[rec.technique()], use_calibration=False)
+    probe = plan(
+        facts, label, tokens=rec.tokens, hardware="H100", extra=[rec.technique()], use_calibration=False
+    )
     m = probe.get(rec.technique().name).memory
     from greentune.plan.hardware import GB
-    gb = (m["total"] + m["total_checkpointed"]) / 2 / GB / 0.95   # H100 usable fraction
-    auto = plan(facts, label, tokens=rec.tokens, hardware="H100", extra=[rec.technique()], memory_gb=gb,
-                use_calibration=False)
-    off = plan(facts, label, tokens=rec.tokens, hardware="H100", extra=[rec.technique()], memory_gb=gb,
-               extra_checkpointing=False, use_calibration=False)
+
+    gb = (m["total"] + m["total_checkpointed"]) / 2 / GB / 0.95  # H100 usable fraction
+    auto = plan(
+        facts,
+        label,
+        tokens=rec.tokens,
+        hardware="H100",
+        extra=[rec.technique()],
+        memory_gb=gb,
+        use_calibration=False,
+    )
+    off = plan(
+        facts,
+        label,
+        tokens=rec.tokens,
+        hardware="H100",
+        extra=[rec.technique()],
+        memory_gb=gb,
+        extra_checkpointing=False,
+        use_calibration=False,
+    )
     assert auto.get(rec.technique().name).checkpointing and auto.get(rec.technique().name).fits
     e = off.get(rec.technique().name)
     assert not e.checkpointing and not e.fits and e.reasons[0].startswith("memory ")
@@ -262,24 +324,53 @@ def test_bad_planner_recipe_value_is_one_line(tmp_path, tiny_llama_dir):
     from greentune.plan.command import read_recipe
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"base_model": str(tiny_llama_dir), "train": {"activation_checkpointing": 3}}))
+    path.write_text(
+        yaml.safe_dump({"base_model": str(tiny_llama_dir), "train": {"activation_checkpointing": 3}})
+    )
     with pytest.raises(UserError, match="train.activation_checkpointing must be auto, true or false"):
         read_recipe(path)
 
 
 # ---------------------------------------------------------------- end to end: resume, DDP, FSDP
 
+
 def _write(path, base, data, method=None, **train):
-    path.write_text(yaml.safe_dump({
-        "base_model": str(base), "data": {"train": str(data), "max_seq_len": 64},
-        "method": {"lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"], "dropout": 0.1}, **(method or {})},
-        "train": {"steps": 6, "batch_size": 4, "lr": 2e-3, "warmup": 1, "checkpoint_every": 3, **train},
-        "energy": {"measure_savings": False}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(base),
+                "data": {"train": str(data), "max_seq_len": 64},
+                "method": {
+                    "lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"], "dropout": 0.1},
+                    **(method or {}),
+                },
+                "train": {
+                    "steps": 6,
+                    "batch_size": 4,
+                    "lr": 2e-3,
+                    "warmup": 1,
+                    "checkpoint_every": 3,
+                    **train,
+                },
+                "energy": {"measure_savings": False},
+            }
+        )
+    )
     return path
 
 
 def _cli(recipe, run_dir, *extra, nproc=None, fault=None):
-    cmd = [sys.executable, "-m", "greentune", "train", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "greentune",
+        "train",
+        str(recipe),
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+        *extra,
+    ]
     if nproc:
         cmd += ["--nproc", str(nproc)]
     env = {k: v for k, v in os.environ.items() if k != "GREENTUNE_FAULT"}
@@ -290,6 +381,7 @@ def _cli(recipe, run_dir, *extra, nproc=None, fault=None):
 
 def _adapter(run_dir):
     from safetensors.torch import load_file
+
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
@@ -317,17 +409,30 @@ def test_killed_run_with_checkpointing_resumes_bit_identically(tmp_path, tiny_ll
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_train_the_same_with_and_without(tmp_path, tiny_llama_dir, tiny_mixtral_dir, text_jsonl, parallel):
+def test_two_ranks_train_the_same_with_and_without(
+    tmp_path, tiny_llama_dir, tiny_mixtral_dir, text_jsonl, parallel
+):
     """DDP on a dense base; FSDP2 on a quantised MoE with expert LoRA (its layers sharded)."""
     if parallel == "ddp":
         base, method = tiny_llama_dir, None
     else:
-        base, method = tiny_mixtral_dir, {"quant_base": "q4_0",
-                                          "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["attn", "experts"]}}
+        base, method = (
+            tiny_mixtral_dir,
+            {
+                "quant_base": "q4_0",
+                "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["attn", "experts"]},
+            },
+        )
     runs = {}
     for setting in (False, True):
-        recipe = _write(tmp_path / f"{setting}.yaml", base, text_jsonl, method, parallel=parallel,
-                        activation_checkpointing=setting)
+        recipe = _write(
+            tmp_path / f"{setting}.yaml",
+            base,
+            text_jsonl,
+            method,
+            parallel=parallel,
+            activation_checkpointing=setting,
+        )
         proc = _cli(recipe, tmp_path / str(setting), nproc=2)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[setting] = tmp_path / str(setting)

@@ -1,4 +1,5 @@
 """The adapter greentune saves is PEFT's: PEFT and plain transformers reproduce our logits."""
+
 import pytest
 import torch
 
@@ -40,7 +41,9 @@ def test_peft_and_merged_reproduce_greentune_logits(request, tmp_path, arch_fixt
     ours = model(input_ids=ids).logits
     save_adapter(model, tmp_path / "adapter", rank=4, alpha=8, dropout=0.0, base_model=str(model_dir))
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter"
+    ).eval()
     with torch.no_grad():
         theirs = peft_model(input_ids=ids).logits
     assert (ours - theirs).abs().max().item() <= 1e-5

@@ -1,4 +1,5 @@
 """Every user mistake: one line on stderr naming the problem, exit code 2, nothing half-written."""
+
 import json
 import shutil
 import subprocess
@@ -53,7 +54,9 @@ def test_corrupt_safetensors(capsys, tmp_path, good, tiny_llama_dir):
     d = shutil.copytree(tiny_llama_dir, tmp_path / "m")
     (d / "model.safetensors").write_bytes(b"\xff" * 64)
     _edit(good, lambda r: r.update(base_model=str(d)))
-    _assert_one_line(*_run(capsys, "train", str(good), "--run-dir", str(tmp_path / "run")), "corrupt safetensors")
+    _assert_one_line(
+        *_run(capsys, "train", str(good), "--run-dir", str(tmp_path / "run")), "corrupt safetensors"
+    )
 
 
 def test_missing_tokenizer(capsys, tmp_path, good, tiny_llama_dir):
@@ -85,12 +88,16 @@ def test_unknown_recipe_key(capsys, tmp_path, good):
 
 def test_max_seq_len_beyond_positions(capsys, tmp_path, good):
     _edit(good, lambda r: r["data"].update(max_seq_len=100_000))
-    _assert_one_line(*_run(capsys, "train", str(good), "--run-dir", str(tmp_path / "run")),
-                     "max_seq_len 100000 exceeds the model's 256 positions")
+    _assert_one_line(
+        *_run(capsys, "train", str(good), "--run-dir", str(tmp_path / "run")),
+        "max_seq_len 100000 exceeds the model's 256 positions",
+    )
 
 
 def test_resume_without_checkpoint(capsys, tmp_path, good):
-    _assert_one_line(*_run(capsys, "train", str(good), "--run-dir", str(tmp_path / "run"), "--resume"), "--resume")
+    _assert_one_line(
+        *_run(capsys, "train", str(good), "--run-dir", str(tmp_path / "run"), "--resume"), "--resume"
+    )
 
 
 def test_run_dir_of_another_recipe(capsys, tmp_path, good):
@@ -98,12 +105,14 @@ def test_run_dir_of_another_recipe(capsys, tmp_path, good):
 
     run = tmp_path / "run"
     run.mkdir()
-    mark(run, RUN)          # a run dir greentune made (an unmarked folder is refused as the user's)
+    mark(run, RUN)  # a run dir greentune made (an unmarked folder is refused as the user's)
     other = yaml.safe_load(good.read_text())
     other["train"]["lr"] = 0.5
     (run / "recipe.yaml").write_text(yaml.safe_dump(other))
-    _assert_one_line(*_run(capsys, "train", str(good), "--run-dir", str(run)),
-                     "belongs to a different recipe (differs at 'train.lr')")
+    _assert_one_line(
+        *_run(capsys, "train", str(good), "--run-dir", str(run)),
+        "belongs to a different recipe (differs at 'train.lr')",
+    )
 
 
 def test_unknown_region(capsys, tmp_path, good):
@@ -112,16 +121,25 @@ def test_unknown_region(capsys, tmp_path, good):
 
 
 def test_the_installed_command_exits_2_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "greentune", "train", str(tmp_path / "missing.yaml")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == f"greentune: error: recipe file not found: {tmp_path / 'missing.yaml'}"
+    r = subprocess.run(
+        [sys.executable, "-m", "greentune", "train", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == f"greentune: error: recipe file not found: {tmp_path / 'missing.yaml'}"
+    )
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (("upcycle", "m", "--out", "o", "--experts", "abc"), "--experts must be a whole number"),
-    (("eval", "m", "--data", "d.jsonl", "--batch-size", "-3"), "--batch-size must be between 1"),
-    (("train", "r.yaml", "--nproc", "2.5"), "--nproc must be a whole number"),
-    (("frobnicate",), "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (("upcycle", "m", "--out", "o", "--experts", "abc"), "--experts must be a whole number"),
+        (("eval", "m", "--data", "d.jsonl", "--batch-size", "-3"), "--batch-size must be between 1"),
+        (("train", "r.yaml", "--nproc", "2.5"), "--nproc must be a whole number"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
 def test_bad_arguments_are_one_line(capsys, argv, needle):
     _assert_one_line(*_run(capsys, *argv), needle)

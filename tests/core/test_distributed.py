@@ -1,5 +1,6 @@
 """Data-parallel training through torchrun on CPU (gloo), as a user runs it: `greentune
 train --nproc 2`, in spawned processes."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,10 @@ def _recipe(path, base, data, method=None, **train):
     recipe = {
         "base_model": str(base),
         "data": {"train": str(data), "max_seq_len": 64},
-        "method": {"lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"], "dropout": 0.0}, **(method or {})},
+        "method": {
+            "lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"], "dropout": 0.0},
+            **(method or {}),
+        },
         "train": {"steps": 6, "batch_size": 4, "lr": 2e-3, "warmup": 1, "checkpoint_every": 3, **train},
         "energy": {"measure_savings": False},
     }
@@ -29,7 +33,17 @@ def _recipe(path, base, data, method=None, **train):
 
 
 def _train(recipe, run_dir, nproc=None, *extra, fault=None, check=True):
-    cmd = [sys.executable, "-m", "greentune", "train", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "greentune",
+        "train",
+        str(recipe),
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+        *extra,
+    ]
     if nproc:
         cmd += ["--nproc", str(nproc)]
     env = dict(os.environ)
@@ -103,13 +117,21 @@ def test_killed_rank_stops_the_job_and_resume_continues(ddp_runs):
 
 def test_relora_under_ddp_keeps_the_ranks_identical(tmp_path, tiny_llama_dir, text_jsonl):
     """Dropout differs per rank; ReLoRA's re-initialised factors must not."""
-    recipe = _recipe(tmp_path / "relora.yaml", tiny_llama_dir, text_jsonl,
-                     method={"lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"], "dropout": 0.1},
-                             "relora": {"merge_every": 2, "restart_warmup": 1}})
+    recipe = _recipe(
+        tmp_path / "relora.yaml",
+        tiny_llama_dir,
+        text_jsonl,
+        method={
+            "lora": {"rank": 4, "alpha": 8, "targets": ["attn", "mlp"], "dropout": 0.1},
+            "relora": {"merge_every": 2, "restart_warmup": 1},
+        },
+    )
     _train(recipe, tmp_path / "run", 2)
     digests = json.loads((tmp_path / "run" / "summary.json").read_text())["outputs"]["adapter_digest_by_rank"]
     assert digests[0] == digests[1]
-    phases = [json.loads(line)["phase"] for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
+    phases = [
+        json.loads(line)["phase"] for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()
+    ]
     assert phases.count("merge") >= 3  # 2 ReLoRA merges during training + the final merge
 
 
@@ -122,10 +144,19 @@ def test_ddp_checkpoint_resumes_on_another_number_of_ranks(ddp_runs):
 
 
 def test_fsdp_trains_a_quantised_moe_and_resumes(tmp_path, tiny_mixtral_dir, text_jsonl):
-    recipe = _recipe(tmp_path / "fsdp.yaml", tiny_mixtral_dir, text_jsonl, parallel="fsdp", steps=8,
-                     checkpoint_every=4, lr=5e-3,
-                     method={"quant_base": "q4_0", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0,
-                                                            "targets": ["attn", "experts"]}})
+    recipe = _recipe(
+        tmp_path / "fsdp.yaml",
+        tiny_mixtral_dir,
+        text_jsonl,
+        parallel="fsdp",
+        steps=8,
+        checkpoint_every=4,
+        lr=5e-3,
+        method={
+            "quant_base": "q4_0",
+            "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn", "experts"]},
+        },
+    )
     _train(recipe, tmp_path / "run", 2)
     losses = [m["loss"] for m in _metrics(tmp_path / "run")]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -137,6 +168,7 @@ def test_fsdp_trains_a_quantised_moe_and_resumes(tmp_path, tiny_mixtral_dir, tex
     # resume from step 4 (as if killed after it): bit-identical to the uninterrupted run
     resumed = tmp_path / "resumed"
     import shutil
+
     shutil.copytree(tmp_path / "run", resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-8")
     _train(recipe, resumed, 2, "--resume")
@@ -150,29 +182,46 @@ def test_ranks_with_different_recipes_are_refused(tmp_path, tiny_llama_dir, text
     for rank, lr in ((0, 1e-3), (1, 2e-3)):
         _recipe(tmp_path / f"recipe{rank}.yaml", tiny_llama_dir, text_jsonl, lr=lr)
     script = tmp_path / "per_rank.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys
         from greentune.cli import main
         rank = os.environ["RANK"]
         sys.exit(main(["train", r"{tmp_path}/recipe" + rank + ".yaml", "--run-dir", r"{tmp_path}/run", "--quiet"]))
-    """))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
-                          capture_output=True, text=True, timeout=300)
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "ranks [1] were given a different recipe than rank 0" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_nproc_must_be_positive(tmp_path, tiny_llama_dir, text_jsonl):
-    proc = _train(_recipe(tmp_path / "r.yaml", tiny_llama_dir, text_jsonl), tmp_path / "run", None,
-                  "--nproc", "0", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == "greentune: error: --nproc must be at least 1, got 0"
+    proc = _train(
+        _recipe(tmp_path / "r.yaml", tiny_llama_dir, text_jsonl),
+        tmp_path / "run",
+        None,
+        "--nproc",
+        "0",
+        check=False,
+    )
+    assert (
+        proc.returncode == 2 and proc.stderr.strip() == "greentune: error: --nproc must be at least 1, got 0"
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"batch_size": 3}, "must divide evenly over 2 ranks"),
-    ({"parallel": "fsdp", "method": {"relora": {"merge_every": 2}}}, "use train.parallel ddp for ReLoRA"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"batch_size": 3}, "must divide evenly over 2 ranks"),
+        ({"parallel": "fsdp", "method": {"relora": {"merge_every": 2}}}, "use train.parallel ddp for ReLoRA"),
+    ],
+)
 def test_bad_distributed_recipes_get_one_line(tmp_path, tiny_llama_dir, text_jsonl, change, message):
     recipe = _recipe(tmp_path / "bad.yaml", tiny_llama_dir, text_jsonl, **change)
     proc = _train(recipe, tmp_path / "run", 2, check=False)
@@ -220,10 +269,15 @@ distributed.close(ctx)
 def test_merged_ledger_totals_equal_the_sum_of_the_rank_meters(tmp_path):
     script = tmp_path / "ledger_ranks.py"
     script.write_text(LEDGER_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from greentune.energy import Factors, Ledger
+
     totals = Ledger(tmp_path, Factors.for_region("FR")).totals()
     seen = json.loads((tmp_path / "meters.json").read_text())
     meters = seen["meters"]

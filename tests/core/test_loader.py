@@ -38,7 +38,9 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_llama_dir):
     d = _copy(tiny_llama_dir, tmp_path / "m")
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(UserError, match="only pickled weights .*never unpickles.*convert them to safetensors"):
+    with pytest.raises(
+        UserError, match="only pickled weights .*never unpickles.*convert them to safetensors"
+    ):
         load_model(d)
 
 

@@ -2,6 +2,7 @@
 
 bf16 factors would drop every AdamW update smaller than 2^-8 of the weight. Run on CPU in
 bf16 with a tiny model (slow bf16 units do not matter at this size)."""
+
 import torch
 from torch import nn
 
@@ -29,9 +30,9 @@ def test_an_update_below_bf16_resolution_survives_in_the_master():
     layer = LoRALinear(nn.Linear(8, 8, bias=False).to(torch.bfloat16), rank=2, alpha=2)
     with torch.no_grad():
         layer.lora_A.fill_(1.0)
-        layer.lora_A.add_(1e-4)      # lost in bf16 (resolution 2^-7 at 1.0), kept in fp32
+        layer.lora_A.add_(1e-4)  # lost in bf16 (resolution 2^-7 at 1.0), kept in fp32
     assert torch.all(layer.lora_A != 1.0)
-    layer.fuse_()                    # B = 0: the base is unchanged, and fusing works across dtypes
+    layer.fuse_()  # B = 0: the base is unchanged, and fusing works across dtypes
     assert layer.base.weight.dtype == torch.bfloat16
 
 

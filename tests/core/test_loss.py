@@ -1,4 +1,5 @@
 """CausalLMLoss's fused lm_head + cross-entropy equals the plain HF loss, and falls back when it must."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,11 +69,11 @@ def test_fused_loss_and_lora_grads_equal_the_hf_path(request, arch_fixture, smal
     fused = _loss_and_grads(CausalLMLoss(model), batch)
     aux_fused = monitor.pop_aux_loss(batch[1]) if monitor else None
     _assert_same(plain, fused)
-    if monitor:   # the router hook sees the backbone's forward on the fused path too
+    if monitor:  # the router hook sees the backbone's forward on the fused path too
         assert aux_plain.item() > 0 and abs(aux_plain.item() - aux_fused.item()) <= TOL
         monitor.close()
 
-    with torch.no_grad():   # evaluation: the loss alone, no gradient work
+    with torch.no_grad():  # evaluation: the loss alone, no gradient work
         ids, mask, labels = batch
         n = torch.tensor(float(count_targets(labels)))
         assert abs(CausalLMLoss(model)(ids, mask, labels, n).item() - plain[0].item()) <= TOL
@@ -89,11 +90,12 @@ def test_upstream_gradient_scales_the_fused_gradient(tiny_llama_dir):
         assert torch.allclose(3 * g, thrice[1][n], atol=TOL)
 
 
-@pytest.mark.parametrize("select_rows", ["always", "never"])   # CPU's row selection, the GPU's masking
+@pytest.mark.parametrize("select_rows", ["always", "never"])  # CPU's row selection, the GPU's masking
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("num_items", [None, 50.0])
-def test_linear_cross_entropy_matches_cross_entropy_with_hidden_grads(small_chunks, with_bias, num_items,
-                                                                      select_rows, monkeypatch):
+def test_linear_cross_entropy_matches_cross_entropy_with_hidden_grads(
+    small_chunks, with_bias, num_items, select_rows, monkeypatch
+):
     monkeypatch.setattr(fused_head_ce, "SELECT_ROWS", select_rows)
     n, h, v = 70, 16, 40
     hidden = torch.randn(n, h, requires_grad=True)
@@ -110,13 +112,14 @@ def test_linear_cross_entropy_matches_cross_entropy_with_hidden_grads(small_chun
     (g_ref,) = torch.autograd.grad(ref, hidden)
     assert abs(ours.item() - ref.item()) <= TOL
     assert (g_ours - g_ref).abs().max().item() <= TOL
-    assert g_ours[::3].abs().max().item() == 0   # untargeted rows get no gradient
+    assert g_ours[::3].abs().max().item() == 0  # untargeted rows get no gradient
 
 
 def test_linear_cross_entropy_refuses_a_trainable_head():
     with pytest.raises(ValueError):
-        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8, requires_grad=True), None,
-                             torch.zeros(4, dtype=torch.long))
+        linear_cross_entropy(
+            torch.randn(4, 8), torch.randn(10, 8, requires_grad=True), None, torch.zeros(4, dtype=torch.long)
+        )
 
 
 def test_tied_embeddings(tokenizer, small_chunks):
@@ -132,8 +135,9 @@ def test_tied_embeddings(tokenizer, small_chunks):
     randomise_lora(model)
     assert fused_head(model) is not None
     batch = _batch(config.vocab_size)
-    _assert_same(_loss_and_grads(CausalLMLoss(model, fused=False), batch),
-                 _loss_and_grads(CausalLMLoss(model), batch))
+    _assert_same(
+        _loss_and_grads(CausalLMLoss(model, fused=False), batch), _loss_and_grads(CausalLMLoss(model), batch)
+    )
 
 
 def _lora_head(model):
@@ -146,6 +150,7 @@ def _trainable_head(model):
 
 def _quantised_head(model):
     from greentune.quant.replace import quantize_model_
+
     quantize_model_(model, "q8_0", skip=("embed_tokens",))
 
 
@@ -157,8 +162,9 @@ def _hooked_head(model):
     model.lm_head.register_forward_hook(lambda m, args, out: out * 2)
 
 
-@pytest.mark.parametrize("change", [_lora_head, _trainable_head, _quantised_head, _router_logits_in_loss,
-                                    _hooked_head])
+@pytest.mark.parametrize(
+    "change", [_lora_head, _trainable_head, _quantised_head, _router_logits_in_loss, _hooked_head]
+)
 def test_fallback_to_the_hf_path(tiny_mixtral_dir, change):
     model = load_model(tiny_mixtral_dir)
     apply_lora(model, ["attn"], rank=4, alpha=8)

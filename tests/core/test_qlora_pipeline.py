@@ -1,10 +1,10 @@
 """QLoRA + ReLoRA through the pipeline, and "train on what you ship": the GGUF holds the
 training bytes of the quantised base, byte for byte."""
+
 import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from safetensors import safe_open
 
@@ -13,9 +13,13 @@ def _run(tmp_path, base, data, quant, targets, moe=None, steps=16):
     from greentune.pipeline import train
 
     recipe = {
-        "base_model": str(base), "data": {"train": str(data), "max_seq_len": 64},
-        "method": {"quant_base": quant, "lora": {"rank": 8, "alpha": 16, "targets": targets},
-                   "relora": {"merge_every": 6, "optimizer_prune": 0.9, "restart_warmup": 2}},
+        "base_model": str(base),
+        "data": {"train": str(data), "max_seq_len": 64},
+        "method": {
+            "quant_base": quant,
+            "lora": {"rank": 8, "alpha": 16, "targets": targets},
+            "relora": {"merge_every": 6, "optimizer_prune": 0.9, "restart_warmup": 2},
+        },
         "train": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup": 2, "checkpoint_every": steps},
         "energy": {"measure_savings": False},
         "export": [{"format": "gguf", "quant": {"q8_0": "q8_0", "q4_k": "q4_k_m", "q4_0": "q4_0"}[quant]}],
@@ -45,7 +49,9 @@ def _assert_ships_training_bytes(run, quant):
 
 
 @pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
-def test_qlora_relora_dense_lowers_loss_and_ships_the_training_bytes(tmp_path, pretrained_llama_dir, code_jsonl, quant):
+def test_qlora_relora_dense_lowers_loss_and_ships_the_training_bytes(
+    tmp_path, pretrained_llama_dir, code_jsonl, quant
+):
     result, run = _run(tmp_path, pretrained_llama_dir, code_jsonl, quant, ["attn", "mlp"])
     losses = _losses(run)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
@@ -65,10 +71,18 @@ def test_q4_k_base_ships_its_training_bytes_in_q4_k_m(tmp_path, tokenizer, text_
 
 
 def test_qlora_relora_moe_lowers_loss(tmp_path, tiny_mixtral_dir, text_jsonl):
-    result, run = _run(tmp_path, tiny_mixtral_dir, text_jsonl, "q8_0", ["attn", "experts"],
-                       moe={"aux_loss_coef": 0.01}, steps=16)
+    result, run = _run(
+        tmp_path,
+        tiny_mixtral_dir,
+        text_jsonl,
+        "q8_0",
+        ["attn", "experts"],
+        moe={"aux_loss_coef": 0.01},
+        steps=16,
+    )
     losses = _losses(run)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     from gguf import GGUFReader
+
     names = {t.name for t in GGUFReader(next((run / "export").glob("*.gguf"))).tensors}
     assert "blk.0.ffn_gate_exps.weight" in names

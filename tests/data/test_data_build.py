@@ -1,8 +1,8 @@
 """build_datasets: eval from a file or a seeded held-out share of documents."""
+
 import json
 
 import pytest
-import torch
 
 from greentune.data.build import build_datasets, split_documents
 from greentune.data.sources import TextSample
@@ -50,7 +50,7 @@ def test_split_documents_keeps_at_least_one_on_each_side():
     assert (len(tr), len(ev)) == (2, 1)
     tr, ev = split_documents(samples[:2], seed=0, eval_fraction=0.99)
     assert (len(tr), len(ev)) == (1, 1)
-    assert [s.text for s in tr] == sorted(s.text for s in tr)          # file order is kept
+    assert [s.text for s in tr] == sorted(s.text for s in tr)  # file order is kept
     with pytest.raises(ValueError, match="eval_fraction must be between 0 and 1"):
         split_documents(samples, seed=0, eval_fraction=0)
 
@@ -58,8 +58,11 @@ def test_split_documents_keeps_at_least_one_on_each_side():
 def test_one_document_and_no_eval_file_is_refused(tmp_path, tokenizer):
     p = tmp_path / "only.txt"
     p.write_text("one document")
-    with pytest.raises(UserError, match=rf"^{p}: only one document, so none can be held out for evaluation; "
-                                        r"add more documents or set data\.eval$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^{p}: only one document, so none can be held out for evaluation; "
+        r"add more documents or set data\.eval$",
+    ):
         build_datasets(p, None, tokenizer, max_seq_len=16, pack=True, seed=0)
 
 
@@ -77,4 +80,3 @@ def test_errors_from_the_eval_file_name_it(tmp_path, tokenizer):
     ev.write_text("{oops\n")
     with pytest.raises(UserError, match=rf"^{ev}:1: malformed JSON"):
         build_datasets(train, ev, tokenizer, max_seq_len=8, pack=True, seed=0)
-

@@ -1,4 +1,5 @@
 """Packing shapes and content; batch order determinism; exact resume."""
+
 import pytest
 import torch
 
@@ -14,11 +15,13 @@ def doc(ids, mask):
 
 
 def test_pack_concatenates_and_splits_long_documents():
-    samples = [doc([1, 10, 11, 2], [F_, T_, T_, T_]),                     # bos a b eos
-               doc([1, 20, 21, 22, 23, 24, 2], [F_, F_, F_, T_, T_, T_, T_])]  # bos p p c c c eos
+    samples = [
+        doc([1, 10, 11, 2], [F_, T_, T_, T_]),  # bos a b eos
+        doc([1, 20, 21, 22, 23, 24, 2], [F_, F_, F_, T_, T_, T_, T_]),
+    ]  # bos p p c c c eos
     d = pack(samples, max_seq_len=4, pad_id=0)
     assert d.input_ids.tolist() == [[1, 10, 11, 2], [1, 20, 21, 22], [23, 24, 2, 0]]
-    assert d.labels.tolist() == [[X, 10, 11, 2], [X, X, X, 22], [X, 24, 2, X]]   # position 0 is never a target
+    assert d.labels.tolist() == [[X, 10, 11, 2], [X, X, X, 22], [X, 24, 2, X]]  # position 0 is never a target
     assert d.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]]
     assert d.input_ids.dtype == d.labels.dtype == d.attention_mask.dtype == torch.long
     assert (len(d), d.seq_len, d.n_tokens, d.n_loss_tokens) == (3, 4, 11, 6)
@@ -34,7 +37,7 @@ def test_no_pack_truncates_and_right_pads(caplog):
 
 
 def test_rows_without_targets_are_dropped(caplog):
-    long_prompt = doc([1, 5, 6, 7, 8, 9, 2], [F_] * 5 + [T_, T_])     # its completion is cut off at T=4
+    long_prompt = doc([1, 5, 6, 7, 8, 9, 2], [F_] * 5 + [T_, T_])  # its completion is cut off at T=4
     short = doc([1, 5, 2], [F_, T_, T_])
     d = pack([long_prompt, short], max_seq_len=4, pack=False)
     assert d.input_ids.tolist() == [[1, 5, 2, 0]]
@@ -72,7 +75,9 @@ def test_each_epoch_is_a_seeded_permutation_with_a_partial_last_batch():
     assert torch.equal(seen, data.input_ids[expected, 0])
     assert s.state() == {"epoch": 1, "index": 0}
     epoch1 = torch.cat([b["input_ids"][:, 0] for b in take(s, 3)])
-    assert torch.equal(epoch1, data.input_ids[torch.randperm(10, generator=torch.Generator().manual_seed(4)), 0])
+    assert torch.equal(
+        epoch1, data.input_ids[torch.randperm(10, generator=torch.Generator().manual_seed(4)), 0]
+    )
     assert not torch.equal(seen, epoch1)
 
 

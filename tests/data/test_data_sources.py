@@ -1,4 +1,5 @@
 """Reading .jsonl / .txt / directories, and one clear UserError line for each bad input."""
+
 import json
 
 import pytest
@@ -13,11 +14,13 @@ def write_jsonl(path, *records):
 
 
 def test_jsonl_three_shapes_mixed_in_one_file(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl",
-                    {"text": "hello world", "id": 7},
-                    "   ",
-                    {"prompt": "Q: 1+1?", "completion": " 2"},
-                    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]})
+    p = write_jsonl(
+        tmp_path / "d.jsonl",
+        {"text": "hello world", "id": 7},
+        "   ",
+        {"prompt": "Q: 1+1?", "completion": " 2"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]},
+    )
     assert read_samples(p) == [
         TextSample("hello world", f"{p}:1"),
         PromptSample("Q: 1+1?", " 2", f"{p}:3"),
@@ -66,37 +69,82 @@ def test_missing_path(tmp_path):
         read_samples(tmp_path / "nope.jsonl")
 
 
-@pytest.mark.parametrize("name,content,expected", [
-    ("e.jsonl", "", "{p}: empty file, no training samples"),
-    ("e.jsonl", "\n  \n", "{p}: empty file, no training samples"),
-    ("e.txt", " \n", "{p}: empty file, no training samples"),
-    ("d.json", "{}", "{p}: unsupported data file; use .jsonl, .txt, .parquet, .csv or a directory of .txt files "
-                     "(other formats: data.train: {dataset: PATH})"),
-    ("d.jsonl", '{"text": "a"}\n{"text": "b"\n', "{p}:2: malformed JSON: Expecting ',' delimiter"),
-    ("d.jsonl", '{"text": "a"}\n\n[1, 2]\n', "{p}:3: expected a JSON object, got an array; accepted shapes: " + SHAPES),
-    ("d.jsonl", '"just text"\n', "{p}:1: expected a JSON object, got a string; accepted shapes: " + SHAPES),
-    ("d.jsonl", '{"input": "a", "output": "b"}\n',
-     "{p}:1: no known keys (found: input, output); accepted shapes: " + SHAPES),
-    ("d.jsonl", '{"text": "a", "prompt": "b", "completion": "c"}\n',
-     "{p}:1: ambiguous record, has keys of several shapes (prompt/completion and text); use exactly one of " + SHAPES),
-    ("d.jsonl", '{"prompt": "a"}\n', '{p}:1: "completion" is missing; a prompt/completion record needs both keys'),
-    ("d.jsonl", '{"text": 3}\n', '{p}:1: "text" must be a string, got a number'),
-    ("d.jsonl", '{"text": ""}\n{"text": " \\n "}\n',
-     '{p}: empty file, no training samples (2 whitespace-only document(s) skipped)'),
-    ("d.jsonl", '{"prompt": null, "completion": "x"}\n', '{p}:1: "prompt" must be a string, got null'),
-    ("d.jsonl", '{"prompt": "x", "completion": ""}\n', '{p}:1: "completion" is empty'),
-    ("d.jsonl", '{"messages": "hi"}\n',
-     '{p}:1: "messages" must be a non-empty list of {"role", "content"} objects, got a string'),
-    ("d.jsonl", '{"messages": []}\n',
-     '{p}:1: "messages" must be a non-empty list of {"role", "content"} objects, got an array'),
-    ("d.jsonl", '{"messages": [{"role": "user"}]}\n', '{p}:1: messages[0] must be an object with "role" and "content"'),
-    ("d.jsonl", '{"messages": [{"role": "user", "content": ["a"]}]}\n',
-     '{p}:1: messages[0]["content"] must be a string, got an array'),
-    ("d.jsonl", '{"messages": [{"role": "", "content": "a"}]}\n', '{p}:1: messages[0]["role"] is empty'),
-    ("d.jsonl", '{"messages": [{"role": "user", "content": "a"}]}\n',
-     '{p}:1: no "assistant" message, so nothing to learn from this conversation'),
-    ("d.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "{p}:2: not UTF-8 text (byte 10)"),
-])
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        ("e.jsonl", "", "{p}: empty file, no training samples"),
+        ("e.jsonl", "\n  \n", "{p}: empty file, no training samples"),
+        ("e.txt", " \n", "{p}: empty file, no training samples"),
+        (
+            "d.json",
+            "{}",
+            "{p}: unsupported data file; use .jsonl, .txt, .parquet, .csv or a directory of .txt files "
+            "(other formats: data.train: {dataset: PATH})",
+        ),
+        ("d.jsonl", '{"text": "a"}\n{"text": "b"\n', "{p}:2: malformed JSON: Expecting ',' delimiter"),
+        (
+            "d.jsonl",
+            '{"text": "a"}\n\n[1, 2]\n',
+            "{p}:3: expected a JSON object, got an array; accepted shapes: " + SHAPES,
+        ),
+        (
+            "d.jsonl",
+            '"just text"\n',
+            "{p}:1: expected a JSON object, got a string; accepted shapes: " + SHAPES,
+        ),
+        (
+            "d.jsonl",
+            '{"input": "a", "output": "b"}\n',
+            "{p}:1: no known keys (found: input, output); accepted shapes: " + SHAPES,
+        ),
+        (
+            "d.jsonl",
+            '{"text": "a", "prompt": "b", "completion": "c"}\n',
+            "{p}:1: ambiguous record, has keys of several shapes (prompt/completion and text); use exactly one of "
+            + SHAPES,
+        ),
+        (
+            "d.jsonl",
+            '{"prompt": "a"}\n',
+            '{p}:1: "completion" is missing; a prompt/completion record needs both keys',
+        ),
+        ("d.jsonl", '{"text": 3}\n', '{p}:1: "text" must be a string, got a number'),
+        (
+            "d.jsonl",
+            '{"text": ""}\n{"text": " \\n "}\n',
+            "{p}: empty file, no training samples (2 whitespace-only document(s) skipped)",
+        ),
+        ("d.jsonl", '{"prompt": null, "completion": "x"}\n', '{p}:1: "prompt" must be a string, got null'),
+        ("d.jsonl", '{"prompt": "x", "completion": ""}\n', '{p}:1: "completion" is empty'),
+        (
+            "d.jsonl",
+            '{"messages": "hi"}\n',
+            '{p}:1: "messages" must be a non-empty list of {"role", "content"} objects, got a string',
+        ),
+        (
+            "d.jsonl",
+            '{"messages": []}\n',
+            '{p}:1: "messages" must be a non-empty list of {"role", "content"} objects, got an array',
+        ),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "user"}]}\n',
+            '{p}:1: messages[0] must be an object with "role" and "content"',
+        ),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "user", "content": ["a"]}]}\n',
+            '{p}:1: messages[0]["content"] must be a string, got an array',
+        ),
+        ("d.jsonl", '{"messages": [{"role": "", "content": "a"}]}\n', '{p}:1: messages[0]["role"] is empty'),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "user", "content": "a"}]}\n',
+            '{p}:1: no "assistant" message, so nothing to learn from this conversation',
+        ),
+        ("d.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "{p}:2: not UTF-8 text (byte 10)"),
+    ],
+)
 def test_bad_input_is_one_line_with_file_and_line(tmp_path, name, content, expected):
     msg, p = bad(tmp_path, name, content)
     assert msg == expected.replace("{p}", str(p))

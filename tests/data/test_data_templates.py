@@ -1,4 +1,5 @@
 """Token ids and loss masks per sample shape: exact ids, exact target spans."""
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -50,10 +51,20 @@ def test_prompt_completion_boundary_is_exact(tokenizer):
 
 
 def test_chat_template_only_assistant_turns_are_targets(tokenizer):
-    conv = ChatSample((("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."),
-                       ("user", "Sum 2 and 2"), ("assistant", "4")), "o")
+    conv = ChatSample(
+        (
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "Sum 2 and 2"),
+            ("assistant", "4"),
+        ),
+        "o",
+    )
     [t] = tokenize([conv], tokenizer)
-    full = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in conv.messages], tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in conv.messages], tokenize=False
+    )
     assert tokenizer.decode(t.ids) == "<s>" + full + "</s>"
     assert targets(tokenizer, t) == ["Hello.<|end|>\n", "4<|end|>\n</s>"]
     assert t.mask[0] is False
@@ -70,13 +81,23 @@ def test_chat_ending_with_user_turn_leaves_tail_and_eos_out_of_loss(tokenizer):
 def test_plain_template_when_tokenizer_has_no_chat_template(fresh_tokenizer):
     tok = fresh_tokenizer
     tok.chat_template = None
-    conv = ChatSample((("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "More"),
-                       ("assistant", "No.")), "o")
+    conv = ChatSample(
+        (
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "More"),
+            ("assistant", "No."),
+        ),
+        "o",
+    )
     [t] = tokenize([conv], tok)
-    assert tok.decode(t.ids) == ("<s>### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello.</s>"
-                                 "\n\n### User:\nMore\n\n### Assistant:\nNo.</s>")
+    assert tok.decode(t.ids) == (
+        "<s>### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello.</s>"
+        "\n\n### User:\nMore\n\n### Assistant:\nNo.</s>"
+    )
     assert targets(tok, t) == ["Hello.</s>", "No.</s>"]
-    assert t.ids.count(tok.eos_token_id) == 2          # no extra EOS after the final reply's EOS
+    assert t.ids.count(tok.eos_token_id) == 2  # no extra EOS after the final reply's EOS
 
 
 def test_template_that_renders_bos_gets_no_second_bos(fresh_tokenizer):
@@ -89,7 +110,7 @@ def test_template_that_renders_bos_gets_no_second_bos(fresh_tokenizer):
 
 def test_template_that_is_not_prefix_stable_is_refused(fresh_tokenizer):
     tok = fresh_tokenizer
-    tok.chat_template = "{{ messages|length }}" + tok.chat_template   # the count changes every prefix
+    tok.chat_template = "{{ messages|length }}" + tok.chat_template  # the count changes every prefix
     with pytest.raises(UserError, match=r"^f\.jsonl:3: the tokenizer's chat template is not prefix-stable"):
         tokenize([ChatSample((("user", "a"), ("assistant", "b")), "f.jsonl:3")], tok)
 
@@ -97,14 +118,21 @@ def test_template_that_is_not_prefix_stable_is_refused(fresh_tokenizer):
 def test_template_error_becomes_user_error(fresh_tokenizer):
     tok = fresh_tokenizer
     tok.chat_template = "{{ raise_exception('roles must alternate') }}"
-    with pytest.raises(UserError, match=r"^f\.jsonl:9: the tokenizer's chat template fails on this conversation: "
-                                        r"roles must alternate$"):
+    with pytest.raises(
+        UserError,
+        match=r"^f\.jsonl:9: the tokenizer's chat template fails on this conversation: "
+        r"roles must alternate$",
+    ):
         tokenize([ChatSample((("user", "a"), ("assistant", "b")), "f.jsonl:9")], tok)
 
 
 def test_many_samples_tokenise_like_one_at_a_time(tokenizer):
-    samples = [TextSample("x y", "a"), PromptSample("q", " r", "b"), TextSample("x y", "c"),
-               ChatSample((("user", "u"), ("assistant", "v")), "d")]
+    samples = [
+        TextSample("x y", "a"),
+        PromptSample("q", " r", "b"),
+        TextSample("x y", "c"),
+        ChatSample((("user", "u"), ("assistant", "v")), "d"),
+    ]
     assert tokenize(samples, tokenizer) == [tokenize([s], tokenizer)[0] for s in samples]
 
 

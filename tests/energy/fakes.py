@@ -1,4 +1,5 @@
 """Fakes at the library boundary: a powercap tree on disk and an NVML module."""
+
 from __future__ import annotations
 
 from pathlib import Path

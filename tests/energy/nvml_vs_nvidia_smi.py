@@ -9,6 +9,7 @@ counter; and a second, forced power-integration component), while `nvidia-smi` s
 `power.draw` every 100 ms in a subprocess; it prints the three energies in joules and
 their ratios as one JSON line. Expect the counter and nvidia-smi to agree within a few %.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,23 @@ def main() -> None:
     counter = NvmlGpu(pynvml, 0)
     assert counter.source == "nvml", f"GPU 0 has no energy counter (source {counter.source})"
     power = NvmlGpu(pynvml, 0)
-    power.name, power.source = "gpu:0-power", "nvml-power"     # force power integration for comparison
+    power.name, power.source = "gpu:0-power", "nvml-power"  # force power integration for comparison
     power.last_t, power.last_w = power.clock(), power._power_w()
     meter = Meter([counter, power], poll_interval_s=0.1)
 
-    smi = subprocess.Popen(["nvidia-smi", "-i", "0", "--query-gpu=timestamp,power.draw", "--format=csv,noheader,nounits",
-                            "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    smi = subprocess.Popen(
+        [
+            "nvidia-smi",
+            "-i",
+            "0",
+            "--query-gpu=timestamp,power.draw",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            "100",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     samples: list[tuple[float, float]] = []
 
     def collect() -> None:
@@ -67,11 +79,17 @@ def main() -> None:
     smi_j *= (t1 - t0) / max(1e-9, inside[-1][0] - inside[0][0]) if len(inside) > 1 else 0.0
     m = w.result
     name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-    out = {"gpu": name.decode() if isinstance(name, bytes) else name, "seconds": m.seconds,
-           "nvml_counter_j": m.joules["gpu:0"], "nvml_power_j": m.joules["gpu:0-power"], "nvidia_smi_j": smi_j,
-           "mean_w_counter": m.joules["gpu:0"] / m.seconds, "smi_samples": len(inside),
-           "counter_over_smi": m.joules["gpu:0"] / smi_j if smi_j else None,
-           "power_over_counter": m.joules["gpu:0-power"] / m.joules["gpu:0"]}
+    out = {
+        "gpu": name.decode() if isinstance(name, bytes) else name,
+        "seconds": m.seconds,
+        "nvml_counter_j": m.joules["gpu:0"],
+        "nvml_power_j": m.joules["gpu:0-power"],
+        "nvidia_smi_j": smi_j,
+        "mean_w_counter": m.joules["gpu:0"] / m.seconds,
+        "smi_samples": len(inside),
+        "counter_over_smi": m.joules["gpu:0"] / smi_j if smi_j else None,
+        "power_over_counter": m.joules["gpu:0-power"] / m.joules["gpu:0"],
+    }
     print(json.dumps(out))
 
 

@@ -13,8 +13,15 @@ def test_exit_code_passthrough_and_text_bill():
     code = run_meter([sys.executable, "-c", "import sys; sys.exit(3)"], region="FR", as_json=False, out=out)
     assert code == 3
     text = out.getvalue()
-    for needle in ("kWh IT (estimate)", "kWh facility (PUE 1.58)", "kgCO2e (estimate) (France, 56 gCO2e/kWh)",
-                   " L (estimate)", "cpu ", "(estimate)", "time "):
+    for needle in (
+        "kWh IT (estimate)",
+        "kWh facility (PUE 1.58)",
+        "kgCO2e (estimate) (France, 56 gCO2e/kWh)",
+        " L (estimate)",
+        "cpu ",
+        "(estimate)",
+        "time ",
+    ):
         assert needle in text, needle
 
 
@@ -28,13 +35,15 @@ def test_json_bill_and_child_cpu_time_is_counted():
     assert doc["source"]["cpu"] == "estimate"
     # >= 0.3 s of child CPU at the stated W per thread (4 W default on an unlisted CPU)
     from greentune.energy.estimate import cpu_power
+
     assert doc["joules"]["cpu"] >= 0.29 * cpu_power().w_per_thread
     assert doc["it_kwh"] == pytest.approx(sum(doc["joules"].values()) / 3.6e6)
 
 
 def test_signal_exit_code():
-    code = run_meter([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"],
-                     out=io.StringIO())
+    code = run_meter(
+        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"], out=io.StringIO()
+    )
     assert code == 128 + 15
 
 

@@ -27,7 +27,7 @@ def test_cpu_estimate_is_cpu_seconds_times_watts():
     t1 = psutil.Process().cpu_times()
     used = (t1.user + t1.system) - (t0.user + t0.system)
     assert j == pytest.approx(10.0 * used, abs=10.0 * 0.05)
-    assert cpu.read() >= j                                   # monotone
+    assert cpu.read() >= j  # monotone
 
 
 def test_children_scope_counts_a_finished_child_and_not_self():
@@ -36,7 +36,7 @@ def test_children_scope_counts_a_finished_child_and_not_self():
     subprocess.run([sys.executable, "-c", busy], check=True)
     x = 0
     for i in range(500_000):
-        x += i                                               # parent's own work: not counted
+        x += i  # parent's own work: not counted
     assert 0.29 <= cpu.read() <= 1.5
 
 
@@ -54,6 +54,6 @@ def test_scope_validated():
 
 
 def test_real_nvml_and_hardware_never_raise():
-    assert isinstance(nvml_components(), list)              # [] on a machine without NVIDIA driver
+    assert isinstance(nvml_components(), list)  # [] on a machine without NVIDIA driver
     hw = describe_hardware()
     assert hw["logical_cpus"] >= 1 and hw["memory_bytes"] > 0 and isinstance(hw["gpus"], list)

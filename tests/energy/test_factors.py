@@ -14,15 +14,35 @@ def test_file_has_world_and_30_regions_each_with_source_and_year():
 
 
 def test_reference_values():
-    expected = {"FR": 56, "SE": 41, "NO": 30, "BR": 98, "CA": 170, "GB": 238, "IE": 291, "US": 369,
-                "DE": 381, "JP": 485, "AU": 549, "CN": 582, "PL": 662, "IN": 713}
+    expected = {
+        "FR": 56,
+        "SE": 41,
+        "NO": 30,
+        "BR": 98,
+        "CA": 170,
+        "GB": 238,
+        "IE": 291,
+        "US": 369,
+        "DE": 381,
+        "JP": 485,
+        "AU": 549,
+        "CN": 582,
+        "PL": 662,
+        "IN": 713,
+    }
     for code, g in expected.items():
         assert Factors.for_region(code).grid_g_per_kwh == g
 
 
 def test_defaults_and_world_water_marked():
     f = Factors.for_region("fr")
-    assert (f.region, f.region_name, f.pue, f.wue_onsite_l_per_kwh, f.offsite_l_per_kwh) == ("FR", "France", 1.58, 1.8, 0.82)
+    assert (f.region, f.region_name, f.pue, f.wue_onsite_l_per_kwh, f.offsite_l_per_kwh) == (
+        "FR",
+        "France",
+        1.58,
+        1.8,
+        0.82,
+    )
     assert f.offsite_source.startswith("world figure (no source for France)")
     assert Factors.for_region("US").offsite_l_per_kwh == 3.14
     assert Factors.for_region(None).region == "WORLD"

@@ -6,7 +6,7 @@ from greentune.energy.factors import Factors
 from greentune.energy.ledger import FIELDS, Ledger
 from greentune.energy.meter import Measurement
 
-FR = Factors.for_region("FR", pue=1.1, wue_onsite=0.3)   # grid 56 g/kWh, off-site 0.82 L/kWh
+FR = Factors.for_region("FR", pue=1.1, wue_onsite=0.3)  # grid 56 g/kWh, off-site 0.82 L/kWh
 
 
 def m(phase, cpu, gpu=None, seconds=10.0, start=1000.0):
@@ -17,12 +17,12 @@ def m(phase, cpu, gpu=None, seconds=10.0, start=1000.0):
 
 def test_row_arithmetic_by_hand(tmp_path):
     ledger = Ledger(tmp_path, FR)
-    row = ledger.record(m("train", 1.8e6, 5.4e6))    # 7.2 MJ = 2 kWh IT
+    row = ledger.record(m("train", 1.8e6, 5.4e6))  # 7.2 MJ = 2 kWh IT
     assert tuple(sorted(row)) == tuple(sorted(FIELDS))
     assert row["it_kwh"] == pytest.approx(2.0)
-    assert row["facility_kwh"] == pytest.approx(2.2)           # × PUE 1.1
-    assert row["kg_co2e"] == pytest.approx(0.1232)              # 2.2 kWh × 56 g
-    assert row["water_l"] == pytest.approx(2.404)               # 2 × 0.3 + 2.2 × 0.82
+    assert row["facility_kwh"] == pytest.approx(2.2)  # × PUE 1.1
+    assert row["kg_co2e"] == pytest.approx(0.1232)  # 2.2 kWh × 56 g
+    assert row["water_l"] == pytest.approx(2.404)  # 2 × 0.3 + 2.2 × 0.82
     assert (row["region"], row["pue"], row["grid_g_per_kwh"]) == ("FR", 1.1, 56.0)
     assert (row["wue_onsite_l_per_kwh"], row["offsite_l_per_kwh"]) == (0.3, 0.82)
     line = json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[0])
@@ -31,10 +31,10 @@ def test_row_arithmetic_by_hand(tmp_path):
 
 def test_phase_override_and_totals(tmp_path):
     ledger = Ledger(tmp_path, FR)
-    ledger.record(m("load", 3.6e5))                 # 0.1 kWh
-    ledger.record(m("w", 7.2e5, 3.6e5), phase="train")   # 0.3 kWh
-    ledger.record(m("train", 3.6e5))                # 0.1 kWh
-    t = Ledger(tmp_path, FR).totals()               # a new instance: what --resume sees
+    ledger.record(m("load", 3.6e5))  # 0.1 kWh
+    ledger.record(m("w", 7.2e5, 3.6e5), phase="train")  # 0.3 kWh
+    ledger.record(m("train", 3.6e5))  # 0.1 kWh
+    t = Ledger(tmp_path, FR).totals()  # a new instance: what --resume sees
     assert t["rows"] == 3
     assert t["it_kwh"] == pytest.approx(0.5)
     assert t["facility_kwh"] == pytest.approx(0.55)
@@ -52,10 +52,10 @@ def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
     ledger = Ledger(tmp_path, FR)
     ledger.record(m("load", 3.6e6))
     with open(ledger.path, "a") as f:
-        f.write('{"phase": "train", "joules": {"cpu": 9')   # SIGKILL mid-write
+        f.write('{"phase": "train", "joules": {"cpu": 9')  # SIGKILL mid-write
     assert len(ledger.rows()) == 1
     assert ledger.totals()["it_kwh"] == pytest.approx(1.0)
-    resumed = Ledger(tmp_path, FR)                             # cuts the torn tail
+    resumed = Ledger(tmp_path, FR)  # cuts the torn tail
     resumed.record(m("train", 7.2e6))
     assert [r["phase"] for r in resumed.rows()] == ["load", "train"]
     assert resumed.totals()["it_kwh"] == pytest.approx(3.0)
@@ -64,7 +64,7 @@ def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
 def test_budget(tmp_path):
     ledger = Ledger(tmp_path, FR)
     assert not ledger.over_budget(None)
-    ledger.record(m("train", 3.6e6))                 # 1 kWh
+    ledger.record(m("train", 3.6e6))  # 1 kWh
     assert not ledger.over_budget(1.5)
     assert ledger.over_budget(1.5, pending_joules=1.8e6)
     assert ledger.over_budget(1.0)
@@ -77,6 +77,7 @@ def test_sigkill_while_recording_keeps_complete_rows(tmp_path):
     import subprocess
     import sys
     import time
+
     code = (
         "import sys\n"
         "from greentune.energy.factors import Factors\n"

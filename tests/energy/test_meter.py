@@ -39,8 +39,14 @@ def test_nested_windows_each_measure_their_own_span():
             clock.t += 2
         cpu.value += 1
         clock.t += 1
-    assert inner.result == Measurement("step", 1_700_000_001.0, 1_700_000_003.0, 2.0,
-                                       {"cpu": 3.0, "gpu:0": 7.0}, {"cpu": "rapl", "gpu:0": "nvml"})
+    assert inner.result == Measurement(
+        "step",
+        1_700_000_001.0,
+        1_700_000_003.0,
+        2.0,
+        {"cpu": 3.0, "gpu:0": 7.0},
+        {"cpu": "rapl", "gpu:0": "nvml"},
+    )
     o = outer.result
     assert (o.phase, o.seconds, o.joules, o.total_joules) == ("train", 4.0, {"cpu": 14.0, "gpu:0": 7.0}, 21.0)
     assert not o.is_estimate
@@ -82,6 +88,7 @@ def test_duplicate_names_rejected():
 
 def test_auto_falls_back_to_estimate_and_measures_cpu_time(tmp_path):
     from tests.energy.fakes import FakeNvml
+
     nvml = FakeNvml(energy_mj=[], power_mw=[])
     meter = Meter.auto(powercap_root=tmp_path, pynvml=nvml, apple_module=None, poll_interval_s=0.05)
     try:
@@ -98,6 +105,7 @@ def test_auto_falls_back_to_estimate_and_measures_cpu_time(tmp_path):
 
 def test_auto_prefers_rapl_and_nvml(tmp_path):
     from tests.energy.fakes import FakeNvml, make_zone
+
     make_zone(tmp_path, "intel-rapl:0", "package-0", 0)
     nvml = FakeNvml(energy_mj=[[0, 1000]], power_mw=[[1]])
     meter = Meter.auto(powercap_root=tmp_path, pynvml=nvml, poll_interval_s=0)
@@ -116,11 +124,14 @@ def test_apple_reader_when_importable(tmp_path):
 
         def end_window(self, key):
             Monitor.n += 1
-            return SimpleNamespace(cpu_total_mj=1000.0, dram_mj=200.0, gpu_mj=500.0, gpu_sram_mj=10.0, ane_mj=None)
+            return SimpleNamespace(
+                cpu_total_mj=1000.0, dram_mj=200.0, gpu_mj=500.0, gpu_sram_mj=10.0, ane_mj=None
+            )
 
     module = SimpleNamespace(AppleEnergyMonitor=Monitor)
-    meter = Meter.auto(powercap_root=tmp_path / "none", pynvml=None, gpus=False, apple_module=module,
-                       poll_interval_s=0)
+    meter = Meter.auto(
+        powercap_root=tmp_path / "none", pynvml=None, gpus=False, apple_module=module, poll_interval_s=0
+    )
     assert meter.sources() == {"cpu": "apple", "dram": "apple", "gpu": "apple"}
     with meter.phase("w") as w:
         pass

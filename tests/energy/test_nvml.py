@@ -22,20 +22,22 @@ def test_counter_path_reads_differences_in_millijoules():
 def test_missing_counter_integrates_power():
     nvml = FakeNvml(energy_mj=[None], power_mw=[[100_000, 100_000, 200_000, 200_000]])
     clock = FakeClock()
-    (gpu,) = nvml_components(nvml, clock=clock)       # first power sample: 100 W at t=100
+    (gpu,) = nvml_components(nvml, clock=clock)  # first power sample: 100 W at t=100
     assert gpu.source == "nvml-power"
     clock.t += 2
-    assert gpu.read() == pytest.approx(200.0)          # (100+100)/2 W * 2 s
+    assert gpu.read() == pytest.approx(200.0)  # (100+100)/2 W * 2 s
     clock.t += 1
-    assert gpu.read() == pytest.approx(350.0)          # + (100+200)/2 W * 1 s
+    assert gpu.read() == pytest.approx(350.0)  # + (100+200)/2 W * 1 s
     clock.t += 0.5
     gpu.poll()
-    assert gpu.read() == pytest.approx(450.0)          # + 200 W * 0.5 s (poll) + 0 s
+    assert gpu.read() == pytest.approx(450.0)  # + 200 W * 0.5 s (poll) + 0 s
 
 
 def test_missing_counter_with_meter_thread():
-    from greentune.energy.meter import Meter
     import time
+
+    from greentune.energy.meter import Meter
+
     nvml = FakeNvml(energy_mj=[None], power_mw=[[50_000]])
     meter = Meter(nvml_components(nvml), poll_interval_s=0.01, sync=None)
     with meter.phase("w") as w:
@@ -52,10 +54,10 @@ def test_stuck_zero_counter_falls_back_to_power_never_zero(caplog):
     (gpu,) = nvml_components(nvml, clock=clock)
     assert gpu.source == "nvml"
     clock.t += 1
-    assert gpu.read() == 0.0                            # not stuck yet
+    assert gpu.read() == 0.0  # not stuck yet
     with caplog.at_level(logging.WARNING):
         clock.t += 1.5
-        gpu.read()                                      # 2.5 s without movement at 80 W
+        gpu.read()  # 2.5 s without movement at 80 W
     assert gpu.source == "nvml-power"
     assert "nvml-power" in caplog.text
     clock.t += 1

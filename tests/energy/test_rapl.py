@@ -23,12 +23,12 @@ def test_package_and_dram_counted_core_uncore_psys_mmio_skipped(tmp_path):
     assert sorted(comps) == ["cpu", "dram"]
     assert all(c.source == "rapl" for c in comps.values())
     assert comps["cpu"].read() == 0.0
-    set_energy(pkg, 4_000_000)        # +3 J
-    set_energy(core, 2_500_000)       # parts of the package: must not add
+    set_energy(pkg, 4_000_000)  # +3 J
+    set_energy(core, 2_500_000)  # parts of the package: must not add
     set_energy(uncore, 900_000)
     set_energy(psys, 50_000_000)
     set_energy(mmio, 50_000_000)
-    set_energy(dram, 2_250_000)       # +0.25 J
+    set_energy(dram, 2_250_000)  # +0.25 J
     assert comps["cpu"].read() == pytest.approx(3.0)
     assert comps["dram"].read() == pytest.approx(0.25)
 
@@ -36,9 +36,9 @@ def test_package_and_dram_counted_core_uncore_psys_mmio_skipped(tmp_path):
 def test_wrap_around(tmp_path):
     pkg = make_zone(tmp_path, "intel-rapl:0", "package-0", 999_000_000, max_uj=1_000_000_000)
     cpu = rapl_components(tmp_path)[0]
-    set_energy(pkg, 999_500_000)      # +0.5 J
+    set_energy(pkg, 999_500_000)  # +0.5 J
     assert cpu.read() == pytest.approx(0.5)
-    set_energy(pkg, 1_500_000)        # wrapped: +0.5 J to the top, +1.5 J after
+    set_energy(pkg, 1_500_000)  # wrapped: +0.5 J to the top, +1.5 J after
     assert cpu.read() == pytest.approx(2.5)
     set_energy(pkg, 2_500_000)
     assert cpu.read() == pytest.approx(3.5)
@@ -49,7 +49,7 @@ def test_multi_package_summed_and_mirrors_counted_once(tmp_path):
     p1 = make_zone(tmp_path, "intel-rapl:1", "package-1", 0)
     d0 = make_zone(tmp_path, "intel-rapl:0:0", "dram", 0)
     d1 = make_zone(tmp_path, "intel-rapl:1:0", "dram", 0)
-    mirror = make_zone(tmp_path, "intel-rapl:2", "package-0", 0)   # same package seen twice
+    mirror = make_zone(tmp_path, "intel-rapl:2", "package-0", 0)  # same package seen twice
     comps = _by_name(rapl_components(tmp_path))
     assert len(comps["cpu"].zones) == 2 and len(comps["dram"].zones) == 2
     for z, uj in ((p0, 10_000_000), (p1, 20_000_000), (d0, 1_000_000), (d1, 2_000_000), (mirror, 10_000_000)):

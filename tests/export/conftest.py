@@ -1,4 +1,5 @@
 """Fixtures for export tests: tiny models with structure, a SentencePiece-style tokenizer, exports cached."""
+
 from __future__ import annotations
 
 import json
@@ -65,6 +66,7 @@ def banned(tokenizer):
 def gguf_cache(tmp_path_factory):
     """export(model_dir, quant) → path, each export done once per session."""
     from greentune.export.gguf import export_gguf
+
     out = tmp_path_factory.mktemp("gguf")
     done = {}
 
@@ -74,6 +76,7 @@ def gguf_cache(tmp_path_factory):
             path = out / f"{Path(model_dir).name}-{quant}.gguf"
             done[key] = export_gguf(model_dir, path, quant)
         return done[key]
+
     return export
 
 
@@ -85,8 +88,15 @@ def build_spm_tokenizer(texts, out_dir, vocab_size=600):
     norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     t.normalizer = norm
-    t.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False, limit_alphabet=100))
+    t.train_from_iterator(
+        texts,
+        trainer=trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            show_progress=False,
+            limit_alphabet=100,
+        ),
+    )
     tj = json.loads(t.to_str())
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):
@@ -94,13 +104,17 @@ def build_spm_tokenizer(texts, out_dir, vocab_size=600):
     for tok, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1]):
         vocab.setdefault(tok, len(vocab))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in tj["model"]["merges"]]
-    t2 = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    t2 = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
     t2.normalizer = norm
-    t2.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    t2.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     t2.add_special_tokens(["<unk>", "<s>", "</s>"])
-    t2.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", 1)])
+    t2.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=t2, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(out_dir)
     return fast

@@ -4,6 +4,7 @@
 with `gguf.quants.dequantize` (the reference), undoes the q/k permutation and unstacks
 experts, so PyTorch computes with exactly the weights llama.cpp sees.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +20,7 @@ def scale_weights(model_dir: Path, out_dir: Path, factor: float = 8.0, seed: int
     """Copy an HF dir with all matrices scaled by `factor` (std 0.02 → 0.16): logits are then
     spread out enough that greedy decoding is not a chain of near-ties."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -27,7 +29,7 @@ def scale_weights(model_dir: Path, out_dir: Path, factor: float = 8.0, seed: int
                 p.mul_(factor)
             elif "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):          # Qwen2's q/k/v biases: make them matter
+            elif name.endswith("bias"):  # Qwen2's q/k/v biases: make them matter
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
@@ -46,6 +48,7 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
     """(metadata dict, dequantised float32 tensors in numpy order, GGML type name per tensor)."""
     from gguf import GGUFReader, GGUFValueType
     from gguf.quants import dequantize
+
     r = GGUFReader(path)
     meta = {}
     for k, f in r.fields.items():
@@ -67,12 +70,16 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
 def hf_model_from_gguf(path, model_dir):
     """The HF model of `model_dir` with its weights replaced by the GGUF's (dequantised)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     meta, t, _ = read_gguf(path)
     cfg = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
-          "lm_head.weight": t.get("output.weight", t["token_embd.weight"])}
+    sd = {
+        "model.embed_tokens.weight": t["token_embd.weight"],
+        "model.norm.weight": t["output_norm.weight"],
+        "lm_head.weight": t.get("output.weight", t["token_embd.weight"]),
+    }
     for i in range(cfg.num_hidden_layers):
         b, p = f"blk.{i}", f"model.layers.{i}"
         sd[f"{p}.input_layernorm.weight"] = t[f"{b}.attn_norm.weight"]
@@ -88,14 +95,16 @@ def hf_model_from_gguf(path, model_dir):
         if f"{b}.ffn_gate_exps.weight" in t:
             sd[f"{p}.mlp.gate.weight"] = t[f"{b}.ffn_gate_inp.weight"]
             sd[f"{p}.mlp.experts.gate_up_proj"] = np.concatenate(
-                [t[f"{b}.ffn_gate_exps.weight"], t[f"{b}.ffn_up_exps.weight"]], axis=1)
+                [t[f"{b}.ffn_gate_exps.weight"], t[f"{b}.ffn_up_exps.weight"]], axis=1
+            )
             sd[f"{p}.mlp.experts.down_proj"] = t[f"{b}.ffn_down_exps.weight"]
         else:
             sd[f"{p}.mlp.gate_proj.weight"] = t[f"{b}.ffn_gate.weight"]
             sd[f"{p}.mlp.up_proj.weight"] = t[f"{b}.ffn_up.weight"]
             sd[f"{p}.mlp.down_proj.weight"] = t[f"{b}.ffn_down.weight"]
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
-                                                 for k, v in sd.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=False
+    )
     assert not unexpected, unexpected
     assert not [m for m in missing if "rotary" not in m], missing
     return model
@@ -106,6 +115,7 @@ class Llama:
 
     def __init__(self, path, n_ctx: int = 128):
         import xllamacpp as x
+
         p = x.CommonParams()
         p.model.path = str(path)
         p.n_ctx = n_ctx
@@ -126,24 +136,40 @@ class Llama:
         llama.cpp's raw ones). Ban end-of-generation tokens and tokens that are not whole
         UTF-8 sequences: the server merges those into the next token's entry.
         """
-        r = self.server.handle_completions({
-            "prompt": list(prompt_ids), "max_tokens": n, "temperature": 0, "n_probs": n_probs,
-            "cache_prompt": False, "logit_bias": [[int(b), False] for b in banned]})
+        r = self.server.handle_completions(
+            {
+                "prompt": list(prompt_ids),
+                "max_tokens": n,
+                "temperature": 0,
+                "n_probs": n_probs,
+                "cache_prompt": False,
+                "logit_bias": [[int(b), False] for b in banned],
+            }
+        )
         if "choices" not in r:
             raise RuntimeError(json.dumps(r)[:500])
         out = []
         for c in r["choices"][0]["logprobs"]["content"]:
-            out.append({"id": c["id"], "logprob": c["logprob"],
-                        "top": {d["id"]: d["logprob"] for d in c["top_logprobs"]}})
+            out.append(
+                {
+                    "id": c["id"],
+                    "logprob": c["logprob"],
+                    "top": {d["id"]: d["logprob"] for d in c["top_logprobs"]},
+                }
+            )
         return out
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """llama.cpp's tokenization of `text` (the server's /tokenize endpoint on loopback)."""
         import urllib.request
+
         addr = self.server.listening_address
         addr = addr() if callable(addr) else addr
-        req = urllib.request.Request(f"{addr}/tokenize", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"content": text, "add_special": add_special}).encode())
+        req = urllib.request.Request(
+            f"{addr}/tokenize",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"content": text, "add_special": add_special}).encode(),
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())["tokens"]
 
@@ -171,9 +197,15 @@ def first_routing_tie(model, ids: list[int], margin: float) -> int | None:
         if gate is None or not hasattr(gate, "top_k"):
             continue
         k = gate.top_k
-        hooks.append(gate.register_forward_hook(
-            lambda mod, inp, out, k=k: gaps.append(
-                (lambda s: s[:, k - 1] - s[:, k])(out[0].detach().float().sort(-1, descending=True).values))))
+        hooks.append(
+            gate.register_forward_hook(
+                lambda mod, inp, out, k=k: gaps.append(
+                    (lambda s: s[:, k - 1] - s[:, k])(
+                        out[0].detach().float().sort(-1, descending=True).values
+                    )
+                )
+            )
+        )
     try:
         with torch.no_grad():
             model(torch.tensor([ids]))
@@ -186,8 +218,16 @@ def first_routing_tie(model, ids: list[int], margin: float) -> int | None:
     return int(close[0, 0]) if len(close) else None
 
 
-def compare_with_torch(llama: Llama, model, prompt: list[int], banned: list[int], n: int = 20,
-                       atol: float = 1e-3, tie: float = 1e-3, router_margin: float | None = None):
+def compare_with_torch(
+    llama: Llama,
+    model,
+    prompt: list[int],
+    banned: list[int],
+    n: int = 20,
+    atol: float = 1e-3,
+    tie: float = 1e-3,
+    router_margin: float | None = None,
+):
     """Greedy-decode in llama.cpp, teacher-force the same ids through `model`, compare.
 
     Returns (max |Δ logprob| over the top candidates, exact top-1 agreements, steps compared).

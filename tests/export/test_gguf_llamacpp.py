@@ -10,12 +10,12 @@ error and llama.cpp's 8-bit activation error are of the same size). For quantise
 exports the comparison stops at the first position where two experts' router logits are
 within 0.02 of the top-k boundary: that rounding can route a token to another expert.
 """
+
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
-
-import helpers
 
 pytest.importorskip("xllamacpp", reason="llama.cpp binding (pip install xllamacpp, in the test extra)")
 
@@ -45,8 +45,9 @@ def test_llamacpp_matches_pytorch(request, gguf_cache, banned, fixture, quant, a
     model = helpers.hf_model_from_gguf(summary.path, model_dir)
     llama = helpers.Llama(summary.path)
     moe_q = "mixtral" in fixture and quant not in ("f32", "f16")
-    worst, agree, compared = helpers.compare_with_torch(llama, model, PROMPT, banned, n=N_GEN, atol=atol, tie=tie,
-                                                        router_margin=0.02 if moe_q else None)
+    worst, agree, compared = helpers.compare_with_torch(
+        llama, model, PROMPT, banned, n=N_GEN, atol=atol, tie=tie, router_margin=0.02 if moe_q else None
+    )
     # greedy generation of 20 tokens: every choice is PyTorch's argmax (or a tie within `tie`)
     assert compared == N_GEN or moe_q
     assert agree >= compared - 3, (agree, compared)
@@ -54,8 +55,11 @@ def test_llamacpp_matches_pytorch(request, gguf_cache, banned, fixture, quant, a
         assert agree == N_GEN
     elif quant.startswith("q4"):
         from transformers import AutoModelForCausalLM
+
         original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        worst_orig, _, _ = helpers.compare_with_torch(llama, original, PROMPT, banned, n=N_GEN, atol=100, tie=100)
+        worst_orig, _, _ = helpers.compare_with_torch(
+            llama, original, PROMPT, banned, n=N_GEN, atol=100, tie=100
+        )
         assert worst_orig > 3 * worst, (worst_orig, worst)
     llama.close()
 
@@ -87,18 +91,24 @@ def test_q4_k_m_falls_back_on_short_rows(gguf_cache, scaled_llama_dir):
 
 def test_bits_per_weight(gguf_cache, wide_llama_dir):
     bpw = {q: gguf_cache(wide_llama_dir, q).bits_per_weight for q in ("f16", "q8_0", "q4_0", "q4_k_m")}
-    assert 16.0 <= bpw["f16"] < 16.1          # norms stay f32
+    assert 16.0 <= bpw["f16"] < 16.1  # norms stay f32
     assert 8.5 <= bpw["q8_0"] < 8.6
-    assert 4.5 <= bpw["q4_0"] < 5.0           # output.weight at Q6_K (6.56 bpw)
+    assert 4.5 <= bpw["q4_0"] < 5.0  # output.weight at Q6_K (6.56 bpw)
     assert 4.5 < bpw["q4_k_m"] < 5.5
 
 
 def test_tokenizer_matches_hf_in_llamacpp(gguf_cache, scaled_llama_dir, tokenizer):
     """Byte-level BPE with pre-tokenizer "gpt-2": llama.cpp splits text exactly as HF."""
     llama = helpers.Llama(gguf_cache(scaled_llama_dir, "f16").path)
-    for text in ["Return the list of   items.\n\nArgs:\n    x: an int", "naïve café ☃ 123456 x",
-                 "def f(a, b):\n\treturn a+b  # it's", "<|user|>\nhi<|end|>\n"]:
-        assert llama.tokenize(text, add_special=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    for text in [
+        "Return the list of   items.\n\nArgs:\n    x: an int",
+        "naïve café ☃ 123456 x",
+        "def f(a, b):\n\treturn a+b  # it's",
+        "<|user|>\nhi<|end|>\n",
+    ]:
+        assert (
+            llama.tokenize(text, add_special=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
     llama.close()
 
 
@@ -108,12 +118,17 @@ def test_sentencepiece_tokenizer_in_llamacpp(spm_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from greentune.export import export_gguf
+
     tok = AutoTokenizer.from_pretrained(spm_llama_dir)
     s = export_gguf(spm_llama_dir, tmp_path / "spm.gguf", "f16")
     assert s.vocab["model"] == "llama" and s.vocab["add_bos"] is True
     llama = helpers.Llama(s.path)
-    for text in ["Hello world, naïve café ☃ x", "Return the list of   items.\n\nArgs:\n    x: an int",
-                 " leading space", "Ünïcödé → ∑ 漢字"]:
+    for text in [
+        "Hello world, naïve café ☃ x",
+        "Return the list of   items.\n\nArgs:\n    x: an int",
+        " leading space",
+        "Ünïcödé → ∑ 漢字",
+    ]:
         assert llama.tokenize(text) == tok(text)["input_ids"], text
     llama.close()
 
@@ -126,17 +141,24 @@ def test_llama3_rope_scaling(tmp_path, scaled_llama_dir, banned):
     from transformers import AutoModelForCausalLM
 
     from greentune.export import export_gguf
+
     d = tmp_path / "llama3-rope"
     shutil.copytree(scaled_llama_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     s = export_gguf(d, tmp_path / "r.gguf", "f32")
     assert "rope_freqs.weight" in s.types
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     plain = AutoModelForCausalLM.from_pretrained(scaled_llama_dir, dtype=torch.float32).eval()
-    with torch.no_grad():   # the scaling does change this model's outputs
+    with torch.no_grad():  # the scaling does change this model's outputs
         ids = torch.tensor([PROMPT])
         assert (model(ids).logits - plain(ids).logits).abs().max() > 1e-2
     llama = helpers.Llama(s.path)
@@ -147,6 +169,7 @@ def test_llama3_rope_scaling(tmp_path, scaled_llama_dir, banned):
 
 def test_generate_helper(gguf_cache, scaled_llama_dir, tokenizer):
     from greentune.export import llamacpp
+
     assert llamacpp.available()
     out = llamacpp.generate(gguf_cache(scaled_llama_dir, "q8_0").path, "Return the", max_tokens=8)
     assert out.seconds > 0 and isinstance(out.text, str)

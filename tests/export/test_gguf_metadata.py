@@ -1,14 +1,15 @@
 """GGUF files re-read with gguf.GGUFReader: metadata, shapes, types, prequantized bytes, errors."""
+
 from __future__ import annotations
 
 import json
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
 
-import helpers
 from greentune.errors import UserError
 from greentune.export import export_gguf, write_gguf
 from greentune.export.gguf_tensors import qk_permutation
@@ -23,10 +24,18 @@ def _raw(path):
 def test_llama_metadata_and_shapes(gguf_cache, scaled_llama_dir, tokenizer):
     meta, tensors, types = helpers.read_gguf(gguf_cache(scaled_llama_dir, "q8_0").path)
     assert meta["general.architecture"] == "llama"
-    expected = {"llama.context_length": 256, "llama.embedding_length": 64, "llama.block_count": 2,
-                "llama.feed_forward_length": 128, "llama.rope.dimension_count": 16,
-                "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
-                "llama.vocab_size": len(tokenizer), "general.quantization_version": 2, "general.file_type": 7}
+    expected = {
+        "llama.context_length": 256,
+        "llama.embedding_length": 64,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": 128,
+        "llama.rope.dimension_count": 16,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.vocab_size": len(tokenizer),
+        "general.quantization_version": 2,
+        "general.file_type": 7,
+    }
     for k, v in expected.items():
         assert meta[k] == v, k
     assert meta["llama.rope.freq_base"] == pytest.approx(10000.0)
@@ -37,7 +46,9 @@ def test_llama_metadata_and_shapes(gguf_cache, scaled_llama_dir, tokenizer):
     assert meta["tokenizer.ggml.tokens"][300] == tokenizer.convert_ids_to_tokens(300)
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     assert len(meta["tokenizer.ggml.merges"]) == len(merges) > 200
-    assert meta["tokenizer.ggml.merges"][0] == " ".join(merges[0]) if isinstance(merges[0], list) else merges[0]
+    assert (
+        meta["tokenizer.ggml.merges"][0] == " ".join(merges[0]) if isinstance(merges[0], list) else merges[0]
+    )
     assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert meta["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
@@ -61,6 +72,7 @@ def test_unquantised_has_no_quantization_version(gguf_cache, scaled_llama_dir):
 
 def test_mixtral_metadata_and_expert_stacking(gguf_cache, scaled_mixtral_dir):
     from safetensors import safe_open
+
     meta, t, _ = helpers.read_gguf(gguf_cache(scaled_mixtral_dir, "f32").path)
     assert meta["llama.expert_count"] == 4 and meta["llama.expert_used_count"] == 2
     assert meta["llama.rope.freq_base"] == pytest.approx(1e6)
@@ -70,9 +82,15 @@ def test_mixtral_metadata_and_expert_stacking(gguf_cache, scaled_mixtral_dir):
     assert t["blk.0.ffn_gate_inp.weight"].shape == (4, 64)
     with safe_open(scaled_mixtral_dir / "model.safetensors", "pt") as f:
         p = "model.layers.1.block_sparse_moe.experts.2"
-        np.testing.assert_array_equal(t["blk.1.ffn_gate_exps.weight"][2], f.get_tensor(f"{p}.w1.weight").numpy())
-        np.testing.assert_array_equal(t["blk.1.ffn_up_exps.weight"][2], f.get_tensor(f"{p}.w3.weight").numpy())
-        np.testing.assert_array_equal(t["blk.1.ffn_down_exps.weight"][2], f.get_tensor(f"{p}.w2.weight").numpy())
+        np.testing.assert_array_equal(
+            t["blk.1.ffn_gate_exps.weight"][2], f.get_tensor(f"{p}.w1.weight").numpy()
+        )
+        np.testing.assert_array_equal(
+            t["blk.1.ffn_up_exps.weight"][2], f.get_tensor(f"{p}.w3.weight").numpy()
+        )
+        np.testing.assert_array_equal(
+            t["blk.1.ffn_down_exps.weight"][2], f.get_tensor(f"{p}.w2.weight").numpy()
+        )
         q = f.get_tensor("model.layers.0.self_attn.q_proj.weight").numpy()
         np.testing.assert_array_equal(t["blk.0.attn_q.weight"], q[qk_permutation(64, 4)])
 
@@ -80,6 +98,7 @@ def test_mixtral_metadata_and_expert_stacking(gguf_cache, scaled_mixtral_dir):
 def test_in_memory_fused_experts_give_the_same_file(tmp_path, scaled_mixtral_dir, tokenizer):
     """transformers v5 fuses experts in memory (gate_up_proj [E, 2I, H]); the export is byte-identical."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(scaled_mixtral_dir, dtype=torch.float32)
     assert "model.layers.0.mlp.experts.gate_up_proj" in model.state_dict()
     a = write_gguf(scaled_mixtral_dir, tmp_path / "a.gguf", "q8_0", name="m")
@@ -89,8 +108,10 @@ def test_in_memory_fused_experts_give_the_same_file(tmp_path, scaled_mixtral_dir
 
 def test_prequantized_tensors_are_written_byte_for_byte(tmp_path, scaled_mixtral_dir):
     """Train on what you ship: given block bytes are copied (rows permuted for q, stacked for experts)."""
-    from greentune.quant.formats import get_format
     from safetensors import safe_open
+
+    from greentune.quant.formats import get_format
+
     pre, raw = {}, {}
     with safe_open(scaled_mixtral_dir / "model.safetensors", "pt") as f:
         q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
@@ -110,6 +131,7 @@ def test_prequantized_tensors_are_written_byte_for_byte(tmp_path, scaled_mixtral
 
 def test_prequantized_must_cover_all_experts(tmp_path, scaled_mixtral_dir):
     from greentune.quant.formats import get_format
+
     w = torch.zeros(128, 64)
     pre = {"model.layers.1.block_sparse_moe.experts.0.w1.weight": ("q8_0", get_format("q8_0").quantize(w))}
     with pytest.raises(UserError, match="all or none"):
@@ -119,13 +141,16 @@ def test_prequantized_must_cover_all_experts(tmp_path, scaled_mixtral_dir):
 def test_user_errors(tmp_path, scaled_llama_dir, tokenizer):
     from safetensors.torch import save_file
     from transformers import GptOssConfig
+
     with pytest.raises(UserError, match="unknown GGUF quant"):
         write_gguf(scaled_llama_dir, tmp_path / "x.gguf", "q3_k")
-    gpt_oss = tmp_path / "gpt_oss"      # no GGUF mapping yet: refused from its config alone
+    gpt_oss = tmp_path / "gpt_oss"  # no GGUF mapping yet: refused from its config alone
     GptOssConfig().save_pretrained(gpt_oss)
     save_file({"placeholder": torch.zeros(1)}, str(gpt_oss / "model.safetensors"))
     tokenizer.save_pretrained(gpt_oss)
-    with pytest.raises(UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt_oss'"):
+    with pytest.raises(
+        UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt_oss'"
+    ):
         write_gguf(gpt_oss, tmp_path / "x.gguf", "f16")
     with pytest.raises(UserError, match="config.json"):
         write_gguf(tmp_path, tmp_path / "x.gguf")
@@ -139,9 +164,11 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, scaled_llama_dir, tokenizer)
 
     from tokenizers import pre_tokenizers
     from transformers import AutoModelForCausalLM
+
     tok = copy.deepcopy(tokenizer)
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(use_regex=True)])
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(use_regex=True)]
+    )
     model = AutoModelForCausalLM.from_pretrained(scaled_llama_dir)
     with pytest.raises(UserError, match="tokenizer_pre"):
         write_gguf(model, tmp_path / "x.gguf", tokenizer=tok)
@@ -155,10 +182,14 @@ def test_pre_tokenizer_names_from_structure(regex, name):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     from greentune.export import gguf_vocab
+
     t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(getattr(gguf_vocab, regex)), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(getattr(gguf_vocab, regex)), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     assert gguf_vocab.detect_pre(json.loads(t.to_str())) == name
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     with pytest.raises(UserError):

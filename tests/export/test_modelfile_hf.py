@@ -1,4 +1,5 @@
 """Ollama Modelfile beside a GGUF, and the merged HF folder."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,13 +10,13 @@ from greentune.export import validate_hf_dir, write_hf, write_modelfile
 from greentune.export.modelfile import PLAIN_TEMPLATE, go_template
 
 EXPECTED_TEMPLATE = (
-    '{{- range $i, $_ := .Messages }}'
+    "{{- range $i, $_ := .Messages }}"
     '{{ if eq .Role "system" }}<|system|>\n{{ .Content }}<|end|>\n'
     '{{ else if eq .Role "user" }}<|user|>\n{{ .Content }}<|end|>\n'
     '{{ else if eq .Role "assistant" }}<|assistant|>\n{{ .Content }}<|end|>\n'
-    '{{ end }}'
+    "{{ end }}"
     '{{ if and (eq (len (slice $.Messages $i)) 1) (ne .Role "assistant") }}<|assistant|>\n{{ end }}'
-    '{{ end }}'
+    "{{ end }}"
 )
 
 
@@ -28,7 +29,8 @@ def test_modelfile_for_fixture_template(tmp_path, tokenizer):
         "FROM ./model-q4_k_m.gguf\n"
         f'TEMPLATE """{EXPECTED_TEMPLATE}"""\n'
         'PARAMETER stop "</s>"\n'
-        'PARAMETER stop "<|end|>"\n')
+        'PARAMETER stop "<|end|>"\n'
+    )
 
 
 def _render_go(template_pieces, messages):
@@ -43,17 +45,24 @@ def _render_go(template_pieces, messages):
 
 def test_template_is_equivalent_to_jinja(tokenizer):
     assert go_template(tokenizer) == EXPECTED_TEMPLATE
-    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"},
+    ]
     want = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
     assert _render_go(EXPECTED_TEMPLATE, convo) == want
 
 
 def test_templates_that_are_not_per_message_get_the_plain_one(tokenizer):
     import copy
+
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}SYS: default\n{% endif %}"
-                         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}SYS: default\n{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
     assert go_template(tok) == PLAIN_TEMPLATE
     tok.chat_template = None
     assert go_template(tok) == PLAIN_TEMPLATE
@@ -62,8 +71,11 @@ def test_templates_that_are_not_per_message_get_the_plain_one(tokenizer):
 def test_hf_merged_dir_logits_equal_adapted_model(tmp_path, scaled_llama_dir, tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
     base = AutoModelForCausalLM.from_pretrained(scaled_llama_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -90,9 +102,11 @@ def test_hf_refuses_folders_without_safetensors(tmp_path):
 
 def test_export_dispatch(tmp_path, scaled_llama_dir):
     from greentune.export import export
+
     g = export(scaled_llama_dir, tmp_path, "gguf", quant="q8_0")
     assert g.name == "model-q8_0.gguf" and (tmp_path / "model-q8_0.Modelfile").read_text().startswith(
-        "FROM ./model-q8_0.gguf\n")
+        "FROM ./model-q8_0.gguf\n"
+    )
     assert export(scaled_llama_dir, tmp_path, "mlx", bits=4).name == "model-mlx-4bit"
     assert (export(scaled_llama_dir, tmp_path, "hf") / "model.safetensors").is_file()
     with pytest.raises(UserError, match="format"):

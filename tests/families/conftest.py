@@ -1,4 +1,5 @@
 """Family-matrix fixtures: one tiny, weight-spread base per family row, built once per session."""
+
 from __future__ import annotations
 
 import sys
@@ -20,23 +21,29 @@ HIDDEN, FF = 256, 256
 def family_base(tmp_path_factory, tokenizer):
     """model_type → HF folder of a random tiny model of that family, weights ×4 (spread logits)."""
     from transformers import AutoModelForCausalLM
+
     built: dict[str, Path] = {}
 
     def get(model_type: str) -> Path:
         if model_type not in built:
             row = rows.BY_TYPE[model_type]
-            ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+            ids = dict(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             raw = tmp_path_factory.mktemp(f"{model_type}-raw")
             torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(row.make(len(tokenizer), ids, HIDDEN, FF), dtype=torch.float32
-                                             ).save_pretrained(raw)
+            AutoModelForCausalLM.from_config(
+                row.make(len(tokenizer), ids, HIDDEN, FF), dtype=torch.float32
+            ).save_pretrained(raw)
             tokenizer.save_pretrained(raw)
             out = helpers.scale_weights(raw, tmp_path_factory.mktemp(model_type), factor=4.0)
             if row.moe:
                 _spread_router(out)
             built[model_type] = out
         return built[model_type]
+
     return get
 
 
@@ -44,6 +51,7 @@ def _spread_router(model_dir: Path, factor: float = 4.0) -> None:
     """Router weights ×`factor` more: top-k boundaries far apart, so llama.cpp's 8-bit activation
     rounding in quantised files rarely routes a token to another expert than PyTorch does."""
     from safetensors.torch import load_file, save_file
+
     path = model_dir / "model.safetensors"
     sd = load_file(path)
     for name in sd:
@@ -62,6 +70,7 @@ def banned(tokenizer):
 def small_data(tmp_path_factory, corpus_texts):
     """(train, eval) .jsonl files of 60 and 4 real-text documents: a 4-step run needs no more."""
     import json
+
     d = tmp_path_factory.mktemp("family-data")
     for name, texts in (("train", corpus_texts[:60]), ("eval", corpus_texts[60:64])):
         (d / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

@@ -5,6 +5,7 @@ Independent of the exporter's code path: names come from the `gguf` package's
 with `gguf.quants.dequantize`; the row's `interleaved` and `norm_offset` are undone; stacked
 experts become transformers v5's fused `gate_up_proj` / `down_proj`.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,16 @@ import torch
 
 def _arch(name: str):
     from gguf import MODEL_ARCH, MODEL_ARCH_NAMES
+
     return next(a for a in MODEL_ARCH if MODEL_ARCH_NAMES[a] == name)
 
 
 def hf_model_from_gguf(path, model_dir, row):
     """The HF model of `model_dir` with every weight replaced by the GGUF's (dequantised)."""
+    import helpers
     from gguf import TensorNameMap
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import helpers
     meta, t, _ = helpers.read_gguf(path)
     assert meta["general.architecture"] == row.arch
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -36,8 +38,11 @@ def hf_model_from_gguf(path, model_dir, row):
         m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", hname)
         if m:
             b = f"blk.{m.group(1)}"
-            sd[hname] = (np.concatenate([t[f"{b}.ffn_gate_exps.weight"], t[f"{b}.ffn_up_exps.weight"]], axis=1)
-                         if m.group(2) == "gate_up_proj" else t[f"{b}.ffn_down_exps.weight"])
+            sd[hname] = (
+                np.concatenate([t[f"{b}.ffn_gate_exps.weight"], t[f"{b}.ffn_up_exps.weight"]], axis=1)
+                if m.group(2) == "gate_up_proj"
+                else t[f"{b}.ffn_down_exps.weight"]
+            )
             continue
         g = names.get_name(hname, try_suffixes=(".weight", ".bias"))
         if hname == "lm_head.weight" and "output.weight" not in t:
@@ -46,7 +51,9 @@ def hf_model_from_gguf(path, model_dir, row):
         v = t[g]
         kind = g.split(".")[2] if g.startswith("blk.") else ""
         if row.interleaved and kind in ("attn_q", "attn_k"):
-            v = helpers._unpermute(v, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
+            v = helpers._unpermute(
+                v, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
+            )
         if row.norm_offset and "norm" in g:
             v = v - np.float32(row.norm_offset)
         sd[hname] = v
@@ -60,6 +67,7 @@ def hf_model_from_mlx(mlx_dir, model_dir):
     from transformers import AutoModelForCausalLM
 
     from greentune.export.mlx import dequantize_affine
+
     cfg = json.loads((Path(mlx_dir) / "config.json").read_text())
     q = cfg.get("quantization") or {}
     w = load_file(Path(mlx_dir) / "model.safetensors")
@@ -70,8 +78,13 @@ def hf_model_from_mlx(mlx_dir, model_dir):
             continue
         base = name[: -len(".weight")]
         if f"{base}.scales" in w:
-            t = dequantize_affine(t.view(np.uint32), w[f"{base}.scales"].astype(np.float32),
-                                  w[f"{base}.biases"].astype(np.float32), q["bits"], q["group_size"])
+            t = dequantize_affine(
+                t.view(np.uint32),
+                w[f"{base}.scales"].astype(np.float32),
+                w[f"{base}.biases"].astype(np.float32),
+                q["bits"],
+                q["group_size"],
+            )
         sd[name] = t.astype(np.float32)
     for name in [n for n in sd if ".switch_mlp.gate_proj." in n]:
         moe = name.split(".switch_mlp.")[0]
@@ -82,7 +95,8 @@ def hf_model_from_mlx(mlx_dir, model_dir):
         sd[f"{p}.mlp.gate.weight"] = sd.pop(f"{moe}.gate.weight")
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
-                                                strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=False
+    )
     assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
     return model

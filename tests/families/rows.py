@@ -9,10 +9,11 @@ tolerances (f32 file / quantised file on its own weights; see test_family_matrix
 Gemma values; MoE rows 0.5, their ×16 routers feed larger activations into that rounding).
 Adding a family is one row.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import transformers as tf
 
@@ -34,9 +35,17 @@ class Row:
 
 
 def _common(vocab, ids, hidden, intermediate, head_dim=True, layers=2):
-    kw = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=intermediate, max_position_embeddings=256,
-              tie_word_embeddings=False, **ids)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=intermediate,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        **ids,
+    )
     if head_dim:
         kw["head_dim"] = hidden // 4
     return kw
@@ -48,37 +57,103 @@ def _moe(intermediate, **extra):
 
 ROWS = [
     Row("llama", lambda v, i, h, f: tf.LlamaConfig(**_common(v, i, h, f)), "llama", interleaved=True),
-    Row("mistral", lambda v, i, h, f: tf.MistralConfig(**_common(v, i, h, f), sliding_window=None), "llama",
-        interleaved=True),
-    Row("qwen2", lambda v, i, h, f: tf.Qwen2Config(**_common(v, i, h, f, head_dim=False)), "llama",
-        interleaved=True),
+    Row(
+        "mistral",
+        lambda v, i, h, f: tf.MistralConfig(**_common(v, i, h, f), sliding_window=None),
+        "llama",
+        interleaved=True,
+    ),
+    Row(
+        "qwen2",
+        lambda v, i, h, f: tf.Qwen2Config(**_common(v, i, h, f, head_dim=False)),
+        "llama",
+        interleaved=True,
+    ),
     Row("qwen3", lambda v, i, h, f: tf.Qwen3Config(**_common(v, i, h, f)), "qwen3"),
-    Row("gemma2", lambda v, i, h, f: tf.Gemma2Config(
-        **{**_common(v, i, h, f), "tie_word_embeddings": True}, query_pre_attn_scalar=h // 4,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0), "gemma2", norm_offset=1.0,
-        f32_atol=5e-4, q_atol=0.75),
+    Row(
+        "gemma2",
+        lambda v, i, h, f: tf.Gemma2Config(
+            **{**_common(v, i, h, f), "tie_word_embeddings": True},
+            query_pre_attn_scalar=h // 4,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+        "gemma2",
+        norm_offset=1.0,
+        f32_atol=5e-4,
+        q_atol=0.75,
+    ),
     # 6 layers: five sliding (rope θ 1e4) and one full (θ 1e6), the pattern llama.cpp and mlx-lm assume
-    Row("gemma3_text", lambda v, i, h, f: tf.Gemma3TextConfig(
-        **{**_common(v, i, h, f, layers=6), "tie_word_embeddings": True}, query_pre_attn_scalar=h // 4),
-        "gemma3", norm_offset=1.0, f32_atol=2e-3, q_atol=0.75),
-    Row("phi3", lambda v, i, h, f: tf.Phi3Config(**_common(v, i, h, f, head_dim=False), sliding_window=None),
-        "phi3"),
+    Row(
+        "gemma3_text",
+        lambda v, i, h, f: tf.Gemma3TextConfig(
+            **{**_common(v, i, h, f, layers=6), "tie_word_embeddings": True}, query_pre_attn_scalar=h // 4
+        ),
+        "gemma3",
+        norm_offset=1.0,
+        f32_atol=2e-3,
+        q_atol=0.75,
+    ),
+    Row(
+        "phi3",
+        lambda v, i, h, f: tf.Phi3Config(**_common(v, i, h, f, head_dim=False), sliding_window=None),
+        "phi3",
+    ),
     Row("olmo2", lambda v, i, h, f: tf.Olmo2Config(**_common(v, i, h, f, head_dim=False)), "olmo2"),
-    Row("granite", lambda v, i, h, f: tf.GraniteConfig(
-        **_common(v, i, h, f, head_dim=False), embedding_multiplier=4.0, residual_multiplier=0.5,
-        attention_multiplier=0.1, logits_scaling=2.0), "granite", interleaved=True),
-    Row("mixtral", lambda v, i, h, f: tf.MixtralConfig(
-        **_common(v, i, h, f), num_local_experts=4, num_experts_per_tok=2, sliding_window=None), "llama",
-        moe=True, interleaved=True, q_atol=0.5),
-    Row("qwen2_moe", lambda v, i, h, f: tf.Qwen2MoeConfig(
-        **_common(v, i, h, f, head_dim=False), **_moe(f, shared_expert_intermediate_size=f, norm_topk_prob=False),
-        decoder_sparse_step=1, mlp_only_layers=[]), "qwen2moe", moe=True, q_atol=0.75),   # + shared expert
-    Row("qwen3_moe", lambda v, i, h, f: tf.Qwen3MoeConfig(
-        **_common(v, i, h, f), **_moe(f, norm_topk_prob=True), decoder_sparse_step=1, mlp_only_layers=[]),
-        "qwen3moe", moe=True, q_atol=0.5),
-    Row("olmoe", lambda v, i, h, f: tf.OlmoeConfig(**{**_common(v, i, h, f, head_dim=False), "num_key_value_heads": 4},
-                                                   num_experts=4,
-                                                   num_experts_per_tok=2, norm_topk_prob=False), "olmoe", moe=True,
-        q_atol=0.5),
+    Row(
+        "granite",
+        lambda v, i, h, f: tf.GraniteConfig(
+            **_common(v, i, h, f, head_dim=False),
+            embedding_multiplier=4.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.1,
+            logits_scaling=2.0,
+        ),
+        "granite",
+        interleaved=True,
+    ),
+    Row(
+        "mixtral",
+        lambda v, i, h, f: tf.MixtralConfig(
+            **_common(v, i, h, f), num_local_experts=4, num_experts_per_tok=2, sliding_window=None
+        ),
+        "llama",
+        moe=True,
+        interleaved=True,
+        q_atol=0.5,
+    ),
+    Row(
+        "qwen2_moe",
+        lambda v, i, h, f: tf.Qwen2MoeConfig(
+            **_common(v, i, h, f, head_dim=False),
+            **_moe(f, shared_expert_intermediate_size=f, norm_topk_prob=False),
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
+        "qwen2moe",
+        moe=True,
+        q_atol=0.75,
+    ),  # + shared expert
+    Row(
+        "qwen3_moe",
+        lambda v, i, h, f: tf.Qwen3MoeConfig(
+            **_common(v, i, h, f), **_moe(f, norm_topk_prob=True), decoder_sparse_step=1, mlp_only_layers=[]
+        ),
+        "qwen3moe",
+        moe=True,
+        q_atol=0.5,
+    ),
+    Row(
+        "olmoe",
+        lambda v, i, h, f: tf.OlmoeConfig(
+            **{**_common(v, i, h, f, head_dim=False), "num_key_value_heads": 4},
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+        "olmoe",
+        moe=True,
+        q_atol=0.5,
+    ),
 ]
 BY_TYPE = {r.model_type: r for r in ROWS}

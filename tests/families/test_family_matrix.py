@@ -22,18 +22,18 @@ also magnify llama.cpp's 8-bit activation rounding in quantised files (row.q_ato
 A row with `arch = None` has no GGUF export yet: `greentune export` says so in one line,
 and the rest (training, MLX) is checked.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 
+import gguf_inverse
+import helpers
 import numpy as np
 import pytest
 import torch
 import yaml
-
-import gguf_inverse
-import helpers
 from rows import ROWS
 
 pytest.importorskip("xllamacpp", reason="llama.cpp binding (pip install xllamacpp, in the test extra)")
@@ -48,6 +48,7 @@ PARAMS = [pytest.param(r, id=r.model_type) for r in ROWS]
 def ggml_gelu(enabled: bool):
     """Within: transformers' tanh-GELU rounds its input and output to f16 as ggml's table does."""
     import transformers.activations as acts
+
     if not enabled:
         yield
         return
@@ -57,6 +58,7 @@ def ggml_gelu(enabled: bool):
     def forward(self, x):
         y = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
         return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+
     cls.forward = forward
     try:
         yield
@@ -66,14 +68,21 @@ def ggml_gelu(enabled: bool):
 
 def _train(tmp_path, base, data, row, quant_base, steps, relora):
     from greentune.cli import main
-    method = {"quant_base": quant_base, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": row.targets}}
+
+    method = {
+        "quant_base": quant_base,
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": row.targets},
+    }
     if relora:
         method["relora"] = {"merge_every": 2, "optimizer_prune": 0.9, "restart_warmup": 1}
     train, held_out = data
-    recipe = {"base_model": str(base), "data": {"train": str(train), "eval": str(held_out), "max_seq_len": 32},
-              "method": method,
-              "train": {"steps": steps, "batch_size": 2, "lr": 1e-3, "warmup": 1, "checkpoint_every": steps},
-              "energy": {"measure_savings": False}}
+    recipe = {
+        "base_model": str(base),
+        "data": {"train": str(train), "eval": str(held_out), "max_seq_len": 32},
+        "method": method,
+        "train": {"steps": steps, "batch_size": 2, "lr": 1e-3, "warmup": 1, "checkpoint_every": steps},
+        "energy": {"measure_savings": False},
+    }
     path = tmp_path / f"{quant_base}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / f"run-{quant_base}"
@@ -83,12 +92,14 @@ def _train(tmp_path, base, data, row, quant_base, steps, relora):
 
 def _export(run, fmt, quant, out):
     from greentune.cli import main
+
     assert main(["export", str(run), "--format", fmt, "--quant", quant, "--out", str(out)]) == 0
     return out
 
 
 def _merged(run):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
 
 
@@ -116,7 +127,15 @@ def _compare(path, model, banned, row, atol, quantised):
     try:
         with ggml_gelu(row.model_type.startswith("gemma")):
             worst, agree, n = helpers.compare_with_torch(
-                llama, model, prompt, banned, n=N_GEN, atol=atol, tie=atol, router_margin=0.02 if moe_q else None)
+                llama,
+                model,
+                prompt,
+                banned,
+                n=N_GEN,
+                atol=atol,
+                tie=atol,
+                router_margin=0.02 if moe_q else None,
+            )
     finally:
         llama.close()
     return worst, agree, n
@@ -126,7 +145,7 @@ def _compare(path, model, banned, row, atol, quantised):
 def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data, banned):
     run = _train(tmp_path, family_base(row.model_type), small_data, row, "none", steps=4, relora=True)
     phases = [json.loads(l)["phase"] for l in (run / "ledger.jsonl").read_text().splitlines()]
-    assert phases.count("merge") >= 2, phases            # the ReLoRA merge and the final one
+    assert phases.count("merge") >= 2, phases  # the ReLoRA merge and the final one
     merged = _merged(run)
     if row.arch is None:
         _gguf_refused(run, tmp_path)
@@ -149,14 +168,21 @@ def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data
         path = _export(run, "gguf", quant, tmp_path / "x") / f"model-{quant}.gguf"
         _, _, types = helpers.read_gguf(path)
         assert types["blk.0.attn_output.weight"] == {"q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
-        _compare(path, gguf_inverse.hf_model_from_gguf(path, run / "merged", row), banned, row, row.q_atol,
-                 quantised=True)
+        _compare(
+            path,
+            gguf_inverse.hf_model_from_gguf(path, run / "merged", row),
+            banned,
+            row,
+            row.q_atol,
+            quantised=True,
+        )
 
     _check_mlx(run, merged, row, tmp_path)
 
 
 def _gguf_refused(run, tmp_path):
     from greentune.cli import main
+
     out = tmp_path / "x"
     assert main(["export", str(run), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 2
     assert not out.exists() or not list(out.glob("*.gguf"))
@@ -164,6 +190,7 @@ def _gguf_refused(run, tmp_path):
 
 def _check_mlx(run, merged, row, tmp_path):
     from greentune.export import write_mlx
+
     out = _export(run, "mlx", "4bit", tmp_path / "m") / "model-mlx-4bit"
     exact = write_mlx(run / "merged", tmp_path / "mlx-f32", bits=None, dtype="float32")
     try:
@@ -180,8 +207,10 @@ def _check_mlx(run, merged, row, tmp_path):
     got4 = np.array(model(mx.array([PROMPT])).astype(mx.float32))[0]
     with torch.no_grad():
         want4 = gguf_inverse.hf_model_from_mlx(out, run / "merged")(torch.tensor([PROMPT])).logits[0].numpy()
-    assert np.abs(want4 - want).max() > 0.05                     # 4 bits do change the model ...
-    np.testing.assert_allclose(got4, want4, atol=0.05 * np.abs(want4).max(), rtol=0)   # ... mlx runs those weights
+    assert np.abs(want4 - want).max() > 0.05  # 4 bits do change the model ...
+    np.testing.assert_allclose(
+        got4, want4, atol=0.05 * np.abs(want4).max(), rtol=0
+    )  # ... mlx runs those weights
 
 
 @pytest.mark.parametrize("row", PARAMS)
@@ -201,5 +230,11 @@ def test_q4_k_base_ships_its_training_bytes(tmp_path, row, family_base, small_da
         trained = f.get_tensor(name).numpy()
     written = np.asarray(tensors["blk.1.attn_output.weight"].data).view(np.uint8).reshape(trained.shape)
     assert np.array_equal(written, trained)
-    _compare(path, gguf_inverse.hf_model_from_gguf(path, run / "merged", row), banned, row, row.q_atol,
-             quantised=True)
+    _compare(
+        path,
+        gguf_inverse.hf_model_from_gguf(path, run / "merged", row),
+        banned,
+        row,
+        row.q_atol,
+        quantised=True,
+    )

@@ -7,6 +7,7 @@ where the run can go on, that `--resume` ends bit-identical to an uninterrupted 
 come from `GREENTUNE_FAULT` (see `greentune/faults.py`); one tiny recipe (4 steps, a
 checkpoint every 2) is shared by all, and its uninterrupted run is the reference.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,24 @@ STEPS = 4
 
 
 def _recipe(path: Path, base, data, **train) -> Path:
-    path.write_text(yaml.safe_dump({
-        "base_model": str(base), "data": {"train": str(data), "max_seq_len": 32},
-        "method": {"lora": {"rank": 2, "alpha": 4, "dropout": 0.1}},
-        "train": {"steps": STEPS, "batch_size": 2, "lr": 2e-3, "warmup": 1, "checkpoint_every": 2, **train},
-        "energy": {"measure_savings": False}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(base),
+                "data": {"train": str(data), "max_seq_len": 32},
+                "method": {"lora": {"rank": 2, "alpha": 4, "dropout": 0.1}},
+                "train": {
+                    "steps": STEPS,
+                    "batch_size": 2,
+                    "lr": 2e-3,
+                    "warmup": 1,
+                    "checkpoint_every": 2,
+                    **train,
+                },
+                "energy": {"measure_savings": False},
+            }
+        )
+    )
     return path
 
 
@@ -105,6 +119,7 @@ def killed_in_merge(recipe):
 
 # ---------------------------------------------------------------- SIGKILL at chosen phases
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("again", [["--resume"], []], ids=["resume", "plain-rerun"])
 def test_kill_in_the_first_checkpoint_write_does_not_leave_the_run_stuck(recipe, reference, tmp_path, again):
@@ -143,8 +158,17 @@ def test_kill_during_a_standalone_export_leaves_nothing_after_the_rerun(referenc
     out.mkdir()
     mine = out / ".model-q8_0.gguf.mine.tmp"  # not greentune's name: must survive
     mine.write_text("the user's")
-    r = _cli("export", reference, "--format", "gguf", "--quant", "q8_0", "--out", out,
-             fault="write:model-q8_0.gguf")
+    r = _cli(
+        "export",
+        reference,
+        "--format",
+        "gguf",
+        "--quant",
+        "q8_0",
+        "--out",
+        out,
+        fault="write:model-q8_0.gguf",
+    )
     assert r.returncode == -signal.SIGKILL
     assert len(_greentune_temps(out)) == 1 and not (out / "model-q8_0.gguf").exists()
     r = _cli("export", reference, "--format", "gguf", "--quant", "q8_0", "--out", out)
@@ -155,9 +179,12 @@ def test_kill_during_a_standalone_export_leaves_nothing_after_the_rerun(referenc
 
 # ---------------------------------------------------------------- SIGTERM / SIGINT
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_signal_finishes_the_step_checkpoints_and_resumes_bit_identically(recipe, reference, tmp_path, sig, code):
+def test_signal_finishes_the_step_checkpoints_and_resumes_bit_identically(
+    recipe, reference, tmp_path, sig, code
+):
     run = tmp_path / "run"
     r = _train(recipe, run, fault=f"step:3@{sig}")  # the signal arrives during step 3
     assert r.returncode == code, r.stderr[-3000:]
@@ -173,12 +200,17 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_bit_identically(recipe
 
 # ---------------------------------------------------------------- two trainers
 
+
 @pytest.mark.slow
 def test_a_second_trainer_on_the_run_dir_is_refused_naming_the_holder(recipe, reference, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "greentune", "train", str(recipe), "--run-dir", str(run),
-                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=_env("step:2@SIGSTOP"))  # frozen mid-run, holding the lock
+    first = subprocess.Popen(
+        [sys.executable, "-m", "greentune", "train", str(recipe), "--run-dir", str(run), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env("step:2@SIGSTOP"),
+    )  # frozen mid-run, holding the lock
     try:
         deadline = time.time() + 300
         while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
@@ -195,6 +227,7 @@ def test_a_second_trainer_on_the_run_dir_is_refused_naming_the_holder(recipe, re
 
 
 # ---------------------------------------------------------------- damaged checkpoints
+
 
 def _truncate_trainable(ck: Path):
     f = ck / "trainable.safetensors"
@@ -213,14 +246,19 @@ def _bad_state(ck: Path):
     (ck / "state.json").write_text('{"step": 4, "tokens": ')
 
 
-DAMAGE = {"truncated-trainable": _truncate_trainable, "no-rng": _remove_rng, "no-state": _remove_state,
-          "bad-state-json": _bad_state}
+DAMAGE = {
+    "truncated-trainable": _truncate_trainable,
+    "no-rng": _remove_rng,
+    "no-state": _remove_state,
+    "bad-state-json": _bad_state,
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated-trainable", "bad-state-json"])
-def test_resume_falls_back_past_a_damaged_checkpoint_bit_identically(recipe, reference, killed_in_merge,
-                                                                     tmp_path, damage):
+def test_resume_falls_back_past_a_damaged_checkpoint_bit_identically(
+    recipe, reference, killed_in_merge, tmp_path, damage
+):
     run = tmp_path / "run"
     shutil.copytree(killed_in_merge, run)
     DAMAGE[damage](run / "checkpoints" / "step-4")
@@ -240,8 +278,16 @@ def test_verify_names_each_kind_of_damage(tmp_path, damage):
     _write_checkpoints(root, steps=(2, 4))
     DAMAGE[damage](root / "step-4")
     reason = ckpt.verify_checkpoint(root / "step-4")
-    assert reason and {"truncated-trainable": "trainable.safetensors", "no-rng": "rng.safetensors",
-                       "no-state": "state.json", "bad-state-json": "state.json"}[damage] in reason
+    assert (
+        reason
+        and {
+            "truncated-trainable": "trainable.safetensors",
+            "no-rng": "rng.safetensors",
+            "no-state": "state.json",
+            "bad-state-json": "state.json",
+        }[damage]
+        in reason
+    )
     found, skipped = ckpt.newest_valid(root)
     assert found == root / "step-2" and [p.name for p, _ in skipped] == ["step-4"]
     assert ckpt.list_checkpoints(root) == [root / "step-2"]
@@ -269,6 +315,7 @@ def _write_checkpoints(root: Path, steps):
 
 # ---------------------------------------------------------------- NaN
 
+
 def _assert_nothing_downstream(run: Path, cache: Path):
     for name in ("adapter", "merged", "export", "summary.json", "calibration.json", "report.html"):
         assert not (run / name).exists(), name
@@ -285,8 +332,10 @@ def test_a_diverging_run_stops_with_its_last_finite_state(tmp_path, tiny_llama_d
     assert "non-finite loss" in line and "last finite state is" in line
     saved = [p.name for p in (run / "checkpoints").iterdir()]
     assert len(saved) == 1
-    assert all(torch.isfinite(t).all() for t in load_file(str(run / "checkpoints" / saved[0] /
-                                                              "trainable.safetensors")).values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_file(str(run / "checkpoints" / saved[0] / "trainable.safetensors")).values()
+    )
     _assert_nothing_downstream(run, cache)
 
 
@@ -309,6 +358,7 @@ def test_nan_base_weights_stop_at_the_first_step(tmp_path, tiny_llama_dir, text_
 
 # ---------------------------------------------------------------- optional bookkeeping
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("var", ["GREENTUNE_CACHE", "HOME"])
 def test_an_unwritable_cache_is_one_warning_not_a_failed_run(recipe, tmp_path, var):
@@ -320,13 +370,14 @@ def test_an_unwritable_cache_is_one_warning_not_a_failed_run(recipe, tmp_path, v
     run = tmp_path / "run"
     r = _train(recipe, run, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    warnings = [l for l in r.stderr.splitlines() if l.strip()]   # one warning per cache, no traceback
+    warnings = [l for l in r.stderr.splitlines() if l.strip()]  # one warning per cache, no traceback
     assert len(warnings) == 2 and "Traceback" not in r.stderr, r.stderr
     assert "token cache" in warnings[0] and "not recorded as a planner calibration" in warnings[1], warnings
     assert (run / "summary.json").is_file() and (run / "report.html").is_file()
 
 
 # ---------------------------------------------------------------- the run dir: lock, temps, data
+
 
 def test_run_dir_lock_is_exclusive_and_names_the_holder(tmp_path):
     from greentune.runlock import LOCK_NAME, RunLock
@@ -355,8 +406,9 @@ def test_a_lock_dies_with_its_process(tmp_path):
 def test_only_a_dead_greentune_writers_temps_are_removed(tmp_path):
     from greentune.fsutil import remove_stale_temps, temp_prefix
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     stale_dir = tmp_path / f".merged.greentune-{dead}-abc.tmp"
     stale_dir.mkdir()
     (stale_dir / "model.safetensors").write_bytes(b"x")

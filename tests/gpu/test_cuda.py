@@ -9,6 +9,7 @@ With ``GREENTUNE_GPU_TESTS_ON_CPU=1`` the same tests run on the CPU (fp32, estim
 that checks the tests themselves on a machine without a GPU. ``GREENTUNE_GPU_FACTS=FILE``
 appends what they observed beyond pass/fail (bit-identity on the GPU, errors) as JSON lines.
 """
+
 import copy
 import json
 import os
@@ -42,10 +43,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _recipe(tmp_path, base, data, *, method, train, energy=None, name="r.yaml"):
     path = tmp_path / name
-    path.write_text(yaml.safe_dump({
-        "base_model": str(base), "data": {"train": str(data), "max_seq_len": 64},
-        "method": method, "train": {"batch_size": 8, "warmup": 3, **train},
-        "energy": {"measure_savings": False, **(energy or {})}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(base),
+                "data": {"train": str(data), "max_seq_len": 64},
+                "method": method,
+                "train": {"batch_size": 8, "warmup": 3, **train},
+                "energy": {"measure_savings": False, **(energy or {})},
+            }
+        )
+    )
     return path
 
 
@@ -63,9 +71,14 @@ def test_lora_trains_in_bf16_with_fp32_masters_and_nvml_energy(tmp_path, pretrai
 
     from greentune.pipeline import train
 
-    recipe = _recipe(tmp_path, pretrained_llama_dir, code_jsonl,
-                     method={"lora": {"rank": 8, "alpha": 16, "targets": ["attn", "mlp"]}},
-                     train={"steps": 30, "lr": 3e-3, "checkpoint_every": 30}, energy={"measure_savings": True})
+    recipe = _recipe(
+        tmp_path,
+        pretrained_llama_dir,
+        code_jsonl,
+        method={"lora": {"rank": 8, "alpha": 16, "targets": ["attn", "mlp"]}},
+        train={"steps": 30, "lr": 3e-3, "checkpoint_every": 30},
+        energy={"measure_savings": True},
+    )
     run = tmp_path / "run"
     train(recipe, run_dir=run, progress=False)
     losses = _losses(run)
@@ -81,8 +94,14 @@ def test_lora_trains_in_bf16_with_fp32_masters_and_nvml_energy(tmp_path, pretrai
         assert all(r["source"].get("gpu:0") in ("nvml", "nvml-power") for r in train_rows), train_rows[0]
         gpu_j = sum(r["joules"]["gpu:0"] for r in train_rows)
         assert gpu_j > 0
-        _fact("train_gpu_joules", {"gpu:0": gpu_j, "source": train_rows[0]["source"]["gpu:0"],
-                                   "seconds": sum(r["seconds"] for r in train_rows)})
+        _fact(
+            "train_gpu_joules",
+            {
+                "gpu:0": gpu_j,
+                "source": train_rows[0]["source"]["gpu:0"],
+                "seconds": sum(r["seconds"] for r in train_rows),
+            },
+        )
         savings = json.loads((run / "savings.json").read_text())
         assert "torch.cuda.max_memory_allocated" in json.dumps(savings), savings
         _fact("savings", savings)
@@ -93,7 +112,9 @@ def test_lora_trains_in_bf16_with_fp32_masters_and_nvml_energy(tmp_path, pretrai
     with torch.no_grad():
         plain = base(input_ids=ids).logits
         peft = PeftModel.from_pretrained(base, run / "adapter")(input_ids=ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)(
+            input_ids=ids
+        ).logits
     _fact("merged_vs_peft_rel", {"merged_vs_peft": _rel(merged, peft), "base_vs_peft": _rel(plain, peft)})
     assert _rel(merged, peft) < 2e-2
     assert _rel(merged, peft) < 0.25 * _rel(plain, peft)
@@ -101,14 +122,33 @@ def test_lora_trains_in_bf16_with_fp32_masters_and_nvml_energy(tmp_path, pretrai
 
 def test_sigkill_during_a_checkpoint_write_resumes_on_the_gpu(tmp_path, tiny_llama_dir, text_jsonl):
     """The CUDA RNG state (dropout) travels in the checkpoint: the resumed run matches."""
-    recipe = _recipe(tmp_path, tiny_llama_dir, text_jsonl,
-                     method={"lora": {"rank": 4, "alpha": 8, "dropout": 0.1}},
-                     train={"steps": 12, "lr": 2e-3, "checkpoint_every": 5})
+    recipe = _recipe(
+        tmp_path,
+        tiny_llama_dir,
+        text_jsonl,
+        method={"lora": {"rank": 4, "alpha": 8, "dropout": 0.1}},
+        train={"steps": 12, "lr": 2e-3, "checkpoint_every": 5},
+    )
 
     def run(run_dir, *extra, env=None):
-        cmd = [sys.executable, "-m", "greentune", "train", str(recipe), "--run-dir", str(run_dir), "--quiet", *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, **CPU_ONLY_ENV, **(env or {})})
+        cmd = [
+            sys.executable,
+            "-m",
+            "greentune",
+            "train",
+            str(recipe),
+            "--run-dir",
+            str(run_dir),
+            "--quiet",
+            *extra,
+        ]
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, **CPU_ONLY_ENV, **(env or {})},
+        )
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert run(ref).returncode == 0
@@ -121,8 +161,14 @@ def test_sigkill_during_a_checkpoint_write_resumes_on_the_gpu(tmp_path, tiny_lla
     assert a.keys() == b.keys()
     worst = max(_rel(b[k], a[k]) for k in a if a[k].norm() > 0)
     identical = all(torch.equal(a[k], b[k]) for k in a)
-    _fact("resume_after_sigkill", {"bit_identical": identical, "worst_rel_diff": worst,
-                                   "losses_equal": _losses(ref) == _losses(killed)})
+    _fact(
+        "resume_after_sigkill",
+        {
+            "bit_identical": identical,
+            "worst_rel_diff": worst,
+            "losses_equal": _losses(ref) == _losses(killed),
+        },
+    )
     assert worst < 1e-2
 
 
@@ -132,8 +178,9 @@ def test_sparse_experts_match_transformers_eager(fixture, request):
 
     from greentune.moe import replace_experts_
 
-    ref = tf.AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=DTYPE,
-                                                  experts_implementation="eager").to(DEVICE)
+    ref = tf.AutoModelForCausalLM.from_pretrained(
+        request.getfixturevalue(fixture), dtype=DTYPE, experts_implementation="eager"
+    ).to(DEVICE)
     ours = copy.deepcopy(ref)
     assert replace_experts_(ours) == 2
     ids = torch.randint(0, ref.config.vocab_size, (4, 64), device=DEVICE)
@@ -142,7 +189,9 @@ def test_sparse_experts_match_transformers_eager(fixture, request):
         model.zero_grad(set_to_none=True)
         out = model(ids, labels=ids)
         out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     logits_ref, grads_ref = fwd_bwd(ref)
     logits, grads = fwd_bwd(ours)
@@ -171,7 +220,9 @@ def test_quantised_linear_on_the_gpu_matches_the_cpu(fmt):
     same = (on_dev.qweight.cpu() == cpu.qweight).float().mean().item()
     err_cpu = _rel(w_cpu, lin.weight)
     err_dev = _rel(on_dev.dequantize(), lin.weight)
-    _fact(f"quantise_on_device[{fmt}]", {"same_bytes": same, "rel_err_cpu": err_cpu, "rel_err_device": err_dev})
+    _fact(
+        f"quantise_on_device[{fmt}]", {"same_bytes": same, "rel_err_cpu": err_cpu, "rel_err_device": err_dev}
+    )
     assert err_dev <= 1.02 * err_cpu
 
     x = torch.randn(3, 7, 512, device=DEVICE, dtype=DTYPE, requires_grad=True)
@@ -188,10 +239,17 @@ def test_qlora_relora_on_an_moe_lowers_the_loss(tmp_path, tiny_mixtral_dir, code
     """q4_0 base incl. 3-D experts, LoRA on attention and experts, two ReLoRA merges, on the device."""
     from greentune.pipeline import train
 
-    recipe = _recipe(tmp_path, tiny_mixtral_dir, code_jsonl,
-                     method={"quant_base": "q4_0", "lora": {"rank": 8, "alpha": 16, "targets": ["attn", "experts"]},
-                             "relora": {"merge_every": 6, "optimizer_prune": 0.9, "restart_warmup": 2}},
-                     train={"steps": 18, "lr": 1e-2, "checkpoint_every": 18})
+    recipe = _recipe(
+        tmp_path,
+        tiny_mixtral_dir,
+        code_jsonl,
+        method={
+            "quant_base": "q4_0",
+            "lora": {"rank": 8, "alpha": 16, "targets": ["attn", "experts"]},
+            "relora": {"merge_every": 6, "optimizer_prune": 0.9, "restart_warmup": 2},
+        },
+        train={"steps": 18, "lr": 1e-2, "checkpoint_every": 18},
+    )
     run = tmp_path / "run"
     train(recipe, run_dir=run, progress=False)
     losses = _losses(run)

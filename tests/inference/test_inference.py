@@ -1,5 +1,6 @@
 """`greentune eval --engine llamacpp|torch`: numbers present and labelled, the ledger row, the report,
 llama.cpp's perplexity against PyTorch's, and one-line errors for bad input."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,18 @@ from greentune.cli import main
 
 pytest.importorskip("xllamacpp", reason="llama.cpp binding (pip install xllamacpp, in the test extra)")
 
-FAST = ["--threads", "1", "--prompt-tokens", "32", "--gen-tokens", "8", "--seconds", "0", "--max-seq-len", "64"]
+FAST = [
+    "--threads",
+    "1",
+    "--prompt-tokens",
+    "32",
+    "--gen-tokens",
+    "8",
+    "--seconds",
+    "0",
+    "--max-seq-len",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +42,9 @@ def run_dir(tmp_path_factory, tiny_llama_dir):
 
     d = tmp_path_factory.mktemp("run")
     shutil.copytree(tiny_llama_dir, d / "merged")
-    (d / "recipe.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_llama_dir), "data": {"max_seq_len": 64}}))
+    (d / "recipe.yaml").write_text(
+        yaml.safe_dump({"base_model": str(tiny_llama_dir), "data": {"max_seq_len": 64}})
+    )
     (d / "export").mkdir()
     export_gguf(d / "merged", d / "export" / "model-f32.gguf", "f32")
     return d
@@ -55,7 +69,9 @@ def _check_numbers(r: dict, engine: str, fmt: str) -> None:
 
 
 def test_llamacpp_eval_json_and_ledger_row(capsys, run_dir, held_out):
-    code, out, err = _eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json")
+    code, out, err = _eval(
+        capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json"
+    )
     assert code == 0, err
     r = json.loads(out)
     _check_numbers(r, "llamacpp", "f32")
@@ -75,11 +91,22 @@ def test_llamacpp_perplexity_is_pytorchs(run_dir, held_out):
     from greentune.evaluate import evaluate_path
     from greentune.inference import evaluate_inference
 
-    lc = evaluate_inference(run_dir, held_out, engine="llamacpp", prompt_tokens=16, gen_tokens=4, threads=1,
-                            min_seconds=0, record=False)
+    lc = evaluate_inference(
+        run_dir,
+        held_out,
+        engine="llamacpp",
+        prompt_tokens=16,
+        gen_tokens=4,
+        threads=1,
+        min_seconds=0,
+        record=False,
+    )
     pt = evaluate_path(run_dir / "merged", held_out, max_seq_len=64)
     assert lc["tokens"] == pt["tokens"]
-    assert math.isclose(lc["perplexity"], pt["perplexity"], rel_tol=1e-4), (lc["perplexity"], pt["perplexity"])
+    assert math.isclose(lc["perplexity"], pt["perplexity"], rel_tol=1e-4), (
+        lc["perplexity"],
+        pt["perplexity"],
+    )
 
 
 def test_torch_engine_numbers(capsys, run_dir, held_out):
@@ -91,8 +118,15 @@ def test_torch_engine_numbers(capsys, run_dir, held_out):
 
 
 def test_text_output_labels_energy(capsys, run_dir, held_out):
-    code, out, err = _eval(capsys, str(run_dir / "export" / "model-f32.gguf"), "--data", str(held_out),
-                           "--engine", "llamacpp", *FAST)
+    code, out, err = _eval(
+        capsys,
+        str(run_dir / "export" / "model-f32.gguf"),
+        "--data",
+        str(held_out),
+        "--engine",
+        "llamacpp",
+        *FAST,
+    )
     assert code == 0, err
     assert "J/token" in out and "J per 1,000 generated tokens" in out and "(phase inference)" in out
     assert "modelled (plan.inference): here" in out and "Apple M2" in out
@@ -104,7 +138,9 @@ def test_report_has_serving_table_chart_and_cost(run_dir, held_out):
     from greentune.inference import evaluate_inference
     from greentune.report import write_report
 
-    evaluate_inference(run_dir, held_out, engine="torch", prompt_tokens=16, gen_tokens=4, threads=1, min_seconds=0)
+    evaluate_inference(
+        run_dir, held_out, engine="torch", prompt_tokens=16, gen_tokens=4, threads=1, min_seconds=0
+    )
     json_path, html_path = write_report(run_dir)
     html = html_path.read_text()
     assert 'id="table-inference"' in html and 'id="chart-inference-j-per-token"' in html
@@ -112,7 +148,10 @@ def test_report_has_serving_table_chart_and_cost(run_dir, held_out):
     serving = json.loads(json_path.read_text())["serving"]
     assert {(m["engine"], m["format"]) for m in serving["measured"]} >= {("torch", "fp32")}
     assert serving["projected"]["device"] == "Apple M2" and serving["projected"]["basis"] == "modelled"
-    assert serving["cost_to_serve"]["projected_j_per_1k"] > 0 and serving["cost_to_serve"]["measured_j_per_1k"] > 0
+    assert (
+        serving["cost_to_serve"]["projected_j_per_1k"] > 0
+        and serving["cost_to_serve"]["measured_j_per_1k"] > 0
+    )
     for m in serving["measured"]:
         assert f'data-label="{m["engine"]} {m["format"]}"' in html
 
@@ -126,21 +165,42 @@ def _one_line(code, out, err, needle):
 def test_bad_input_one_line(capsys, tmp_path, run_dir, held_out, monkeypatch):
     fake = tmp_path / "model.gguf"
     fake.write_text("not a model")
-    _one_line(*_eval(capsys, str(fake), "--data", str(held_out), "--engine", "llamacpp", *FAST), "not a GGUF file")
+    _one_line(
+        *_eval(capsys, str(fake), "--data", str(held_out), "--engine", "llamacpp", *FAST), "not a GGUF file"
+    )
     txt = tmp_path / "model.txt"
     txt.write_text("x")
     _one_line(*_eval(capsys, str(txt), "--data", str(held_out), "--engine", "llamacpp"), "neither a run dir")
-    _one_line(*_eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", "--gen-tokens", "0"),
-              "--gen-tokens must be at least 1")
-    _one_line(*_eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", "--prompt-tokens", "250",
-                     "--gen-tokens", "100"), "exceed the model's context")
+    _one_line(
+        *_eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", "--gen-tokens", "0"),
+        "--gen-tokens must be at least 1",
+    )
+    _one_line(
+        *_eval(
+            capsys,
+            str(run_dir),
+            "--data",
+            str(held_out),
+            "--engine",
+            "llamacpp",
+            "--prompt-tokens",
+            "250",
+            "--gen-tokens",
+            "100",
+        ),
+        "exceed the model's context",
+    )
     from greentune.export import llamacpp
+
     monkeypatch.setattr(llamacpp, "available", lambda: False)
-    _one_line(*_eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp"), "pip install xllamacpp")
+    _one_line(
+        *_eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp"), "pip install xllamacpp"
+    )
 
 
-def test_llamacpp_eval_stores_the_streaming_rate_of_a_file_bigger_than_the_caches(capsys, run_dir, held_out,
-                                                                               monkeypatch, tmp_path):
+def test_llamacpp_eval_stores_the_streaming_rate_of_a_file_bigger_than_the_caches(
+    capsys, run_dir, held_out, monkeypatch, tmp_path
+):
     """A file that streams from memory calibrates this machine's serving projection; a cache-sized one does not."""
     from greentune.inference import run as inference_run
     from greentune.plan.calibrate import load_streaming_rate
@@ -148,12 +208,20 @@ def test_llamacpp_eval_stores_the_streaming_rate_of_a_file_bigger_than_the_cache
 
     monkeypatch.setenv("GREENTUNE_CACHE", str(tmp_path / "cache"))
     this = detect_this()
-    code, out, err = _eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json")
+    code, out, err = _eval(
+        capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json"
+    )
     assert code == 0, err
-    assert load_streaming_rate(this, "f32") is None     # the tiny file is cache-resident
+    assert load_streaming_rate(this, "f32") is None  # the tiny file is cache-resident
     monkeypatch.setattr(inference_run, "STREAMING_MIN_BYTES", 0)
-    code, out, err = _eval(capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json")
+    code, out, err = _eval(
+        capsys, str(run_dir), "--data", str(held_out), "--engine", "llamacpp", *FAST, "--json"
+    )
     assert code == 0, err
     r = json.loads(out)
     stored = load_streaming_rate(this, "f32")
-    assert stored is not None and stored["gbs"] == pytest.approx(r["streaming_gbs"]) and stored["threads"] == r["threads"]
+    assert (
+        stored is not None
+        and stored["gbs"] == pytest.approx(r["streaming_gbs"])
+        and stored["threads"] == r["threads"]
+    )

@@ -1,4 +1,5 @@
 """The planner's serving projection: the arithmetic against hand-computed values, GGUF profiles, `plan` output."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,15 @@ from greentune.plan.inference import InferenceProfile, profile_from_facts, profi
 
 def test_projection_arithmetic_apple_m2():
     """Apple M2: 100 GB/s, 3.6 TFLOP/s, 50 W (catalogue). A 1 GB-per-token model, 256 + 128 tokens."""
-    prof = InferenceProfile("m", "q4_0", weight_bytes_per_token=1.0e9, kv_bytes_per_context_token=1.0e5,
-                            matmul_params=2.0e9, attn_flops_per_context_token=1.0e4, file_bytes=1.2e9)
+    prof = InferenceProfile(
+        "m",
+        "q4_0",
+        weight_bytes_per_token=1.0e9,
+        kv_bytes_per_context_token=1.0e5,
+        matmul_params=2.0e9,
+        attn_flops_per_context_token=1.0e4,
+        file_bytes=1.2e9,
+    )
     p = project(prof, find_hardware("M2"), prompt_tokens=256, gen_tokens=128)
     # decode: bytes = 1e9 + 1e5 × (256 + 64) = 1.032e9 B; ÷ 100e9 B/s = 10.32 ms  (FLOPs: 4.0032e9 / 3.6e12 = 1.1 ms)
     assert p.decode_bound == "memory"
@@ -31,9 +39,13 @@ def test_profile_of_facts_by_hand():
     from greentune.models.facts import arch_facts
     from greentune.models.tiny import tiny_config
 
-    f = arch_facts(tiny_config("llama", vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
-    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64   # q, o; k, v (2 KV heads × 16); mlp; 2 norms
-    body = 2 * per_layer + 64                                         # + final norm
+    f = arch_facts(
+        tiny_config("llama", vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    )
+    per_layer = (
+        64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    )  # q, o; k, v (2 KV heads × 16); mlp; 2 norms
+    body = 2 * per_layer + 64  # + final norm
     prof = profile_from_facts(f, "f16")
     assert prof.weight_bytes_per_token == pytest.approx(2 * (body + 512 * 64 + 64))
     assert prof.kv_bytes_per_context_token == 2 * 2 * 2 * (16 + 16)
@@ -53,9 +65,11 @@ def test_gguf_profile_reads_only_routed_experts(tmp_path, tiny_llama_dir, tiny_m
     moe_summary = export_gguf(tiny_mixtral_dir, tmp_path / "moe.gguf", "f16")
     moe = profile_from_gguf(moe_summary.path)
     from gguf import GGUFReader
+
     exps = sum(t.n_bytes for t in GGUFReader(str(moe_summary.path)).tensors if "_exps." in t.name)
-    assert moe.weight_bytes_per_token == pytest.approx(dense.weight_bytes_per_token + exps / 2
-                                                       - 2 * 3 * 64 * 128 * 2 + 2 * 4 * 64 * 4, rel=0.01)
+    assert moe.weight_bytes_per_token == pytest.approx(
+        dense.weight_bytes_per_token + exps / 2 - 2 * 3 * 64 * 128 * 2 + 2 * 4 * 64 * 4, rel=0.01
+    )
 
 
 def test_plan_prints_serving_beside_training(capsys):
@@ -107,6 +121,9 @@ def test_a_stored_streaming_rate_calibrates_the_plan_for_that_device(capsys, mon
     by_device = {p["device"]: p for p in serving["projections"]}
     assert by_device[h100.name]["bandwidth_gbs"] == pytest.approx(123.0)
     assert by_device["Apple M2"]["bandwidth_gbs"] == pytest.approx(find_hardware("Apple M2").bandwidth_gbs)
-    assert serving["calibrated"] and "123.0 GB/s measured by llama.cpp at 4 thread(s)" in serving["calibrated"][0]
+    assert (
+        serving["calibrated"]
+        and "123.0 GB/s measured by llama.cpp at 4 thread(s)" in serving["calibrated"][0]
+    )
     with pytest.raises(ValueError):
         store_streaming_rate(h100, "q4_k_m", 0.0, threads=1)

@@ -1,4 +1,5 @@
 """Architecture facts from configs: exact parameter counts against real tiny models."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,20 @@ from greentune.models.facts import arch_facts
 ARCHS = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 MIXTRAL_8X7B = dict(
-    model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096,
-    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6,
-    sliding_window=None, tie_word_embeddings=False,
+    model_type="mixtral",
+    architectures=["MixtralForCausalLM"],
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    sliding_window=None,
+    tie_word_embeddings=False,
 )
 
 
@@ -24,8 +35,8 @@ MIXTRAL_8X7B = dict(
 def test_total_params_match_real_tiny_model(arch, tmp_path):
     model = tiny.build_tiny_model(arch, tmp_path, vocab_size=517, layers=3)
     real = sum(p.numel() for p in model.parameters())
-    assert arch_facts(tmp_path).total_params == real           # from config.json on disk
-    assert arch_facts(model.config).total_params == real       # from a PretrainedConfig
+    assert arch_facts(tmp_path).total_params == real  # from config.json on disk
+    assert arch_facts(model.config).total_params == real  # from a PretrainedConfig
     assert arch_facts(json.loads((tmp_path / "config.json").read_text())).total_params == real
 
 
@@ -35,19 +46,42 @@ def test_active_params_skip_unrouted_experts(arch, tmp_path):
     f = arch_facts(model.config)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert f.expert_params == experts
-    assert f.active_params == f.total_params - experts // 2     # 2 of 4 experts skipped
+    assert f.active_params == f.total_params - experts // 2  # 2 of 4 experts skipped
     assert (f.experts, f.top_k, f.moe_layers) == (4, 2, 2)
 
 
 def test_qwen_sparse_step_and_mlp_only_layers():
     import transformers as tf
     from transformers import AutoModelForCausalLM
-    common = dict(vocab_size=300, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=48)
-    for cfg in [tf.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                  shared_expert_intermediate_size=24, decoder_sparse_step=2, mlp_only_layers=[5]),
-                tf.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=16,
-                                  decoder_sparse_step=1, mlp_only_layers=[0, 1], head_dim=8)]:
+
+    common = dict(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+    )
+    for cfg in [
+        tf.Qwen2MoeConfig(
+            **common,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            decoder_sparse_step=2,
+            mlp_only_layers=[5],
+        ),
+        tf.Qwen3MoeConfig(
+            **common,
+            num_experts=4,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0, 1],
+            head_dim=8,
+        ),
+    ]:
         model = AutoModelForCausalLM.from_config(cfg)
         f = arch_facts(cfg)
         assert f.total_params == sum(p.numel() for p in model.parameters())
@@ -57,11 +91,27 @@ def test_qwen_sparse_step_and_mlp_only_layers():
 def test_deepseek_v3_mla_and_shared_experts():
     import transformers as tf
     from transformers import AutoModelForCausalLM
-    cfg = tf.DeepseekV3Config(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                              num_key_value_heads=4, intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
-                              moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24,
-                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=1,
-                              topk_group=1)
+
+    cfg = tf.DeepseekV3Config(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=48,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     f = arch_facts(cfg)
     assert f.total_params == sum(p.numel() for p in model.parameters())
@@ -71,9 +121,9 @@ def test_deepseek_v3_mla_and_shared_experts():
 def test_mixtral_8x7b_real_config():
     f = arch_facts(MIXTRAL_8X7B)
     h, i, v, L, e = 4096, 14336, 32000, 32, 8
-    attn = 2 * h * h + 2 * h * 1024                           # q, o: 4096²; k, v: 4096×(8·128)
+    attn = 2 * h * h + 2 * h * 1024  # q, o: 4096²; k, v: 4096×(8·128)
     expert = 3 * h * i
-    per_layer = attn + e * expert + e * h + 2 * h             # + router + 2 RMSNorms
+    per_layer = attn + e * expert + e * h + 2 * h  # + router + 2 RMSNorms
     assert f.total_params == L * per_layer + 2 * v * h + h == 46_702_792_704
     assert f.active_params == f.total_params - L * (e - 2) * expert == 12_879_925_248
     assert round(f.total_params / 1e9, 1) == 46.7 and round(f.active_params / 1e9, 1) == 12.9
@@ -86,7 +136,7 @@ def test_forward_flops_formula():
     n_mm = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 517 * 64
     assert f.active_matmul_params == n_mm
     T = 256
-    attn = 2 * 2 * 4 * (16 + 16) * (T + 1) / 2                # layers·2·heads·(d_qk+d_v)·(T+1)/2
+    attn = 2 * 2 * 4 * (16 + 16) * (T + 1) / 2  # layers·2·heads·(d_qk+d_v)·(T+1)/2
     assert f.forward_flops_per_token(T) == pytest.approx(2 * n_mm + attn, rel=0, abs=1e-6)
     assert f.attention_flops_per_token(T, causal=False) == pytest.approx(2 * 2 * 4 * 32 * T)
 
@@ -101,9 +151,18 @@ def test_sliding_window_mean_attended():
 def test_tied_embeddings_counted_once():
     import transformers as tf
     from transformers import AutoModelForCausalLM
-    cfg = tf.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True,
-                         attention_bias=True, mlp_bias=True)
+
+    cfg = tf.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     f = arch_facts(cfg)
@@ -111,11 +170,14 @@ def test_tied_embeddings_counted_once():
     assert f.total_params == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("bad", [
-    {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 8},
-    {"model_type": "t5", "is_encoder_decoder": True},
-    {"hidden_size": 8},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 8},
+        {"model_type": "t5", "is_encoder_decoder": True},
+        {"hidden_size": 8},
+    ],
+)
 def test_not_a_causal_lm_is_a_user_error(bad):
     with pytest.raises(UserError, match="not a decoder-only causal LM"):
         arch_facts(bad)
@@ -130,8 +192,11 @@ def test_upcycled_facts_match_a_real_mixtral():
     dense = arch_facts(tiny.tiny_config("llama", vocab_size=517))
     moe_cfg = tiny.tiny_config("mixtral", vocab_size=517, experts=4, top_k=2)
     up, real = dense.upcycled(4, 2), arch_facts(moe_cfg)
-    assert (up.total_params, up.active_params, up.active_matmul_params) == \
-        (real.total_params, real.active_params, real.active_matmul_params)
+    assert (up.total_params, up.active_params, up.active_matmul_params) == (
+        real.total_params,
+        real.active_params,
+        real.active_matmul_params,
+    )
     assert (up.experts, up.top_k, up.moe_layers) == (4, 2, 2)
     with pytest.raises(UserError, match="already a mixture"):
         real.upcycled(4, 2)
@@ -141,9 +206,19 @@ def test_config_json_missing_keys_take_class_defaults():
     """Older hub configs omit keys (Qwen1.5-MoE has no qkv_bias): the class default applies."""
     import transformers as tf
     from transformers import AutoModelForCausalLM
-    cfg = tf.Qwen2MoeConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
-                            moe_intermediate_size=16, shared_expert_intermediate_size=24)
+
+    cfg = tf.Qwen2MoeConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+    )
     d = cfg.to_dict()
     d.pop("qkv_bias")
     real = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())

@@ -1,4 +1,5 @@
 """Hub model ids resolve through huggingface_hub's own cache, offline; failures are one line."""
+
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ def test_hub_ids_are_told_from_local_paths(tmp_path, monkeypatch):
         assert parse_hub_id(local) is None, local
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "name").mkdir(parents=True)
-    assert parse_hub_id("org/name") is None            # an existing folder wins
+    assert parse_hub_id("org/name") is None  # an existing folder wins
     assert resolve_model("org/name").commit is None
 
 
@@ -55,25 +56,57 @@ def test_download_patterns_never_match_pickles():
     """What a typical repo holds, filtered by huggingface_hub's own matcher with greentune's patterns."""
     from huggingface_hub.utils import filter_repo_objects
 
-    repo = ["config.json", "generation_config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-            "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
-            "tokenizer.model", "special_tokens_map.json", "original/consolidated.00.pth", "training_args.bin",
-            "README.md", "model.ckpt", "flax_model.msgpack", "tf_model.h5"]
+    repo = [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "original/consolidated.00.pth",
+        "training_args.bin",
+        "README.md",
+        "model.ckpt",
+        "flax_model.msgpack",
+        "tf_model.h5",
+    ]
     meta = set(filter_repo_objects(repo, allow_patterns=META_FILES))
-    assert meta == {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-                    "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"}
+    assert meta == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+    }
     assert set(filter_repo_objects(repo, allow_patterns=CONFIG_FILES)) == {"config.json"}
-    weights = set(filter_repo_objects(repo + ["sub/model.safetensors"], allow_patterns=["*.safetensors"],
-                                      ignore_patterns=["*/*"]))
+    weights = set(
+        filter_repo_objects(
+            repo + ["sub/model.safetensors"], allow_patterns=["*.safetensors"], ignore_patterns=["*/*"]
+        )
+    )
     assert weights == {"model-00001-of-00002.safetensors"}
 
 
 def _recipe(tmp_path, base, train_path, **extra):
     p = tmp_path / "hub.yaml"
-    p.write_text(yaml.safe_dump({
-        "base_model": base, "data": {"train": str(train_path), "max_seq_len": 32},
-        "method": {"lora": {"rank": 2, "alpha": 4}}, "energy": {"measure_savings": False},
-        "train": {"steps": 2, "batch_size": 2, "warmup": 0, "checkpoint_every": 2}, **extra}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": base,
+                "data": {"train": str(train_path), "max_seq_len": 32},
+                "method": {"lora": {"rank": 2, "alpha": 4}},
+                "energy": {"measure_savings": False},
+                "train": {"steps": 2, "batch_size": 2, "warmup": 0, "checkpoint_every": 2},
+                **extra,
+            }
+        )
+    )
     return p
 
 
@@ -88,10 +121,15 @@ def test_train_eval_export_plan_from_a_hub_id(offline_hub, tiny_llama_dir, text_
     assert (summary["base_model"], summary["base_model_commit"]) == (REPO, commit)
     # the run dir's recipe.yaml is itself a recipe that pins the same commit
     from greentune.recipe import load_recipe
+
     assert load_recipe(run / "recipe.yaml").base_model_commit == commit
     # --resume of the finished run agrees it is the same recipe (same commit)
-    assert main(["train", str(_recipe(tmp_path, REPO, text_jsonl)), "--run-dir", str(run), "--resume",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["train", str(_recipe(tmp_path, REPO, text_jsonl)), "--run-dir", str(run), "--resume", "--quiet"]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     assert main(["eval", REPO, "--data", str(text_jsonl), "--max-seq-len", "32", "--json"]) == 0
@@ -108,7 +146,9 @@ def test_train_eval_export_plan_from_a_hub_id(offline_hub, tiny_llama_dir, text_
 
 
 def test_missing_hub_model_in_a_recipe_is_one_line_exit_2(offline_hub, text_jsonl, tmp_path, capsys):
-    code = main(["train", str(_recipe(tmp_path, "nobody/nothing", text_jsonl)), "--run-dir", str(tmp_path / "r")])
+    code = main(
+        ["train", str(_recipe(tmp_path, "nobody/nothing", text_jsonl)), "--run-dir", str(tmp_path / "r")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err.startswith("greentune: error: nobody/nothing: not in the Hugging Face cache")
@@ -120,13 +160,23 @@ def test_the_environment_is_honoured_by_a_fresh_process(offline_hub, tiny_llama_
     commit = offline_hub.add(REPO, tiny_llama_dir, only=["config.json"])
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("HF_HUB_CACHE")   # derived from HF_HOME, as for a user
-    proc = subprocess.run([sys.executable, "-m", "greentune", "plan", "--model", REPO, "--hardware", "H100",
-                           "--json"], capture_output=True, text=True, env=env, timeout=120)
+    env.pop("HF_HUB_CACHE")  # derived from HF_HOME, as for a user
+    proc = subprocess.run(
+        [sys.executable, "-m", "greentune", "plan", "--model", REPO, "--hardware", "H100", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model"] == f"{REPO}@{commit[:12]}"
-    proc = subprocess.run([sys.executable, "-m", "greentune", "plan", "--model", "nobody/nothing"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "greentune", "plan", "--model", "nobody/nothing"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "HF_HUB_OFFLINE=1" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -137,8 +187,9 @@ class FakeHub:
     def __init__(self, repo: Path, tmp: Path, error=None):
         self.repo, self.snapshot, self.error, self.asked = repo, tmp / "snap" / ("c" * 40), error, []
 
-    def __call__(self, repo_id, revision=None, allow_patterns=None, ignore_patterns=None, local_files_only=False,
-                 **kw):
+    def __call__(
+        self, repo_id, revision=None, allow_patterns=None, ignore_patterns=None, local_files_only=False, **kw
+    ):
         from huggingface_hub.errors import LocalEntryNotFoundError
         from huggingface_hub.utils import filter_repo_objects
 
@@ -147,7 +198,9 @@ class FakeHub:
         if self.error is not None:
             raise self.error
         names = [str(p.relative_to(self.repo)) for p in self.repo.rglob("*") if p.is_file()]
-        picked = sorted(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        picked = sorted(
+            filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
         self.asked.append(picked)
         for name in picked:
             (self.snapshot / name).parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +216,11 @@ def test_download_fetches_config_tokenizer_and_indexed_shards_only(tmp_path, mon
     repo = tmp_path / "repo"
     shutil.copytree(tiny_llama_dir, repo)
     (repo / "model.safetensors").rename(repo / "model-00001-of-00001.safetensors")
-    (repo / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}}))
+    (repo / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}}
+        )
+    )
     for extra in ("pytorch_model.bin", "consolidated.safetensors", "original/model.safetensors", "README.md"):
         (repo / extra).parent.mkdir(exist_ok=True)
         (repo / extra).write_bytes(b"not wanted")
@@ -175,20 +231,36 @@ def test_download_fetches_config_tokenizer_and_indexed_shards_only(tmp_path, mon
     assert "config.json" in fake.asked[0] and "tokenizer.json" in fake.asked[0]
     assert fake.asked[1] == ["model-00001-of-00001.safetensors"]
     got = {str(p.relative_to(fake.snapshot)) for p in fake.snapshot.rglob("*") if p.is_file()}
-    assert not got & {"pytorch_model.bin", "consolidated.safetensors", "original/model.safetensors", "README.md"}
+    assert not got & {
+        "pytorch_model.bin",
+        "consolidated.safetensors",
+        "original/model.safetensors",
+        "README.md",
+    }
     assert resolve_model("org/model", config_only=True) and fake.asked[-1] == ["config.json"]
 
 
-@pytest.mark.parametrize("error,needles", [
-    ("gated", ("org/model is gated: accept its licence on https://huggingface.co/org/model", "`hf auth login`")),
-    ("missing", ("org/model: no such model on the Hugging Face Hub, or it is private", "hf download org/model")),
-])
+@pytest.mark.parametrize(
+    "error,needles",
+    [
+        (
+            "gated",
+            ("org/model is gated: accept its licence on https://huggingface.co/org/model", "`hf auth login`"),
+        ),
+        (
+            "missing",
+            ("org/model: no such model on the Hugging Face Hub, or it is private", "hf download org/model"),
+        ),
+    ],
+)
 def test_gated_or_missing_repo_is_one_line(tmp_path, monkeypatch, error, needles):
     import httpx2 as httpx
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    response = httpx.Response(403 if error == "gated" else 404, request=httpx.Request("GET", "https://huggingface.co"))
+    response = httpx.Response(
+        403 if error == "gated" else 404, request=httpx.Request("GET", "https://huggingface.co")
+    )
     exc = (GatedRepoError if error == "gated" else RepositoryNotFoundError)("no", response=response)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tmp_path, tmp_path, error=exc))
     with pytest.raises(UserError) as err:

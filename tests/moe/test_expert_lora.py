@@ -1,4 +1,5 @@
 """Expert LoRA: init, maths, fuse, and the round trip through PEFT's target_parameters layout."""
+
 import copy
 import json
 
@@ -8,8 +9,15 @@ import transformers as tf
 from safetensors.torch import save_file
 
 from greentune.errors import UserError
-from greentune.moe import (add_expert_lora_, expert_lora_state_dict, fuse_expert_lora_,
-                           load_expert_lora_state_dict, replace_experts_, sparse_experts, target_parameters)
+from greentune.moe import (
+    add_expert_lora_,
+    expert_lora_state_dict,
+    fuse_expert_lora_,
+    load_expert_lora_state_dict,
+    replace_experts_,
+    sparse_experts,
+    target_parameters,
+)
 
 
 def _load(path):
@@ -56,7 +64,7 @@ def test_fuse_restart_keeps_parameters_and_zeroes_b(tiny_mixtral_dir):
     a_id = id(m.lora.A_gate_up)
     fuse_expert_lora_(model, restart=True)
     assert id(m.lora.A_gate_up) == a_id and m.lora.B_gate_up.abs().sum() == 0
-    assert m.lora.A_gate_up.abs().max() <= 1 / 64 ** 0.5   # Kaiming-uniform bound 1/sqrt(H)
+    assert m.lora.A_gate_up.abs().max() <= 1 / 64**0.5  # Kaiming-uniform bound 1/sqrt(H)
     torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=0)
 
 
@@ -73,13 +81,25 @@ def test_gradients_reach_lora_only_through_used_experts(tiny_mixtral_dir):
 def _write_adapter(folder, sd, model, r, alpha):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(sd, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": [], "target_parameters": target_parameters(model), "bias": "none"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": r,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.0,
+                "target_modules": [],
+                "target_parameters": target_parameters(model),
+                "bias": "none",
+            }
+        )
+    )
 
 
 def test_peft_loads_our_adapter_with_same_logits(tiny_mixtral_dir, tmp_path):
     from peft import PeftModel
+
     model, _ = _ours(tiny_mixtral_dir, r=4, alpha=8)
     sd = expert_lora_state_dict(model)
     assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in sd
@@ -94,6 +114,7 @@ def test_peft_loads_our_adapter_with_same_logits(tiny_mixtral_dir, tmp_path):
 def test_we_load_a_peft_adapter_with_same_logits(fixture, request, tmp_path):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
+
     path = request.getfixturevalue(fixture)
     ours, _ = _ours(path, r=2, alpha=6, randomise=False)
     cfg = LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=target_parameters(ours))

@@ -1,4 +1,5 @@
 """SparseExperts against transformers' eager experts: outputs and gradients (atol 1e-5)."""
+
 import copy
 
 import pytest
@@ -43,13 +44,14 @@ def test_parameters_are_shared_not_copied(tiny_mixtral_dir):
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, SparseExperts)
     assert experts.gate_up_proj is before
-    assert replace_experts_(model) == 0   # idempotent
+    assert replace_experts_(model) == 0  # idempotent
 
 
 def _hf_experts(E=8, H=32, I=48):
     cfg = tf.MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=2)
     cfg._experts_implementation = "eager"
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
     m = MixtralExperts(cfg)
     torch.nn.init.normal_(m.gate_up_proj, std=0.05)
     torch.nn.init.normal_(m.down_proj, std=0.05)
@@ -78,6 +80,7 @@ def test_unused_experts_module_level():
 def test_unused_experts_in_a_model(tmp_path, tokenizer):
     """A tiny Mixtral with E=8, k=2 whose router can only pick experts 0-3."""
     from greentune.models.tiny import build_tiny_model
+
     build_tiny_model("mixtral", tmp_path, tokenizer=tokenizer, experts=8, top_k=2)
     ref = _load(tmp_path)
     with torch.no_grad():
@@ -122,13 +125,13 @@ def test_store_weights_give_same_outputs_and_input_grads():
     x = torch.randn(30, 32, requires_grad=True)
     idx = torch.stack([torch.randperm(8)[:2] for _ in range(30)])
     w = torch.rand(30, 2)
-    gx_ref, = torch.autograd.grad(ours(x, idx, w).sum(), x)
+    (gx_ref,) = torch.autograd.grad(ours(x, idx, w).sum(), x)
     y = stored(x, idx, w)
-    gx, = torch.autograd.grad(y.sum(), x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(y, ours(x, idx, w), atol=1e-6, rtol=0)
     torch.testing.assert_close(gx, gx_ref, atol=1e-6, rtol=0)
     used = len(set(idx.reshape(-1).tolist()))
-    assert stores["down"].calls == 2 * used     # one forward + one backward, one expert at a time
+    assert stores["down"].calls == 2 * used  # one forward + one backward, one expert at a time
     with pytest.raises(ValueError, match="shape"):
         stored.set_weight_store_("down", stores["gate_up"])
 
@@ -145,7 +148,7 @@ def test_bf16_matches_eager_within_bf16_rounding():
     ours = SparseExperts.from_hf(hf)
     x = torch.randn(16, 32, dtype=torch.bfloat16)
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(16)])
-    w = torch.softmax(torch.randn(16, 2), -1)   # the routers return fp32 weights
+    w = torch.softmax(torch.randn(16, 2), -1)  # the routers return fp32 weights
     y, y_ref = ours(x, idx, w), hf(x, idx, w)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
@@ -154,6 +157,7 @@ def test_bf16_matches_eager_within_bf16_rounding():
 @pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
 def test_other_moe_architectures(arch, tmp_path):
     from greentune.models.tiny import build_tiny_model
+
     build_tiny_model(arch, tmp_path, vocab_size=128, hidden=32, intermediate=48, heads=4, kv_heads=2)
     ref = _load(tmp_path)
     ours = copy.deepcopy(ref)
@@ -172,6 +176,7 @@ def test_quantised_experts_q8_0(tiny_mixtral_dir, quantise_first):
     same logits and input gradients as transformers' eager loop over the same quantised weights."""
     from greentune.quant.experts import QuantExperts3D
     from greentune.quant.replace import quantize_model_
+
     ref = _load(tiny_mixtral_dir)
     quantize_model_(ref, "q8_0")
     assert isinstance(ref.model.layers[0].mlp.experts.gate_up_proj, QuantExperts3D)
@@ -199,6 +204,7 @@ def test_fuse_into_quantised_store(tiny_mixtral_dir):
     """ReLoRA's merge on a Q8_0 store: W_e ← Q(W_e + s·B_e·A_e); logits move by quantisation error only."""
     from greentune.moe import add_expert_lora_
     from greentune.quant.replace import quantize_model_
+
     model = _load(tiny_mixtral_dir)
     quantize_model_(model, "q8_0")
     replace_experts_(model)
@@ -214,7 +220,7 @@ def test_fuse_into_quantised_store(tiny_mixtral_dir):
     for _, m in sparse_experts(model):
         m.fuse(restart=True)
     after = experts.weight("down", 1)
-    assert (after - expected).abs().max() <= expected.abs().max() / 127   # one Q8_0 step
+    assert (after - expected).abs().max() <= expected.abs().max() / 127  # one Q8_0 step
     assert experts.lora.B_down.abs().sum() == 0
     assert (model(ids).logits - before).abs().max() < 2e-2
 

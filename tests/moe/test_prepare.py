@@ -1,4 +1,5 @@
 """prepare_moe_: what a recipe's moe keys do to a model."""
+
 import pytest
 import torch
 import transformers as tf
@@ -9,6 +10,7 @@ from greentune.moe import SparseExperts, prepare_moe_
 
 def test_prepare_mixtral_after_dense_lora(tiny_mixtral_dir):
     from greentune.adapters.lora import apply_lora
+
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.float32)
     apply_lora(model, ["attn"], rank=4, alpha=8)
     mon = prepare_moe_(model, expert_lora=(4, 8, 0.0), router="full", aux_loss_coef=0.01)

@@ -1,4 +1,5 @@
 """Router: aux loss against a hand computation and transformers, statistics, freezing."""
+
 import math
 
 import pytest
@@ -18,7 +19,7 @@ def test_aux_loss_hand_computation():
     f = [0.5, 0.25, 0.25]
     P = [1.6 / 4, 1.5 / 4, 0.9 / 4]
     expected = 3 * sum(a * b for a, b in zip(f, P))
-    assert expected == pytest.approx(1.05)   # 3 · (0.5·0.4 + 0.25·0.375 + 0.25·0.225)
+    assert expected == pytest.approx(1.05)  # 3 · (0.5·0.4 + 0.25·0.375 + 0.25·0.225)
     assert load_balancing_loss([logits], num_experts=3, top_k=1).item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -48,7 +49,7 @@ def test_monitor_aux_loss_equals_transformers_model_loss(tiny_mixtral_dir):
     ref = load_balancing_loss_func(out.router_logits, 4, 2, None)
     aux = mon.pop_aux_loss()
     assert aux.item() == pytest.approx(0.02 * ref.item(), abs=1e-7)
-    aux.backward()   # gradient flows (into the hidden states and, if trainable, the router)
+    aux.backward()  # gradient flows (into the hidden states and, if trainable, the router)
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     mon.close()
 
@@ -59,7 +60,7 @@ def test_expert_statistics(tiny_mixtral_dir):
     mon = RouterMonitor(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 10))
     with torch.no_grad():
-        for _ in range(2):   # two micro-batches in one step
+        for _ in range(2):  # two micro-batches in one step
             out = model(ids, output_router_logits=True)
             assert mon.pop_aux_loss().item() == 0.0
     stats = mon.pop_stats()
@@ -97,6 +98,7 @@ def test_trained_router_and_expert_lora_round_trip_through_peft(tiny_mixtral_dir
 
     from greentune.moe import add_expert_lora_, expert_lora_state_dict, target_parameters
     from greentune.moe.router import load_router_state_dict, router_modules_to_save, router_state_dict
+
     load = lambda: tf.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.float32)  # noqa: E731
     ours = load()
     replace_experts_(ours)
@@ -111,10 +113,20 @@ def test_trained_router_and_expert_lora_round_trip_through_peft(tiny_mixtral_dir
     folder = tmp_path / "adapter"
     folder.mkdir()
     save_file(sd, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
-        "target_modules": [], "target_parameters": target_parameters(ours),
-        "modules_to_save": router_modules_to_save(ours)}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 2,
+                "lora_alpha": 4,
+                "lora_dropout": 0.0,
+                "target_modules": [],
+                "target_parameters": target_parameters(ours),
+                "modules_to_save": router_modules_to_save(ours),
+            }
+        )
+    )
     peft_model = PeftModel.from_pretrained(load(), folder)
     ids = torch.randint(0, ours.config.vocab_size, (2, 16))
     torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
@@ -135,5 +147,5 @@ def test_statistics_count_once_with_activation_checkpointing(tiny_mixtral_dir):
     ids = torch.randint(0, model.config.vocab_size, (2, 10))
     (model(ids, labels=ids).loss + mon.pop_aux_loss()).backward()
     counts = mon._counts[0]
-    assert counts.sum().item() == 2 * 10 * 2   # rows × k, not doubled by the recompute
+    assert counts.sum().item() == 2 * 10 * 2  # rows × k, not doubled by the recompute
     assert all(not x for x in mon._indices)

@@ -1,4 +1,5 @@
 """Upcycling a dense Llama into a Mixtral: equal logits at init, loads with plain transformers."""
+
 import pytest
 import torch
 import transformers as tf
@@ -12,7 +13,7 @@ def test_upcycled_equals_dense_and_loads_as_mixtral(tiny_llama_dir, tmp_path, ro
     out = upcycle(tiny_llama_dir, tmp_path / "moe", experts=4, top_k=2, router_init=router_init)
     assert out == tmp_path / "moe"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert not list(tmp_path.glob(".moe.*"))   # no temporary folder left behind
+    assert not list(tmp_path.glob(".moe.*"))  # no temporary folder left behind
     dense = tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     moe = tf.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert moe.config.num_local_experts == 4 and moe.config.num_experts_per_tok == 2
@@ -48,6 +49,7 @@ def test_rejects_other_architectures_and_bad_counts(tiny_llama_dir, tiny_mixtral
 
 def test_mistral_upcycles(tokenizer, tmp_path):
     from greentune.models.tiny import build_tiny_model
+
     build_tiny_model("mistral", tmp_path / "dense", tokenizer=tokenizer)
     out = upcycle(tmp_path / "dense", tmp_path / "moe", experts=2, top_k=1)
     dense = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)

@@ -1,4 +1,5 @@
 """The model catalogue: derived parameter counts agree with the publishers' figures."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,21 @@ from greentune.errors import UserError
 from greentune.models import tiny
 from greentune.plan.catalogue import find_model, list_models_table, model_facts, models
 
-REQUIRED = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "mixtral-8x7b",
-            "mixtral-8x22b", "qwen2.5-7b", "qwen3-8b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b",
-            "deepseek-moe-16b"]
+REQUIRED = [
+    "llama-3.2-1b",
+    "llama-3.2-3b",
+    "llama-3.1-8b",
+    "llama-3.1-70b",
+    "mistral-7b",
+    "mixtral-8x7b",
+    "mixtral-8x22b",
+    "qwen2.5-7b",
+    "qwen3-8b",
+    "qwen3-30b-a3b",
+    "qwen1.5-moe-a2.7b",
+    "olmoe-1b-7b",
+    "deepseek-moe-16b",
+]
 
 
 def test_required_models_present_with_licence_and_source():
@@ -29,7 +42,7 @@ def test_counts_match_published_figures(row):
     assert _close(f.total_params / 1e9, row.params_b)
     if row.active_b is not None:
         assert f.is_moe
-        no_input_embedding = (f.active_params - f.vocab * f.hidden) / 1e9   # DeepSeek's convention
+        no_input_embedding = (f.active_params - f.vocab * f.hidden) / 1e9  # DeepSeek's convention
         assert _close(f.active_params / 1e9, row.active_b) or _close(no_input_embedding, row.active_b, 0.025)
 
 

@@ -1,4 +1,5 @@
 """The cost model's arithmetic, recomputed by hand on tiny configs."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,15 +7,44 @@ import pytest
 from greentune.errors import UserError
 from greentune.models.facts import arch_facts
 from greentune.models.tiny import tiny_config
-from greentune.plan.cost import (BPW, Site, Technique, Workload, activation_elements, estimate, flops_per_token,
-                                 lora_params, memory_breakdown)
+from greentune.plan.cost import (
+    BPW,
+    Site,
+    Technique,
+    Workload,
+    activation_elements,
+    estimate,
+    flops_per_token,
+    lora_params,
+    memory_breakdown,
+)
 from greentune.plan.hardware import GB, Hardware
 
 H, L, HEADS, KV, HD, I, V = 64, 2, 4, 2, 16, 128, 517
-GPU = Hardware(name="test gpu", kind="gpu", memory_gb=10, bandwidth_gbs=100, bf16_tflops=1, fp32_tflops=0.5,
-               power_w=100, host_w=50, site="datacentre", source="test")
-CPU = Hardware(name="test cpu", kind="cpu", memory_gb=10, bandwidth_gbs=10, bf16_tflops=0.1, fp32_tflops=0.1,
-               power_w=20, host_w=5, site="desk", source="test")
+GPU = Hardware(
+    name="test gpu",
+    kind="gpu",
+    memory_gb=10,
+    bandwidth_gbs=100,
+    bf16_tflops=1,
+    fp32_tflops=0.5,
+    power_w=100,
+    host_w=50,
+    site="datacentre",
+    source="test",
+)
+CPU = Hardware(
+    name="test cpu",
+    kind="cpu",
+    memory_gb=10,
+    bandwidth_gbs=10,
+    bf16_tflops=0.1,
+    fp32_tflops=0.1,
+    power_w=20,
+    host_w=5,
+    site="desk",
+    source="test",
+)
 SITE = Site("X", grid_g_per_kwh=500, offsite_l_per_kwh=1.0, pue=1.5, wue_onsite=2.0)
 
 
@@ -41,6 +71,7 @@ def test_bits_per_weight():
 def test_lora_params_match_peft(llama):
     import peft
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=V))
     mods = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=mods))
@@ -64,7 +95,9 @@ def test_training_flops_per_token(llama):
     assert flops_per_token(llama, Technique("f", "full"), T, False) == pytest.approx(6 * n + 3 * a)
     lora = Technique("l", "lora", targets=("attn", "mlp"))
     assert flops_per_token(llama, lora, T, False) == pytest.approx(4 * n + 3 * a + 6 * p)
-    assert flops_per_token(llama, lora, T, True) == pytest.approx(4 * n + 3 * a + 6 * p + 2 * (n - V * H) + a + 2 * p)
+    assert flops_per_token(llama, lora, T, True) == pytest.approx(
+        4 * n + 3 * a + 6 * p + 2 * (n - V * H) + a + 2 * p
+    )
 
 
 def test_activation_elements(llama, mixtral):
@@ -79,7 +112,7 @@ def test_memory_breakdown_lora_q4k_and_full(llama):
     t = Technique("q", "lora", "q4_k", rank=8, targets=("attn", "mlp"))
     m = memory_breakdown(llama, t, w, GPU)
     matmul = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I)
-    table = V * H * (6.5625 / 8 if llama.tied_embeddings else (4.5 + 6.5625) / 8)   # Q4_K embedding, Q6_K head
+    table = V * H * (6.5625 / 8 if llama.tied_embeddings else (4.5 + 6.5625) / 8)  # Q4_K embedding, Q6_K head
     norms = llama.total_params - matmul - llama.embedding_params
     assert m["weights"] == pytest.approx(matmul * 4.5 / 8 + table + norms * 2)
     p = lora_params(llama, t)[0]
@@ -89,13 +122,13 @@ def test_memory_breakdown_lora_q4k_and_full(llama):
     logits = toks * V * (2 + 8)
     assert m["activations"] == toks * per_tok * 2 + logits
     assert m["activations_checkpointed"] == toks * (L * H + largest) * 2 + logits
-    assert m["dequant_transient"] == H * I * 2             # the largest single matrix, in bf16
+    assert m["dequant_transient"] == H * I * 2  # the largest single matrix, in bf16
     states = m["weights"] + m["trainable"] + m["grads"] + m["optimizer"]
     assert m["total"] == pytest.approx(1 * GB + (states + m["dequant_transient"] + m["activations"]) * 1.05)
     f = memory_breakdown(llama, Technique("f", "full"), w, GPU)
-    assert f["weights"] + f["grads"] + f["optimizer"] == llama.total_params * 16     # 2 + 2 + 4 + 8
+    assert f["weights"] + f["grads"] + f["optimizer"] == llama.total_params * 16  # 2 + 2 + 4 + 8
     c = memory_breakdown(llama, Technique("f", "full"), w, CPU)
-    assert c["weights"] + c["grads"] + c["optimizer"] == llama.total_params * 16     # 4 + 4 + 8, fp32
+    assert c["weights"] + c["grads"] + c["optimizer"] == llama.total_params * 16  # 4 + 4 + 8, fp32
 
 
 def test_estimate_time_energy_carbon_water(llama):
@@ -105,7 +138,7 @@ def test_estimate_time_energy_carbon_water(llama):
     assert not e.checkpointing
     fpt = flops_per_token(llama, t, 64, False)
     assert e.total_flops == fpt * 1_000_000
-    n_q = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I) + V * H   # the quantised head is dequantised too
+    n_q = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I) + V * H  # the quantised head is dequantised too
     dq = w.micro_steps * 2 * n_q * (4.127 / 8 + 2 * 2)
     assert e.seconds == pytest.approx(e.total_flops / (1e12 * 0.5) + dq / 100e9)
     assert e.power_w == 100 * 0.8 + 50 and e.peak_power_w == 150
@@ -148,12 +181,15 @@ def test_upcycle_plans_the_moe_model(llama, mixtral):
     assert e.trainable_params == expert_lora + router
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(method="full", quant_base="q4_k"), "cannot keep a quantised base"),
-    (dict(targets=("attn", "lm_head")), "unknown LoRA target"),
-    (dict(quant_base="q3"), "unknown quant_base"),
-    (dict(method="dora"), "unknown method"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(method="full", quant_base="q4_k"), "cannot keep a quantised base"),
+        (dict(targets=("attn", "lm_head")), "unknown LoRA target"),
+        (dict(quant_base="q3"), "unknown quant_base"),
+        (dict(method="dora"), "unknown method"),
+    ],
+)
 def test_bad_technique(kw, msg):
     with pytest.raises(UserError, match=msg):
         Technique("bad", **kw)

@@ -1,4 +1,5 @@
 """Hardware catalogue lookup and detection of this machine."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,13 +8,25 @@ from greentune.errors import UserError
 from greentune.plan.hardware import catalogue, detect_this, find_hardware
 
 
-@pytest.mark.parametrize("query, name", [
-    ("H100", "NVIDIA H100 SXM5 80GB"), ("h100", "NVIDIA H100 SXM5 80GB"), ("4090", "NVIDIA GeForce RTX 4090 24GB"),
-    ("rtx-3090", "NVIDIA GeForce RTX 3090 24GB"), ("M2 Max", "Apple M2 Max"), ("m2max", "Apple M2 Max"),
-    ("M2", "Apple M2"), ("L4", "NVIDIA L4 24GB"), ("L40S", "NVIDIA L40S 48GB"), ("A100 40GB", "NVIDIA A100 SXM4 40GB"),
-    ("a100", "NVIDIA A100 SXM4 80GB"), ("H200", "NVIDIA H200 SXM 141GB"), ("M3 Ultra", "Apple M3 Ultra"),
-    ("laptop", "Generic laptop CPU (4 cores)"),
-])
+@pytest.mark.parametrize(
+    "query, name",
+    [
+        ("H100", "NVIDIA H100 SXM5 80GB"),
+        ("h100", "NVIDIA H100 SXM5 80GB"),
+        ("4090", "NVIDIA GeForce RTX 4090 24GB"),
+        ("rtx-3090", "NVIDIA GeForce RTX 3090 24GB"),
+        ("M2 Max", "Apple M2 Max"),
+        ("m2max", "Apple M2 Max"),
+        ("M2", "Apple M2"),
+        ("L4", "NVIDIA L4 24GB"),
+        ("L40S", "NVIDIA L40S 48GB"),
+        ("A100 40GB", "NVIDIA A100 SXM4 40GB"),
+        ("a100", "NVIDIA A100 SXM4 80GB"),
+        ("H200", "NVIDIA H200 SXM 141GB"),
+        ("M3 Ultra", "Apple M3 Ultra"),
+        ("laptop", "Generic laptop CPU (4 cores)"),
+    ],
+)
 def test_short_names_match(query, name):
     assert find_hardware(query).name == name
 
@@ -21,7 +34,7 @@ def test_short_names_match(query, name):
 def test_ambiguous_name_lists_candidates():
     with pytest.raises(UserError, match="ambiguous: Apple M1; Apple M1 Pro; .*Apple M4 Max$"):
         find_hardware("apple m")
-    assert find_hardware("Apple M1").name == "Apple M1"       # an exact name is never ambiguous
+    assert find_hardware("Apple M1").name == "Apple M1"  # an exact name is never ambiguous
     with pytest.raises(UserError, match=r"ambiguous: NVIDIA H100 SXM5 80GB; NVIDIA H100 PCIe"):
         find_hardware("nvidia h100")
 

@@ -1,4 +1,5 @@
 """`greentune plan --write-recipe`: the recommendation as a recipe that loads and trains."""
+
 import json
 
 import pytest
@@ -10,8 +11,23 @@ from greentune.recipe import load_recipe
 
 def test_catalogue_plan_writes_a_recipe_load_recipe_accepts(tmp_path, capsys):
     out = tmp_path / "mixtral.yaml"
-    assert main(["plan", "--model", "mixtral-8x7b", "--hardware", "H100", "--tokens", "1000000",
-                 "--write-recipe", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "mixtral-8x7b",
+                "--hardware",
+                "H100",
+                "--tokens",
+                "1000000",
+                "--write-recipe",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     recommended = json.loads(capsys.readouterr().out)["recommended"]
     text = out.read_text()
     assert "# FILL IN: your training data" in text and f"# Technique: {recommended}," in text
@@ -27,8 +43,28 @@ def test_catalogue_plan_writes_a_recipe_load_recipe_accepts(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_tiny_plans_recipe_trains_end_to_end(tmp_path, tiny_llama_dir, text_jsonl, capsys):
     out = tmp_path / "planned.yaml"
-    assert main(["plan", "--model", str(tiny_llama_dir), "--hardware", "this", "--tokens", "256",
-                 "--seq-len", "32", "--batch-size", "4", "--rank", "4", "--write-recipe", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(tiny_llama_dir),
+                "--hardware",
+                "this",
+                "--tokens",
+                "256",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--rank",
+                "4",
+                "--write-recipe",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"wrote {out}" in capsys.readouterr().out
     data = yaml.safe_load(out.read_text())
     assert data["base_model"] == str(tiny_llama_dir) and data["train"]["steps"] == 2

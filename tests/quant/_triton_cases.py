@@ -5,6 +5,7 @@ triton defines any kernel (not collected on its own: the name does not start wit
 Shapes are tiny (the interpreter runs each program in numpy): the K-quants' 256-weight blocks
 need rows of 256 or 512.
 """
+
 import os
 
 import pytest
@@ -38,13 +39,14 @@ def _weights(*shape, seed=0):
 def test_dequantize_is_bit_exact(name, dtype):
     fmt = get_format(name)
     w = _weights(6, 512, seed=1)
-    w[0, :fmt.block_size] = 0                              # an all-zero block
+    w[0, : fmt.block_size] = 0  # an all-zero block
     q = fmt.quantize(w)
     want = fmt.dequantize(q, w.shape).to(dtype)
     got = triton_dequant.dequantize(fmt, q, w.shape, dtype)
     assert got.dtype == dtype and got.shape == w.shape
-    assert torch.equal(got.view(_BITS[dtype]), want.view(_BITS[dtype])), \
+    assert torch.equal(got.view(_BITS[dtype]), want.view(_BITS[dtype])), (
         f"{(got != want).sum().item()} of {want.numel()} values differ"
+    )
 
 
 def test_dequantize_writes_into_the_given_buffer():
@@ -55,7 +57,7 @@ def test_dequantize_writes_into_the_given_buffer():
     got = triton_dequant.dequantize(fmt, q, w.shape, torch.float32, out=buf)
     assert got.data_ptr() == buf.data_ptr()
     assert torch.equal(buf[:768].view(3, 256), fmt.dequantize(q, w.shape))
-    assert buf[768:].isnan().all()                          # nothing written past the weight
+    assert buf[768:].isnan().all()  # nothing written past the weight
     with pytest.raises(ValueError):
         triton_dequant.dequantize(fmt, q, w.shape, torch.bfloat16, out=buf)
 
@@ -69,7 +71,7 @@ def _close(got, want, rtol):
 @pytest.mark.parametrize("name", FORMATS)
 def test_fused_linear_forward_and_input_grad(name):
     fmt = get_format(name)
-    N, K = 40, 512                                          # N: not a multiple of any tile
+    N, K = 40, 512  # N: not a multiple of any tile
     q = fmt.quantize(_weights(N, K, seed=2))
     W = fmt.dequantize(q, (N, K))
     x = torch.randn(3, 7, K)
@@ -82,11 +84,11 @@ def test_fused_linear_in_bf16_matches_the_bf16_weight():
     fmt = get_format("q4_k")
     N, K = 48, 256
     q = fmt.quantize(_weights(N, K, seed=3))
-    W = fmt.dequantize(q, (N, K)).to(torch.bfloat16).float()   # the weight the GEMM multiplies
+    W = fmt.dequantize(q, (N, K)).to(torch.bfloat16).float()  # the weight the GEMM multiplies
     x = torch.randn(20, K).to(torch.bfloat16)
     y = triton_matmul.linear_forward(x, fmt, q, N, K)
     assert y.dtype == torch.bfloat16
-    _close(y, x.float() @ W.T, 1e-2)                         # bf16 output rounding
+    _close(y, x.float() @ W.T, 1e-2)  # bf16 output rounding
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_k", "nf4"])
@@ -95,7 +97,7 @@ def test_grouped_gemm_with_empty_experts(name):
     E, N, K = 4, 40, 256
     q = fmt.quantize(_weights(E, N, K, seed=4))
     W = fmt.dequantize(q, (E, N, K))
-    counts = [0, 37, 0, 5]                                  # empty first and third experts; 37 > one row tile
+    counts = [0, 37, 0, 5]  # empty first and third experts; 37 > one row tile
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     x, dy = torch.randn(sum(counts), K), torch.randn(sum(counts), N)
     groups = [(e, slice(int(offs[e]) - c, int(offs[e]))) for e, c in enumerate(counts) if c]
@@ -103,7 +105,7 @@ def test_grouped_gemm_with_empty_experts(name):
     want_dx = torch.cat([dy[sl] @ W[e] for e, sl in groups])
     _close(triton_matmul.grouped_forward(x, fmt, q, offs, N, K), want_y, 1e-5)
     _close(triton_matmul.grouped_input_grad(dy, fmt, q, offs, N, K), want_dx, 1e-5)
-    none = torch.zeros(E, dtype=torch.int32)                # no rows at all
+    none = torch.zeros(E, dtype=torch.int32)  # no rows at all
     assert triton_matmul.grouped_forward(x[:0], fmt, q, none, N, K).shape == (0, N)
 
 
@@ -112,10 +114,10 @@ def test_selection_and_its_override(monkeypatch):
     assert triton_dispatch.choose(triton_dispatch.FUSED_MAX_ROWS) == "fused"
     assert triton_dispatch.choose(triton_dispatch.FUSED_MAX_ROWS + 1) == "dequant"
     fmt = get_format("q4_k")
-    assert not triton_dispatch.enabled(torch.device("cpu"), fmt)      # auto: never on the CPU
+    assert not triton_dispatch.enabled(torch.device("cpu"), fmt)  # auto: never on the CPU
     monkeypatch.setenv(triton_dispatch.ENV, "fused")
-    assert triton_dispatch.choose(10 ** 6) == "fused"
-    assert triton_dispatch.enabled(torch.device("cpu"), fmt)          # forced, interpreted
+    assert triton_dispatch.choose(10**6) == "fused"
+    assert triton_dispatch.enabled(torch.device("cpu"), fmt)  # forced, interpreted
     assert not triton_dispatch.enabled(torch.device("cpu"), get_format("nf4_dq"))
     monkeypatch.setenv(triton_dispatch.ENV, "dequant")
     assert triton_dispatch.choose(1) == "dequant"
@@ -142,7 +144,9 @@ def test_quant_linear_dispatches_to_the_kernels(monkeypatch, path):
         orig = getattr(triton_matmul, fn)
         monkeypatch.setattr(triton_matmul, fn, lambda *a, _o=orig, _n=fn: calls.append(_n) or _o(*a))
     orig_dq = triton_dequant.dequantize
-    monkeypatch.setattr(triton_dequant, "dequantize", lambda *a, **k: calls.append("dequantize") or orig_dq(*a, **k))
+    monkeypatch.setattr(
+        triton_dequant, "dequantize", lambda *a, **k: calls.append("dequantize") or orig_dq(*a, **k)
+    )
     monkeypatch.setenv(triton_dispatch.ENV, path)
     got = _linear_run(layer, x)
     assert calls == (["linear_forward", "linear_input_grad"] if path == "fused" else ["dequantize"] * 2)
@@ -171,13 +175,13 @@ def test_sparse_experts_grouped_path_with_quantised_experts(monkeypatch, path):
     se.lora = ExpertLoRA(E, H, I, r=4, alpha=8)
     with torch.no_grad():
         for p in se.lora.parameters():
-            p.normal_(0, 0.1)                               # B nonzero: the LoRA path counts
+            p.normal_(0, 0.1)  # B nonzero: the LoRA path counts
     hidden = torch.randn(9, H)
-    idx = torch.tensor([[0, 3]] * 4 + [[3, 2]] * 5)           # expert 1 gets no token
+    idx = torch.tensor([[0, 3]] * 4 + [[3, 2]] * 5)  # expert 1 gets no token
     wts = torch.rand(9, 2)
     monkeypatch.setattr(moe_experts, "GROUPED_MM", "always")  # the CPU's grouped_mm stands in for CUDA's
     monkeypatch.setenv(triton_dispatch.ENV, "never")
-    assert not se._grouped_ok(hidden)                       # without kernels: the per-expert loop
+    assert not se._grouped_ok(hidden)  # without kernels: the per-expert loop
     want = _experts_run(se, hidden, idx, wts)
     monkeypatch.setenv(triton_dispatch.ENV, path)
     assert se._grouped_ok(hidden)

@@ -1,5 +1,6 @@
 """Quant tests run their many small tensor ops on one thread: on a shared 2-core machine the
 second OpenMP thread mostly waits to be scheduled, which makes each op ~100× slower."""
+
 import pytest
 import torch
 

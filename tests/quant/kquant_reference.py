@@ -5,6 +5,7 @@ Ported from ggml/src/ggml-quants.c (`quantize_row_q4_K_ref` with `make_qkx2_quan
 sums accumulated left to right (`np.cumsum`), `nearest_int` = round half to even. It returns
 GGUF block bytes, so `gguf.quants.dequantize` reads them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -84,8 +85,9 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
             L[j] = np.clip(_nearest_int((g[j] + dm) / dj), 0, 15)
         Lf = L.reshape(4, 2, 32)
         qs = (Lf[:, 0] | (Lf[:, 1] << 4)).reshape(128)
-        out[b] = np.concatenate([np.frombuffer(d.tobytes() + dmin.tobytes(), np.uint8),
-                                 sc.astype(np.uint8), qs.astype(np.uint8)])
+        out[b] = np.concatenate(
+            [np.frombuffer(d.tobytes() + dmin.tobytes(), np.uint8), sc.astype(np.uint8), qs.astype(np.uint8)]
+        )
     return out
 
 
@@ -137,9 +139,18 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
                 continue
             L[j] = np.clip(_nearest_int(g[j] / dj), -32, 31) + 32
         Lq = L.reshape(2, 4, 32)
-        ql = np.concatenate([(Lq[:, 0] & 15) | ((Lq[:, 2] & 15) << 4),
-                             (Lq[:, 1] & 15) | ((Lq[:, 3] & 15) << 4)], axis=1).reshape(128)
-        qh = ((Lq[:, 0] >> 4) | ((Lq[:, 1] >> 4) << 2) | ((Lq[:, 2] >> 4) << 4) | ((Lq[:, 3] >> 4) << 6)).reshape(64)
-        out[b] = np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), sc.astype(np.int8).view(np.uint8),
-                                 np.frombuffer(d.tobytes(), np.uint8)])
+        ql = np.concatenate(
+            [(Lq[:, 0] & 15) | ((Lq[:, 2] & 15) << 4), (Lq[:, 1] & 15) | ((Lq[:, 3] & 15) << 4)], axis=1
+        ).reshape(128)
+        qh = (
+            (Lq[:, 0] >> 4) | ((Lq[:, 1] >> 4) << 2) | ((Lq[:, 2] >> 4) << 4) | ((Lq[:, 3] >> 4) << 6)
+        ).reshape(64)
+        out[b] = np.concatenate(
+            [
+                ql.astype(np.uint8),
+                qh.astype(np.uint8),
+                sc.astype(np.int8).view(np.uint8),
+                np.frombuffer(d.tobytes(), np.uint8),
+            ]
+        )
     return out

@@ -1,4 +1,5 @@
 """Quantised token embedding and lm_head (tied and untied), chunked matmul, native dequantise kernels."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from greentune.quant import (QuantEmbedding, QuantLinear, QuantTiedHead, get_format, load_quantized,
-                             quantize_model_)
-from greentune.quant import kernels
+from greentune.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantTiedHead,
+    get_format,
+    kernels,
+    load_quantized,
+    quantize_model_,
+)
 from greentune.quant.dequantize import dequantize_model_
 
 
@@ -31,7 +38,7 @@ def test_lookup_equals_the_dequantised_table(fmt):
     f = get_format(fmt)
     assert q.qweight.dtype == torch.uint8 and tuple(q.qweight.shape) == f.packed_shape((300, 256))
     table = q.dequantize()
-    assert torch.equal(table, f.dequantize(f.quantize(emb.weight), (300, 256)))    # round trip
+    assert torch.equal(table, f.dequantize(f.quantize(emb.weight), (300, 256)))  # round trip
     ids = torch.tensor([[0, 3, 299, 7], [7, 7, 1, 250]])
     out = q(ids)
     assert out.shape == (2, 4, 256) and out.dtype == torch.float32
@@ -50,6 +57,7 @@ def _llama(tie=False, hidden=256, vocab=512):
     from transformers import AutoModelForCausalLM
 
     from greentune.models.tiny import tiny_config
+
     config = tiny_config("llama", vocab_size=vocab, hidden=hidden, intermediate=512)
     config.tie_word_embeddings = tie
     torch.manual_seed(0)
@@ -70,10 +78,12 @@ def test_quantize_model_quantises_embedding_and_head_as_q4_k_m():
     model = _llama()
     ref_model = copy.deepcopy(model)
     counts = quantize_model_(model, "q4_k")
-    assert isinstance(model.model.embed_tokens, QuantEmbedding) and model.model.embed_tokens.fmt.name == "q4_k"
+    assert (
+        isinstance(model.model.embed_tokens, QuantEmbedding) and model.model.embed_tokens.fmt.name == "q4_k"
+    )
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt.name == "q6_k"
     assert (counts["embedding"], counts["fallback"]) == (1, 0)
-    assert not [n for n, p in model.named_parameters() if p.dim() > 1]          # no float matrix left
+    assert not [n for n, p in model.named_parameters() if p.dim() > 1]  # no float matrix left
     ids = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         out, ref = model(ids).logits, _reference(ref_model, model)(ids).logits
@@ -87,7 +97,7 @@ def test_tied_embeddings_one_table_in_the_head_format():
     counts = quantize_model_(model, "q4_k")
     emb, head = model.model.embed_tokens, model.lm_head
     assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantTiedHead)
-    assert emb.fmt.name == "q6_k" and head.qweight is emb.qweight        # llama.cpp: token_embd takes output's type
+    assert emb.fmt.name == "q6_k" and head.qweight is emb.qweight  # llama.cpp: token_embd takes output's type
     assert counts["embedding"] == 1 and counts["linear"] == 14
     assert [k for k in model.state_dict() if "embed" in k or "lm_head" in k] == ["model.embed_tokens.qweight"]
     ids = torch.randint(0, 512, (2, 12))
@@ -106,6 +116,7 @@ def test_tied_embeddings_one_table_in_the_head_format():
 @pytest.mark.parametrize("tie", [False, True])
 def test_dequantize_model_restores_plain_modules_and_returns_their_bytes(tie):
     from gguf import GGMLQuantizationType as T
+
     model = _llama(tie=tie)
     quantize_model_(model, "q4_k")
     table = model.model.embed_tokens.dequantize()
@@ -127,6 +138,7 @@ def test_dequantize_model_restores_plain_modules_and_returns_their_bytes(tie):
 def test_lora_on_a_quantised_head_trains_and_merges(tie):
     """No recipe targets lm_head, but a LoRA on it works: gradients flow, fuse_ re-quantises."""
     from greentune.adapters.lora import LoRALinear
+
     model = _llama(tie=tie)
     quantize_model_(model, "q8_0")
     model.lm_head = LoRALinear(model.lm_head, rank=4, alpha=8)
@@ -141,8 +153,8 @@ def test_lora_on_a_quantised_head_trains_and_merges(tie):
         model.lm_head.fuse_()
         model.lm_head = model.lm_head.base
         after = model(ids).logits
-    assert (model.lm_head.dequantize() - expected).abs().max() < 0.003          # Q8_0's error
-    if tie:      # one table: the merge moved the input embedding too, as with tied fp32 weights
+    assert (model.lm_head.dequantize() - expected).abs().max() < 0.003  # Q8_0's error
+    if tie:  # one table: the merge moved the input embedding too, as with tied fp32 weights
         assert torch.equal(model.model.embed_tokens.dequantize(), model.lm_head.dequantize())
     else:
         assert (after - before).abs().max() < 0.05
@@ -170,7 +182,8 @@ def test_load_quantized_streams_embedding_and_head(tmp_path, tokenizer):
 def test_chunked_matmul_matches_the_dense_product(monkeypatch):
     """Big weights are multiplied a block of rows at a time (here forced on a small one)."""
     from greentune.quant import linear
-    monkeypatch.setattr(linear, "CHUNK_WEIGHTS", 512 * 40)          # 40 rows per chunk, 3 chunks
+
+    monkeypatch.setattr(linear, "CHUNK_WEIGHTS", 512 * 40)  # 40 rows per chunk, 3 chunks
     lin = nn.Linear(512, 100, bias=True)
     q = QuantLinear.from_linear(lin, "q4_k")
     W = q.dequantize()
@@ -180,7 +193,7 @@ def test_chunked_matmul_matches_the_dense_product(monkeypatch):
     g = torch.randn_like(y)
     y.backward(g)
     assert torch.allclose(x.grad, (g @ W), atol=1e-5)
-    with torch.no_grad():                                          # the no-grad path chunks too
+    with torch.no_grad():  # the no-grad path chunks too
         assert torch.allclose(q(x), y, atol=1e-6)
 
 
@@ -190,17 +203,18 @@ def test_chunked_products_share_one_dequantise_buffer_per_thread(monkeypatch):
     import threading
 
     from greentune.quant import linear
+
     if kernels.library() is None:
         pytest.skip("the C kernels could not be built")
     monkeypatch.setattr(linear, "CHUNK_WEIGHTS", 512 * 40)
     monkeypatch.setattr(linear, "_scratch", threading.local())
     a = QuantLinear.from_linear(nn.Linear(512, 100), "q4_k")
-    b = QuantLinear.from_linear(nn.Linear(1024, 70), "q6_k")       # 20 rows × 1024: as many floats
+    b = QuantLinear.from_linear(nn.Linear(1024, 70), "q6_k")  # 20 rows × 1024: as many floats
     xa, xb = torch.randn(3, 512, requires_grad=True), torch.randn(3, 1024)
     ya = a(xa)
     ptr = linear._scratch.buf.data_ptr()
     yb = b(xb)
-    ya.sum().backward()                                            # the input gradient chunks too
+    ya.sum().backward()  # the input gradient chunks too
     assert linear._scratch.buf.data_ptr() == ptr and linear._scratch.buf.numel() == 512 * 40
     assert torch.allclose(ya, F.linear(xa, a.dequantize(), a.bias), atol=1e-5)
     assert torch.allclose(yb, F.linear(xb, b.dequantize(), b.bias), atol=1e-5)
@@ -218,12 +232,12 @@ def test_native_dequantise_is_bit_identical(fmt):
     f = get_format(fmt)
     w = torch.randn(48, 512) * 0.05
     w[0] = 0
-    w[1] = 1e-7 * torch.randn(512)                               # f16 scales underflow to subnormals
-    w[2, :256] = torch.linspace(-65000, 65000, 256)               # near the f16 range's top
+    w[1] = 1e-7 * torch.randn(512)  # f16 scales underflow to subnormals
+    w[2, :256] = torch.linspace(-65000, 65000, 256)  # near the f16 range's top
     q = f.quantize(w)
     assert kernels.library() is not None, "the C kernels could not be built"
     assert torch.equal(f.dequantize(q, w.shape, native=True), f.dequantize(q, w.shape))
-    rows = q[5:17]                                                # a row slice, as the chunked matmul passes
+    rows = q[5:17]  # a row slice, as the chunked matmul passes
     assert torch.equal(f.dequantize(rows, (12, 512), native=True), f.dequantize(rows, (12, 512)))
 
 
@@ -231,7 +245,7 @@ def test_native_policy(monkeypatch):
     f, cpu = get_format("q4_k"), torch.device("cpu")
     monkeypatch.delenv(kernels.ENV, raising=False)
     assert kernels.wanted(f, cpu) and kernels.wanted(get_format("nf4"), cpu)
-    assert not kernels.wanted(get_format("nf4_dq"), cpu)   # no kernel: its scales span rows
+    assert not kernels.wanted(get_format("nf4_dq"), cpu)  # no kernel: its scales span rows
     assert not kernels.wanted(f, torch.device("meta"))
     monkeypatch.setenv(kernels.ENV, "0")
     assert not kernels.wanted(f, cpu)
@@ -239,8 +253,10 @@ def test_native_policy(monkeypatch):
 
 # ---- GGUF export of a quantised base: the training bytes, loaded by llama.cpp ----------------------
 
+
 def _llamacpp_greedy(path, prompt, n, banned):
     import xllamacpp as x
+
     p = x.CommonParams()
     p.model.path = str(path)
     p.n_ctx = 64
@@ -248,8 +264,16 @@ def _llamacpp_greedy(path, prompt, n, banned):
     p.warmup = False
     with contextlib.redirect_stderr(open(os.devnull, "w")):
         server = x.Server(p)
-    r = server.handle_completions({"prompt": list(prompt), "max_tokens": n, "temperature": 0, "n_probs": 1,
-                                   "cache_prompt": False, "logit_bias": [[int(b), False] for b in banned]})
+    r = server.handle_completions(
+        {
+            "prompt": list(prompt),
+            "max_tokens": n,
+            "temperature": 0,
+            "n_probs": 1,
+            "cache_prompt": False,
+            "logit_bias": [[int(b), False] for b in banned],
+        }
+    )
     del server
     return [c["id"] for c in r["choices"][0]["logprobs"]["content"]]
 
@@ -263,9 +287,12 @@ def test_gguf_export_reuses_embedding_and_head_bytes_and_runs_in_llamacpp(tmp_pa
     from greentune.models.tiny import build_tiny_model
 
     d = tmp_path / "base"
-    build_tiny_model("llama", d, tokenizer=tokenizer, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
+    build_tiny_model(
+        "llama", d, tokenizer=tokenizer, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2
+    )
     if tie:
         from transformers import AutoModelForCausalLM
+
         m = AutoModelForCausalLM.from_pretrained(d)
         m.config.tie_word_embeddings = True
         m.tie_weights()
@@ -273,7 +300,9 @@ def test_gguf_export_reuses_embedding_and_head_bytes_and_runs_in_llamacpp(tmp_pa
     model = load_quantized(d, "q4_k")
     assert isinstance(model.lm_head, QuantTiedHead if tie else QuantLinear)
     packed = dequantize_model_(model)
-    path = write_gguf(model, tmp_path / "model-q4_k_m.gguf", "q4_k_m", tokenizer=tokenizer, prequantized=packed)
+    path = write_gguf(
+        model, tmp_path / "model-q4_k_m.gguf", "q4_k_m", tokenizer=tokenizer, prequantized=packed
+    )
     tensors = {t.name: t for t in GGUFReader(path).tensors}
     names = {"token_embd.weight": "model.embed_tokens.weight"}
     if not tie:
@@ -289,8 +318,10 @@ def test_gguf_export_reuses_embedding_and_head_bytes_and_runs_in_llamacpp(tmp_pa
 
     prompt = [5, 6, 7, 8, 9, 10, 40, 41]
     # ban tokens the server would merge into the next one (not whole UTF-8) and special ones
-    banned = sorted({i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])}
-                    | {int(i) for i in tokenizer.added_tokens_decoder})
+    banned = sorted(
+        {i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])}
+        | {int(i) for i in tokenizer.added_tokens_decoder}
+    )
     gen = _llamacpp_greedy(path, prompt, 8, banned)
     assert len(gen) == 8
     # llama.cpp's greedy choices are (up to near-ties) PyTorch's on the same dequantised weights

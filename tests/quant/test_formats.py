@@ -1,4 +1,5 @@
 """Block formats against the reference: gguf-py's quantiser/dequantiser and ggml's K-quant algorithm."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,11 +7,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
+from tests.quant import kquant_reference as ref
 
 from greentune.errors import UserError
 from greentune.quant import format_names, get_format
 from greentune.quant.nf4 import NF4_CODE
-from tests.quant import kquant_reference as ref
 
 
 def _weights(rows: int, cols: int) -> torch.Tensor:
@@ -37,12 +38,14 @@ def test_simple_formats_bytes_equal_gguf(name, qtype):
     assert np.array_equal(get_format(name).dequantize(q, w.shape).numpy(), quants.dequantize(expected, qtype))
 
 
-@pytest.mark.parametrize("name,qtype,fn", [("q4_k", T.Q4_K, ref.quantize_q4_k), ("q6_k", T.Q6_K, ref.quantize_q6_k)])
+@pytest.mark.parametrize(
+    "name,qtype,fn", [("q4_k", T.Q4_K, ref.quantize_q4_k), ("q6_k", T.Q6_K, ref.quantize_q6_k)]
+)
 def test_kquants_match_ggml_reference(name, qtype, fn):
     """Blocks read identically by gguf's dequantiser; error no worse than ggml's reference
     algorithm (a literal port) on the same weights; nearly all blocks byte-identical to it."""
     w = torch.randn(16, 1024) * 0.02
-    w[::4] = torch.distributions.StudentT(2.5).sample((4, 1024)) * 0.01   # heavy-tailed rows
+    w[::4] = torch.distributions.StudentT(2.5).sample((4, 1024)) * 0.01  # heavy-tailed rows
     fmt = get_format(name)
     q = fmt.quantize(w)
     assert tuple(q.shape) == (16, 1024 // 256 * fmt.type_size)
@@ -66,7 +69,7 @@ def test_kquants_special_blocks(name, qtype):
     ours = fmt.dequantize(q, w.shape)
     assert np.array_equal(ours.numpy(), quants.dequantize(q.numpy(), qtype))
     assert torch.all(ours[0, :256] == 0) and torch.all(ours[4, :256].abs() < 1e-20)
-    assert (ours[1, 64:256] + 0.125).abs().max() < 2.5e-3   # 6-bit min relative to the 0.25 one
+    assert (ours[1, 64:256] + 0.125).abs().max() < 2.5e-3  # 6-bit min relative to the 0.25 one
     assert (ours[1, :32] - 0.5).abs().max() < 2e-3
     assert (ours[3, :256] - w[3, :256]).abs().max() < 0.04
 
@@ -79,8 +82,10 @@ def test_kquant_error_bounds():
         assert rel < bound, (name, float(rel))
 
 
-@pytest.mark.parametrize("name,bpw", [("q8_0", 8.5), ("q4_0", 4.5), ("q4_k", 4.5), ("q6_k", 6.5625),
-                                      ("nf4", 4.5), ("f16", 16), ("f32", 32)])
+@pytest.mark.parametrize(
+    "name,bpw",
+    [("q8_0", 8.5), ("q4_0", 4.5), ("q4_k", 4.5), ("q6_k", 6.5625), ("nf4", 4.5), ("f16", 16), ("f32", 32)],
+)
 def test_packed_size_is_bits_per_weight(name, bpw):
     fmt = get_format(name)
     w = torch.randn(8, 512)
@@ -94,7 +99,9 @@ def test_nf4_exact_codes_and_roundtrip():
     code = torch.tensor(NF4_CODE)
     # Each code value times a block scale comes back exactly; the block's absmax is the scale.
     w = (code.repeat(4) * 0.37).reshape(1, 64)
-    assert torch.equal(fmt.dequantize(fmt.quantize(w), w.shape), (code.repeat(4) * torch.tensor(0.37)).reshape(1, 64))
+    assert torch.equal(
+        fmt.dequantize(fmt.quantize(w), w.shape), (code.repeat(4) * torch.tensor(0.37)).reshape(1, 64)
+    )
     # Random weights: every dequantised value is absmax·code, and codes are the nearest.
     w = torch.randn(32, 256)
     q = fmt.quantize(w)
@@ -108,7 +115,7 @@ def test_nf4_exact_codes_and_roundtrip():
 
 def test_nf4_double_quant():
     fmt = get_format("nf4_dq")
-    w = torch.randn(128, 512)                        # 1024 blocks → 4 second-level blocks
+    w = torch.randn(128, 512)  # 1024 blocks → 4 second-level blocks
     q = fmt.quantize(w)
     assert tuple(q.shape) == (1024 * 33 + 4 * 4 + 4,)
     assert abs(fmt.bits_per_weight - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-12
@@ -116,7 +123,7 @@ def test_nf4_double_quant():
     plain = get_format("nf4")
     e_dq = (dq - w).pow(2).mean().sqrt()
     e_plain = (plain.dequantize(plain.quantize(w), w.shape) - w).pow(2).mean().sqrt()
-    assert e_dq < e_plain * 1.01                     # the 8-bit scales cost < 1 % extra error
+    assert e_dq < e_plain * 1.01  # the 8-bit scales cost < 1 % extra error
     assert fmt.row_local is False
 
 
@@ -141,7 +148,7 @@ def test_get_format_errors():
 
 def test_parallel_chunks_give_identical_bytes():
     """Several CPU threads quantise chunks in worker threads: same bytes, caller's threads kept."""
-    w = torch.randn(64, 2048) * 0.02                   # 512 super-blocks → 2 chunks of 256
+    w = torch.randn(64, 2048) * 0.02  # 512 super-blocks → 2 chunks of 256
     single = {n: get_format(n).quantize(w) for n in ("q4_k", "q6_k")}
     torch.set_num_threads(2)
     try:

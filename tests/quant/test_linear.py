@@ -1,4 +1,5 @@
 """QuantLinear, QuantExperts3D and quantize_model_ on tiny models."""
+
 from __future__ import annotations
 
 import copy
@@ -81,9 +82,9 @@ def test_add_of_zero_is_idempotent_for_gguf_formats():
 
 
 def test_fallback_for_rows_not_whole_blocks():
-    q = QuantLinear.from_linear(_linear(96, 8), "q4_k")       # 96 % 256 != 0, % 32 == 0
+    q = QuantLinear.from_linear(_linear(96, 8), "q4_k")  # 96 % 256 != 0, % 32 == 0
     assert q.fmt.name == "q8_0" and tuple(q.qweight.shape) == (8, 3 * 34)
-    q = QuantLinear.from_linear(_linear(50, 8), "q4_k")       # not even % 32
+    q = QuantLinear.from_linear(_linear(50, 8), "q4_k")  # not even % 32
     assert q.fmt.name == "f32" and torch.equal(q.dequantize(), _linear_weight(q))
 
 
@@ -120,21 +121,25 @@ def test_experts_3d_per_expert():
 
 def test_quantize_model_counts_and_outputs():
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=512, hidden=256, intermediate=256))
+
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("mixtral", vocab_size=512, hidden=256, intermediate=256)
+    )
     model.eval()
     model.set_experts_implementation("eager")
     ids = torch.randint(0, 500, (2, 16))
     reference = copy.deepcopy(model)
     n_dense = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    counts = quantize_model_(model, "q4_k", skip=("lm_head", "embed_tokens"))   # (see test_embedding.py)
+    counts = quantize_model_(model, "q4_k", skip=("lm_head", "embed_tokens"))  # (see test_embedding.py)
     # 4 attention projections per layer; gate_up and down expert tensors per layer
     assert (counts["linear"], counts["experts"], counts["fallback"]) == (8, 4, 0)
     attn = 2 * (256 * 256 * 2 + 256 * 128 * 2)
     experts = 2 * (4 * 512 * 256 + 4 * 256 * 256)
     assert counts["params"] == attn + experts
     assert counts["packed_bytes"] * 8 == 4.5 * counts["params"]
-    assert n_dense - counts["params"] == sum(p.numel() for n, p in model.named_parameters()
-                                             if "embed" not in n and "lm_head" not in n)
+    assert n_dense - counts["params"] == sum(
+        p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n
+    )
     assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, QuantExperts3D)
     assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantLinear)
@@ -144,6 +149,8 @@ def test_quantize_model_counts_and_outputs():
             if isinstance(module, QuantLinear):
                 reference.get_submodule(name).weight.copy_(module.dequantize())
             elif isinstance(module, QuantExperts3D):
-                getattr(reference.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]).copy_(module.dequantize())
+                getattr(reference.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]).copy_(
+                    module.dequantize()
+                )
         out, ref = model(ids).logits, reference(ids).logits
     assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)

@@ -1,4 +1,5 @@
 """load_quantized: same model as from_pretrained + quantize_model_, streamed from safetensors."""
+
 from __future__ import annotations
 
 import json
@@ -60,6 +61,7 @@ def test_tied_embeddings_are_quantised_once(tmp_path, tokenizer):
     """One table, in the head's format (Q8_0 here); the head reads the embedding's bytes."""
     from greentune.models.tiny import tiny_config
     from greentune.quant import QuantEmbedding, QuantTiedHead
+
     config = tiny_config("llama", vocab_size=len(tokenizer), hidden=64)
     config.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(config)
@@ -72,6 +74,7 @@ def test_tied_embeddings_are_quantised_once(tmp_path, tokenizer):
 
 def test_tied_embeddings_stay_tied_when_skipped(tmp_path, tokenizer):
     from greentune.models.tiny import tiny_config
+
     config = tiny_config("llama", vocab_size=len(tokenizer), hidden=64)
     config.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(config)
@@ -95,6 +98,7 @@ def test_skip_and_missing(tiny_llama_dir, tmp_path):
 
 def test_iter_safetensors_reads_what_safetensors_reads(tiny_mixtral_dir):
     from safetensors.torch import load_file
+
     expected = load_file(tiny_mixtral_dir / "model.safetensors")
     got = dict(iter_safetensors(tiny_mixtral_dir / "model.safetensors"))
     assert sorted(got) == sorted(expected)

@@ -1,5 +1,6 @@
 """Memory is real: measured in a fresh process (psutil RSS / ru_maxrss) while streaming a model
 whose fp32 checkpoint is ~6.5× its Q4_K size."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,15 @@ MB = 1 << 20
 def test_streaming_load_peak_and_resident_memory(tmp_path, tiny_llama_dir):
     d = tmp_path / "llama"
     build_tiny_model("llama", d, vocab_size=256, hidden=512, intermediate=1536, layers=4, heads=8, kv_heads=8)
-    fp32_bytes = os.path.getsize(d / "model.safetensors")             # ~56 MB
+    fp32_bytes = os.path.getsize(d / "model.safetensors")  # ~56 MB
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(PROBE), str(d), "q4_k", str(tiny_llama_dir)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(PROBE), str(d), "q4_k", str(tiny_llama_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -28,8 +34,12 @@ def test_streaming_load_peak_and_resident_memory(tmp_path, tiny_llama_dir):
     # embedding 256×512 in Q4_K and lm_head in Q6_K (6.5625 bits/weight), as llama.cpp's Q4_K_M.
     assert m["modules"] == 28 + 2 and m["formats"] == ["q4_k", "q6_k"]
     assert m["quantised_params"] == 4 * (4 * 512 * 512 + 3 * 512 * 1536) + 2 * 256 * 512
-    assert m["packed"] * 8 == m["expected_bits"] == 4.5 * (m["quantised_params"] - 256 * 512) + 6.5625 * 256 * 512
-    weights = m["packed"] + m["dense_bytes"]                              # + norms
+    assert (
+        m["packed"] * 8
+        == m["expected_bits"]
+        == 4.5 * (m["quantised_params"] - 256 * 512) + 6.5625 * 256 * 512
+    )
+    weights = m["packed"] + m["dense_bytes"]  # + norms
     assert fp32_bytes > 6 * weights
 
     # The loaded model holds its packed bytes, nothing more (within 5 % / 1 MB).
@@ -60,8 +70,13 @@ print(json.dumps({"returned": before - rss()}))
 
 def _freed_bytes_returned(fixed: bool) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, "1" if fixed else "0"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE, "1" if fixed else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])["returned"]
 
@@ -75,6 +90,7 @@ def test_limit_heap_retention_returns_freed_tensors_to_the_os():
 
 def test_limit_heap_retention_respects_the_users_setting(monkeypatch):
     from greentune.heap import limit_heap_retention
+
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 22))
     assert limit_heap_retention() is False
 
@@ -90,7 +106,7 @@ def test_empty_quantized_module_touches_no_pages():
 
     fmt = get_format("q4_k")
     rss = psutil.Process().memory_info().rss
-    t = Target("big", "weight", "linear", (16384, 8192), fmt, bias=True)          # 75 MB packed
+    t = Target("big", "weight", "linear", (16384, 8192), fmt, bias=True)  # 75 MB packed
     m = empty_quantized_module(t)
     e = empty_quantized_module(Target("emb", "weight", "embedding", (16384, 8192), fmt))
     grown = psutil.Process().memory_info().rss - rss

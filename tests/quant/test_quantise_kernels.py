@@ -1,6 +1,7 @@
 """Native quantise kernels (`kernels.c` via `kernels.quantize_blocks`): the bytes of the
 plain-torch `_quantize_blocks`, for every format, on random and adversarial blocks, on any
 number of threads; the fallback without a compiler; the loader and the GGUF exporter use them."""
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,9 @@ def _assert_same_bytes(name: str, w: torch.Tensor):
     want, got = _both(fmt, w)
     assert got.dtype == torch.uint8 and got.shape == want.shape
     bad = (want != got).any(dim=1).nonzero()[:, 0]
-    assert bad.numel() == 0, f"{name}: {bad.numel()} of {want.shape[0]} blocks differ, first {bad[:5].tolist()}"
+    assert bad.numel() == 0, (
+        f"{name}: {bad.numel()} of {want.shape[0]} blocks differ, first {bad[:5].tolist()}"
+    )
 
 
 def _adversarial(block: int) -> torch.Tensor:
@@ -37,18 +40,26 @@ def _adversarial(block: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     r = torch.randn(n, generator=g)
     rows = [
-        torch.zeros(n), torch.full((n,), -0.0), torch.where(torch.arange(n) % 3 == 0, -0.0, 0.0),
-        torch.full((n,), 0.37), torch.full((n,), -2.5), torch.full((n,), 1e-3),
-        r * 1e30, r * 3e37, r * 1e-30, r * 1e-40, r * 6e4,
-        torch.where(r > 0, r.abs() + 1, -0.0),             # non-negative with -0: min is a zero
-        torch.where(r > 0, -0.0, -(r.abs() + 1)),          # non-positive with -0: max is a zero
-        torch.round(r * 16) / 2,                           # halves: ties in every rounding
-        torch.arange(n, dtype=torch.float32) % 16 - 8,     # Q4_0's grid exactly
+        torch.zeros(n),
+        torch.full((n,), -0.0),
+        torch.where(torch.arange(n) % 3 == 0, -0.0, 0.0),
+        torch.full((n,), 0.37),
+        torch.full((n,), -2.5),
+        torch.full((n,), 1e-3),
+        r * 1e30,
+        r * 3e37,
+        r * 1e-30,
+        r * 1e-40,
+        r * 6e4,
+        torch.where(r > 0, r.abs() + 1, -0.0),  # non-negative with -0: min is a zero
+        torch.where(r > 0, -0.0, -(r.abs() + 1)),  # non-positive with -0: max is a zero
+        torch.round(r * 16) / 2,  # halves: ties in every rounding
+        torch.arange(n, dtype=torch.float32) % 16 - 8,  # Q4_0's grid exactly
         torch.arange(n, dtype=torch.float32) % 7 * 0.25,
         torch.where(torch.arange(n) % 2 == 0, 3.0, -3.0),  # max |x| tied between signs
         torch.where(torch.arange(n) % 17 == 5, 9.0, r * 0.01),
-        torch.where(torch.arange(n) < n // 2, r, 0.0),     # one live half, one zero half
-        torch.where(r.abs() < 1, r * 1e-8, r),             # two scales in one block
+        torch.where(torch.arange(n) < n // 2, r, 0.0),  # one live half, one zero half
+        torch.where(r.abs() < 1, r * 1e-8, r),  # two scales in one block
     ]
     return torch.stack(rows)
 
@@ -71,7 +82,7 @@ def test_adversarial_bytes_equal_plain_torch(name):
 def test_threads_split_rows_into_the_same_bytes(name, threads, monkeypatch):
     """Block counts that do not divide the thread count; tiny parts so every thread works."""
     monkeypatch.setattr(kernels, "MIN_WEIGHTS_PER_THREAD", 256)
-    monkeypatch.setattr(kernels, "Q4_K_CHUNK_BLOCKS", 5)          # several rounds of Q4_K's steps
+    monkeypatch.setattr(kernels, "Q4_K_CHUNK_BLOCKS", 5)  # several rounds of Q4_K's steps
     torch.manual_seed(threads)
     w = torch.randn(11, 1280)
     fmt = get_format(name)
@@ -100,14 +111,16 @@ def test_quantize_goes_native_and_obeys_the_switch(monkeypatch):
 def test_no_compiler_falls_back_to_plain_torch_with_one_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(kernels, "_lib", False)
     monkeypatch.setattr(kernels, "_lanes", kernels._lanes)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))            # nothing cached: must build
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: must build
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     w = torch.randn(3, 256)
     with caplog.at_level(logging.WARNING, logger=kernels.__name__):
         for name in FORMATS:
             fmt = get_format(name)
-            assert torch.equal(fmt.quantize(w), fmt._quantize_blocks(w.reshape(-1, fmt.block_size)).reshape(
-                fmt.packed_shape(w.shape)))
+            assert torch.equal(
+                fmt.quantize(w),
+                fmt._quantize_blocks(w.reshape(-1, fmt.block_size)).reshape(fmt.packed_shape(w.shape)),
+            )
     assert kernels.library() is None
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
@@ -117,8 +130,11 @@ def test_unknown_summation_order_keeps_kquants_in_plain_torch(monkeypatch):
     monkeypatch.setattr(kernels, "_lanes", None)
     for name in ("q4_k", "q6_k"):
         fmt = get_format(name)
-        monkeypatch.setattr(type(fmt), "_quantize_blocks", lambda self, b: torch.full(
-            (b.shape[0], self.type_size), 7, dtype=torch.uint8))
+        monkeypatch.setattr(
+            type(fmt),
+            "_quantize_blocks",
+            lambda self, b: torch.full((b.shape[0], self.type_size), 7, dtype=torch.uint8),
+        )
         assert (kernels.quantize_blocks(fmt, torch.randn(2, 256)) == 7).all()
 
 
@@ -128,14 +144,17 @@ def test_probe_finds_this_torchs_lane_width():
 
 def _refuse_plain(monkeypatch):
     """Make every plain-torch quantiser raise: whatever still works went through the kernels."""
+
     def refuse(self, blocks):
         raise AssertionError(f"plain-torch {self.name} quantiser called")
+
     for name in FORMATS:
         monkeypatch.setattr(type(get_format(name)), "_quantize_blocks", refuse)
 
 
 def test_streaming_loader_quantises_with_the_kernels(tmp_path, tokenizer, monkeypatch):
     from greentune.models.tiny import build_tiny_model
+
     build_tiny_model("llama", tmp_path, tokenizer=tokenizer, hidden=256, intermediate=512, layers=1)
     _refuse_plain(monkeypatch)
     for name in ("q4_k", "nf4"):
@@ -155,16 +174,20 @@ def test_gguf_exporter_quantises_with_the_kernels(tmp_path, tokenizer, monkeypat
 
     from greentune.export.gguf import export_gguf
     from greentune.models.tiny import build_tiny_model
+
     src = tmp_path / "model"
     build_tiny_model("llama", src, tokenizer=tokenizer, hidden=256, intermediate=512, layers=1)
     down = load_file(src / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
     # layer 0 of 1 is in use_more_bits' last eighth: ffn_down is Q6_K under q4_k_m
     fmts = {"q4_k_m": ("Q6_K", "q6_k"), "q4_0": ("Q4_0", "q4_0"), "q8_0": ("Q8_0", "q8_0")}
-    expected = {q: get_format(f)._quantize_blocks(down.reshape(-1, get_format(f).block_size)).numpy()
-                for q, (_, f) in fmts.items()}
+    expected = {
+        q: get_format(f)._quantize_blocks(down.reshape(-1, get_format(f).block_size)).numpy()
+        for q, (_, f) in fmts.items()
+    }
     _refuse_plain(monkeypatch)
-    monkeypatch.setattr(gguf.quants, "quantize", lambda *a, **k: (_ for _ in ()).throw(
-        AssertionError("gguf.quants used")))
+    monkeypatch.setattr(
+        gguf.quants, "quantize", lambda *a, **k: (_ for _ in ()).throw(AssertionError("gguf.quants used"))
+    )
     for quant, (gtype, _) in fmts.items():
         reader = GGUFReader(export_gguf(src, tmp_path / f"m-{quant}.gguf", quant).path)
         types = {t.name: t.tensor_type.name for t in reader.tensors}

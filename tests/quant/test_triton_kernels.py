@@ -6,6 +6,7 @@ pytest process with it set; another child compiles the kernels for a GPU
 (`_triton_compile_probe.py`). Skipped only when triton is not installed (the `test` extra
 installs it on Linux); that greentune runs without triton is checked either way.
 """
+
 import importlib.util
 import json
 import os
@@ -18,8 +19,10 @@ import pytest
 
 CASES = Path(__file__).with_name("_triton_cases.py")
 COMPILE = Path(__file__).with_name("_triton_compile_probe.py")
-NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                               reason="triton is not installed (the test extra installs it on Linux)")
+NO_TRITON = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="triton is not installed (the test extra installs it on Linux)",
+)
 
 
 def _env(**extra):
@@ -48,15 +51,24 @@ def children():
     """The three child processes, started together (they are mostly imports and compiles)."""
     triton = importlib.util.find_spec("triton") is not None
     commands = {
-        "cases": ([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-                  _env(TRITON_INTERPRET="1")),
+        "cases": (
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+            _env(TRITON_INTERPRET="1"),
+        ),
         "compile": ([sys.executable, str(COMPILE)], _env()),
         # asked for the kernels, but triton is not importable
-        "without": ([sys.executable, "-c", _WITHOUT_TRITON], _env(GREENTUNE_TRITON="fused", TRITON_INTERPRET="1")),
+        "without": (
+            [sys.executable, "-c", _WITHOUT_TRITON],
+            _env(GREENTUNE_TRITON="fused", TRITON_INTERPRET="1"),
+        ),
     }
-    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                    cwd=CASES.parents[2])
-             for name, (cmd, env) in commands.items() if triton or name == "without"}
+    procs = {
+        name: subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=CASES.parents[2]
+        )
+        for name, (cmd, env) in commands.items()
+        if triton or name == "without"
+    }
     results = {}
 
     def result(name):
@@ -64,6 +76,7 @@ def children():
             out, err = procs[name].communicate(timeout=600)
             results[name] = (procs[name].returncode, out, err)
         return results[name]
+
     yield result
     for p in procs.values():
         if p.poll() is None:
@@ -87,7 +100,7 @@ def test_kernels_compile_for_a_gpu_without_fused_multiply_adds(children):
     rc, out, err = children("compile")
     assert rc == 0, err[-3000:]
     found = json.loads(out.strip().splitlines()[-1])
-    assert found.pop("contracted") > 0               # the count sees contraction where it is allowed
+    assert found.pop("contracted") > 0  # the count sees contraction where it is allowed
     for name, k in found.items():
         assert k["cubin_bytes"] > 0 and k["fma"] == 0, (name, k)
 

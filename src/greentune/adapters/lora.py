@@ -13,6 +13,7 @@ The base may be an `nn.Linear` or any frozen module with
 method (the quantised linears in `greentune.quant`), so LoRA, ReLoRA's merge and
 quantised bases share one code path.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from greentune.errors import UserError
 
 #: dtype of every LoRA factor (the optimiser's weights), whatever the base computes in.
 MASTER_DTYPE = torch.float32
@@ -47,7 +48,9 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         device = next(iter(base.buffers()), None)
         ref = getattr(base, "weight", None)
-        device = ref.device if isinstance(ref, torch.Tensor) else (device.device if device is not None else None)
+        device = (
+            ref.device if isinstance(ref, torch.Tensor) else (device.device if device is not None else None)
+        )
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=MASTER_DTYPE, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=MASTER_DTYPE, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -64,10 +67,10 @@ class LoRALinear(nn.Module):
         instead of two extra passes over the [tokens, out] output (and one more in backward)."""
         y = self.base(x)
         a, b = self.lora_A, self.lora_B
-        if a.dtype != x.dtype:   # fp32 masters, bf16 compute: the casts' backward gives fp32 grads
+        if a.dtype != x.dtype:  # fp32 masters, bf16 compute: the casts' backward gives fp32 grads
             a, b = a.to(x.dtype), b.to(x.dtype)
         u = F.linear(self.dropout(x), a)
-        if u.dtype != y.dtype:   # a base that computes in another dtype: let the sum promote
+        if u.dtype != y.dtype:  # a base that computes in another dtype: let the sum promote
             return y + F.linear(u, b) * self.scale
         out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, self.rank), b.t(), alpha=self.scale)
         return out.view(y.shape)
@@ -122,11 +125,15 @@ def check_rank_fits(config, rank: int, targets: list[str], where: str = "the mod
     widths = layer_widths(config, targets)
     if widths and rank > min(widths.values()):
         target, width = min(widths.items(), key=lambda kv: kv[1])
-        raise UserError(f"method.lora.rank {rank} exceeds the width of the {target} layers ({width}) of {where}; "
-                        f"use a rank of at most {width}")
+        raise UserError(
+            f"method.lora.rank {rank} exceeds the width of the {target} layers ({width}) of {where}; "
+            f"use a rank of at most {width}"
+        )
 
 
-def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
+def apply_lora(
+    model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0
+) -> list[str]:
     """Freeze `model` and wrap every targeted linear in a `LoRALinear`; return the wrapped paths.
 
     Raises UserError when no module matches (e.g. an architecture with other names).
@@ -136,14 +143,20 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dr
     leaves = target_names(targets)
     wrapped: list[str] = []
     for name, module in list(model.named_modules()):
-        if _leaf(name) in leaves and not isinstance(module, LoRALinear) and hasattr(module, "in_features") \
-                and ".experts." not in name:
+        if (
+            _leaf(name) in leaves
+            and not isinstance(module, LoRALinear)
+            and hasattr(module, "in_features")
+            and ".experts." not in name
+        ):
             parent = model.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, _leaf(name), LoRALinear(module, rank, alpha, dropout))
             wrapped.append(name)
     if leaves and not wrapped:
-        raise UserError(f"LoRA targets {targets} matched no module in {type(model).__name__} "
-                        f"(looked for {sorted(leaves)})")
+        raise UserError(
+            f"LoRA targets {targets} matched no module in {type(model).__name__} "
+            f"(looked for {sorted(leaves)})"
+        )
     return wrapped
 
 
@@ -165,4 +178,3 @@ def fuse_all_(model: nn.Module) -> int:
         setattr(parent, _leaf(name), module.base)
         count += 1
     return count
-

@@ -16,6 +16,7 @@ At every `merge_every` steps (`after_step`):
 The merged bases are part of every checkpoint taken after the first merge, so a resume
 across a merge boundary is bit-identical; no full-precision copy of the base is kept.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,10 +25,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ..recipe import ReloraConfig
-from ..train.hooks import TrainHook
-from ..train.schedule import restart_factor
-from .lora import LoRALinear, lora_modules
+from greentune.adapters.lora import LoRALinear, lora_modules
+from greentune.recipe import ReloraConfig
+from greentune.train.hooks import TrainHook
+from greentune.train.schedule import restart_factor
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ReLoRA(TrainHook):
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict:
         if step % self.config.merge_every or step >= self.total_steps:
             return {}
-        with (self.phase("merge") if self.phase else nullcontext()):
+        with self.phase("merge") if self.phase else nullcontext():
             # The re-initialised factors come from a stream of their own, seeded by the step:
             # every data-parallel rank draws the same A, whatever its dropout RNG did.
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -91,7 +92,13 @@ class ReLoRA(TrainHook):
                 merged = merge_and_restart_(self.model)
             zeroed = prune_adam_moments_(optimizer, lora_parameters(self.model), self.config.optimizer_prune)
         self.merges += 1
-        log.info("ReLoRA merge %d at step %d: %d modules, %d moment entries zeroed", self.merges, step, merged, zeroed)
+        log.info(
+            "ReLoRA merge %d at step %d: %d modules, %d moment entries zeroed",
+            self.merges,
+            step,
+            merged,
+            zeroed,
+        )
         return {"relora_merge": self.merges}
 
     def on_start(self, step: int) -> None:
@@ -113,10 +120,10 @@ class ReLoRA(TrainHook):
         for key, tensor in tensors.items():
             if not key.startswith(BASE_PREFIX):
                 continue
-            rest = key[len(BASE_PREFIX):]
+            rest = key[len(BASE_PREFIX) :]
             owner = max((n for n in bases if rest.startswith(n + ".")), key=len, default=None)
             if owner is not None:
-                groups.setdefault(owner, {})[rest[len(owner) + 1:]] = tensor
+                groups.setdefault(owner, {})[rest[len(owner) + 1 :]] = tensor
         for name, sd in groups.items():
             bases[name].load_state_dict(sd, strict=False)
 
@@ -152,6 +159,7 @@ def merge_and_restart_(model: nn.Module) -> int:
         m.fuse_()
         m.reset_lora_()
         count += 1
-    from ..moe.expert_lora import fuse_expert_lora_
+    from greentune.moe.expert_lora import fuse_expert_lora_
+
     count += fuse_expert_lora_(model, restart=True)
     return count

@@ -4,13 +4,23 @@
 The names below are imported on first use, so that the recipe can import the light
 `hf_datasets.DatasetSpec` without pulling in torch.
 """
+
 from importlib import import_module
 
 _HOMES = {
-    "build_datasets": "build", "split_documents": "build",
-    "IGNORE_INDEX": "packing", "BatchStream": "packing", "PackedData": "packing", "pack": "packing",
-    "ChatSample": "samples", "PromptSample": "samples", "Sample": "samples", "TextSample": "samples",
-    "read_samples": "sources", "Tokenized": "templates", "tokenize": "templates",
+    "build_datasets": "build",
+    "split_documents": "build",
+    "IGNORE_INDEX": "packing",
+    "BatchStream": "packing",
+    "PackedData": "packing",
+    "pack": "packing",
+    "ChatSample": "samples",
+    "PromptSample": "samples",
+    "Sample": "samples",
+    "TextSample": "samples",
+    "read_samples": "sources",
+    "Tokenized": "templates",
+    "tokenize": "templates",
 }
 
 __all__ = list(_HOMES)

@@ -6,11 +6,12 @@ a bare `.parquet` or `.csv` data path is read the same way. Loading is `datasets
 cache (`HF_DATASETS_CACHE`), offline mode (`HF_HUB_OFFLINE=1` / `HF_DATASETS_OFFLINE=1`) and
 login apply unchanged; only rows are yielded, one at a time, so the table stays memory-mapped.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,21 +26,28 @@ BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "js
 
 class DatasetSpec(BaseModel):
     """`data.train` / `data.eval` given as a dataset rather than a file path."""
+
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(description="Hub dataset id ORG/NAME, a save_to_disk folder, or a parquet/CSV/JSON/arrow path")
+    dataset: str = Field(
+        description="Hub dataset id ORG/NAME, a save_to_disk folder, or a parquet/CSV/JSON/arrow path"
+    )
     split: str = Field("train", description="which split to read")
-    name: Optional[str] = Field(None, description="the dataset's configuration (subset), when it has several")
-    columns: dict[str, str] = Field(default_factory=dict,
-                                    description="your column name → greentune's key (text, prompt, completion, "
-                                                "messages, conversations, instruction, input, output)")
+    name: str | None = Field(None, description="the dataset's configuration (subset), when it has several")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="your column name → greentune's key (text, prompt, completion, "
+        "messages, conversations, instruction, input, output)",
+    )
 
     @field_validator("columns")
     @classmethod
     def _known_targets(cls, columns: dict[str, str]) -> dict[str, str]:
         unknown = sorted(v for v in columns.values() if v not in KNOWN_KEYS)
         if unknown:
-            raise ValueError(f"maps onto unknown key(s) {', '.join(unknown)}; keys are {', '.join(KNOWN_KEYS)}")
+            raise ValueError(
+                f"maps onto unknown key(s) {', '.join(unknown)}; keys are {', '.join(KNOWN_KEYS)}"
+            )
         return columns
 
     def label(self) -> str:
@@ -71,8 +79,11 @@ def load_split(spec: DatasetSpec):
     path = Path(spec.dataset).expanduser()
     label = spec.label()
     try:
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-                              or (path / "state.json").is_file()):
+        if path.is_dir() and (
+            (path / "dataset_info.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+            or (path / "state.json").is_file()
+        ):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if spec.split not in ds:
@@ -82,11 +93,17 @@ def load_split(spec: DatasetSpec):
         if path.is_file():
             builder = BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise UserError(f"{path}: unsupported dataset file; use {', '.join(BUILDERS)}, a save_to_disk "
-                                "folder or a Hub dataset id")
+                raise UserError(
+                    f"{path}: unsupported dataset file; use {', '.join(BUILDERS)}, a save_to_disk "
+                    "folder or a Hub dataset id"
+                )
             # CSV cells are text: no guessing " 2" into the number 2, nor "" into NaN
-            options = dict(features=_csv_text_features(path), keep_default_na=False) if builder == "csv" else {}
-            return datasets.load_dataset(builder, data_files={spec.split: str(path)}, split=spec.split, **options)
+            options = (
+                dict(features=_csv_text_features(path), keep_default_na=False) if builder == "csv" else {}
+            )
+            return datasets.load_dataset(
+                builder, data_files={spec.split: str(path)}, split=spec.split, **options
+            )
         if path.is_dir() or spec.dataset.startswith((".", "/", "~")) or spec.dataset.count("/") != 1:
             if not path.exists():
                 raise UserError(f"{spec.dataset}: no such file or directory (nor a Hub dataset id ORG/NAME)")
@@ -94,15 +111,21 @@ def load_split(spec: DatasetSpec):
     except UserError:
         raise
     except DatasetNotFoundError as err:
-        raise UserError(f"{label}: {_first_line(err)} (log in with `hf auth login` for a private or gated "
-                        "dataset; offline, it must already be in the datasets cache)") from None
+        raise UserError(
+            f"{label}: {_first_line(err)} (log in with `hf auth login` for a private or gated "
+            "dataset; offline, it must already be in the datasets cache)"
+        ) from None
     except ConnectionError as err:
         if datasets.config.HF_HUB_OFFLINE:
-            raise UserError(f"{label}: not in the datasets cache, and offline mode (HF_HUB_OFFLINE / "
-                            "HF_DATASETS_OFFLINE) forbids downloading it; load it once online, or give a local "
-                            "file or folder") from None
-        raise UserError(f"{label}: the Hugging Face Hub cannot be reached ({_first_line(err)}); check the "
-                        "connection, or give a local file or folder") from None
+            raise UserError(
+                f"{label}: not in the datasets cache, and offline mode (HF_HUB_OFFLINE / "
+                "HF_DATASETS_OFFLINE) forbids downloading it; load it once online, or give a local "
+                "file or folder"
+            ) from None
+        raise UserError(
+            f"{label}: the Hugging Face Hub cannot be reached ({_first_line(err)}); check the "
+            "connection, or give a local file or folder"
+        ) from None
     except (ValueError, FileNotFoundError, OSError, KeyError) as err:
         raise UserError(f"{label}: cannot be loaded ({type(err).__name__}: {_first_line(err)})") from None
 

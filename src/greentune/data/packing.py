@@ -18,11 +18,12 @@ dropped: they would cost compute and teach nothing.
 (`torch.Generator` seeded with `seed + epoch`), forever. `state()`/`load_state()` capture
 the position, so a resumed run gets exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -36,8 +37,9 @@ IGNORE_INDEX = -100
 @dataclass(frozen=True)
 class PackedData:
     """Rows ready for a causal LM: all three tensors are int64 `[N, T]`."""
+
     input_ids: torch.Tensor
-    labels: torch.Tensor          # input id where the token is a target, else -100
+    labels: torch.Tensor  # input id where the token is a target, else -100
     attention_mask: torch.Tensor  # 1 for real tokens, 0 for padding
 
     def __post_init__(self):
@@ -62,8 +64,12 @@ class PackedData:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def pack(samples: Sequence[tuple[Sequence[int], Sequence[bool]]], max_seq_len: int, pack: bool = True,
-         pad_id: int = 0) -> PackedData:
+def pack(
+    samples: Sequence[tuple[Sequence[int], Sequence[bool]]],
+    max_seq_len: int,
+    pack: bool = True,
+    pad_id: int = 0,
+) -> PackedData:
     """Documents `(ids, mask)` → `PackedData` of rows `max_seq_len` long (see module docstring)."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
@@ -77,7 +83,7 @@ def pack(samples: Sequence[tuple[Sequence[int], Sequence[bool]]], max_seq_len: i
         input_ids = torch.full((n * T,), pad_id, dtype=torch.long)
         is_target = torch.zeros(n * T, dtype=torch.bool)
         real = torch.zeros(n * T, dtype=torch.long)
-        input_ids[:len(ids)], is_target[:len(ids)], real[:len(ids)] = ids, target, 1
+        input_ids[: len(ids)], is_target[: len(ids)], real[: len(ids)] = ids, target, 1
         input_ids, is_target, real = input_ids.view(n, T), is_target.view(n, T), real.view(n, T)
     else:
         n = len(samples)
@@ -99,7 +105,9 @@ def pack(samples: Sequence[tuple[Sequence[int], Sequence[bool]]], max_seq_len: i
         log.warning("dropped %d of %d rows that have no loss tokens", int((~keep).sum()), n)
         input_ids, is_target, real = input_ids[keep], is_target[keep], real[keep]
     if len(input_ids) == 0:
-        raise UserError(f"no loss tokens fit in max_seq_len={T} (are the completions beyond the first {T} tokens?)")
+        raise UserError(
+            f"no loss tokens fit in max_seq_len={T} (are the completions beyond the first {T} tokens?)"
+        )
     labels = input_ids.masked_fill(~is_target, IGNORE_INDEX)
     return PackedData(input_ids=input_ids, labels=labels, attention_mask=real)
 
@@ -136,12 +144,16 @@ class BatchStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = self.order(self.epoch)[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        rows = self.order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         self.index += 1
         if self.index == self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         d = self.data
-        return {"input_ids": d.input_ids[rows], "labels": d.labels[rows], "attention_mask": d.attention_mask[rows]}
+        return {
+            "input_ids": d.input_ids[rows],
+            "labels": d.labels[rows],
+            "attention_mask": d.attention_mask[rows],
+        }
 
     def state(self) -> dict[str, int]:
         """The position of the next batch: `{"epoch": e, "index": batch index within epoch e}`."""
@@ -150,8 +162,14 @@ class BatchStream:
     def load_state(self, state: dict) -> None:
         """Continue from a position returned by `state()` (on the same data, batch size and seed)."""
         epoch, index = state.get("epoch"), state.get("index")
-        if not (isinstance(epoch, int) and isinstance(index, int) and epoch >= 0
-                and 0 <= index < self.batches_per_epoch):
-            raise UserError(f"saved data position {state!r} does not fit this data ({self.batches_per_epoch} "
-                            "batches per epoch); did the training data or batch size change since the checkpoint?")
+        if not (
+            isinstance(epoch, int)
+            and isinstance(index, int)
+            and epoch >= 0
+            and 0 <= index < self.batches_per_epoch
+        ):
+            raise UserError(
+                f"saved data position {state!r} does not fit this data ({self.batches_per_epoch} "
+                "batches per epoch); did the training data or batch size change since the checkpoint?"
+            )
         self.epoch, self.index = epoch, index

@@ -14,23 +14,35 @@ A `text` record that is only whitespace is no document: `parse_record` returns N
 reader counts it. Every other problem is a `UserError` naming `where` (file:line or dataset
 row). `columns` renames the user's keys onto these (`{"question": "prompt", "answer": "completion"}`).
 """
+
 from __future__ import annotations
 
 from greentune.data.samples import ChatSample, PromptSample, Sample, TextSample
 from greentune.errors import UserError
 
-SHAPES = ('{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]}, '
-          '{"conversations": [{"from", "value"}, ...]} (ShareGPT) or {"instruction", "input", "output"} (Alpaca)')
+SHAPES = (
+    '{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]}, '
+    '{"conversations": [{"from", "value"}, ...]} (ShareGPT) or {"instruction", "input", "output"} (Alpaca)'
+)
 
 # shape name → (the keys a complete record of it has, the keys any of which hint at it)
-_SHAPE_KEYS = (("messages", ("messages",), ("messages",)), ("conversations", ("conversations",), ("conversations",)),
-               ("instruction/output", ("instruction", "output"), ("instruction",)),
-               ("prompt/completion", ("prompt", "completion"), ("prompt", "completion")),
-               ("text", ("text",), ("text",)))
+_SHAPE_KEYS = (
+    ("messages", ("messages",), ("messages",)),
+    ("conversations", ("conversations",), ("conversations",)),
+    ("instruction/output", ("instruction", "output"), ("instruction",)),
+    ("prompt/completion", ("prompt", "completion"), ("prompt", "completion")),
+    ("text", ("text",), ("text",)),
+)
 KNOWN_KEYS = ("text", "prompt", "completion", "messages", "conversations", "instruction", "input", "output")
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 def parse_record(obj: object, where: str, columns: dict[str, str] | None = None) -> Sample | None:
@@ -49,8 +61,10 @@ def parse_record(obj: object, where: str, columns: dict[str, str] | None = None)
         keys = ", ".join(sorted(map(str, obj))) or "none"
         raise UserError(f"{where}: no known keys (found: {keys}); accepted shapes: {SHAPES}")
     if len(shapes) > 1:
-        raise UserError(f"{where}: ambiguous record, has keys of several shapes ({' and '.join(sorted(shapes))}); "
-                        f"use exactly one of {SHAPES}")
+        raise UserError(
+            f"{where}: ambiguous record, has keys of several shapes ({' and '.join(sorted(shapes))}); "
+            f"use exactly one of {SHAPES}"
+        )
     return _PARSERS[shapes[0]](obj, where)
 
 
@@ -80,8 +94,10 @@ def _alpaca(obj: dict, where: str) -> PromptSample:
 def _openai(obj: dict, where: str) -> ChatSample:
     value = obj["messages"]
     if not isinstance(value, list) or not value:
-        raise UserError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects, '
-                        f"got {json_type(value)}")
+        raise UserError(
+            f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects, '
+            f"got {json_type(value)}"
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -90,7 +106,9 @@ def _openai(obj: dict, where: str) -> ChatSample:
         if not role:
             raise UserError(f'{where}: messages[{i}]["role"] is empty')
         if role not in CHAT_ROLES:
-            raise UserError(f'{where}: messages[{i}] has unknown role {role!r}; roles are {", ".join(CHAT_ROLES)}')
+            raise UserError(
+                f"{where}: messages[{i}] has unknown role {role!r}; roles are {', '.join(CHAT_ROLES)}"
+            )
         out.append((role, _content(m["content"], f'messages[{i}]["content"]', where)))
     return _chat(out, where)
 
@@ -98,16 +116,20 @@ def _openai(obj: dict, where: str) -> ChatSample:
 def _sharegpt(obj: dict, where: str) -> ChatSample:
     value = obj["conversations"]
     if not isinstance(value, list) or not value:
-        raise UserError(f'{where}: "conversations" must be a non-empty list of {{"from", "value"}} objects, '
-                        f"got {json_type(value)}")
+        raise UserError(
+            f'{where}: "conversations" must be a non-empty list of {{"from", "value"}} objects, '
+            f"got {json_type(value)}"
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "from" not in m or "value" not in m:
             raise UserError(f'{where}: conversations[{i}] must be an object with "from" and "value"')
         speaker = _str(m["from"], f'conversations[{i}]["from"]', where)
         if speaker not in SHAREGPT_ROLES:
-            raise UserError(f'{where}: conversations[{i}] has unknown role {speaker!r}; '
-                            f'ShareGPT roles are {", ".join(SHAREGPT_ROLES)}')
+            raise UserError(
+                f"{where}: conversations[{i}] has unknown role {speaker!r}; "
+                f"ShareGPT roles are {', '.join(SHAREGPT_ROLES)}"
+            )
         out.append((SHAREGPT_ROLES[speaker], _str(m["value"], f'conversations[{i}]["value"]', where)))
     return _chat(out, where)
 
@@ -122,13 +144,22 @@ def _content(value: object, name: str, where: str) -> str:
     """OpenAI content: a string, null (an assistant turn that only calls tools), or text parts."""
     if value is None:
         return ""
-    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(p, dict) and p.get("type") == "text" for p in value)
+    ):
         return "".join(_str(p.get("text"), f"{name}[].text", where) for p in value)
     return _str(value, name, where)
 
 
-_PARSERS = {"text": _text, "prompt/completion": _prompt, "instruction/output": _alpaca, "messages": _openai,
-            "conversations": _sharegpt}
+_PARSERS = {
+    "text": _text,
+    "prompt/completion": _prompt,
+    "instruction/output": _alpaca,
+    "messages": _openai,
+    "conversations": _sharegpt,
+}
 
 
 def _str(value: object, name: str, where: str) -> str:
@@ -145,6 +176,13 @@ def _nonempty_str(obj: dict, key: str, where: str) -> str:
 
 
 def json_type(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)

@@ -11,22 +11,35 @@ skipped with a warning. Whitespace-only text records are skipped and counted in 
 `read_samples` is its list. Every problem the user can fix raises `UserError` with one line
 naming the file and line, or the dataset and row. Each sample remembers its `origin`.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 from greentune.data.hf_datasets import DatasetSpec, iter_rows
 from greentune.data.samples import ChatSample, PromptSample, Sample, TextSample
-from greentune.data.shapes import SHAPES, json_type as _json_type, parse_record
+from greentune.data.shapes import SHAPES, parse_record
 from greentune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChatSample", "DataSource", "DatasetSpec", "PromptSample", "SHAPES", "Sample", "TextSample",
-           "iter_samples", "parse_record", "read_samples", "source_label"]
+__all__ = [
+    "ChatSample",
+    "DataSource",
+    "DatasetSpec",
+    "PromptSample",
+    "SHAPES",
+    "Sample",
+    "TextSample",
+    "iter_samples",
+    "parse_record",
+    "read_samples",
+    "source_label",
+]
 
 DataSource = Union[str, Path, DatasetSpec]
 TABLE_SUFFIXES = (".parquet", ".csv")
@@ -55,12 +68,18 @@ def iter_samples(source: DataSource) -> Iterator[Sample]:
         n += 1
         yield sample
     if skipped:
-        log.warning("%s: skipped %d whitespace-only document%s", source_label(source), skipped,
-                    "" if skipped == 1 else "s")
+        log.warning(
+            "%s: skipped %d whitespace-only document%s",
+            source_label(source),
+            skipped,
+            "" if skipped == 1 else "s",
+        )
     if n == 0:
         is_file = not isinstance(source, DatasetSpec) and Path(source).is_file()
         why = f" ({skipped} whitespace-only document(s) skipped)" if skipped else ""
-        raise UserError(f"{source_label(source)}: {'empty file, ' if is_file else ''}no training samples{why}")
+        raise UserError(
+            f"{source_label(source)}: {'empty file, ' if is_file else ''}no training samples{why}"
+        )
 
 
 def _records(source: DataSource) -> Iterator[Sample | None]:
@@ -82,8 +101,10 @@ def _records(source: DataSource) -> Iterator[Sample | None]:
         for i, row in iter_rows(DatasetSpec(dataset=str(path))):
             yield parse_record(row, f"{path} row {i}")
     else:
-        raise UserError(f"{path}: unsupported data file; use .jsonl, .txt, .parquet, .csv or a directory of "
-                        ".txt files (other formats: data.train: {dataset: PATH})")
+        raise UserError(
+            f"{path}: unsupported data file; use .jsonl, .txt, .parquet, .csv or a directory of "
+            ".txt files (other formats: data.train: {dataset: PATH})"
+        )
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -104,8 +125,11 @@ def _read_txt(path: Path, skip_empty: bool) -> TextSample | None:
 
 
 def _read_txt_dir(root: Path) -> Iterator[Sample]:
-    files = sorted(p for p in root.rglob("*.txt")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*.txt")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise UserError(f"{root}: no .txt files in this directory")
     for p in files:

@@ -27,6 +27,7 @@ User text (text, prompt, completion, plain-template content) is tokenised with s
 tokens split, so a literal "</s>" in a file is text, not an end of document. Chat-template
 output is tokenised with special tokens recognised, since its markup is made of them.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ from greentune.errors import UserError
 
 class Tokenized(NamedTuple):
     """One document: token ids and, per token, whether it is a training target."""
+
     ids: list[int]
     mask: list[bool]
 
@@ -50,6 +52,7 @@ class Segment:
 
     `markup=True` means the text comes from a chat template: special tokens in it are parsed.
     """
+
     piece: str | tuple[int, ...]
     loss: bool
     markup: bool = False
@@ -60,12 +63,19 @@ def tokenize(samples: list[Sample], tokenizer) -> list[Tokenized]:
     docs = [segments(s, tokenizer) for s in samples]
     encoded: dict[bool, dict[str, list[int]]] = {}
     for markup in (False, True):
-        texts = list(dict.fromkeys(seg.piece for doc in docs for seg in doc
-                                   if isinstance(seg.piece, str) and seg.markup == markup))
+        texts = list(
+            dict.fromkeys(
+                seg.piece
+                for doc in docs
+                for seg in doc
+                if isinstance(seg.piece, str) and seg.markup == markup
+            )
+        )
         if texts:
             with parallel_tokenizers():
-                ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=not markup,
-                                verbose=False)["input_ids"]
+                ids = tokenizer(
+                    texts, add_special_tokens=False, split_special_tokens=not markup, verbose=False
+                )["input_ids"]
             encoded[markup] = dict(zip(texts, ids))
     out = []
     for doc in docs:
@@ -134,7 +144,11 @@ def plain_template_segments(sample: ChatSample, tokenizer) -> list[Segment]:
         sep = "\n\n" if i else ""
         out.append(Segment(f"{sep}### {role[:1].upper()}{role[1:]}:\n", loss=False))
         if role == "assistant":
-            out += [Segment(content, loss=True), Segment(eos, loss=True)] if content else [Segment(eos, loss=True)]
+            out += (
+                [Segment(content, loss=True), Segment(eos, loss=True)]
+                if content
+                else [Segment(eos, loss=True)]
+            )
         elif content:
             out.append(Segment(content, loss=False))
     return [s for s in out if s.piece]
@@ -145,19 +159,22 @@ def chat_template_segments(sample: ChatSample, tokenizer) -> list[Segment]:
     messages = [{"role": r, "content": c} for r, c in sample.messages]
     full = _render(tokenizer, messages, False, sample.origin)
     out: list[Segment] = []
-    done = 0                                   # characters of `full` already assigned
+    done = 0  # characters of `full` already assigned
     for i, (role, _) in enumerate(sample.messages):
         if role != "assistant":
             continue
         context = _render(tokenizer, messages[:i], True, sample.origin)
-        turn = _render(tokenizer, messages[:i + 1], False, sample.origin)
+        turn = _render(tokenizer, messages[: i + 1], False, sample.origin)
         if not (turn.startswith(context) and full.startswith(turn) and len(context) >= done):
             raise UserError(
                 f"{sample.origin}: the tokenizer's chat template is not prefix-stable (rendering messages[:{i}] "
                 "is not a prefix of the whole conversation), so assistant tokens cannot be masked exactly; "
-                "use prompt/completion records, or remove chat_template from the tokenizer to use the plain template")
-        out += [Segment(full[done:len(context)], loss=False, markup=True),
-                Segment(full[len(context):len(turn)], loss=True, markup=True)]
+                "use prompt/completion records, or remove chat_template from the tokenizer to use the plain template"
+            )
+        out += [
+            Segment(full[done : len(context)], loss=False, markup=True),
+            Segment(full[len(context) : len(turn)], loss=True, markup=True),
+        ]
         done = len(turn)
     out.append(Segment(full[done:], loss=False, markup=True))
     return [s for s in out if s.piece]
@@ -167,7 +184,9 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, origin
     from jinja2 import TemplateError
 
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
         raise UserError(f"{origin}: the tokenizer's chat template fails on this conversation: {err}") from err
     if not isinstance(text, str):

@@ -24,19 +24,20 @@ docs entry without tokenising. The rows are identical to `pack(tokenize(read_sam
 (tests check it), including the held-out documents (the same seeded permutation as
 `build.split_documents`).
 """
+
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
-import atexit
 import os
-import tempfile
 import shutil
+import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 # Bump when tokenising, templating or packing changes what the same inputs produce.
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 2048
-TOKENS_PER_CHUNK = 1 << 22       # packing works through the documents this many tokens at a time
+TOKENS_PER_CHUNK = 1 << 22  # packing works through the documents this many tokens at a time
 
 
 _private_root: Path | None = None
@@ -77,7 +78,9 @@ def cache_root() -> Path:
         reason = err.strerror or str(err)
     _private_root = Path(tempfile.mkdtemp(prefix="greentune-tokens-"))
     atexit.register(shutil.rmtree, _private_root, True)
-    log.warning("token cache %s unusable (%s): tokenising into %s for this process only", root, reason, _private_root)
+    log.warning(
+        "token cache %s unusable (%s): tokenising into %s for this process only", root, reason, _private_root
+    )
     return _private_root
 
 
@@ -89,9 +92,22 @@ def tokenizer_digest(tokenizer) -> str:
     """What decides the token ids: the fast tokenizer's serialised form plus its chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                         type(tokenizer).__name__], default=str).encode())
+    h.update(
+        backend.to_str().encode()
+        if backend is not None
+        else repr(sorted(tokenizer.get_vocab().items())).encode()
+    )
+    h.update(
+        json.dumps(
+            [
+                getattr(tokenizer, "chat_template", None),
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+                type(tokenizer).__name__,
+            ],
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -117,21 +133,25 @@ def docs_key(source: DataSource, tokenizer_hash: str) -> str:
 
 # ---------------------------------------------------------------- tokenised documents
 
+
 @dataclass(frozen=True)
 class DocStore:
     """One source's tokenised documents, memory-mapped (see the module docstring)."""
-    ids: np.ndarray        # uint32 [total tokens]
-    mask: np.ndarray       # uint8  [total tokens]
-    offsets: np.ndarray    # int64  [documents + 1]
+
+    ids: np.ndarray  # uint32 [total tokens]
+    mask: np.ndarray  # uint8  [total tokens]
+    offsets: np.ndarray  # int64  [documents + 1]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     @classmethod
-    def open(cls, folder: Path) -> "DocStore":
+    def open(cls, folder: Path) -> DocStore:
         offsets = np.fromfile(folder / "offsets.i64", dtype=np.int64)
         n = int(offsets[-1])
-        return cls(_memmap(folder / "ids.u32", np.uint32, (n,)), _memmap(folder / "mask.u8", np.uint8, (n,)), offsets)
+        return cls(
+            _memmap(folder / "ids.u32", np.uint32, (n,)), _memmap(folder / "mask.u8", np.uint8, (n,)), offsets
+        )
 
 
 def _memmap(path: Path, dtype, shape: tuple) -> np.ndarray:
@@ -162,8 +182,12 @@ def _write_docs(source: DataSource, tokenizer, folder: Path, progress: bool) -> 
 
     offsets = [0]
     total = 0
-    bar = tqdm(desc=f"tokenising {source_label(source)}", unit=" docs", disable=None if progress else True,
-               leave=False)
+    bar = tqdm(
+        desc=f"tokenising {source_label(source)}",
+        unit=" docs",
+        disable=None if progress else True,
+        leave=False,
+    )
     with open(folder / "ids.u32", "wb") as ids_f, open(folder / "mask.u8", "wb") as mask_f:
         for batch in _batches(iter_samples(source), DOCS_PER_BATCH):
             for doc in tokenize(batch, tokenizer):
@@ -211,6 +235,7 @@ def _batches(items: Iterator, n: int) -> Iterator[list]:
 
 # ---------------------------------------------------------------- packed rows
 
+
 def held_out_mask(n: int, seed: int, eval_fraction: float) -> np.ndarray:
     """Which documents `build.split_documents` holds out (the same seeded permutation), as a bool mask."""
     n_eval = min(max(1, round(n * eval_fraction)), n - 1)
@@ -228,25 +253,31 @@ def _row_chunks(store: DocStore, docs: np.ndarray, T: int, pack: bool, pad_id: i
             ids = np.concatenate([carry_ids] + [store.ids[a:b].astype(np.int64) for a, b in chunk])
             tgt = np.concatenate([carry_tgt] + [store.mask[a:b].astype(bool) for a, b in chunk])
             k = len(ids) // T
-            yield ids[:k * T].reshape(k, T), tgt[:k * T].reshape(k, T), np.ones((k, T), dtype=np.int64)
-            carry_ids, carry_tgt = ids[k * T:], tgt[k * T:]
+            yield ids[: k * T].reshape(k, T), tgt[: k * T].reshape(k, T), np.ones((k, T), dtype=np.int64)
+            carry_ids, carry_tgt = ids[k * T :], tgt[k * T :]
         if len(carry_ids):
             r = len(carry_ids)
-            ids, tgt, real = np.full((1, T), pad_id, np.int64), np.zeros((1, T), bool), np.zeros((1, T), np.int64)
+            ids, tgt, real = (
+                np.full((1, T), pad_id, np.int64),
+                np.zeros((1, T), bool),
+                np.zeros((1, T), np.int64),
+            )
             ids[0, :r], tgt[0, :r], real[0, :r] = carry_ids, carry_tgt, 1
             yield ids, tgt, real
         return
-    for chunk in _doc_chunks(store, docs, max_docs=max(1, TOKENS_PER_CHUNK // T)):   # one row per document
+    for chunk in _doc_chunks(store, docs, max_docs=max(1, TOKENS_PER_CHUNK // T)):  # one row per document
         k = len(chunk)
         ids, tgt, real = np.full((k, T), pad_id, np.int64), np.zeros((k, T), bool), np.zeros((k, T), np.int64)
         for r, (a, b) in enumerate(chunk):
             n = min(b - a, T)
             stats["truncated"] += (b - a) > T
-            ids[r, :n], tgt[r, :n], real[r, :n] = store.ids[a:a + n], store.mask[a:a + n], 1
+            ids[r, :n], tgt[r, :n], real[r, :n] = store.ids[a : a + n], store.mask[a : a + n], 1
         yield ids, tgt, real
 
 
-def _doc_chunks(store: DocStore, docs: np.ndarray, max_docs: int | None = None) -> Iterator[list[tuple[int, int]]]:
+def _doc_chunks(
+    store: DocStore, docs: np.ndarray, max_docs: int | None = None
+) -> Iterator[list[tuple[int, int]]]:
     """The `(start, end)` token spans of `docs`, in chunks of about TOKENS_PER_CHUNK tokens
     (and at most `max_docs` documents), so packing holds one chunk in memory at a time."""
     chunk, size = [], 0
@@ -261,8 +292,9 @@ def _doc_chunks(store: DocStore, docs: np.ndarray, max_docs: int | None = None) 
         yield chunk
 
 
-def _write_rows(store: DocStore, docs: np.ndarray, T: int, pack: bool, pad_id: int, folder: Path,
-                split: str, where: str) -> int:
+def _write_rows(
+    store: DocStore, docs: np.ndarray, T: int, pack: bool, pad_id: int, folder: Path, split: str, where: str
+) -> int:
     """Pack `docs` of `store` into `folder/<split>.*.i64`; returns the number of rows kept."""
     stats = {"truncated": 0}
     total = dropped = 0
@@ -282,24 +314,40 @@ def _write_rows(store: DocStore, docs: np.ndarray, T: int, pack: bool, pad_id: i
         for f in files.values():
             f.close()
     if stats["truncated"]:
-        log.warning("%d of %d samples are longer than max_seq_len=%d and were truncated", stats["truncated"],
-                    len(docs), T)
+        log.warning(
+            "%d of %d samples are longer than max_seq_len=%d and were truncated",
+            stats["truncated"],
+            len(docs),
+            T,
+        )
     if dropped:
         log.warning("dropped %d of %d rows that have no loss tokens", dropped, total)
     if total - dropped == 0:
-        raise UserError(f"{where}: no loss tokens fit in max_seq_len={T} (are the completions beyond the first "
-                        f"{T} tokens?)")
+        raise UserError(
+            f"{where}: no loss tokens fit in max_seq_len={T} (are the completions beyond the first "
+            f"{T} tokens?)"
+        )
     return total - dropped
 
 
 def _open_rows(folder: Path, split: str, n: int, T: int) -> PackedData:
-    t = {name: torch.from_numpy(_memmap(folder / f"{split}.{name}.i64", np.int64, (n, T)))
-         for name in ("input_ids", "labels", "attention_mask")}
+    t = {
+        name: torch.from_numpy(_memmap(folder / f"{split}.{name}.i64", np.int64, (n, T)))
+        for name in ("input_ids", "labels", "attention_mask")
+    }
     return PackedData(**t)
 
 
-def cached_datasets(train: DataSource, eval_: DataSource | None, tokenizer, max_seq_len: int, pack: bool,
-                    seed: int, eval_fraction: float, progress: bool = True) -> tuple[PackedData, PackedData]:
+def cached_datasets(
+    train: DataSource,
+    eval_: DataSource | None,
+    tokenizer,
+    max_seq_len: int,
+    pack: bool,
+    seed: int,
+    eval_fraction: float,
+    progress: bool = True,
+) -> tuple[PackedData, PackedData]:
     """`build_datasets` through the cache: (train, eval) rows, memory-mapped."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     tok = tokenizer_digest(tokenizer)
@@ -309,20 +357,35 @@ def cached_datasets(train: DataSource, eval_: DataSource | None, tokenizer, max_
     eval_docs = tokenised_docs(eval_, tokenizer, eval_key, progress) if eval_key else None
     train_label = source_label(train)
     if eval_docs is None and len(train_docs) < 2:
-        raise UserError(f"{train_label}: only one document, so none can be held out for evaluation; "
-                        "add more documents or set data.eval")
-    key = _digest({"train": train_key, "eval": eval_key,
-                   "max_seq_len": max_seq_len, "pack": pack, "pad_id": pad_id,
-                   "split": None if eval_docs else [seed, eval_fraction]})
+        raise UserError(
+            f"{train_label}: only one document, so none can be held out for evaluation; "
+            "add more documents or set data.eval"
+        )
+    key = _digest(
+        {
+            "train": train_key,
+            "eval": eval_key,
+            "max_seq_len": max_seq_len,
+            "pack": pack,
+            "pad_id": pad_id,
+            "split": None if eval_docs else [seed, eval_fraction],
+        }
+    )
     folder = cache_root() / f"rows-{key}"
     if eval_docs is None:
         held = held_out_mask(len(train_docs), seed, eval_fraction)
-        log.info("held out %d of %d documents of %s for evaluation", int(held.sum()), len(train_docs), train_label)
-        plan = [("train", train_docs, np.flatnonzero(~held), train_label),
-                ("eval", train_docs, np.flatnonzero(held), train_label)]
+        log.info(
+            "held out %d of %d documents of %s for evaluation", int(held.sum()), len(train_docs), train_label
+        )
+        plan = [
+            ("train", train_docs, np.flatnonzero(~held), train_label),
+            ("eval", train_docs, np.flatnonzero(held), train_label),
+        ]
     else:
-        plan = [("train", train_docs, np.arange(len(train_docs)), train_label),
-                ("eval", eval_docs, np.arange(len(eval_docs)), source_label(eval_))]
+        plan = [
+            ("train", train_docs, np.arange(len(train_docs)), train_label),
+            ("eval", eval_docs, np.arange(len(eval_docs)), source_label(eval_)),
+        ]
     if (folder / "rows.json").is_file():
         try:
             return _open_split_rows(folder, max_seq_len)
@@ -330,8 +393,10 @@ def cached_datasets(train: DataSource, eval_: DataSource | None, tokenizer, max_
             log.warning("token cache entry %s is unreadable (%s); packing again", folder, err)
             shutil.rmtree(folder, ignore_errors=True)
     with _new_entry(folder) as tmp:
-        rows = {split: _write_rows(store, docs, max_seq_len, pack, pad_id, tmp, split, where)
-                for split, store, docs, where in plan}
+        rows = {
+            split: _write_rows(store, docs, max_seq_len, pack, pad_id, tmp, split, where)
+            for split, store, docs, where in plan
+        }
         (tmp / "rows.json").write_text(json.dumps({"rows": rows, "seq_len": max_seq_len}))
     return _open_split_rows(folder, max_seq_len)
 

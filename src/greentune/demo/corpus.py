@@ -6,6 +6,7 @@ its docstrings (English prose about programming) and its source code (Python). T
 modules are listed in sorted order and split by name hash, so every machine with the same
 Python version gets the same text.
 """
+
 from __future__ import annotations
 
 import ast
@@ -50,8 +51,9 @@ def docstrings(limit_chars: int = 2_000_000, part: int | None = None, n_parts: i
     return out
 
 
-def source_snippets(limit_chars: int = 2_000_000, part: int | None = None, n_parts: int = 1,
-                    max_lines: int = 40) -> list[str]:
+def source_snippets(
+    limit_chars: int = 2_000_000, part: int | None = None, n_parts: int = 1, max_lines: int = 40
+) -> list[str]:
     """Source code of stdlib files cut into chunks of at most `max_lines` lines."""
     out, total = [], 0
     for p in stdlib_files():
@@ -62,7 +64,7 @@ def source_snippets(limit_chars: int = 2_000_000, part: int | None = None, n_par
         except (UnicodeDecodeError, ValueError):
             continue
         for i in range(0, len(lines), max_lines):
-            chunk = "\n".join(lines[i:i + max_lines]).strip()
+            chunk = "\n".join(lines[i : i + max_lines]).strip()
             if len(chunk) > 80:
                 out.append(chunk)
                 total += len(chunk)

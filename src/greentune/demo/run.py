@@ -9,6 +9,7 @@
    the base, the LoRA fine-tune, and the same architecture trained from scratch on the
    client's data for the same number of steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..fsutil import atomic_dir, atomic_write_text
-from ..models import tiny
-from . import corpus
+from greentune.demo import corpus
+from greentune.fsutil import atomic_dir, atomic_write_text
+from greentune.models import tiny
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +41,38 @@ def _write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def _full_training(model_dir: Path, data_path: Path, run_dir: Path, steps: int, lr: float, seed: int,
-                   progress: bool, eval_path: Path | None = None):
+def _full_training(
+    model_dir: Path,
+    data_path: Path,
+    run_dir: Path,
+    steps: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+    eval_path: Path | None = None,
+):
     """Train *all* parameters of the model in `model_dir` (pretraining or from-scratch baseline)."""
-    from ..data import build_datasets
-    from ..data.packing import BatchStream
-    from ..models.loader import load_model, load_tokenizer
-    from ..recipe import TrainConfig
-    from ..train.loop import run_training
+    from greentune.data import build_datasets
+    from greentune.data.packing import BatchStream
+    from greentune.models.loader import load_model, load_tokenizer
+    from greentune.recipe import TrainConfig
+    from greentune.train.loop import run_training
 
     tok = load_tokenizer(model_dir)
     train_data, eval_data = build_datasets(data_path, eval_path, tok, SEQ_LEN, True, seed, 0.05)
     torch.manual_seed(seed)
     model = load_model(model_dir)
-    cfg = TrainConfig(steps=steps, batch_size=16, lr=lr, warmup=min(20, steps // 10), schedule="cosine",
-                      seed=seed, checkpoint_every=steps, keep_checkpoints=1, weight_decay=0.01)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=16,
+        lr=lr,
+        warmup=min(20, steps // 10),
+        schedule="cosine",
+        seed=seed,
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        weight_decay=0.01,
+    )
     run_training(model, BatchStream(train_data, cfg.batch_size, seed), cfg, run_dir, progress=progress)
     return model, tok, eval_data
 
@@ -64,7 +82,9 @@ def build_base(progress: bool = True, steps: int = 300) -> Path:
     target = cache_dir() / f"{BASE_VERSION}-s{steps}"
     if (target / "model.safetensors").exists():
         return target
-    print(f"[demo] building the base model once (pretraining {steps} steps on stdlib docstrings; cached in {target})")
+    print(
+        f"[demo] building the base model once (pretraining {steps} steps on stdlib docstrings; cached in {target})"
+    )
     work = cache_dir() / f".{BASE_VERSION}-work"
     texts = corpus.docstrings(limit_chars=3_000_000)
     with atomic_dir(target) as tmp:
@@ -81,16 +101,28 @@ def client_data(out_dir: Path) -> tuple[Path, Path]:
     """The client's text: stdlib source code, split by file into train and held-out eval."""
     train = corpus.source_snippets(limit_chars=1_200_000, part=0, n_parts=2)
     held_out = corpus.source_snippets(limit_chars=120_000, part=1, n_parts=2)
-    return _write_jsonl(out_dir / "data" / "train.jsonl", train), _write_jsonl(out_dir / "data" / "eval.jsonl", held_out)
+    return _write_jsonl(out_dir / "data" / "train.jsonl", train), _write_jsonl(
+        out_dir / "data" / "eval.jsonl", held_out
+    )
 
 
-def _recipe(out_dir: Path, name: str, base: Path, train_path: Path, eval_path: Path, steps: int, **sections) -> Path:
+def _recipe(
+    out_dir: Path, name: str, base: Path, train_path: Path, eval_path: Path, steps: int, **sections
+) -> Path:
     recipe = {
-        "base_model": str(base), "name": name,
+        "base_model": str(base),
+        "name": name,
         "data": {"train": str(train_path), "eval": str(eval_path), "max_seq_len": SEQ_LEN, "pack": True},
         "method": {"lora": {"rank": 16, "alpha": 32, "targets": ["attn", "mlp"]}},
-        "train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup": 10, "schedule": "cosine",
-                  "seed": 0, "checkpoint_every": max(10, steps // 3)},
+        "train": {
+            "steps": steps,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "warmup": 10,
+            "schedule": "cosine",
+            "seed": 0,
+            "checkpoint_every": max(10, steps // 3),
+        },
         **sections,
     }
     path = out_dir / f"{name}.yaml"
@@ -101,10 +133,11 @@ def _recipe(out_dir: Path, name: str, base: Path, train_path: Path, eval_path: P
 def _fresh_or_resume(run_dir: Path) -> bool:
     """Resume an interrupted demo run; start over after a finished one. Only a run dir greentune
     made is ever deleted: any other folder is left for `train` to refuse in one line."""
-    from ..ownership import is_run_dir
+    from greentune.ownership import is_run_dir
 
     if (run_dir / "summary.json").exists() and is_run_dir(run_dir):
         import shutil
+
         shutil.rmtree(run_dir)
         return False
     return (run_dir / "checkpoints").exists()
@@ -112,8 +145,8 @@ def _fresh_or_resume(run_dir: Path) -> bool:
 
 def _generate(run_dir: Path, gguf_path: Path, prompt: str) -> str | None:
     """A few greedy tokens from the exported GGUF in llama.cpp, metered into the run's ledger."""
-    from ..energy import Factors, Ledger, Meter
-    from ..export import llamacpp
+    from greentune.energy import Factors, Ledger, Meter
+    from greentune.export import llamacpp
 
     if not llamacpp.available():
         print("[demo] (llama.cpp binding xllamacpp not installed: skipping generation)")
@@ -131,50 +164,77 @@ def _generate(run_dir: Path, gguf_path: Path, prompt: str) -> str | None:
 def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: bool = True) -> dict:
     """Base → LoRA fine-tune (+ GGUF export, llama.cpp) vs from scratch; then the MoE path:
     upcycle the base to 4 experts, quantise it, train attention + expert LoRA with ReLoRA."""
-    from ..evaluate import evaluate_path
-    from ..pipeline import train
+    from greentune.evaluate import evaluate_path
+    from greentune.pipeline import train
 
     t_start = time.perf_counter()
-    out_dir = Path(out_dir).resolve()  # recipes resolve paths against their own folder, so write absolute ones
+    out_dir = Path(
+        out_dir
+    ).resolve()  # recipes resolve paths against their own folder, so write absolute ones
     base = build_base(progress=progress, steps=60 if quick else 300)
     train_path, eval_path = client_data(out_dir)
     steps = 20 if quick else 150
 
-    print(f"[demo] 1/3 LoRA fine-tune of the reused base on the client's code: {steps} steps, then GGUF q4_k_m")
+    print(
+        f"[demo] 1/3 LoRA fine-tune of the reused base on the client's code: {steps} steps, then GGUF q4_k_m"
+    )
     lora_dir = out_dir / "lora"
-    recipe = _recipe(out_dir, "demo-lora", base, train_path, eval_path, steps,
-                     export=[{"format": "gguf", "quant": "q4_k_m"}])
+    recipe = _recipe(
+        out_dir,
+        "demo-lora",
+        base,
+        train_path,
+        eval_path,
+        steps,
+        export=[{"format": "gguf", "quant": "q4_k_m"}],
+    )
     lora = train(recipe, run_dir=lora_dir, resume=_fresh_or_resume(lora_dir), progress=progress)
 
-    print(f"[demo] 2/3 baseline: the same architecture trained from scratch on the client's data, {steps} steps")
+    print(
+        f"[demo] 2/3 baseline: the same architecture trained from scratch on the client's data, {steps} steps"
+    )
     scratch_dir = out_dir / "scratch-init"
-    from ..models.loader import load_tokenizer
+    from greentune.models.loader import load_tokenizer
+
     tok = load_tokenizer(base)
     with atomic_dir(scratch_dir) as tmp:
         tiny.build_tiny_model("llama", tmp, tokenizer=tok, seed=1, **BASE_SIZES)
-    scratch_model, _, _ = _full_training(scratch_dir, train_path, out_dir / "scratch", steps, 3e-3, 0, progress,
-                                         eval_path=eval_path)
+    scratch_model, _, _ = _full_training(
+        scratch_dir, train_path, out_dir / "scratch", steps, 3e-3, 0, progress, eval_path=eval_path
+    )
     with atomic_dir(out_dir / "scratch-model") as tmp:
         scratch_model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
     moe_steps = 10 if quick else 60
-    print(f"[demo] 3/3 all four techniques: upcycle the base to 4 experts (top-2), quantise it to q4_0, "
-          f"train attention + expert LoRA with ReLoRA merges: {moe_steps} steps")
+    print(
+        f"[demo] 3/3 all four techniques: upcycle the base to 4 experts (top-2), quantise it to q4_0, "
+        f"train attention + expert LoRA with ReLoRA merges: {moe_steps} steps"
+    )
     moe_dir = out_dir / "moe"
-    moe_recipe = _recipe(out_dir, "demo-moe", base, train_path, eval_path, moe_steps,
-                         method={"quant_base": "q4_0", "lora": {"rank": 16, "alpha": 32, "targets": ["attn", "experts"]},
-                                 "relora": {"merge_every": max(5, moe_steps // 2), "optimizer_prune": 0.9,
-                                            "restart_warmup": 5}},
-                         moe={"upcycle": {"experts": 4, "top_k": 2}, "aux_loss_coef": 0.01, "router": "full"},
-                         energy={"measure_savings": False})
+    moe_recipe = _recipe(
+        out_dir,
+        "demo-moe",
+        base,
+        train_path,
+        eval_path,
+        moe_steps,
+        method={
+            "quant_base": "q4_0",
+            "lora": {"rank": 16, "alpha": 32, "targets": ["attn", "experts"]},
+            "relora": {"merge_every": max(5, moe_steps // 2), "optimizer_prune": 0.9, "restart_warmup": 5},
+        },
+        moe={"upcycle": {"experts": 4, "top_k": 2}, "aux_loss_coef": 0.01, "router": "full"},
+        energy={"measure_savings": False},
+    )
     moe = train(moe_recipe, run_dir=moe_dir, resume=_fresh_or_resume(moe_dir), progress=progress)
 
     rows = {
         "base (reused, no fine-tune)": evaluate_path(base, eval_path, max_seq_len=SEQ_LEN)["perplexity"],
         f"base + LoRA ({steps} steps)": lora.eval_ppl,
-        f"from scratch ({steps} steps)": evaluate_path(out_dir / "scratch-model", eval_path,
-                                                       max_seq_len=SEQ_LEN)["perplexity"],
+        f"from scratch ({steps} steps)": evaluate_path(
+            out_dir / "scratch-model", eval_path, max_seq_len=SEQ_LEN
+        )["perplexity"],
         f"upcycled 4x MoE, q4_0 base, expert LoRA + ReLoRA ({moe_steps} steps)": moe.eval_ppl,
     }
     gguf_path = Path(lora.outputs["export"][0])
@@ -185,26 +245,39 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
     for name, ppl in rows.items():
         print(f"  {name:<72} {ppl:10.2f}")
     if sample is not None:
-        print(f"\nllama.cpp running {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB), 24 greedy tokens "
-              f"(a 1.3 M-parameter model: expect repetition):\n  {prompt!r} -> {sample[:120]!r}")
+        print(
+            f"\nllama.cpp running {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB), 24 greedy tokens "
+            f"(a 1.3 M-parameter model: expect repetition):\n  {prompt!r} -> {sample[:120]!r}"
+        )
     _print_energy(lora_dir)
-    summary = {"perplexity": rows, "steps": steps, "moe_steps": moe_steps,
-               "seconds": round(time.perf_counter() - t_start, 1), "lora_run": str(lora_dir), "moe_run": str(moe_dir),
-               "gguf": str(gguf_path), "sample": sample}
+    summary = {
+        "perplexity": rows,
+        "steps": steps,
+        "moe_steps": moe_steps,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "lora_run": str(lora_dir),
+        "moe_run": str(moe_dir),
+        "gguf": str(gguf_path),
+        "sample": sample,
+    }
     atomic_write_text(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
-    print(f"\n[demo] done in {summary['seconds']:.0f} s; reports: {lora_dir / 'report.html'}, {moe_dir / 'report.html'}")
+    print(
+        f"\n[demo] done in {summary['seconds']:.0f} s; reports: {lora_dir / 'report.html'}, {moe_dir / 'report.html'}"
+    )
     return summary
 
 
 def _print_energy(run_dir: Path) -> None:
     """The LoRA run's bill and what it saved against a measured full fine-tune."""
-    from ..energy import Factors, Ledger
+    from greentune.energy import Factors, Ledger
 
     totals = Ledger(run_dir, Factors.for_region(None)).totals()
     tag = " (estimate: no energy counter on this machine)" if totals["estimate"] else ""
     print(f"\nEnergy of the LoRA run, all phases{tag}:")
-    print(f"  {totals['it_kwh'] * 1000:.3f} Wh IT, {totals['facility_kwh'] * 1000:.3f} Wh facility, "
-          f"{totals['kg_co2e'] * 1000:.3f} gCO2e, {totals['water_l'] * 1000:.2f} mL water (world grid)")
+    print(
+        f"  {totals['it_kwh'] * 1000:.3f} Wh IT, {totals['facility_kwh'] * 1000:.3f} Wh facility, "
+        f"{totals['kg_co2e'] * 1000:.3f} gCO2e, {totals['water_l'] * 1000:.2f} mL water (world grid)"
+    )
     savings = run_dir / "savings.json"
     if savings.exists():
         data = json.loads(savings.read_text())

@@ -10,9 +10,20 @@ Typical use in a pipeline::
         ...
     ledger.record(w.result)
 """
+
 from greentune.energy.factors import Factors
 from greentune.energy.hardware import describe_hardware
 from greentune.energy.ledger import FIELDS, Ledger, bill, sum_rows
 from greentune.energy.meter import Measurement, Meter, Window
 
-__all__ = ["FIELDS", "Factors", "Ledger", "Measurement", "Meter", "Window", "bill", "describe_hardware", "sum_rows"]
+__all__ = [
+    "FIELDS",
+    "Factors",
+    "Ledger",
+    "Measurement",
+    "Meter",
+    "Window",
+    "bill",
+    "describe_hardware",
+    "sum_rows",
+]

@@ -10,6 +10,7 @@ Components: ``cpu``, ``dram``, ``gpu`` (GPU + GPU SRAM) and ``ane`` (neural engi
 with source ``apple``. Without the package (or off macOS) there are none and the meter
 falls back to the estimate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,12 @@ from greentune.energy.components import Component
 
 log = logging.getLogger(__name__)
 
-_FIELDS = {"cpu": ("cpu_total_mj",), "dram": ("dram_mj",), "gpu": ("gpu_mj", "gpu_sram_mj"),
-           "ane": ("ane_mj",)}
+_FIELDS = {
+    "cpu": ("cpu_total_mj",),
+    "dram": ("dram_mj",),
+    "gpu": ("gpu_mj", "gpu_sram_mj"),
+    "ane": ("ane_mj",),
+}
 _KEY = "greentune-cumulative"
 
 
@@ -80,5 +85,8 @@ def apple_components(module=None) -> list[Component]:
     except Exception as e:  # not Apple silicon, IOReport unavailable, ...
         log.warning("zeus-apple-silicon is installed but cannot read energy (%s); using the estimate.", e)
         return []
-    return [AppleComponent(name, reader) for name, fields in _FIELDS.items()
-            if any(f in reader.available for f in fields)]
+    return [
+        AppleComponent(name, reader)
+        for name, fields in _FIELDS.items()
+        if any(f in reader.available for f in fields)
+    ]

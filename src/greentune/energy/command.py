@@ -9,6 +9,7 @@ What is metered: GPUs through NVML and the CPU/DRAM through RAPL where present (
 are machine-wide); otherwise the estimate from the CPU time and resident memory of the
 command and its descendants (not of greentune itself), labelled ``estimate``.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,23 +33,30 @@ def format_bill(row: dict, factors: Factors, command: list[str]) -> str:
     est = any(s == "estimate" for s in row["source"].values())
     tag = " (estimate)" if est else ""
     joules = ", ".join(f"{k} {_g(v)} J ({row['source'][k]})" for k, v in sorted(row["joules"].items()))
-    return "\n".join([
-        f"greentune meter: {' '.join(command)}",
-        f"  time      {row['seconds']:.2f} s",
-        f"  energy    {_g(row['it_kwh'])} kWh IT{tag}; {_g(row['facility_kwh'])} kWh facility (PUE {row['pue']:g})",
-        f"            {joules}",
-        f"  carbon    {_g(row['kg_co2e'])} kgCO2e{tag} ({factors.region_name}, {row['grid_g_per_kwh']:g} gCO2e/kWh)",
-        f"  water     {_g(row['water_l'])} L{tag} (on-site {row['wue_onsite_l_per_kwh']:g} L/kWh IT, "
-        f"off-site {row['offsite_l_per_kwh']:g} L/kWh)",
-        f"  grid      {factors.grid_source}",
-        f"  off-site  {factors.offsite_source}",
-        f"  PUE       {factors.pue_source}",
-        f"  WUE       {factors.wue_source}",
-    ])
+    return "\n".join(
+        [
+            f"greentune meter: {' '.join(command)}",
+            f"  time      {row['seconds']:.2f} s",
+            f"  energy    {_g(row['it_kwh'])} kWh IT{tag}; {_g(row['facility_kwh'])} kWh facility (PUE {row['pue']:g})",
+            f"            {joules}",
+            f"  carbon    {_g(row['kg_co2e'])} kgCO2e{tag} ({factors.region_name}, {row['grid_g_per_kwh']:g} gCO2e/kWh)",
+            f"  water     {_g(row['water_l'])} L{tag} (on-site {row['wue_onsite_l_per_kwh']:g} L/kWh IT, "
+            f"off-site {row['offsite_l_per_kwh']:g} L/kWh)",
+            f"  grid      {factors.grid_source}",
+            f"  off-site  {factors.offsite_source}",
+            f"  PUE       {factors.pue_source}",
+            f"  WUE       {factors.wue_source}",
+        ]
+    )
 
 
-def run_meter(argv: list[str], region: str | None = None, as_json: bool = False,
-              out: TextIO | None = None, meter: Meter | None = None) -> int:
+def run_meter(
+    argv: list[str],
+    region: str | None = None,
+    as_json: bool = False,
+    out: TextIO | None = None,
+    meter: Meter | None = None,
+) -> int:
     """Run `argv`, meter it, print its bill to `out` (stderr), return its exit code.
 
     Args:
@@ -91,8 +99,13 @@ def run_meter(argv: list[str], region: str | None = None, as_json: bool = False,
         code = 128 - code if -code in signal.valid_signals() else 1
     row = bill(m, factors)
     if as_json:
-        doc = {**row, "command": list(argv), "exit_code": code, "estimate": m.is_estimate,
-               "factors": factors.to_dict()}
+        doc = {
+            **row,
+            "command": list(argv),
+            "exit_code": code,
+            "estimate": m.is_estimate,
+            "factors": factors.to_dict(),
+        }
         print(json.dumps(doc, sort_keys=True), file=out)
     else:
         print(format_bill(row, factors, argv), file=out)

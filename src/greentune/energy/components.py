@@ -11,6 +11,7 @@ get `poll()` called by the meter's background thread.
 time), ``rapl`` (Linux powercap counters), ``apple`` (IOReport counters through
 zeus-apple-silicon) and ``estimate`` (modelled from CPU time and resident memory).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -14,14 +14,15 @@ Children: CPU time of children that have exited and been waited for is in
 `psutil.Process.cpu_times().children_*`; running children (recursively) are added live,
 so `greentune meter -- CMD` sees the command's CPU time while it runs.
 """
+
 from __future__ import annotations
 
 import csv
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
 
 import psutil
 
@@ -30,8 +31,8 @@ from greentune.energy.hardware import cpu_model
 
 log = logging.getLogger(__name__)
 
-DEFAULT_W_PER_THREAD = 4.0   # CodeCarbon's DEFAULT_POWER_PER_CORE for an unknown CPU, W per thread
-DRAM_W_PER_GIB = 3.0 / 8.0   # 3 W per 8 GB of DDR3/DDR4 (CodeCarbon < v3, Crucial), W per GiB
+DEFAULT_W_PER_THREAD = 4.0  # CodeCarbon's DEFAULT_POWER_PER_CORE for an unknown CPU, W per thread
+DRAM_W_PER_GIB = 3.0 / 8.0  # 3 W per 8 GB of DDR3/DDR4 (CodeCarbon < v3, Crucial), W per GiB
 SCOPES = ("self", "children", "self+children")
 
 
@@ -53,10 +54,14 @@ def cpu_power(model: str | None = None) -> CpuPower:
         if row["model"].lower() in model.lower() and (best is None or len(row["model"]) > len(best["model"])):
             best = row
     if best is None:
-        return CpuPower(DEFAULT_W_PER_THREAD,
-                        f"{model or 'unknown CPU'} not in table: default {DEFAULT_W_PER_THREAD:g} W per thread (CodeCarbon)")
+        return CpuPower(
+            DEFAULT_W_PER_THREAD,
+            f"{model or 'unknown CPU'} not in table: default {DEFAULT_W_PER_THREAD:g} W per thread (CodeCarbon)",
+        )
     w = float(best["tdp_w"]) / float(best["threads"])
-    return CpuPower(w, f"{best['model']}: {best['tdp_w']} W TDP / {best['threads']} threads ({best['source']})")
+    return CpuPower(
+        w, f"{best['model']}: {best['tdp_w']} W TDP / {best['threads']} threads ({best['source']})"
+    )
 
 
 def _processes(proc: psutil.Process, scope: str) -> list[psutil.Process]:
@@ -81,8 +86,12 @@ class EstimateCpu(Component):
     name = "cpu"
     source = "estimate"
 
-    def __init__(self, scope: str = "self+children", w_per_thread: float | None = None,
-                 process: psutil.Process | None = None):
+    def __init__(
+        self,
+        scope: str = "self+children",
+        w_per_thread: float | None = None,
+        process: psutil.Process | None = None,
+    ):
         if scope not in SCOPES:
             raise ValueError(f"scope {scope!r} is not one of {SCOPES}")
         self.scope = scope
@@ -125,8 +134,13 @@ class EstimateDram(Component):
     source = "estimate"
     needs_polling = True
 
-    def __init__(self, scope: str = "self+children", w_per_gib: float = DRAM_W_PER_GIB,
-                 process: psutil.Process | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        scope: str = "self+children",
+        w_per_gib: float = DRAM_W_PER_GIB,
+        process: psutil.Process | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if scope not in SCOPES:
             raise ValueError(f"scope {scope!r} is not one of {SCOPES}")
         self.scope = scope

@@ -11,11 +11,12 @@ The arithmetic that uses them lives in `greentune.energy.ledger.bill`:
 facility kWh = IT kWh × PUE; kgCO2e = facility kWh × grid / 1000;
 litres = IT kWh × WUE_onsite + facility kWh × off-site L/kWh.
 """
+
 from __future__ import annotations
 
 import csv
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from greentune.errors import UserError
@@ -35,13 +36,24 @@ class FactorRow:
     note: str
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_rows() -> tuple[FactorRow, ...]:
     """All rows of the shipped factors file."""
     text = resources.files("greentune").joinpath("data_files/energy_factors.csv").read_text(encoding="utf-8")
     reader = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
-    return tuple(FactorRow(r["kind"], r["region"].upper(), r["name"], float(r["value"]), r["unit"],
-                           int(r["year"]), r["source"], r["note"] or "") for r in reader)
+    return tuple(
+        FactorRow(
+            r["kind"],
+            r["region"].upper(),
+            r["name"],
+            float(r["value"]),
+            r["unit"],
+            int(r["year"]),
+            r["source"],
+            r["note"] or "",
+        )
+        for r in reader
+    )
 
 
 def _table(kind: str) -> dict[str, FactorRow]:
@@ -92,9 +104,14 @@ class Factors:
     wue_source: str
 
     @classmethod
-    def for_region(cls, region: str | None = None, pue: float | None = None,
-                   wue_onsite: float | None = None, grid_g_per_kwh: float | None = None,
-                   offsite_l_per_kwh: float | None = None) -> "Factors":
+    def for_region(
+        cls,
+        region: str | None = None,
+        pue: float | None = None,
+        wue_onsite: float | None = None,
+        grid_g_per_kwh: float | None = None,
+        offsite_l_per_kwh: float | None = None,
+    ) -> Factors:
         """Factors for `region` (ISO code or ``world``; case-insensitive), with overrides.
 
         Raises:
@@ -106,8 +123,10 @@ class Factors:
         grid = _table("grid")
         if code not in grid:
             some = ", ".join(regions()[:20])
-            raise UserError(f"unknown energy.region {region!r}: use an ISO country code or 'world' "
-                            f"(known: {some}, ...; or give energy.grid_g_per_kwh)")
+            raise UserError(
+                f"unknown energy.region {region!r}: use an ISO country code or 'world' "
+                f"(known: {some}, ...; or give energy.grid_g_per_kwh)"
+            )
         g = grid[code]
         water = _table("offsite_water")
         w = water.get(code)
@@ -119,10 +138,15 @@ class Factors:
         p = _table("pue")["DEFAULT"]
         u = _table("wue_onsite")["DEFAULT"]
         return cls(
-            region=code, region_name=g.name,
-            grid_g_per_kwh=_check("grid_g_per_kwh", grid_g_per_kwh, 0) if grid_g_per_kwh is not None else g.value,
+            region=code,
+            region_name=g.name,
+            grid_g_per_kwh=_check("grid_g_per_kwh", grid_g_per_kwh, 0)
+            if grid_g_per_kwh is not None
+            else g.value,
             grid_source="recipe" if grid_g_per_kwh is not None else _cite(g),
-            offsite_l_per_kwh=_check("offsite_l_per_kwh", offsite_l_per_kwh, 0) if offsite_l_per_kwh is not None else w.value,
+            offsite_l_per_kwh=_check("offsite_l_per_kwh", offsite_l_per_kwh, 0)
+            if offsite_l_per_kwh is not None
+            else w.value,
             offsite_source="recipe" if offsite_l_per_kwh is not None else w_src,
             pue=_check("pue", pue, 1) if pue is not None else p.value,
             pue_source="recipe" if pue is not None else f"default: {_cite(p)}",

@@ -1,4 +1,5 @@
 """What machine this is: CPU model, threads, memory, GPUs. Recorded beside every bill."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ def cpu_model() -> str:
     if not name and platform.system() == "Darwin":
         try:
             import subprocess  # noqa: PLC0415
-            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True, timeout=5).stdout
+
+            name = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             pass
     name = name or platform.processor() or platform.machine()
@@ -45,7 +48,12 @@ def nvidia_gpus(pynvml=None) -> list[tuple[str, float]]:
         for i in range(int(pynvml.nvmlDeviceGetCount())):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             n = pynvml.nvmlDeviceGetName(h)
-            out.append((n.decode() if isinstance(n, bytes) else str(n), pynvml.nvmlDeviceGetMemoryInfo(h).total / 1e9))
+            out.append(
+                (
+                    n.decode() if isinstance(n, bytes) else str(n),
+                    pynvml.nvmlDeviceGetMemoryInfo(h).total / 1e9,
+                )
+            )
         return out
     except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return []

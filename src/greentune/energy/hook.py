@@ -20,6 +20,7 @@ What it does:
 In a distributed job (`ctx`), joules are summed over ranks, so metrics, ledger rows and
 the budget all see the whole job; every rank calls the hook at the same steps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,14 +48,21 @@ class EnergyHook(TrainHook):
         phase: the ledger phase name of training rows.
     """
 
-    def __init__(self, meter: Meter, ledger: Ledger, interval_steps: int = 10,
-                 budget_kwh: float | None = None, phase: str = "train", ctx=None):
+    def __init__(
+        self,
+        meter: Meter,
+        ledger: Ledger,
+        interval_steps: int = 10,
+        budget_kwh: float | None = None,
+        phase: str = "train",
+        ctx=None,
+    ):
         if interval_steps < 1:
             raise ValueError(f"interval_steps must be >= 1, got {interval_steps}")
         self.meter, self.ledger = meter, ledger
         self.ctx = ctx  # a train.distributed.DistContext, or None for a single process
         self.interval_steps, self.budget_kwh, self.phase = interval_steps, budget_kwh, phase
-        self.train_joules = 0.0          # cumulative over all sessions of this run, J
+        self.train_joules = 0.0  # cumulative over all sessions of this run, J
         self.window: Window | None = None
         self.window_steps = 0
         self.recorded_kwh = 0.0

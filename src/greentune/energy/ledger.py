@@ -23,6 +23,7 @@ Lines are appended and fsynced one by one, so a SIGKILL loses at most the interv
 progress; a torn last line (killed mid-write) is cut off when the ledger is reopened, so
 a resumed run appends after the last complete line and `totals()` carries on.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,23 @@ from greentune.fsutil import append_jsonl, read_jsonl
 log = logging.getLogger(__name__)
 
 J_PER_KWH = 3.6e6
-FIELDS = ("phase", "start", "end", "seconds", "joules", "source", "it_kwh", "pue", "facility_kwh",
-          "region", "grid_g_per_kwh", "kg_co2e", "wue_onsite_l_per_kwh", "offsite_l_per_kwh", "water_l")
+FIELDS = (
+    "phase",
+    "start",
+    "end",
+    "seconds",
+    "joules",
+    "source",
+    "it_kwh",
+    "pue",
+    "facility_kwh",
+    "region",
+    "grid_g_per_kwh",
+    "kg_co2e",
+    "wue_onsite_l_per_kwh",
+    "offsite_l_per_kwh",
+    "water_l",
+)
 
 
 def bill(measurement: Measurement, factors: Factors, phase: str | None = None) -> dict:
@@ -71,8 +87,14 @@ def merge_ranks(measurements: list[Measurement]) -> Measurement:
     for r, m in enumerate(measurements[1:], start=1):
         joules.update({f"rank{r}/{k}": v for k, v in m.joules.items()})
         source.update({f"rank{r}/{k}": v for k, v in m.source.items()})
-    return Measurement(first.phase, min(m.start for m in measurements), max(m.end for m in measurements),
-                       max(m.seconds for m in measurements), joules, source)
+    return Measurement(
+        first.phase,
+        min(m.start for m in measurements),
+        max(m.end for m in measurements),
+        max(m.seconds for m in measurements),
+        joules,
+        source,
+    )
 
 
 def sum_rows(rows: list[dict]) -> dict:
@@ -114,8 +136,9 @@ def _cut_torn_tail(path: Path) -> None:
             json.loads(data[keep:])
             f.write(b"\n")  # complete row, only its newline was lost
         except ValueError:
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run",
-                        path, len(data) - keep)
+            log.warning(
+                "%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - keep
+            )
             f.truncate(keep)
         f.flush()
         os.fsync(f.fileno())
@@ -184,6 +207,7 @@ class Ledger:
     def budget_message(self, budget_kwh: float) -> str:
         """The one line to print when a run stops at its budget."""
         t = self.totals()
-        return (f"energy budget reached: {t['it_kwh']:.3g} kWh IT of {float(budget_kwh):g} kWh "
-                f"(energy.budget_kwh); checkpoint saved. Continue with a higher budget and --resume.")
-
+        return (
+            f"energy budget reached: {t['it_kwh']:.3g} kWh IT of {float(budget_kwh):g} kWh "
+            f"(energy.budget_kwh); checkpoint saved. Continue with a higher budget and --resume."
+        )

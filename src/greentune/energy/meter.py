@@ -15,6 +15,7 @@ counter; a window's joules are end − start per component. A background thread 
 components that need it (power integration, counter wrap-around, memory integration)
 every `poll_interval_s` seconds.
 """
+
 from __future__ import annotations
 
 import enum
@@ -22,10 +23,10 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from greentune.energy.components import Component
 
@@ -74,7 +75,7 @@ class WindowState(enum.Enum):
 class Window:
     """One open-then-closed measurement; `result` exists once it is closed."""
 
-    def __init__(self, meter: "Meter", phase: str):
+    def __init__(self, meter: Meter, phase: str):
         self.meter = meter
         self.phase = phase
         self.state = WindowState.OPEN
@@ -91,8 +92,14 @@ class Window:
         sources = self.meter.sources()
         for name, j in joules.items():
             if j == 0.0 and seconds >= 1.0:
-                log.warning("energy component %s (%s) read 0 J over the %.1f s window %r; "
-                            "its counter may not be updating", name, sources[name], seconds, self.phase)
+                log.warning(
+                    "energy component %s (%s) read 0 J over the %.1f s window %r; "
+                    "its counter may not be updating",
+                    name,
+                    sources[name],
+                    seconds,
+                    self.phase,
+                )
         self._result = Measurement(self.phase, self._wall0, wall1, seconds, joules, sources)
         self.state = WindowState.CLOSED
         return self._result
@@ -137,9 +144,14 @@ class Meter:
         clock: monotonic seconds; wall: Unix seconds (injectable for tests).
     """
 
-    def __init__(self, components: list[Component], poll_interval_s: float = 1.0,
-                 sync: Callable[[], None] | None = _sync_accelerators,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        components: list[Component],
+        poll_interval_s: float = 1.0,
+        sync: Callable[[], None] | None = _sync_accelerators,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
         names = [c.name for c in components]
         if len(set(names)) != len(names):
             raise ValueError(f"component names must be unique, got {names}")
@@ -153,14 +165,24 @@ class Meter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if poll_interval_s > 0 and any(c.needs_polling for c in self.components):
-            self._thread = threading.Thread(target=self._poll_loop, args=(poll_interval_s,),
-                                            name="greentune-meter", daemon=True)
+            self._thread = threading.Thread(
+                target=self._poll_loop, args=(poll_interval_s,), name="greentune-meter", daemon=True
+            )
             self._thread.start()
 
     @classmethod
-    def auto(cls, *, scope: str = "self+children", gpus: bool = True,
-             powercap_root: str | Path = "/sys/class/powercap", pynvml=None, apple_module=None,
-             poll_interval_s: float = 1.0, gpu_index: int | None = None, host: bool = True) -> "Meter":
+    def auto(
+        cls,
+        *,
+        scope: str = "self+children",
+        gpus: bool = True,
+        powercap_root: str | Path = "/sys/class/powercap",
+        pynvml=None,
+        apple_module=None,
+        poll_interval_s: float = 1.0,
+        gpu_index: int | None = None,
+        host: bool = True,
+    ) -> Meter:
         """The best components this machine offers.
 
         GPUs: NVML (counter, else power). CPU/DRAM: RAPL, else Apple IOReport, else the
@@ -212,8 +234,13 @@ class Meter:
                     joules[c.name] = self._last[c.name] = float(c.read())
                 except Exception as e:  # a failing sensor must not crash the run it meters
                     if c.name not in self._failed:
-                        log.warning("energy component %s (%s) could not be read (%s); holding its last "
-                                    "value, so its energy from now on is missing", c.name, c.source, e)
+                        log.warning(
+                            "energy component %s (%s) could not be read (%s); holding its last "
+                            "value, so its energy from now on is missing",
+                            c.name,
+                            c.source,
+                            e,
+                        )
                         self._failed.add(c.name)
                     joules[c.name] = self._last.get(c.name, 0.0)
         return self.wall(), self.clock(), joules
@@ -251,7 +278,7 @@ class Meter:
             except Exception as e:
                 log.debug("closing %s failed: %s", c.name, e)
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,11 +15,12 @@ GPUs as 0 kWh).
 
 `pynvml` is injectable: tests pass a fake module with the same functions.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from greentune.energy.components import Component
 
@@ -39,8 +40,9 @@ class NvmlGpu(Component):
 
     needs_polling = True
 
-    def __init__(self, nvml, index: int, clock: Callable[[], float] = time.monotonic,
-                 stuck_after_s: float = 2.0):
+    def __init__(
+        self, nvml, index: int, clock: Callable[[], float] = time.monotonic, stuck_after_s: float = 2.0
+    ):
         self.nvml = nvml
         self.index = index
         self.name = f"gpu:{index}"
@@ -67,9 +69,13 @@ class NvmlGpu(Component):
             return None
 
     def _switch_to_power(self, now: float, watts: float) -> None:
-        log.warning("GPU %d: the NVML energy counter has not moved for %.1f s while the board "
-                    "draws %.0f W; integrating power readings instead (source nvml-power).",
-                    self.index, now - self.last_change, watts)
+        log.warning(
+            "GPU %d: the NVML energy counter has not moved for %.1f s while the board "
+            "draws %.0f W; integrating power readings instead (source nvml-power).",
+            self.index,
+            now - self.last_change,
+            watts,
+        )
         self.source = "nvml-power"
         self.last_t, self.last_w = now, watts
 

@@ -18,6 +18,7 @@ most one wrap happens between reads (hundreds of kJ per wrap: minutes at full po
 Since CVE-2020-8694, `energy_uj` is readable by root only. A permission error gives one
 warning and no RAPL components, so the meter falls back to the estimate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,9 @@ def _zones(root: Path) -> dict[str, list[Path]]:
     """Group the zone folders under `root` into {"cpu": [...], "dram": [...]}."""
     found: dict[str, list[Path]] = {"cpu": [], "dram": []}
     seen: set[tuple[int, str]] = set()
-    entries = sorted(root.iterdir(), key=lambda p: [int(x) if x.isdigit() else x
-                                                    for x in re.split(r"(\d+)", p.name)])
+    entries = sorted(
+        root.iterdir(), key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)]
+    )
     for path in entries:
         m = _ZONE.match(path.name)
         if not m or not (path / "energy_uj").exists():
@@ -121,13 +123,16 @@ def rapl_components(root: str | Path = DEFAULT_ROOT) -> list[Component]:
             if groups[kind]:
                 comps.append(RaplComponent(kind, [_Zone(p) for p in groups[kind]]))
     except PermissionError as e:
-        log.warning("RAPL energy counters are not readable (%s); they are root-only since "
-                    "CVE-2020-8694. Falling back to the CPU-time estimate. To measure, run as "
-                    "root or `chmod a+r %s/intel-rapl:*/energy_uj`.", e.filename or e, root)
+        log.warning(
+            "RAPL energy counters are not readable (%s); they are root-only since "
+            "CVE-2020-8694. Falling back to the CPU-time estimate. To measure, run as "
+            "root or `chmod a+r %s/intel-rapl:*/energy_uj`.",
+            e.filename or e,
+            root,
+        )
         return []
     except (OSError, ValueError) as e:
-        log.warning("RAPL counters under %s could not be read (%s); falling back to the estimate.",
-                    root, e)
+        log.warning("RAPL counters under %s could not be read (%s); falling back to the estimate.", root, e)
         return []
     if not any(c.name == "cpu" for c in comps):
         return []  # dram alone would undercount; let the estimate cover the CPU

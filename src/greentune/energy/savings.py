@@ -29,14 +29,15 @@ fine-tune, the run's batch) is set against the memory this process may use
 
 When the whole model was not measured, its peak memory is the planner's.
 """
+
 from __future__ import annotations
 
 import copy
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 
@@ -63,7 +64,7 @@ class PeakRss:
         while not self._stop.wait(interval_s):
             self.peak = max(self.peak, self.proc.memory_info().rss)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 
@@ -73,8 +74,15 @@ class PeakRss:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def measure_full_finetune(model_factory: Callable[[], "torch.nn.Module"], batch: dict, steps: int = 3, *,
-                          warmup_steps: int = 1, lr: float = 1e-5, meter: Meter | None = None) -> dict:
+def measure_full_finetune(
+    model_factory: Callable[[], torch.nn.Module],
+    batch: dict,
+    steps: int = 3,
+    *,
+    warmup_steps: int = 1,
+    lr: float = 1e-5,
+    meter: Meter | None = None,
+) -> dict:
     """Time and meter `steps` steps of full fine-tuning of a fresh model on `batch`.
 
     Args:
@@ -174,14 +182,18 @@ def full_finetune_memory(config, batch_rows: int, seq_len: int, device) -> float
 def _random_slice_factory(config, layers: int, device):
     """Builds the first `layers` layers' model with random weights (the RNG of the run is
     left as it was: the weights' values do not matter, only their shapes)."""
+
     def build():
         import torch
         from transformers import AutoModelForCausalLM
 
         from greentune.models.loader import compute_dtype
+
         with torch.random.fork_rng(devices=[]):
-            return AutoModelForCausalLM.from_config(_sliced_config(config, layers),
-                                                    dtype=compute_dtype(device)).to(device)
+            return AutoModelForCausalLM.from_config(
+                _sliced_config(config, layers), dtype=compute_dtype(device)
+            ).to(device)
+
     return build
 
 
@@ -200,16 +212,21 @@ def _measure_slice(config, k: int, device, batch: dict, steps: int, meter, whole
         per_layer = (part[key] - base[key]) / k
         if per_layer > 0:
             out[key] = base[key] + total_layers * per_layer
-        else:   # a noisy machine measured the layers as free: scale the whole slice instead
+        else:  # a noisy machine measured the layers as free: scale the whole slice instead
             out[key] = part[key] * total_layers / k
     out.update(
         peak_mem_bytes=int(whole_bytes),
         peak_mem_kind="modelled by the planner (a full copy would not fit)",
         trainable_params=arch_facts(config.to_dict()).total_params,
         method=f"full fine-tune measured on {k} of {total_layers} layers, scaled",
-        slice={"layers": k, "of": total_layers, "weights": "random: only time, energy and memory matter",
-               "measured": {key: part[key] for key in _SLICE_KEYS},
-               "no_layers": {key: base[key] for key in _SLICE_KEYS}})
+        slice={
+            "layers": k,
+            "of": total_layers,
+            "weights": "random: only time, energy and memory matter",
+            "measured": {key: part[key] for key in _SLICE_KEYS},
+            "no_layers": {key: base[key] for key in _SLICE_KEYS},
+        },
+    )
     return out
 
 
@@ -233,18 +250,37 @@ def _modelled(config, device, batch: dict, steps: int, whole_bytes: float) -> di
     tokens = w.tokens
     basis = found[1] if found else (cal.method if cal else "default utilisation, uncalibrated")
     return {
-        "j_per_token": e.it_kwh * J_PER_KWH / tokens, "s_per_token": e.seconds / tokens,
-        "peak_mem_bytes": int(whole_bytes), "peak_mem_kind": "modelled by the planner",
-        "steps": 0, "tokens_per_step": rows * seq, "seconds": e.seconds, "joules": {"all": e.it_kwh * J_PER_KWH},
-        "source": {"all": "planner"}, "estimate": True, "trainable_params": facts.total_params,
+        "j_per_token": e.it_kwh * J_PER_KWH / tokens,
+        "s_per_token": e.seconds / tokens,
+        "peak_mem_bytes": int(whole_bytes),
+        "peak_mem_kind": "modelled by the planner",
+        "steps": 0,
+        "tokens_per_step": rows * seq,
+        "seconds": e.seconds,
+        "joules": {"all": e.it_kwh * J_PER_KWH},
+        "source": {"all": "planner"},
+        "estimate": True,
+        "trainable_params": facts.total_params,
         "method": "modelled by the planner",
-        "planner": {"utilisation": e.utilisation, "utilisation_basis": basis, "power_w": e.power_w,
-                    "calibrated": cal is not None},
+        "planner": {
+            "utilisation": e.utilisation,
+            "utilisation_basis": basis,
+            "power_w": e.power_w,
+            "calibrated": cal is not None,
+        },
     }
 
 
-def full_finetune_counterfactual(model_dir, device, batch: dict, steps: int = 3, *, meter: Meter | None = None,
-                                 memory_bytes: float | None = None, trust_remote_code: bool = False) -> dict:
+def full_finetune_counterfactual(
+    model_dir,
+    device,
+    batch: dict,
+    steps: int = 3,
+    *,
+    meter: Meter | None = None,
+    memory_bytes: float | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """The run's counterfactual, measured whole, on a slice, or modelled (module docstring).
 
     Args:
@@ -268,9 +304,12 @@ def full_finetune_counterfactual(model_dir, device, batch: dict, steps: int = 3,
     whole = full_finetune_memory(config, rows, seq, device)
     fit = {"available_bytes": memory_bytes, "available_source": source, "whole_bytes": whole}
     if whole <= memory_bytes:
-        out = measure_full_finetune(lambda: loader.load_model(model_dir, device=device,
-                                                              trust_remote_code=trust_remote_code),
-                                    batch, steps, meter=meter)
+        out = measure_full_finetune(
+            lambda: loader.load_model(model_dir, device=device, trust_remote_code=trust_remote_code),
+            batch,
+            steps,
+            meter=meter,
+        )
         return {**out, "fit": fit}
     facts = arch_facts(config.to_dict())
     uniform = facts.moe_layers in (0, facts.layers)
@@ -278,24 +317,50 @@ def full_finetune_counterfactual(model_dir, device, batch: dict, steps: int = 3,
     for k in range(min(SLICE_LAYERS, layers - 1), 0, -1) if uniform else ():
         need = full_finetune_memory(_sliced_config(config, k), rows, seq, device)
         if need <= memory_bytes:
-            log.info("savings: a full fine-tune needs %.2f GB > %.2f GB (%s); measuring %d of %d layers",
-                     whole / GB, memory_bytes / GB, source, k, layers)
-            return {**_measure_slice(config, k, device, batch, steps, meter, whole),
-                    "fit": {**fit, "slice_bytes": need}}
-    log.info("savings: a full fine-tune needs %.2f GB > %.2f GB (%s)%s; modelled by the planner", whole / GB,
-             memory_bytes / GB, source, "" if uniform else ", and its layers differ in shape")
+            log.info(
+                "savings: a full fine-tune needs %.2f GB > %.2f GB (%s); measuring %d of %d layers",
+                whole / GB,
+                memory_bytes / GB,
+                source,
+                k,
+                layers,
+            )
+            return {
+                **_measure_slice(config, k, device, batch, steps, meter, whole),
+                "fit": {**fit, "slice_bytes": need},
+            }
+    log.info(
+        "savings: a full fine-tune needs %.2f GB > %.2f GB (%s)%s; modelled by the planner",
+        whole / GB,
+        memory_bytes / GB,
+        source,
+        "" if uniform else ", and its layers differ in shape",
+    )
     return {**_modelled(config, device, batch, steps, whole), "fit": fit}
 
 
 def _row(quantity: str, unit: str, this_run: float, full: float, method: str, estimate: bool) -> dict:
     saved = full - this_run
-    return {"quantity": quantity, "unit": unit, "this_run": this_run, "full_fine_tune": full,
-            "saved": saved, "saved_pct": (100.0 * saved / full) if full > 0 else None,
-            "method": method, "estimate": estimate}
+    return {
+        "quantity": quantity,
+        "unit": unit,
+        "this_run": this_run,
+        "full_fine_tune": full,
+        "saved": saved,
+        "saved_pct": (100.0 * saved / full) if full > 0 else None,
+        "method": method,
+        "estimate": estimate,
+    }
 
 
-def savings_table(run_tokens: int, run_joules: float, run_seconds: float, full: dict,
-                  run_peak_mem_bytes: int | None = None, run_estimate: bool = False) -> list[dict]:
+def savings_table(
+    run_tokens: int,
+    run_joules: float,
+    run_seconds: float,
+    full: dict,
+    run_peak_mem_bytes: int | None = None,
+    run_estimate: bool = False,
+) -> list[dict]:
     """Rows comparing the run with full fine-tuning of the same tokens.
 
     Args:
@@ -314,12 +379,22 @@ def savings_table(run_tokens: int, run_joules: float, run_seconds: float, full: 
     method = full["method"]
     est = bool(full.get("estimate")) or run_estimate
     rows = [
-        _row("energy", "kWh", run_joules / J_PER_KWH, full["j_per_token"] * run_tokens / J_PER_KWH, method, est),
+        _row(
+            "energy", "kWh", run_joules / J_PER_KWH, full["j_per_token"] * run_tokens / J_PER_KWH, method, est
+        ),
         _row("time", "s", float(run_seconds), full["s_per_token"] * run_tokens, method, False),
     ]
     if run_peak_mem_bytes is not None:
-        rows.append(_row("peak memory", "bytes", float(run_peak_mem_bytes), float(full["peak_mem_bytes"]),
-                         f"measured: {full.get('peak_mem_kind', 'peak memory')} of the full fine-tune steps", False))
+        rows.append(
+            _row(
+                "peak memory",
+                "bytes",
+                float(run_peak_mem_bytes),
+                float(full["peak_mem_bytes"]),
+                f"measured: {full.get('peak_mem_kind', 'peak memory')} of the full fine-tune steps",
+                False,
+            )
+        )
     return rows
 
 

@@ -1,12 +1,13 @@
 """Export for laptops: GGUF (llama.cpp, Ollama, LM Studio), MLX (Apple silicon), merged HF.
 
-    write_gguf(model_dir, out_path, quant="q4_k_m")   # f32 | f16 | q8_0 | q4_0 | q4_k_m
-    write_modelfile(gguf_path, tokenizer)              # <stem>.Modelfile beside it, for Ollama
-    write_mlx(model_dir, out_dir, bits=4, group_size=64)
-    write_hf(model_or_dir, out_dir, tokenizer=...)
-    export(model_dir, out_dir, "gguf", quant="q4_k_m")  # one call per recipe `export:` entry
-    llamacpp.generate(gguf_path, "prompt", max_tokens=16)  # run it in llama.cpp (xllamacpp, optional)
+write_gguf(model_dir, out_path, quant="q4_k_m")   # f32 | f16 | q8_0 | q4_0 | q4_k_m
+write_modelfile(gguf_path, tokenizer)              # <stem>.Modelfile beside it, for Ollama
+write_mlx(model_dir, out_dir, bits=4, group_size=64)
+write_hf(model_or_dir, out_dir, tokenizer=...)
+export(model_dir, out_dir, "gguf", quant="q4_k_m")  # one call per recipe `export:` entry
+llamacpp.generate(gguf_path, "prompt", max_tokens=16)  # run it in llama.cpp (xllamacpp, optional)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,9 @@ def _gguf(model_dir, out_dir: Path, quant="q4_k_m", prequantized=None, name="mod
 
 
 def _mlx(model_dir, out_dir: Path, bits=4, group_size=64, name="model", **_):
-    return write_mlx(model_dir, out_dir / (f"{name}-mlx-{bits}bit" if bits else f"{name}-mlx"), bits, group_size)
+    return write_mlx(
+        model_dir, out_dir / (f"{name}-mlx-{bits}bit" if bits else f"{name}-mlx"), bits, group_size
+    )
 
 
 def _hf(model_dir, out_dir: Path, name="model", **_):
@@ -49,5 +52,16 @@ def export(model_dir, out_dir, fmt: str = "gguf", **options) -> Path:
     return fn(model_dir, Path(out_dir), **options)
 
 
-__all__ = ["FORMATS", "GGUFSummary", "QUANTS", "export", "export_gguf", "llamacpp", "validate_hf_dir", "write_gguf",
-           "write_hf", "write_mlx", "write_modelfile"]
+__all__ = [
+    "FORMATS",
+    "GGUFSummary",
+    "QUANTS",
+    "export",
+    "export_gguf",
+    "llamacpp",
+    "validate_hf_dir",
+    "write_gguf",
+    "write_hf",
+    "write_mlx",
+    "write_modelfile",
+]

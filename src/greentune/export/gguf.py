@@ -21,6 +21,7 @@ Quantisation presets and the per-tensor mix are in `gguf_quant`. Tensors given i
 `prequantized` (HF name → (ggml type, block bytes)) are written byte for byte whatever the
 preset — the frozen base a run trained on is the base that ships.
 """
+
 from __future__ import annotations
 
 import enum
@@ -74,9 +75,16 @@ def _as_source(model, tokenizer, prequantized) -> ModelSource:
     return ModelSource.from_model(model, tokenizer, prequantized)
 
 
-def write_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None,
-               prequantized: dict | None = None, tokenizer_pre: str | None = None,
-               name: str | None = None) -> Path:
+def write_gguf(
+    model_dir,
+    out_path,
+    quant: str = "f16",
+    *,
+    tokenizer=None,
+    prequantized: dict | None = None,
+    tokenizer_pre: str | None = None,
+    name: str | None = None,
+) -> Path:
     """Export a model of a `gguf_families.FAMILIES` type to GGUF at `out_path`; return the path.
 
     Args:
@@ -91,33 +99,66 @@ def write_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None,
     Raises:
         UserError: unsupported architecture or tokenizer, unknown quant, missing files.
     """
-    return export_gguf(model_dir, out_path, quant, tokenizer=tokenizer, prequantized=prequantized,
-                       tokenizer_pre=tokenizer_pre, name=name).path
+    return export_gguf(
+        model_dir,
+        out_path,
+        quant,
+        tokenizer=tokenizer,
+        prequantized=prequantized,
+        tokenizer_pre=tokenizer_pre,
+        name=name,
+    ).path
 
 
-def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, prequantized=None,
-                tokenizer_pre=None, name=None) -> GGUFSummary:
+def export_gguf(
+    model_dir,
+    out_path,
+    quant: str = "f16",
+    *,
+    tokenizer=None,
+    prequantized=None,
+    tokenizer_pre=None,
+    name=None,
+) -> GGUFSummary:
     """As `write_gguf`, returning a `GGUFSummary` (sizes, bits per weight, types)."""
     quant = gguf_quant.check_quant(quant)
     src = _as_source(model_dir, tokenizer, prequantized)
     out_path = Path(out_path)
     arch = Arch.from_config(src.config, src.has("lm_head.weight"))
     if quant == "q4_k_m" and not gguf_quant.have_k_quants():
-        raise UserError("q4_k_m needs the Q4_K/Q6_K quantisers of greentune.quant.formats, "
-                        "which this install lacks; use q8_0 or q4_0")
+        raise UserError(
+            "q4_k_m needs the Q4_K/Q6_K quantisers of greentune.quant.formats, "
+            "which this install lacks; use q8_0 or q4_0"
+        )
     tensors = plan(src, arch)
     n_vocab = tensors[0].shape[0]
-    if arch.model_type == "mistral" and src.config.get("sliding_window") and \
-            src.config["sliding_window"] < arch.n_ctx:
-        log.warning("sliding window %d is not represented in GGUF 'llama': contexts beyond it differ from HF",
-                    src.config["sliding_window"])
+    if (
+        arch.model_type == "mistral"
+        and src.config.get("sliding_window")
+        and src.config["sliding_window"] < arch.n_ctx
+    ):
+        log.warning(
+            "sliding window %d is not represented in GGUF 'llama': contexts beyond it differ from HF",
+            src.config["sliding_window"],
+        )
 
     tmp = temp_file_beside(out_path)
     try:
-        name = name or (Path(str(model_dir)).name if isinstance(model_dir, (str, os.PathLike))
-                        else src.config.get("model_type", "model"))
-        summary = _write(src, arch, tensors, n_vocab, quant, Path(tmp), tokenizer_pre,
-                         _loadable_name(name, arch, src.tokenizer))
+        name = name or (
+            Path(str(model_dir)).name
+            if isinstance(model_dir, (str, os.PathLike))
+            else src.config.get("model_type", "model")
+        )
+        summary = _write(
+            src,
+            arch,
+            tensors,
+            n_vocab,
+            quant,
+            Path(tmp),
+            tokenizer_pre,
+            _loadable_name(name, arch, src.tokenizer),
+        )
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         maybe_fault(f"write:{out_path.name}")
@@ -126,8 +167,13 @@ def export_gguf(model_dir, out_path, quant: str = "f16", *, tokenizer=None, preq
         Path(tmp).unlink(missing_ok=True)
         raise
     summary.path = out_path
-    log.info("wrote %s: %d tensors, %.1f MB, %.2f bits/weight", out_path, len(tensors),
-             summary.n_bytes / 1e6, summary.bits_per_weight)
+    log.info(
+        "wrote %s: %d tensors, %.1f MB, %.2f bits/weight",
+        out_path,
+        len(tensors),
+        summary.n_bytes / 1e6,
+        summary.bits_per_weight,
+    )
     return summary
 
 
@@ -142,14 +188,26 @@ def _loadable_name(name: str, arch: Arch, tokenizer) -> str:
         vocab = tokenizer.get_vocab()
         missing = [t for t in _PHI3_NAMED_TOKENS if t not in vocab]
         if missing:
-            log.warning("general.name %r written as 'model': llama.cpp looks up %s in Phi-3-named models, "
-                        "which this vocabulary lacks", name, missing)
+            log.warning(
+                "general.name %r written as 'model': llama.cpp looks up %s in Phi-3-named models, "
+                "which this vocabulary lacks",
+                name,
+                missing,
+            )
             return "model"
     return name
 
 
-def _write(src: ModelSource, arch: Arch, tensors, n_vocab: int, quant: str, path: Path,
-           tokenizer_pre: str | None, name: str) -> GGUFSummary:
+def _write(
+    src: ModelSource,
+    arch: Arch,
+    tensors,
+    n_vocab: int,
+    quant: str,
+    path: Path,
+    tokenizer_pre: str | None,
+    name: str,
+) -> GGUFSummary:
     w = GGUFWriter(path, arch.family.name)
     try:
         return _write_all(w, src, arch, tensors, n_vocab, quant, path, tokenizer_pre, name)
@@ -157,8 +215,17 @@ def _write(src: ModelSource, arch: Arch, tensors, n_vocab: int, quant: str, path
         w.close()
 
 
-def _write_all(w: GGUFWriter, src: ModelSource, arch: Arch, tensors, n_vocab: int, quant: str, path: Path,
-               tokenizer_pre: str | None, name: str) -> GGUFSummary:
+def _write_all(
+    w: GGUFWriter,
+    src: ModelSource,
+    arch: Arch,
+    tensors,
+    n_vocab: int,
+    quant: str,
+    path: Path,
+    tokenizer_pre: str | None,
+    name: str,
+) -> GGUFSummary:
     state = State.PLANNED
     w.add_name(name)
     _add_hparams(w, arch, n_vocab)
@@ -169,13 +236,23 @@ def _write_all(w: GGUFWriter, src: ModelSource, arch: Arch, tensors, n_vocab: in
     any_quantised = False
     for t in tensors:
         pre_type = src.prequantized_type(t.sources)
-        types[t.name] = pre_type if pre_type is not None else gguf_quant.tensor_type(
-            quant, t.name, t.shape, t.layer, arch.n_layer, arch.n_expert, arch.tied)
+        types[t.name] = (
+            pre_type
+            if pre_type is not None
+            else gguf_quant.tensor_type(
+                quant, t.name, t.shape, t.layer, arch.n_layer, arch.n_expert, arch.tied
+            )
+        )
     for t in tensors:
         gtype = types[t.name]
         any_quantised |= gtype not in (T.F32, T.F16)
-        w.add_tensor_info(t.name, _byte_shape(t.shape, gtype), _np_dtype(gtype),
-                          gguf_quant.nbytes_of(t.shape, gtype), raw_dtype=_raw(gtype))
+        w.add_tensor_info(
+            t.name,
+            _byte_shape(t.shape, gtype),
+            _np_dtype(gtype),
+            gguf_quant.nbytes_of(t.shape, gtype),
+            raw_dtype=_raw(gtype),
+        )
     w.add_file_type(int(gguf_quant.FILE_TYPE[quant]))
     if any_quantised:
         w.add_quantization_version(2)
@@ -192,8 +269,10 @@ def _write_all(w: GGUFWriter, src: ModelSource, arch: Arch, tensors, n_vocab: in
         value = t.load()
         if isinstance(value, Packed):
             if value.ggml_type != gtype or tuple(value.shape) != tuple(t.shape):
-                raise UserError(f"prequantized {t.name}: {value.ggml_type.name}{value.shape} "
-                                f"does not match planned {gtype.name}{t.shape}")
+                raise UserError(
+                    f"prequantized {t.name}: {value.ggml_type.name}{value.shape} "
+                    f"does not match planned {gtype.name}{t.shape}"
+                )
             data = value.data
         else:
             if tuple(value.shape) != tuple(t.shape):
@@ -204,9 +283,14 @@ def _write_all(w: GGUFWriter, src: ModelSource, arch: Arch, tensors, n_vocab: in
         n_bytes += data.nbytes
         state = State.TENSORS
     w.close()
-    return GGUFSummary(path=path, n_bytes=path.stat().st_size, n_params=n_params,
-                       bits_per_weight=8.0 * n_bytes / max(n_params, 1),
-                       types={k: v.name for k, v in types.items()}, vocab=vocab)
+    return GGUFSummary(
+        path=path,
+        n_bytes=path.stat().st_size,
+        n_params=n_params,
+        bits_per_weight=8.0 * n_bytes / max(n_params, 1),
+        types={k: v.name for k, v in types.items()},
+        vocab=vocab,
+    )
 
 
 def _raw(t: T):
@@ -221,6 +305,7 @@ def _byte_shape(shape, t: T):
     if t in (T.F32, T.F16):
         return tuple(shape)
     from gguf.quants import quant_shape_to_byte_shape
+
     return tuple(quant_shape_to_byte_shape(shape, t))
 
 
@@ -243,7 +328,9 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(a.rope_scaling["factor"]))
     elif rtype not in (None, "llama3"):
-        raise UserError(f"GGUF export does not support rope scaling {rtype!r} yet (default, linear, llama3 are)")
+        raise UserError(
+            f"GGUF export does not support rope scaling {rtype!r} yet (default, linear, llama3 are)"
+        )
     if a.n_expert:
         w.add_expert_count(a.n_expert)
         w.add_expert_used_count(a.n_expert_used)

@@ -17,10 +17,11 @@ row only states what differs between families:
 llama / mistral / qwen2 / mixtral run as `general.architecture = "llama"` (the graph adds
 Qwen2's q/k/v biases; Mixtral's experts are stacked), the rest under their own names.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
@@ -35,23 +36,30 @@ def _gemma_check(cfg: dict) -> None:
     # llama.cpp scales queries by 1/sqrt(head_dim) (Gemma's 27B models alone use n_embd/n_head)
     scalar = cfg.get("query_pre_attn_scalar")
     if scalar is not None and scalar != _head_dim(cfg):
-        raise UserError(f"GGUF export of {cfg['model_type']}: query_pre_attn_scalar {scalar} differs from "
-                        f"head_dim {_head_dim(cfg)}, which llama.cpp's graph assumes")
+        raise UserError(
+            f"GGUF export of {cfg['model_type']}: query_pre_attn_scalar {scalar} differs from "
+            f"head_dim {_head_dim(cfg)}, which llama.cpp's graph assumes"
+        )
     n_layer = cfg["num_hidden_layers"]
     every = 6 if cfg["model_type"] == "gemma3_text" else 2
     default = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layer)]
     if cfg.get("layer_types") and list(cfg["layer_types"]) != default:
-        raise UserError(f"GGUF export of {cfg['model_type']}: layer_types {cfg['layer_types']} differ from the "
-                        f"sliding/full pattern (every {every}th layer full) that llama.cpp uses")
+        raise UserError(
+            f"GGUF export of {cfg['model_type']}: layer_types {cfg['layer_types']} differ from the "
+            f"sliding/full pattern (every {every}th layer full) that llama.cpp uses"
+        )
 
 
 def _gemma3_check(cfg: dict) -> None:
     _gemma_check(cfg)
     local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get(
-        "rope_theta", cfg.get("rope_local_base_freq", 10000.0))
+        "rope_theta", cfg.get("rope_local_base_freq", 10000.0)
+    )
     if float(local) != 10000.0:
-        raise UserError(f"GGUF export of gemma3_text: the sliding layers' rope theta {local} is not 10000, "
-                        "which llama.cpp fixes for them")
+        raise UserError(
+            f"GGUF export of gemma3_text: the sliding layers' rope theta {local} is not 10000, "
+            "which llama.cpp fixes for them"
+        )
     if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
         raise UserError("GGUF export of gemma3_text: logit soft-capping is not in llama.cpp's gemma3 graph")
 
@@ -89,15 +97,19 @@ def _granite_keys(w: GGUFWriter, cfg: dict) -> None:
 
 def _every_layer_moe(cfg: dict) -> None:
     if int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers"):
-        raise UserError(f"GGUF export of {cfg['model_type']}: dense layers among the MoE layers "
-                        "(decoder_sparse_step / mlp_only_layers) are not exported yet")
+        raise UserError(
+            f"GGUF export of {cfg['model_type']}: dense layers among the MoE layers "
+            "(decoder_sparse_step / mlp_only_layers) are not exported yet"
+        )
 
 
 def _qwen2moe_check(cfg: dict) -> None:
     _every_layer_moe(cfg)
     if cfg.get("norm_topk_prob"):
-        raise UserError("GGUF export of qwen2_moe: llama.cpp's qwen2moe graph does not renormalise the "
-                        "top-k router weights (norm_topk_prob true)")
+        raise UserError(
+            "GGUF export of qwen2_moe: llama.cpp's qwen2moe graph does not renormalise the "
+            "top-k router weights (norm_topk_prob true)"
+        )
 
 
 def _qwen2moe_keys(w: GGUFWriter, cfg: dict) -> None:
@@ -108,8 +120,10 @@ def _qwen2moe_keys(w: GGUFWriter, cfg: dict) -> None:
 def _qwen3moe_check(cfg: dict) -> None:
     _every_layer_moe(cfg)
     if not cfg.get("norm_topk_prob", True):
-        raise UserError("GGUF export of qwen3_moe: llama.cpp's qwen3moe graph renormalises the top-k router "
-                        "weights, this model does not (norm_topk_prob false)")
+        raise UserError(
+            "GGUF export of qwen3_moe: llama.cpp's qwen3moe graph renormalises the top-k router "
+            "weights, this model does not (norm_topk_prob false)"
+        )
 
 
 def _qwen3moe_keys(w: GGUFWriter, cfg: dict) -> None:
@@ -118,11 +132,15 @@ def _qwen3moe_keys(w: GGUFWriter, cfg: dict) -> None:
 
 def _olmoe_check(cfg: dict) -> None:
     if cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]:
-        raise UserError("GGUF export of olmoe: llama.cpp's olmoe graph needs num_key_value_heads == "
-                        "num_attention_heads (its k-norm spans all heads), as published OLMoE models have")
+        raise UserError(
+            "GGUF export of olmoe: llama.cpp's olmoe graph needs num_key_value_heads == "
+            "num_attention_heads (its k-norm spans all heads), as published OLMoE models have"
+        )
     if cfg.get("norm_topk_prob"):
-        raise UserError("GGUF export of olmoe: llama.cpp's olmoe graph does not renormalise the top-k "
-                        "router weights (norm_topk_prob true)")
+        raise UserError(
+            "GGUF export of olmoe: llama.cpp's olmoe graph does not renormalise the top-k "
+            "router weights (norm_topk_prob true)"
+        )
 
 
 @dataclass(frozen=True)

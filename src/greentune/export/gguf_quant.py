@@ -31,10 +31,11 @@ Quantisers: Q8_0/Q4_0/Q4_K/Q6_K come from `greentune.quant.formats` (imported la
 equal `gguf.quants`'). Q5_0/Q5_1, only ever a fallback for rows that are not whole K-quant
 blocks, use `gguf.quants` (the numpy port of ggml's reference quantisers).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -72,8 +73,7 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
 
 def is_quantisable(name: str, shape: tuple[int, ...]) -> bool:
     """2-D/3-D `.weight` tensors except norms and the router, as llama.cpp decides."""
-    return (len(shape) >= 2 and name.endswith(".weight") and "_norm" not in name
-            and "ffn_gate_inp" not in name)
+    return len(shape) >= 2 and name.endswith(".weight") and "_norm" not in name and "ffn_gate_inp" not in name
 
 
 def _fallback(t: T, row: int) -> T:
@@ -87,8 +87,9 @@ def _fallback(t: T, row: int) -> T:
     return new
 
 
-def tensor_type(quant: str, name: str, shape: tuple[int, ...], layer: int | None, n_layer: int,
-                n_expert: int, tied: bool) -> T:
+def tensor_type(
+    quant: str, name: str, shape: tuple[int, ...], layer: int | None, n_layer: int, n_expert: int, tied: bool
+) -> T:
     """GGML type of GGUF tensor `name` (numpy `shape`, rows innermost-last) under preset `quant`."""
     if quant == "f32":
         return T.F32
@@ -121,6 +122,7 @@ def tensor_type(quant: str, name: str, shape: tuple[int, ...], layer: int | None
 
 # -- quantisers ----------------------------------------------------------------------------
 
+
 def _formats():
     try:
         from greentune.quant import formats  # type: ignore[attr-defined]
@@ -144,20 +146,26 @@ def have_k_quants() -> bool:
 def _ours(fmt: str) -> Callable[[np.ndarray], np.ndarray]:
     def q(x: np.ndarray) -> np.ndarray:
         import torch
+
         f = _formats()
         if f is None:
-            raise UserError(f"{fmt.upper()} quantisation needs greentune.quant.formats, which is not installed")
+            raise UserError(
+                f"{fmt.upper()} quantisation needs greentune.quant.formats, which is not installed"
+            )
         out = f.get_format(fmt).quantize(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
         out = out.cpu().numpy() if hasattr(out, "cpu") else np.asarray(out)
         out = np.ascontiguousarray(out).view(np.uint8)
         return out.reshape(*x.shape[:-1], -1)
+
     return q
 
 
 def _gguf(t: T) -> Callable[[np.ndarray], np.ndarray]:
     def q(x: np.ndarray) -> np.ndarray:
         from gguf import quants
+
         return quants.quantize(np.ascontiguousarray(x, dtype=np.float32), t)
+
     return q
 
 

@@ -13,12 +13,13 @@ rotates halves (x_i, x_{i+d/2}): per head the rows are reordered with
 permutation applies to prequantized block bytes since blocks never cross rows. Gemma's
 norms are stored as 1 + w (`Family.norm_offset`).
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, TensorNameMap
@@ -47,11 +48,11 @@ class Arch:
     n_expert: int = 0
     n_expert_used: int = 0
     tied: bool = False
-    n_rot: int = 0                  # rotary dimensions (phi3's partial_rotary_factor); 0: head_dim
+    n_rot: int = 0  # rotary dimensions (phi3's partial_rotary_factor); 0: head_dim
     config: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: dict, has_lm_head: bool) -> "Arch":
+    def from_config(cls, cfg: dict, has_lm_head: bool) -> Arch:
         mt = cfg.get("model_type")
         fam = family_of(cfg)
         n_head = cfg["num_attention_heads"]
@@ -60,17 +61,32 @@ class Arch:
         head_dim = cfg.get("head_dim") or hidden // n_head
         n_expert = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
         n_ff = cfg["intermediate_size"]
-        if n_expert:                    # the experts' width (Qwen-MoE families give it separately)
+        if n_expert:  # the experts' width (Qwen-MoE families give it separately)
             n_ff = int(cfg.get("moe_intermediate_size") or n_ff)
         return cls(
-            model_type=mt, family=fam, n_layer=cfg["num_hidden_layers"], n_embd=hidden, n_ff=n_ff,
-            n_head=n_head, n_head_kv=cfg.get("num_key_value_heads") or n_head, head_dim=head_dim,
-            n_ctx=cfg.get("max_position_embeddings", 4096), eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=theta, rope_scaling=scaling, n_expert=n_expert,
+            model_type=mt,
+            family=fam,
+            n_layer=cfg["num_hidden_layers"],
+            n_embd=hidden,
+            n_ff=n_ff,
+            n_head=n_head,
+            n_head_kv=cfg.get("num_key_value_heads") or n_head,
+            head_dim=head_dim,
+            n_ctx=cfg.get("max_position_embeddings", 4096),
+            eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            n_expert=n_expert,
             n_expert_used=int(cfg.get("num_experts_per_tok") or 0) if n_expert else 0,
             tied=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
-            n_rot=int(head_dim * float((cfg.get("rope_parameters") or {}).get(
-                "partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))),
+            n_rot=int(
+                head_dim
+                * float(
+                    (cfg.get("rope_parameters") or {}).get(
+                        "partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)
+                    )
+                )
+            ),
             config=cfg,
         )
 
@@ -83,11 +99,11 @@ def qk_permutation(rows: int, n_head: int) -> np.ndarray:
 
 @dataclass
 class PlannedTensor:
-    name: str                       # GGUF name, e.g. "blk.0.attn_q.weight"
-    shape: tuple[int, ...]          # numpy order, rows last-but-one
-    load: Callable[[], Tensor]      # produces float32 array or Packed bytes
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # numpy order, rows last-but-one
+    load: Callable[[], Tensor]  # produces float32 array or Packed bytes
     layer: int | None = None
-    sources: tuple[str, ...] = ()   # HF tensor names it is built from
+    sources: tuple[str, ...] = ()  # HF tensor names it is built from
 
 
 def llama3_rope_factors(arch: Arch) -> np.ndarray:
@@ -128,8 +144,10 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
             continue
         gname = names.get_name(hname, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise UserError(f"{src.origin}: tensor {hname!r} has no GGUF {fam.name!r} counterpart; "
-                            "its export would silently drop it")
+            raise UserError(
+                f"{src.origin}: tensor {hname!r} has no GGUF {fam.name!r} counterpart; "
+                "its export would silently drop it"
+            )
         m = _LAYER.match(hname)
         layer = int(m.group(1)) if m else None
         heads = None
@@ -145,10 +163,12 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
             tail.append(t)
     rtype = arch.rope_scaling.get("rope_type", arch.rope_scaling.get("type"))
     if rtype == "llama3":
-        head.append(PlannedTensor("rope_freqs.weight", (arch.head_dim // 2,), lambda: llama3_rope_factors(arch)))
+        head.append(
+            PlannedTensor("rope_freqs.weight", (arch.head_dim // 2,), lambda: llama3_rope_factors(arch))
+        )
     out = head
     for i in range(arch.n_layer):
-        out += sorted(layers[i], key=lambda t: t.name)   # by GGUF name: the same file from any HF layout
+        out += sorted(layers[i], key=lambda t: t.name)  # by GGUF name: the same file from any HF layout
         if arch.n_expert:
             _experts(out, src, arch, i)
     return out + sorted(tail, key=lambda t: t.name != "output_norm.weight")
@@ -164,6 +184,7 @@ def _loader(src: ModelSource, hname: str, heads: int | None, offset: float):
                 raise UserError(f"{hname}: a norm weight cannot be prequantized")
             t = t + np.float32(offset)
         return t
+
     return load
 
 
@@ -183,6 +204,7 @@ def _experts(out, src: ModelSource, arch: Arch, i: int) -> None:
                 cache.clear()
                 cache.update(zip(kinds, src.expert_weights(i, arch.n_expert)))
             return cache.pop(kind)
+
         return load
 
     E, ff, h = arch.n_expert, arch.n_ff, arch.n_embd

@@ -27,6 +27,7 @@ Token types: 1 normal, 2 unknown, 3 control (special added tokens: BOS/EOS/PAD, 
 markers), 4 user-defined (non-special added tokens), 5 unused (padding up to the
 embedding's row count), 6 byte (`<0xNN>` in SentencePiece vocabularies).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,14 @@ from greentune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+QWEN2_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
 PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2"}
 
@@ -50,7 +55,9 @@ PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gp
 def tokenizer_json(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise UserError(f"GGUF export needs a fast tokenizer (tokenizer.json); got {type(tokenizer).__name__}")
+        raise UserError(
+            f"GGUF export needs a fast tokenizer (tokenizer.json); got {type(tokenizer).__name__}"
+        )
     return json.loads(backend.to_str())
 
 
@@ -59,18 +66,23 @@ def detect_pre(tj: dict) -> str:
     pre = tj.get("pre_tokenizer") or {}
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
-        return "gpt-2"     # llama.cpp's BPE never adds a prefix space, so that variant is refused
+        return "gpt-2"  # llama.cpp's BPE never adds a prefix space, so that variant is refused
     if kind == "Sequence":
         items = pre.get("pretokenizers", [])
-        if (len(items) == 2 and items[0].get("type") == "Split" and items[1].get("type") == "ByteLevel"
-                and not items[1].get("use_regex", True)):
+        if (
+            len(items) == 2
+            and items[0].get("type") == "Split"
+            and items[1].get("type") == "ByteLevel"
+            and not items[1].get("use_regex", True)
+        ):
             pattern = items[0].get("pattern", {})
             regex = pattern.get("Regex", pattern.get("String"))
             if regex in PRE_BY_REGEX:
                 return PRE_BY_REGEX[regex]
     raise UserError(
         "cannot tell which llama.cpp pre-tokenizer matches this tokenizer's pre_tokenizer "
-        f"({json.dumps(pre)[:120]}...); pass tokenizer_pre=NAME (e.g. 'gpt-2', 'llama-bpe', 'qwen2')")
+        f"({json.dumps(pre)[:120]}...); pass tokenizer_pre=NAME (e.g. 'gpt-2', 'llama-bpe', 'qwen2')"
+    )
 
 
 def _is_spm(tj: dict) -> bool:
@@ -146,7 +158,9 @@ def add_vocab(w: GGUFWriter, tokenizer, n_vocab: int, pre: str | None = None) ->
     if spm and tj["model"]["type"] == "BPE":
         for r, (a, b) in enumerate(_merge_pairs(tj["model"].get("merges", []))):
             rank.setdefault(a + b, r)
-    unigram = {i: s for i, (_p, s) in enumerate(tj["model"]["vocab"])} if tj["model"]["type"] == "Unigram" else {}
+    unigram = (
+        {i: s for i, (_p, s) in enumerate(tj["model"]["vocab"])} if tj["model"]["type"] == "Unigram" else {}
+    )
     for i in range(n_vocab):
         tok = by_id.get(i)
         if tok is None:
@@ -210,13 +224,22 @@ def add_vocab(w: GGUFWriter, tokenizer, n_vocab: int, pre: str | None = None) ->
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         w.add_chat_template(template)
-    return {"model": "llama" if spm else "gpt2", "pre": None if spm else pre, "n_tokens": len(tokens),
-            "add_bos": add_bos, "eot": eot}
+    return {
+        "model": "llama" if spm else "gpt2",
+        "pre": None if spm else pre,
+        "n_tokens": len(tokens),
+        "add_bos": add_bos,
+        "eot": eot,
+    }
 
 
 def _adds_space_prefix(tj: dict) -> bool:
     """Whether the SentencePiece normaliser/pre-tokenizer prepends "▁" (Llama-2 style): a
     `Prepend("▁")` normaliser, or a `Metaspace` pre-tokenizer with prepend_scheme always/first."""
     blob = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
-    return ('"Prepend"' in blob or '"prepend_scheme": "always"' in blob or '"prepend_scheme": "first"' in blob
-            or '"add_prefix_space": true' in blob)
+    return (
+        '"Prepend"' in blob
+        or '"prepend_scheme": "always"' in blob
+        or '"prepend_scheme": "first"' in blob
+        or '"add_prefix_space": true' in blob
+    )

@@ -5,6 +5,7 @@ config, generation config, tokenizer and chat-template files are copied) or an i
 model with its tokenizer (`save_pretrained` with safetensors). Pickled weights
 (`*.bin`, `*.pt`) are never read or copied. The folder is written atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,20 @@ from greentune.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
-COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
-        "added_tokens.json", "vocab.json", "merges.txt", "model.safetensors.index.json")
+COPY = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "model.safetensors.index.json",
+)
 
 
 def validate_hf_dir(model_dir: str | Path) -> list[Path]:

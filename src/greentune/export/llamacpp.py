@@ -24,6 +24,7 @@ such a token: the grammar forces the segment, and a logit bias picks that token 
 grammar is complete. The prefix stays in llama.cpp's cache (``cache_prompt``), so every
 token is evaluated once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,20 @@ log = logging.getLogger(__name__)
 
 #: Token texts llama.cpp also treats as end-of-generation when they are in the vocabulary
 #: (src/llama-vocab.cpp, the special_eog_ids heuristics).
-EOG_TEXTS = ("</s>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-             "<EOT>", "_<EOT>", "<|end_of_text|>", "<|end▁of▁sentence|>", "<｜end▁of▁sentence｜>")
+EOG_TEXTS = (
+    "</s>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<|end▁of▁sentence|>",
+    "<｜end▁of▁sentence｜>",
+)
 _FORCE_BIAS = 1.0e4  # logit bias that makes the sampler pick the one token the grammar leaves open
 
 
@@ -124,6 +137,7 @@ class LlamaCpp:
         self.path = Path(gguf_path)
         require_gguf(self.path)
         import xllamacpp as x
+
         p = x.CommonParams()
         p.model.path = str(self.path)
         p.n_ctx = int(n_ctx)
@@ -159,7 +173,9 @@ class LlamaCpp:
         """
         ids = [int(t) for t in ids]
         if len(ids) >= self.n_ctx:
-            raise UserError(f"a scored row of {len(ids)} tokens does not fit llama.cpp's context of {self.n_ctx}")
+            raise UserError(
+                f"a scored row of {len(ids)} tokens does not fit llama.cpp's context of {self.n_ctx}"
+            )
         targets = targets if targets is not None else [True] * len(ids)
         total, count, pos = 0.0, 0, 1
         while pos < len(ids):
@@ -168,8 +184,13 @@ class LlamaCpp:
                 end += 1
             forced = ids[pos:end]
             stop = ids[end] if end < len(ids) else None
-            request = {"prompt": ids[:pos], "max_tokens": len(forced) + (stop is not None), "n_probs": 1,
-                       "cache_prompt": True, "post_sampling_probs": False}
+            request = {
+                "prompt": ids[:pos],
+                "max_tokens": len(forced) + (stop is not None),
+                "n_probs": 1,
+                "cache_prompt": True,
+                "post_sampling_probs": False,
+            }
             if forced:
                 request["grammar"] = "root ::= " + " ".join(f"<[{t}]>" for t in forced)
             if stop is not None:
@@ -178,8 +199,10 @@ class LlamaCpp:
             expected = forced + ([stop] if stop is not None else [])
             got = [int(c["id"]) for c in content]
             if got != expected:
-                raise UserError(f"llama.cpp did not decode the forced tokens of {self.path.name} "
-                                f"(expected {expected[:8]}..., got {got[:8]}...)")
+                raise UserError(
+                    f"llama.cpp did not decode the forced tokens of {self.path.name} "
+                    f"(expected {expected[:8]}..., got {got[:8]}...)"
+                )
             for i, c in enumerate(content):
                 if targets[pos + i]:
                     total += float(c["logprob"])
@@ -191,15 +214,22 @@ class LlamaCpp:
         server, self._server = getattr(self, "_server", None), None
         del server
 
-    def __enter__(self) -> "LlamaCpp":
+    def __enter__(self) -> LlamaCpp:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def generate(gguf_path: str | Path, prompt: str | list[int], max_tokens: int = 16, *, n_ctx: int = 512,
-             n_threads: int = 2, temperature: float = 0.0) -> Generation:
+def generate(
+    gguf_path: str | Path,
+    prompt: str | list[int],
+    max_tokens: int = 16,
+    *,
+    n_ctx: int = 512,
+    n_threads: int = 2,
+    temperature: float = 0.0,
+) -> Generation:
     """Greedy (temperature 0) or sampled completion of `prompt` (text or token ids) by llama.cpp.
 
     Raises:
@@ -207,8 +237,14 @@ def generate(gguf_path: str | Path, prompt: str | list[int], max_tokens: int = 1
     """
     with LlamaCpp(gguf_path, n_ctx=n_ctx, n_threads=n_threads) as llm:
         t0 = time.perf_counter()
-        r = llm.complete({"prompt": prompt, "max_tokens": int(max_tokens), "temperature": temperature,
-                          "cache_prompt": False})
+        r = llm.complete(
+            {
+                "prompt": prompt,
+                "max_tokens": int(max_tokens),
+                "temperature": temperature,
+                "cache_prompt": False,
+            }
+        )
         seconds = time.perf_counter() - t0
     choice = r["choices"][0]
     n = int(r.get("usage", {}).get("completion_tokens", 0))

@@ -28,6 +28,7 @@ its HF name (phi3's fused qkv_proj / gate_up_proj included), which is what mlx-l
 read. Gemma-3's per-layer-type rope thetas become mlx-lm's `rope_theta` (full layers) and
 `rope_local_base_freq` (sliding layers).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,21 @@ from greentune.fsutil import atomic_dir
 log = logging.getLogger(__name__)
 
 # model_type -> module path of its MoE block ("" for dense families)
-SUPPORTED = {"llama": "", "mistral": "", "qwen2": "", "qwen3": "", "gemma2": "", "gemma3_text": "", "phi3": "",
-             "olmo2": "", "granite": "", "mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp",
-             "olmoe": "mlp"}
+SUPPORTED = {
+    "llama": "",
+    "mistral": "",
+    "qwen2": "",
+    "qwen3": "",
+    "gemma2": "",
+    "gemma3_text": "",
+    "phi3": "",
+    "olmo2": "",
+    "granite": "",
+    "mixtral": "block_sparse_moe",
+    "qwen2_moe": "mlp",
+    "qwen3_moe": "mlp",
+    "olmoe": "mlp",
+}
 BITS = (2, 3, 4, 5, 6, 8)
 
 
@@ -67,7 +80,7 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     *lead, k = q.shape
     if (k * bits) % 32:
         raise UserError(f"a row of {k} values of {bits} bits is not a whole number of 32-bit words")
-    stream = np.unpackbits(q[..., None], axis=-1, bitorder="little")[..., :bits]   # [..., K, bits]
+    stream = np.unpackbits(q[..., None], axis=-1, bitorder="little")[..., :bits]  # [..., K, bits]
     packed = np.packbits(stream.reshape(*lead, k * bits), axis=-1, bitorder="little")  # bytes
     return np.ascontiguousarray(packed).view("<u4")
 
@@ -79,8 +92,9 @@ def unpack_bits(p: np.ndarray, bits: int, k: int) -> np.ndarray:
     return (vals * (1 << np.arange(bits, dtype=np.uint16))).sum(-1).astype(np.uint8)
 
 
-def dequantize_affine(p: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
-                      group_size: int) -> np.ndarray:
+def dequantize_affine(
+    p: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int
+) -> np.ndarray:
     """ŵ = s·q + β, group by group (MLX's documented formula)."""
     k = scales.shape[-1] * group_size
     q = unpack_bits(p, bits, k).astype(np.float32).reshape(*scales.shape, group_size)
@@ -99,8 +113,10 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
             continue
         p = f"model.layers.{i}"
         for kind, t in zip(("gate_proj", "up_proj", "down_proj"), range(3)):
+
             def load(i=i, t=t):
                 return _float(src.expert_weights(i, n_exp)[t])
+
             out.append((f"{p}.{moe}.switch_mlp.{kind}.weight", load))
         for names in src.expert_sources(i, n_exp):
             skip.update(names)
@@ -119,6 +135,7 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
 def _float(t) -> np.ndarray:
     if isinstance(t, Packed):
         from gguf.quants import dequantize
+
         return dequantize(t.data, t.ggml_type).astype(np.float32)
     return t
 
@@ -127,12 +144,14 @@ def _quantisable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
     if len(shape) < 2 or not name.endswith(".weight") or shape[-1] % group_size:
         return False
     # routers (and Qwen2-MoE's shared-expert gate) stay in float: their errors change which experts run
-    return "norm" not in name and not name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight",
-                                                      "shared_expert_gate.weight"))
+    return "norm" not in name and not name.endswith(
+        ("block_sparse_moe.gate.weight", "mlp.gate.weight", "shared_expert_gate.weight")
+    )
 
 
-def write_mlx(model_dir, out_dir, bits: int | None = 4, group_size: int = 64, *, tokenizer=None,
-              dtype: str = "float16") -> Path:
+def write_mlx(
+    model_dir, out_dir, bits: int | None = 4, group_size: int = 64, *, tokenizer=None, dtype: str = "float16"
+) -> Path:
     """Write an mlx-lm model folder at `out_dir` (atomically); return its path.
 
     Args:
@@ -155,7 +174,9 @@ def write_mlx(model_dir, out_dir, bits: int | None = 4, group_size: int = 64, *,
     else:
         src = ModelSource.from_model(model_dir, tokenizer)
     if src.config.get("model_type") not in SUPPORTED:
-        raise UserError(f"MLX export supports {sorted(SUPPORTED)}; this model is {src.config.get('model_type')!r}")
+        raise UserError(
+            f"MLX export supports {sorted(SUPPORTED)}; this model is {src.config.get('model_type')!r}"
+        )
 
     from safetensors.torch import save_file
 
@@ -177,7 +198,9 @@ def write_mlx(model_dir, out_dir, bits: int | None = 4, group_size: int = 64, *,
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         src.tokenizer.save_pretrained(tmp)
     log.info("wrote MLX model %s (%d tensors quantised to %s bits)", out_dir, n_quant, bits)
     return out_dir
@@ -194,7 +217,9 @@ def _mlx_config(cfg: dict, bits: int | None, group_size: int, dtype: str) -> dic
         config["rope_scaling"] = scaling
     config.pop("rope_parameters", None)
     if SUPPORTED.get(cfg.get("model_type")) == "mlp" and "num_local_experts" in config:
-        config.setdefault("num_experts", config["num_local_experts"])   # v5 Qwen3-MoE's spelling; mlx-lm reads this
+        config.setdefault(
+            "num_experts", config["num_local_experts"]
+        )  # v5 Qwen3-MoE's spelling; mlx-lm reads this
     config["torch_dtype"] = dtype
     config.pop("dtype", None)
     if bits is not None:

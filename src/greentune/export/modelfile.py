@@ -38,6 +38,7 @@ ends with.
 `PARAMETER stop` lists the EOS token and the special token the template closes a message
 with (`gguf_vocab.end_tokens`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,7 +72,7 @@ def _pieces(tokenizer) -> tuple[dict[str, tuple[str, str]], str] | None:
         plain = _render(tokenizer, convo, False)
         if not gen.startswith(plain):
             return None
-        gen_prompt = gen[len(plain):]
+        gen_prompt = gen[len(plain) :]
         # the check: concatenating per-message pieces reproduces Jinja exactly
         convo3 = [{"role": r, "content": f"{r} says hi"} for r in ROLES]
         want = _render(tokenizer, convo3, False)
@@ -100,8 +101,9 @@ def go_template(tokenizer) -> str:
         before, after = pieces[role]
         out += f'{{{{ {kw} eq .Role "{role}" }}}}{before}{{{{ .Content }}}}{after}'
     out += "{{ end }}"
-    out += ('{{ if and (eq (len (slice $.Messages $i)) 1) (ne .Role "assistant") }}'
-            f"{gen_prompt}{{{{ end }}}}")
+    out += (
+        f'{{{{ if and (eq (len (slice $.Messages $i)) 1) (ne .Role "assistant") }}}}{gen_prompt}{{{{ end }}}}'
+    )
     return out + "{{ end }}"
 
 
@@ -126,6 +128,7 @@ def write_modelfile(gguf_path: str | Path, tokenizer, out_path: str | Path | Non
     gguf_path = Path(gguf_path)
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     out = Path(out_path) if out_path else gguf_path.with_suffix(".Modelfile")
     atomic_write_text(out, modelfile_text(gguf_path, tokenizer))

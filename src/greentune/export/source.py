@@ -18,6 +18,7 @@ Experts exist in three layouts and all are read:
   `model.layers.N.mlp.experts.down_proj [E, H, I]`, router `model.layers.N.mlp.gate.weight`.
 `expert_weights(layer)` returns `(gate [E, I, H], up [E, I, H], down [E, H, I])` for either.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ class Packed:
     @property
     def shape(self) -> tuple[int, ...]:
         from gguf.quants import quant_shape_from_byte_shape
+
         return tuple(quant_shape_from_byte_shape(self.data.shape, self.ggml_type))
 
 
@@ -60,7 +62,7 @@ def as_packed(ggml_type, data, shape: tuple[int, ...]) -> Packed:
     from gguf import GGMLQuantizationType
     from gguf.quants import quant_shape_to_byte_shape
 
-    if getattr(ggml_type, "ggml_type", None) is not None:   # a greentune.quant BlockFormat
+    if getattr(ggml_type, "ggml_type", None) is not None:  # a greentune.quant BlockFormat
         ggml_type = ggml_type.ggml_type
     if isinstance(ggml_type, str):
         try:
@@ -75,8 +77,10 @@ def as_packed(ggml_type, data, shape: tuple[int, ...]) -> Packed:
     data = np.asarray(data).view(np.uint8).reshape(-1)
     byte_shape = quant_shape_to_byte_shape(shape, ggml_type)
     if data.size != int(np.prod(byte_shape)):
-        raise UserError(f"prequantized tensor of shape {tuple(shape)} as {ggml_type.name} needs "
-                        f"{int(np.prod(byte_shape))} bytes, got {data.size}")
+        raise UserError(
+            f"prequantized tensor of shape {tuple(shape)} as {ggml_type.name} needs "
+            f"{int(np.prod(byte_shape))} bytes, got {data.size}"
+        )
     return Packed(ggml_type, data.reshape(byte_shape))
 
 
@@ -115,8 +119,15 @@ class ModelSource:
     returned as `Packed` instead of floats.
     """
 
-    def __init__(self, config: dict, tokenizer, shapes: dict[str, tuple[int, ...]], getter, origin: str,
-                 prequantized: dict | None = None):
+    def __init__(
+        self,
+        config: dict,
+        tokenizer,
+        shapes: dict[str, tuple[int, ...]],
+        getter,
+        origin: str,
+        prequantized: dict | None = None,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self._shapes = dict(shapes)
@@ -130,7 +141,7 @@ class ModelSource:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, model_dir: str | Path, prequantized: dict | None = None) -> "ModelSource":
+    def from_dir(cls, model_dir: str | Path, prequantized: dict | None = None) -> ModelSource:
         from safetensors import safe_open
 
         model_dir = Path(model_dir)
@@ -157,7 +168,7 @@ class ModelSource:
         return cls(config, tokenizer, shapes, get, str(model_dir), prequantized)
 
     @classmethod
-    def from_model(cls, model, tokenizer, prequantized: dict | None = None) -> "ModelSource":
+    def from_model(cls, model, tokenizer, prequantized: dict | None = None) -> ModelSource:
         sd = model.state_dict()
         config = model.config.to_dict()
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -195,11 +206,17 @@ class ModelSource:
         if self.has(fused):
             gu = self.get(fused)
             inter = shape_of(gu)[-2] // 2
-            return (take_rows(gu, slice(0, inter)), take_rows(gu, slice(inter, 2 * inter)),
-                    self.get(f"{p}.mlp.experts.down_proj"))
+            return (
+                take_rows(gu, slice(0, inter)),
+                take_rows(gu, slice(inter, 2 * inter)),
+                self.get(f"{p}.mlp.experts.down_proj"),
+            )
         gate, up, down = self.expert_sources(layer, n_experts)
-        return (stack([self.get(n) for n in gate]), stack([self.get(n) for n in up]),
-                stack([self.get(n) for n in down]))
+        return (
+            stack([self.get(n) for n in gate]),
+            stack([self.get(n) for n in up]),
+            stack([self.get(n) for n in down]),
+        )
 
     def expert_sources(self, layer: int, n_experts: int) -> tuple[tuple[str, ...], ...]:
         """HF names that `expert_weights(layer)` reads for (gate, up, down)."""
@@ -207,12 +224,16 @@ class ModelSource:
         if self.has(f"{p}.mlp.experts.gate_up_proj"):
             gu = (f"{p}.mlp.experts.gate_up_proj",)
             return gu, gu, (f"{p}.mlp.experts.down_proj",)
-        for base, kinds in ((f"{p}.block_sparse_moe.experts", ("w1", "w3", "w2")),
-                            (f"{p}.mlp.experts", ("gate_proj", "up_proj", "down_proj"))):
+        for base, kinds in (
+            (f"{p}.block_sparse_moe.experts", ("w1", "w3", "w2")),
+            (f"{p}.mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+        ):
             if self.has(f"{base}.0.{kinds[0]}.weight"):
                 return tuple(tuple(f"{base}.{e}.{w}.weight" for e in range(n_experts)) for w in kinds)
-        raise UserError(f"{self.origin}: layer {layer} has neither fused experts ({p}.mlp.experts.gate_up_proj) "
-                        f"nor per-expert weights ({p}.mlp.experts.0.gate_proj.weight)")
+        raise UserError(
+            f"{self.origin}: layer {layer} has neither fused experts ({p}.mlp.experts.gate_up_proj) "
+            f"nor per-expert weights ({p}.mlp.experts.0.gate_proj.weight)"
+        )
 
     def prequantized_type(self, names: tuple[str, ...]):
         """The GGML type shared by prequantized `names`, None if none is prequantized."""
@@ -220,16 +241,20 @@ class ModelSource:
         if not hits:
             return None
         if len(hits) != len(names):
-            raise UserError(f"{hits[0]!r} is prequantized but {sorted(set(names) - set(hits))[0]!r} is not; "
-                            "a stacked GGUF tensor needs all or none")
+            raise UserError(
+                f"{hits[0]!r} is prequantized but {sorted(set(names) - set(hits))[0]!r} is not; "
+                "a stacked GGUF tensor needs all or none"
+            )
         types = {as_packed(self._pre[n][0], self._pre[n][1], self.torch_shape(n)).ggml_type for n in hits}
         if len(types) != 1:
             raise UserError(f"prequantized tensors {hits[:2]} have different GGML types")
         return types.pop()
 
     def router_name(self, layer: int) -> str:
-        for n in (f"model.layers.{layer}.block_sparse_moe.gate.weight",
-                  f"model.layers.{layer}.mlp.gate.weight"):
+        for n in (
+            f"model.layers.{layer}.block_sparse_moe.gate.weight",
+            f"model.layers.{layer}.mlp.gate.weight",
+        ):
             if self.has(n):
                 return n
         raise UserError(f"{self.origin}: layer {layer} has no router (block_sparse_moe.gate / mlp.gate)")
@@ -239,6 +264,7 @@ def _load_tokenizer(model_dir: Path):
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         raise UserError(f"{model_dir} has no tokenizer (tokenizer.json); save the tokenizer beside the model")
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(model_dir)
 
 

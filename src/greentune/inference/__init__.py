@@ -12,6 +12,7 @@ llama.cpp (xllamacpp, in process) and takes the perplexity from llama.cpp's own 
 `torch` runs the PyTorch model (fp32 on CPU). A run dir gets an `inference` row in its
 ledger carrying these numbers (see `record`).
 """
+
 from greentune.inference.run import evaluate_inference, run_eval_command
 
 __all__ = ["evaluate_inference", "run_eval_command"]

@@ -6,6 +6,7 @@ greedy tokens with end-of-generation ignored, so each request decodes exactly M 
 (one forward per token; the cached prompt is reused). Perplexity comes from
 `LlamaCpp.score`: llama.cpp's log-probabilities of the held-out tokens.
 """
+
 from __future__ import annotations
 
 import logging

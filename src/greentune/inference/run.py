@@ -15,6 +15,7 @@ peak resident set over the evaluation (sampled every 20 ms), and its growth over
 before the model was loaded. For a run dir the whole evaluation is one ledger row, phase
 ``inference``, carrying the result in its ``details`` field.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ import time
 from pathlib import Path
 
 from greentune.errors import UserError
-from greentune.recipe import read_run_recipe
 from greentune.inference.target import Target, load_tokenizer_for, resolve_target
+from greentune.recipe import read_run_recipe
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,12 @@ def _check_args(engine: str, prompt_tokens: int, gen_tokens: int, threads: int, 
 def _context_length(t: Target, engine: str) -> int | None:
     if engine == "llamacpp":
         from greentune.export.llamacpp import gguf_context_length
+
         return gguf_context_length(t.gguf)
-    if t.model_dir is None:   # a run with an adapter only: its base's config is checked when it loads
+    if t.model_dir is None:  # a run with an adapter only: its base's config is checked when it loads
         return None
     from greentune.models.facts import load_config_dict
+
     return load_config_dict(t.model_dir).get("max_position_embeddings")
 
 
@@ -84,16 +87,25 @@ def _repeat(meter, phase: str, fn, min_seconds: float) -> dict:
         repeats += 1
     cpu = time.process_time() - cpu0
     m = window.end()
-    return {"tokens": tokens, "repeats": repeats, "seconds": m.seconds, "tokens_per_s": tokens / max(m.seconds, 1e-9),
-            "cpu_seconds": cpu, "tokens_per_cpu_s": tokens / max(cpu, 1e-9),
-            "joules": m.total_joules, "j_per_token": m.total_joules / max(tokens, 1),
-            "joules_by_component": dict(m.joules), "estimate": m.is_estimate}
+    return {
+        "tokens": tokens,
+        "repeats": repeats,
+        "seconds": m.seconds,
+        "tokens_per_s": tokens / max(m.seconds, 1e-9),
+        "cpu_seconds": cpu,
+        "tokens_per_cpu_s": tokens / max(cpu, 1e-9),
+        "joules": m.total_joules,
+        "j_per_token": m.total_joules / max(tokens, 1),
+        "joules_by_component": dict(m.joules),
+        "estimate": m.is_estimate,
+    }
 
 
 def _perplexity(engine, rows, batch_size: int) -> tuple[float, int]:
     """Mean loss over the rows' target tokens, and how many (torch batches; llama.cpp row by row)."""
     if engine.name == "torch":
         from greentune.train.loop import evaluate_loss
+
         return evaluate_loss(engine.model, rows, batch_size, device=engine.device)
     total, count = 0.0, 0
     for i in range(len(rows)):
@@ -110,19 +122,24 @@ def _perplexity(engine, rows, batch_size: int) -> tuple[float, int]:
 def _open_engine(t: Target, engine: str, n_ctx: int, threads: int):
     if engine == "llamacpp":
         from greentune.inference.llamacpp_engine import LlamaCppEngine
+
         return LlamaCppEngine(t.gguf, n_ctx=n_ctx, threads=threads)
     from greentune.inference.torch_engine import TorchEngine
+
     return TorchEngine(t.run_dir if t.run_dir is not None else t.model_dir, threads)
 
 
 def _check_target(t: Target, engine: str, target) -> None:
     if engine == "llamacpp":
         from greentune.export.llamacpp import require_gguf
+
         if t.gguf is None:
             raise UserError(f"{target}: no exported GGUF found (export it first: greentune export {target})")
         require_gguf(t.gguf)
     elif t.model_dir is None and not (t.run_dir is not None and (t.run_dir / "adapter").is_dir()):
-        raise UserError(f"{target}: the torch engine needs a run dir or model folder (got a GGUF file without one)")
+        raise UserError(
+            f"{target}: the torch engine needs a run dir or model folder (got a GGUF file without one)"
+        )
 
 
 DEFAULT_PROMPT_TOKENS, DEFAULT_GEN_TOKENS = 256, 128
@@ -131,24 +148,45 @@ DEFAULT_PROMPT_TOKENS, DEFAULT_GEN_TOKENS = 256, 128
 def _fit_lengths(prompt_tokens: int | None, gen_tokens: int | None, ctx: int | None) -> tuple[int, int]:
     """The prompt and generation lengths: the user's, refused when they exceed the model's
     context; the defaults, shortened to fit a small context (half prompt, up to half generation)."""
-    if ctx is not None and prompt_tokens is not None and gen_tokens is not None and prompt_tokens + gen_tokens > ctx:
-        raise UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's context "
-                        f"of {ctx} tokens")
+    if (
+        ctx is not None
+        and prompt_tokens is not None
+        and gen_tokens is not None
+        and prompt_tokens + gen_tokens > ctx
+    ):
+        raise UserError(
+            f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's context "
+            f"of {ctx} tokens"
+        )
     room = ctx if ctx is not None else DEFAULT_PROMPT_TOKENS + DEFAULT_GEN_TOKENS
     if prompt_tokens is None:
         prompt_tokens = max(1, min(DEFAULT_PROMPT_TOKENS, room // 2, room - (gen_tokens or 1)))
     if gen_tokens is None:
         gen_tokens = max(1, min(DEFAULT_GEN_TOKENS, room - prompt_tokens))
     if ctx is not None and prompt_tokens + gen_tokens > ctx:
-        raise UserError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's context "
-                        f"of {ctx} tokens")
+        raise UserError(
+            f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the model's context "
+            f"of {ctx} tokens"
+        )
     return prompt_tokens, gen_tokens
 
 
-def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "torch",
-                       prompt_tokens: int | None = None, gen_tokens: int | None = None, threads: int | None = None, max_seq_len: int | None = None,
-                       batch_size: int = 8, min_seconds: float = 2.0, gguf_quant: str | None = None,
-                       max_rows: int | None = None, record: bool = True, meter=None) -> dict:
+def evaluate_inference(
+    target: str | Path,
+    data: str | Path,
+    *,
+    engine: str = "torch",
+    prompt_tokens: int | None = None,
+    gen_tokens: int | None = None,
+    threads: int | None = None,
+    max_seq_len: int | None = None,
+    batch_size: int = 8,
+    min_seconds: float = 2.0,
+    gguf_quant: str | None = None,
+    max_rows: int | None = None,
+    record: bool = True,
+    meter=None,
+) -> dict:
     """The numbers of the module docstring for `target` on `data` (a dict, JSON-ready).
 
     `max_rows` limits the perplexity to the first rows (None: all). With `record` and a run
@@ -165,19 +203,22 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
     _check_target(t, engine, target)
     recipe = read_run_recipe(t.run_dir) if t.run_dir else {}
     ctx = _context_length(t, engine)
-    if max_seq_len is None:   # the run's rows, at most the model's positions
+    if max_seq_len is None:  # the run's rows, at most the model's positions
         max_seq_len = recipe.get("data", {}).get("max_seq_len", 512)
         max_seq_len = min(int(max_seq_len), int(ctx)) if ctx is not None else max_seq_len
     elif ctx is not None and max_seq_len > ctx:
-        raise UserError(f"--max-seq-len {max_seq_len} must be between 1 and the model's {ctx} positions ({target})")
+        raise UserError(
+            f"--max-seq-len {max_seq_len} must be between 1 and the model's {ctx} positions ({target})"
+        )
     user_prompt = prompt_tokens is not None
     prompt_tokens, gen_tokens = _fit_lengths(prompt_tokens, gen_tokens, ctx)
     rows = load_eval_rows(data, load_tokenizer_for(t), int(max_seq_len))
-    if not user_prompt:   # a small held-out file: a shorter default prompt, not a refusal
+    if not user_prompt:  # a small held-out file: a shorter default prompt, not a refusal
         prompt_tokens = max(1, min(prompt_tokens, int(rows.attention_mask.sum()) if len(rows) else 1))
     prompt = _prompt_ids(rows, int(prompt_tokens))
     if max_rows is not None:
         from greentune.data.packing import PackedData
+
         rows = PackedData(rows.input_ids[:max_rows], rows.labels[:max_rows], rows.attention_mask[:max_rows])
 
     own_meter = meter is None
@@ -186,8 +227,9 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
         with PeakRss() as rss:
             rss_start = rss.peak
             whole = meter.start("inference")
-            eng = _open_engine(t, engine, n_ctx=max(int(max_seq_len), prompt_tokens + gen_tokens) + 8,
-                               threads=threads)
+            eng = _open_engine(
+                t, engine, n_ctx=max(int(max_seq_len), prompt_tokens + gen_tokens) + 8, threads=threads
+            )
             try:
                 t0 = time.perf_counter()
                 loss, count = _perplexity(eng, rows, batch_size)
@@ -205,21 +247,36 @@ def evaluate_inference(target: str | Path, data: str | Path, *, engine: str = "t
             meter.close()
     hw = describe_hardware()
     result = {
-        "engine": engine, "format": eng.format, "model": t.label or eng.description, "data": str(data),
-        "file": str(t.gguf) if engine == "llamacpp" else None, "model_bytes": int(eng.model_bytes),
-        "threads": threads, "prompt_tokens": int(prompt_tokens), "gen_tokens": int(gen_tokens),
-        "loss": loss, "perplexity": math.exp(loss), "tokens": count, "seconds": eval_seconds,
+        "engine": engine,
+        "format": eng.format,
+        "model": t.label or eng.description,
+        "data": str(data),
+        "file": str(t.gguf) if engine == "llamacpp" else None,
+        "model_bytes": int(eng.model_bytes),
+        "threads": threads,
+        "prompt_tokens": int(prompt_tokens),
+        "gen_tokens": int(gen_tokens),
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": count,
+        "seconds": eval_seconds,
         "tokens_per_s": count / max(eval_seconds, 1e-9),
-        "prompt": pp, "generate": tg, "j_per_1k_generated": 1000.0 * tg["j_per_token"],
-        "peak_rss_bytes": int(rss.peak), "rss_growth_bytes": int(max(0, rss.peak - rss_start)),
-        "energy_source": dict(measurement.source), "estimate": measurement.is_estimate,
-        "machine": f"{hw['cpu']} ({hw['usable_cpus']} usable CPUs)" + (f", {', '.join(hw['gpus'])}" if hw["gpus"] else ""),
+        "prompt": pp,
+        "generate": tg,
+        "j_per_1k_generated": 1000.0 * tg["j_per_token"],
+        "peak_rss_bytes": int(rss.peak),
+        "rss_growth_bytes": int(max(0, rss.peak - rss_start)),
+        "energy_source": dict(measurement.source),
+        "estimate": measurement.is_estimate,
+        "machine": f"{hw['cpu']} ({hw['usable_cpus']} usable CPUs)"
+        + (f", {', '.join(hw['gpus'])}" if hw["gpus"] else ""),
         "measured_at": measurement.end,
     }
     if engine == "llamacpp":
         result["modelled"] = _modelled(t.gguf, threads, prompt_tokens, gen_tokens)
-        result["streaming_gbs"] = record_streaming_rate(t.gguf, threads, prompt_tokens, gen_tokens,
-                                                        tg["tokens_per_s"])
+        result["streaming_gbs"] = record_streaming_rate(
+            t.gguf, threads, prompt_tokens, gen_tokens, tg["tokens_per_s"]
+        )
     if record and t.run_dir is not None:
         result["ledger"] = str(record_inference(t.run_dir, measurement, result))
     return result
@@ -235,11 +292,12 @@ def _modelled(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int) -> 
     return out
 
 
-STREAMING_MIN_BYTES = 64 * 2**20   # below this a model sits in the CPU's caches: its decode is overhead-bound
+STREAMING_MIN_BYTES = 64 * 2**20  # below this a model sits in the CPU's caches: its decode is overhead-bound
 
 
-def record_streaming_rate(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int,
-                          decode_tokens_per_s: float) -> float:
+def record_streaming_rate(
+    gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int, decode_tokens_per_s: float
+) -> float:
     """The weight-streaming rate (GB/s) this decode implied; for a file too big for the caches
     (`STREAMING_MIN_BYTES`) it is stored as this machine's serving calibration for its format,
     which `greentune plan` then projects with. Optional bookkeeping: a failure is one warning."""
@@ -264,7 +322,9 @@ def record_inference(run_dir: Path, measurement, result: dict) -> Path:
 
     rows = read_jsonl(Path(run_dir) / Ledger.FILENAME)
     last = rows[-1] if rows else {}
-    factors = Factors.for_region(last.get("region"), pue=last.get("pue"), wue_onsite=last.get("wue_onsite_l_per_kwh"))
+    factors = Factors.for_region(
+        last.get("region"), pue=last.get("pue"), wue_onsite=last.get("wue_onsite_l_per_kwh")
+    )
     ledger = Ledger(run_dir, factors)
     ledger.record(measurement, phase="inference", details={k: v for k, v in result.items() if k != "ledger"})
     return ledger.path
@@ -273,23 +333,31 @@ def record_inference(run_dir: Path, measurement, result: dict) -> Path:
 def format_result(r: dict) -> str:
     """The human-readable lines `greentune eval` prints."""
     tag = " (estimate: no energy counter on this machine)" if r["estimate"] else ""
-    lines = [f"perplexity {r['perplexity']:.4f}  loss {r['loss']:.4f}  {r['tokens']:,} tokens  "
-             f"{r['tokens_per_s']:,.0f} tokens/s  ({r['model']})",
-             f"{r['engine']} {r['format']}, {r['threads']} thread(s), {r['machine']}{tag}:"]
+    lines = [
+        f"perplexity {r['perplexity']:.4f}  loss {r['loss']:.4f}  {r['tokens']:,} tokens  "
+        f"{r['tokens_per_s']:,.0f} tokens/s  ({r['model']})",
+        f"{r['engine']} {r['format']}, {r['threads']} thread(s), {r['machine']}{tag}:",
+    ]
     for name, key in (("prompt", "prompt"), ("generation", "generate")):
         p = r[key]
-        lines.append(f"  {name:<10} {p['tokens_per_s']:>10,.1f} tokens/s  {p['j_per_token']:.3g} J/token  "
-                     f"({p['tokens']:,} tokens in {p['seconds']:.2f} s)")
-    lines.append(f"  cost to serve {r['j_per_1k_generated']:.3g} J per 1,000 generated tokens; peak memory "
-                 f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB ({r['rss_growth_bytes'] / 2**20:,.0f} MiB over the start)")
+        lines.append(
+            f"  {name:<10} {p['tokens_per_s']:>10,.1f} tokens/s  {p['j_per_token']:.3g} J/token  "
+            f"({p['tokens']:,} tokens in {p['seconds']:.2f} s)"
+        )
+    lines.append(
+        f"  cost to serve {r['j_per_1k_generated']:.3g} J per 1,000 generated tokens; peak memory "
+        f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB ({r['rss_growth_bytes'] / 2**20:,.0f} MiB over the start)"
+    )
     m = r.get("modelled")
     if m:
         here = m["this"]
         laptop = next(v for k, v in m.items() if k not in ("this", "this_bandwidth_probe_gbs"))
-        lines.append(f"  modelled (plan.inference): here {here['decode_tokens_per_s']:,.0f} tokens/s decode at "
-                     f"{m['this_bandwidth_probe_gbs']:.1f} GB/s probed ({here['decode_tokens_per_s'] / max(r['generate']['tokens_per_s'], 1e-9):.2f}× "
-                     f"the measured); {laptop['device']} {laptop['decode_tokens_per_s']:,.0f} tokens/s, "
-                     f"{laptop['j_per_1k_generated']:.3g} J per 1,000 generated tokens")
+        lines.append(
+            f"  modelled (plan.inference): here {here['decode_tokens_per_s']:,.0f} tokens/s decode at "
+            f"{m['this_bandwidth_probe_gbs']:.1f} GB/s probed ({here['decode_tokens_per_s'] / max(r['generate']['tokens_per_s'], 1e-9):.2f}× "
+            f"the measured); {laptop['device']} {laptop['decode_tokens_per_s']:,.0f} tokens/s, "
+            f"{laptop['j_per_1k_generated']:.3g} J per 1,000 generated tokens"
+        )
     if r.get("ledger"):
         lines.append(f"  recorded in {r['ledger']} (phase inference)")
     return "\n".join(lines)
@@ -297,8 +365,17 @@ def format_result(r: dict) -> str:
 
 def run_eval_command(ns) -> int:
     """`greentune eval` with its parsed arguments (cli.py wires the parser)."""
-    result = evaluate_inference(ns.target, ns.data, engine=ns.engine, prompt_tokens=ns.prompt_tokens,
-                                gen_tokens=ns.gen_tokens, threads=ns.threads, max_seq_len=ns.max_seq_len,
-                                batch_size=ns.batch_size, min_seconds=ns.seconds, gguf_quant=ns.gguf)
+    result = evaluate_inference(
+        ns.target,
+        ns.data,
+        engine=ns.engine,
+        prompt_tokens=ns.prompt_tokens,
+        gen_tokens=ns.gen_tokens,
+        threads=ns.threads,
+        max_seq_len=ns.max_seq_len,
+        batch_size=ns.batch_size,
+        min_seconds=ns.seconds,
+        gguf_quant=ns.gguf,
+    )
     print(json.dumps(result, indent=2) if ns.json else format_result(result))
     return 0

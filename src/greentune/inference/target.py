@@ -6,6 +6,7 @@ its measurement goes to the run's ledger too. The tokenizer that packs the held-
 the run's (`merged/`), the model folder's, or, for a bare file, the one embedded in the GGUF
 (converted by transformers), so both engines score the same token ids.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ class Target:
     """Where the model and its pieces are (any may be None)."""
 
     run_dir: Path | None
-    model_dir: Path | None     # an HF folder PyTorch can load (merged/ or the folder itself)
+    model_dir: Path | None  # an HF folder PyTorch can load (merged/ or the folder itself)
     gguf: Path | None
-    label: str | None = None   # what the user named, when that is not a path (a Hub id)
+    label: str | None = None  # what the user named, when that is not a path (a Hub id)
 
 
 def _is_run(path: Path) -> bool:
@@ -35,8 +36,10 @@ def _run_gguf(run_dir: Path, quant: str | None) -> Path | None:
     if quant:
         files = [f for f in files if f.stem.lower().endswith(quant.lower())]
     if len(files) > 1:
-        raise UserError(f"{run_dir}/export has several GGUF files ({', '.join(f.name for f in files)}): "
-                        "pass one of them as the target, or --gguf QUANT")
+        raise UserError(
+            f"{run_dir}/export has several GGUF files ({', '.join(f.name for f in files)}): "
+            "pass one of them as the target, or --gguf QUANT"
+        )
     return files[0] if files else None
 
 
@@ -71,10 +74,12 @@ def load_tokenizer_for(t: Target):
         return load_tokenizer(t.model_dir)
     if t.run_dir is not None:
         from greentune.recipe import read_run_recipe
+
         recipe = read_run_recipe(t.run_dir)
         if recipe.get("base_model"):
             return load_tokenizer(resolve_model_dir(recipe["base_model"], recipe.get("base_model_commit")))
     from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(t.gguf.parent), gguf_file=t.gguf.name)
     except Exception as err:  # transformers cannot convert this GGUF's vocabulary

@@ -5,6 +5,7 @@ does). Generation prefills all but the prompt's last token once, then each repea
 that last token and decodes greedily, one forward per generated token, and crops the KV
 cache back, so every repeat decodes exactly M tokens against the same prompt.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,7 +65,7 @@ class TorchEngine:
         for _ in range(int(n)):
             logits = self.model(tok, cache=self._cache, use_cache=True).logits
             tok = logits[:, -1:].argmax(-1)
-        self._cache.crop(-int(n))   # back to the prompt prefix
+        self._cache.crop(-int(n))  # back to the prompt prefix
         return int(n)
 
     def engine_tokens_per_s(self, phase: str) -> float | None:

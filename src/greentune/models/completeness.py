@@ -8,12 +8,13 @@ embedding), buffers the model computes itself (rotary ``inv_freq``, which are no
 and so never appear in the expected names), and checkpoint tensors transformers' own
 ``_keys_to_ignore_on_load_unexpected`` patterns name (e.g. old checkpoints' saved ``inv_freq``).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
-from ..errors import UserError
+from greentune.errors import UserError
 
 ALWAYS_IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$",)
 
@@ -32,9 +33,15 @@ def _sample(names: Iterable[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
-def require_complete(where, missing: Iterable[str], unexpected: Iterable[str] = (),
-                     mismatched: Iterable[tuple[str, tuple, tuple]] = (), *, expected_count: int | None = None,
-                     ignore_unexpected: Iterable[str] = ()) -> None:
+def require_complete(
+    where,
+    missing: Iterable[str],
+    unexpected: Iterable[str] = (),
+    mismatched: Iterable[tuple[str, tuple, tuple]] = (),
+    *,
+    expected_count: int | None = None,
+    ignore_unexpected: Iterable[str] = (),
+) -> None:
     """Raise one `UserError` line naming a few missing / unexpected / mis-shaped tensors and their counts.
 
     `mismatched`: (name, checkpoint shape, model shape). `ignore_unexpected`: regex patterns.
@@ -54,8 +61,10 @@ def require_complete(where, missing: Iterable[str], unexpected: Iterable[str] = 
     if mismatched:
         name, got, want = mismatched[0]
         more = f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        parts.append(f"{len(mismatched)} of the wrong shape (e.g. {name}: checkpoint {tuple(got)}, "
-                     f"model {tuple(want)}{more})")
+        parts.append(
+            f"{len(mismatched)} of the wrong shape (e.g. {name}: checkpoint {tuple(got)}, "
+            f"model {tuple(want)}{more})"
+        )
     raise UserError(f"checkpoint {where} does not match its architecture: {'; '.join(parts)}")
 
 
@@ -71,7 +80,7 @@ def check_headers_against_architecture(where, config, headers: dict[str, tuple])
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError):   # an architecture transformers cannot build: the loader says so
+    except (ValueError, TypeError, KeyError):  # an architecture transformers cannot build: the loader says so
         return
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -86,8 +95,14 @@ def check_headers_against_architecture(where, config, headers: dict[str, tuple])
         if not fused and tuple(shape) != expected[target]:
             mismatched.append((target, tuple(shape), expected[target]))
     missing = set(expected) - seen - tied
-    require_complete(where, missing, unexpected, mismatched, expected_count=len(expected),
-                     ignore_unexpected=ignorable_unexpected(model))
+    require_complete(
+        where,
+        missing,
+        unexpected,
+        mismatched,
+        expected_count=len(expected),
+        ignore_unexpected=ignorable_unexpected(model),
+    )
 
 
 def _renamer(model, expected: dict):
@@ -106,4 +121,5 @@ def _renamer(model, expected: dict):
     def rename(name: str):
         target, pattern = rename_source_key(name, renamings, converters, prefix, meta)
         return target, pattern is not None
+
     return rename

@@ -30,6 +30,7 @@ Families are described by a small registry (`FAMILIES`) of where biases, q/k nor
 extra norms and experts sit; a config whose `model_type` is not there but whose
 `architectures` name a `...ForCausalLM` is read as llama-like with a warning.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,18 +88,28 @@ class Family:
     moe: str = "none"
     attention: str = "gqa"
     tied_default: bool = False
-    defaults: dict = field(default_factory=dict)   # transformers' class defaults that matter here
+    defaults: dict = field(default_factory=dict)  # transformers' class defaults that matter here
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(qkv_bias=False, o_bias=False, mlp_bias=False),
-    "mixtral": Family(qkv_bias=False, o_bias=False, mlp_bias=False, moe="mixtral",
-                      defaults={"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "mixtral": Family(
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        moe="mixtral",
+        defaults={"num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
     "qwen2": Family(qkv_bias=True, o_bias=False, mlp_bias=False, defaults={"use_sliding_window": False}),
     "qwen3": Family(mlp_bias=False, qk_norm="head", defaults={"use_sliding_window": False}),
-    "qwen2_moe": Family(qkv_bias="qkv_bias", o_bias=False, mlp_bias=False, moe="qwen",
-                        defaults={"qkv_bias": True, "use_sliding_window": False}),
+    "qwen2_moe": Family(
+        qkv_bias="qkv_bias",
+        o_bias=False,
+        mlp_bias=False,
+        moe="qwen",
+        defaults={"qkv_bias": True, "use_sliding_window": False},
+    ),
     "qwen3_moe": Family(mlp_bias=False, qk_norm="head", moe="qwen", defaults={"use_sliding_window": False}),
     "olmoe": Family(mlp_bias=False, qk_norm="full", moe="mixtral"),
     "olmo2": Family(mlp_bias=False, qk_norm="full"),
@@ -124,16 +135,16 @@ class ArchFacts:
     hidden: int
     heads: int
     kv_heads: int
-    head_dim: int               # d_qk per head (MLA: qk_nope + qk_rope)
-    v_head_dim: int             # d_v per head (= head_dim except MLA)
-    intermediate: int           # dense MLP width
+    head_dim: int  # d_qk per head (MLA: qk_nope + qk_rope)
+    v_head_dim: int  # d_v per head (= head_dim except MLA)
+    intermediate: int  # dense MLP width
     vocab: int
     tied_embeddings: bool
     total_params: int
     active_params: int
-    embedding_params: int       # V·H, twice when the LM head is untied
-    active_matmul_params: int   # N_mm of the module docstring
-    experts: int = 0            # routed experts per MoE layer (0: dense)
+    embedding_params: int  # V·H, twice when the LM head is untied
+    active_matmul_params: int  # N_mm of the module docstring
+    experts: int = 0  # routed experts per MoE layer (0: dense)
     top_k: int = 0
     moe_intermediate: int = 0
     shared_intermediate: int = 0  # summed width of always-on shared experts
@@ -141,7 +152,7 @@ class ArchFacts:
     sliding_window: int | None = None
     sliding_layers: int = 0
     max_position_embeddings: int | None = None
-    attention: str = "gqa"      # "gqa" | "mla" (keys/values expanded per head from a latent)
+    attention: str = "gqa"  # "gqa" | "mla" (keys/values expanded per head from a latent)
     linears: tuple[LinearGroup, ...] = field(default=(), repr=False)
 
     @property
@@ -179,30 +190,39 @@ class ArchFacts:
         """F_fwd(T) = 2·N_mm + attention FLOPs (module docstring); FLOPs per token."""
         return 2.0 * self.active_matmul_params + self.attention_flops_per_token(context, causal)
 
-    def upcycled(self, experts: int, top_k: int) -> "ArchFacts":
+    def upcycled(self, experts: int, top_k: int) -> ArchFacts:
         """Facts after sparse upcycling: each dense MLP becomes `experts` copies, top-`top_k` routed.
 
         Per dense layer the MLP's 3 matrices become E expert copies (E·3·H·I weights, k·3·H·I
         active) plus a new router (E·H). Existing MoE layers and shared experts are unchanged.
         """
         if self.is_moe:
-            raise UserError(f"{self.model_type} is already a mixture of experts; upcycling takes a dense base")
+            raise UserError(
+                f"{self.model_type} is already a mixture of experts; upcycling takes a dense base"
+            )
         if not 1 <= top_k <= experts or experts < 2:
             raise UserError(f"upcycle needs experts >= 2 and 1 <= top_k <= experts, got {experts}, {top_k}")
         dense = [g for g in self.linears if g.kind == "mlp"]
         n = dense[0].count if dense else 0
         groups = [g for g in self.linears if g.kind != "mlp"]
-        groups += [LinearGroup(f"experts.{g.name}", "experts", g.d_in, g.d_out, g.count * experts,
-                               g.count * top_k) for g in dense]
+        groups += [
+            LinearGroup(f"experts.{g.name}", "experts", g.d_in, g.d_out, g.count * experts, g.count * top_k)
+            for g in dense
+        ]
         groups.append(LinearGroup("router", "router", self.hidden, experts, n, n))
         mlp = sum(g.params for g in dense)
         router = self.hidden * experts * n
         return replace(
-            self, total_params=self.total_params + (experts - 1) * mlp + router,
+            self,
+            total_params=self.total_params + (experts - 1) * mlp + router,
             active_params=self.active_params + (top_k - 1) * mlp + router,
             active_matmul_params=self.active_matmul_params + (top_k - 1) * mlp + router,
-            experts=experts, top_k=top_k, moe_intermediate=self.intermediate, moe_layers=n,
-            linears=tuple(groups))
+            experts=experts,
+            top_k=top_k,
+            moe_intermediate=self.intermediate,
+            moe_layers=n,
+            linears=tuple(groups),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -213,12 +233,13 @@ class ArchFacts:
 
 # ---------------------------------------------------------------- reading configs
 
+
 class _Cfg:
     """Uniform `get` over a PretrainedConfig (attribute aliases resolved) or a dict."""
 
     def __init__(self, obj: Any):
         self.obj = obj
-        self.defaults: dict = {}     # the family's class defaults, for keys a config.json omits
+        self.defaults: dict = {}  # the family's class defaults, for keys a config.json omits
 
     def get(self, *keys: str, default: Any = None) -> Any:
         for k in keys:
@@ -256,11 +277,15 @@ def _as_cfg(config: Any) -> tuple[_Cfg, str]:
         d = dict(config)
         model_type = d.get("model_type")
         if model_type and d.get("text_config") and model_type not in FAMILIES:
-            raise UserError(f"config model_type {model_type!r} is multimodal; plan its text model's config instead")
+            raise UserError(
+                f"config model_type {model_type!r} is multimodal; plan its text model's config instead"
+            )
         return _Cfg(d), model_type or ""
     model_type = getattr(config, "model_type", None)
     if model_type is None:
-        raise UserError(f"expected a config (PretrainedConfig, config.json path or dict), got {type(config).__name__}")
+        raise UserError(
+            f"expected a config (PretrainedConfig, config.json path or dict), got {type(config).__name__}"
+        )
     return _Cfg(config), model_type
 
 
@@ -271,12 +296,24 @@ def _family(cfg: _Cfg, model_type: str) -> Family:
     if cfg.get("is_encoder_decoder", default=False):
         raise UserError(f"config model_type {model_type!r} is an encoder-decoder model and {NOT_CAUSAL}")
     causal = any(str(a).endswith("ForCausalLM") for a in archs)
-    llama_like = all(cfg.get(k) is not None for k in ("hidden_size", "num_hidden_layers",
-                                                     "num_attention_heads", "intermediate_size", "vocab_size"))
+    llama_like = all(
+        cfg.get(k) is not None
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+        )
+    )
     if causal and llama_like and not cfg.get("num_experts", "num_local_experts", "n_routed_experts"):
-        log.warning("model_type %r is not in greentune's registry; counting it as a llama-like decoder", model_type)
+        log.warning(
+            "model_type %r is not in greentune's registry; counting it as a llama-like decoder", model_type
+        )
         return FAMILIES["llama"]
-    what = f"config model_type {model_type or '(none)'!r}" + (f" ({', '.join(map(str, archs))})" if archs else "")
+    what = f"config model_type {model_type or '(none)'!r}" + (
+        f" ({', '.join(map(str, archs))})" if archs else ""
+    )
     raise UserError(f"{what} {NOT_CAUSAL} that greentune knows; known: {', '.join(sorted(FAMILIES))}")
 
 
@@ -292,6 +329,7 @@ def _int(cfg: _Cfg, *keys: str, default: int | None = None) -> int:
 
 
 # ---------------------------------------------------------------- counting
+
 
 def _moe_layer_ids(cfg: _Cfg, fam: Family, layers: int, experts: int) -> list[int]:
     if fam.moe == "none" or experts <= 0:
@@ -320,12 +358,20 @@ def _attention(cfg: _Cfg, fam: Family, h: int, heads: int, kv: int, hd: int) -> 
             lin.append(("q_proj", h, heads * dqk))
         else:
             lin += [("q_a_proj", h, qr), ("q_b_proj", qr, heads * dqk)]
-            extra += qr + (qr if qkv_b else 0)                     # q_a_layernorm (+ q_a bias)
-        lin += [("kv_a_proj_with_mqa", h, kvr + rope), ("kv_b_proj", kvr, heads * (nope + dv)),
-                ("o_proj", heads * dv, h)]
+            extra += qr + (qr if qkv_b else 0)  # q_a_layernorm (+ q_a bias)
+        lin += [
+            ("kv_a_proj_with_mqa", h, kvr + rope),
+            ("kv_b_proj", kvr, heads * (nope + dv)),
+            ("o_proj", heads * dv, h),
+        ]
         extra += kvr + ((kvr + rope) if qkv_b else 0) + (h if o_b else 0)
         return lin, extra, dqk, dv
-    lin = [("q_proj", h, heads * hd), ("k_proj", h, kv * hd), ("v_proj", h, kv * hd), ("o_proj", heads * hd, h)]
+    lin = [
+        ("q_proj", h, heads * hd),
+        ("k_proj", h, kv * hd),
+        ("v_proj", h, kv * hd),
+        ("o_proj", heads * hd, h),
+    ]
     extra = ((heads + 2 * kv) * hd if qkv_b else 0) + (h if o_b else 0)
     extra += {"none": 0, "head": 2 * hd, "full": (heads + kv) * hd}[fam.qk_norm]
     return lin, extra, hd, hd
@@ -367,12 +413,19 @@ def arch_facts(config: Any) -> ArchFacts:
         if n_dense:
             groups.append(LinearGroup(name, "mlp", i, o, n_dense, n_dense))
     if n_moe:
-        for name, (i, o) in {"gate_proj": (h, moe_inter), "up_proj": (h, moe_inter),
-                             "down_proj": (moe_inter, h)}.items():
+        for name, (i, o) in {
+            "gate_proj": (h, moe_inter),
+            "up_proj": (h, moe_inter),
+            "down_proj": (moe_inter, h),
+        }.items():
             groups.append(LinearGroup(f"experts.{name}", "experts", i, o, n_moe * experts, n_moe * top_k))
         groups.append(LinearGroup("router", "router", h, experts, n_moe, n_moe))
         if shared:
-            for name, (i, o) in {"gate_proj": (h, shared), "up_proj": (h, shared), "down_proj": (shared, h)}.items():
+            for name, (i, o) in {
+                "gate_proj": (h, shared),
+                "up_proj": (h, shared),
+                "down_proj": (shared, h),
+            }.items():
                 groups.append(LinearGroup(f"shared_expert.{name}", "mlp", i, o, n_moe, n_moe))
         if shared_gate:
             groups.append(LinearGroup("shared_expert_gate", "router", h, 1, n_moe, n_moe))
@@ -380,11 +433,15 @@ def arch_facts(config: Any) -> ArchFacts:
 
     mlp_bias_per_dense = (2 * inter + h) if mlp_b else 0
     shared_bias = (2 * shared + h) if (mlp_b and fam.moe == "deepseek" and shared) else 0
-    scalars = (layers * (attn_extra + fam.norms_per_layer * h) + n_dense * mlp_bias_per_dense
-               + n_moe * shared_bias + h)
+    scalars = (
+        layers * (attn_extra + fam.norms_per_layer * h)
+        + n_dense * mlp_bias_per_dense
+        + n_moe * shared_bias
+        + h
+    )
     embed = vocab * h
     weights = sum(g.params for g in groups)
-    total = weights + scalars + (0 if tied else embed)   # tied: lm_head's V·H is the embedding
+    total = weights + scalars + (0 if tied else embed)  # tied: lm_head's V·H is the embedding
     skipped = sum(g.params - g.active_params for g in groups)
     active = total - skipped
     active_mm = sum(g.active_params for g in groups)
@@ -398,11 +455,28 @@ def arch_facts(config: Any) -> ArchFacts:
         sliding_window, n_sw = None, 0
 
     return ArchFacts(
-        model_type=model_type or "llama-like", layers=layers, hidden=h, heads=heads, kv_heads=kv,
-        head_dim=dqk, v_head_dim=dv, intermediate=inter, vocab=vocab, tied_embeddings=tied,
-        total_params=int(total), active_params=int(active), embedding_params=embed * (1 if tied else 2),
-        active_matmul_params=int(active_mm), experts=experts if n_moe else 0, top_k=top_k if n_moe else 0,
-        moe_intermediate=moe_inter, shared_intermediate=shared, moe_layers=n_moe,
-        sliding_window=int(sliding_window) if sliding_window else None, sliding_layers=n_sw,
-        max_position_embeddings=cfg.get("max_position_embeddings"), attention=fam.attention, linears=tuple(groups),
+        model_type=model_type or "llama-like",
+        layers=layers,
+        hidden=h,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=dqk,
+        v_head_dim=dv,
+        intermediate=inter,
+        vocab=vocab,
+        tied_embeddings=tied,
+        total_params=int(total),
+        active_params=int(active),
+        embedding_params=embed * (1 if tied else 2),
+        active_matmul_params=int(active_mm),
+        experts=experts if n_moe else 0,
+        top_k=top_k if n_moe else 0,
+        moe_intermediate=moe_inter,
+        shared_intermediate=shared,
+        moe_layers=n_moe,
+        sliding_window=int(sliding_window) if sliding_window else None,
+        sliding_layers=n_sw,
+        max_position_embeddings=cfg.get("max_position_embeddings"),
+        attention=fam.attention,
+        linears=tuple(groups),
     )

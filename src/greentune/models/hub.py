@@ -16,17 +16,18 @@ reproducible; passing that commit back as `revision` pins the same files. Every 
 user can fix (gated, missing, not cached offline, no connection) is one `UserError` line
 saying what to do.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from ..errors import UserError
+from greentune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,24 @@ _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<r
 
 CONFIG_FILES = ["config.json"]
 META_FILES = CONFIG_FILES + [
-    "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-    "chat_template.jinja", "chat_template.json"]
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model reference lives on disk; `repo_id`/`commit` are None for a local folder."""
+
     path: Path
     repo_id: str | None = None
     commit: str | None = None
@@ -86,11 +97,12 @@ def _cached(repo_id: str, rev: str | None, config_only: bool) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=rev, local_files_only=True,
-                                          allow_patterns=META_FILES))
+        snapshot = Path(
+            snapshot_download(repo_id, revision=rev, local_files_only=True, allow_patterns=META_FILES)
+        )
     except LocalEntryNotFoundError:
         return None
-    except ValueError as err:   # HFValidationError: not a valid repo id / revision
+    except ValueError as err:  # HFValidationError: not a valid repo id / revision
         raise UserError(f"{repo_id}: not a valid Hugging Face Hub id ({str(err).splitlines()[0]})") from None
     missing = _missing(snapshot, config_only)
     if missing:
@@ -126,51 +138,77 @@ def _download(repo_id: str, rev: str | None, config_only: bool) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     with _hub_errors(repo_id, rev, constants):
-        snapshot = Path(snapshot_download(repo_id, revision=rev, allow_patterns=CONFIG_FILES if config_only
-                                          else META_FILES))
+        snapshot = Path(
+            snapshot_download(
+                repo_id, revision=rev, allow_patterns=CONFIG_FILES if config_only else META_FILES
+            )
+        )
         if not config_only:
             shards = _index_shards(snapshot)
-            weights = dict(allow_patterns=shards) if shards else dict(allow_patterns=["*.safetensors"],
-                                                                       ignore_patterns=["*/*"])
+            weights = (
+                dict(allow_patterns=shards)
+                if shards
+                else dict(allow_patterns=["*.safetensors"], ignore_patterns=["*/*"])
+            )
             snapshot = Path(snapshot_download(repo_id, revision=snapshot.name, **weights))
     missing = _missing(snapshot, config_only)
     if missing and constants.HF_HUB_OFFLINE:
-        raise UserError(f"{repo_id}@{snapshot.name}: the cached snapshot lacks {missing[0]} and HF_HUB_OFFLINE=1 "
-                        f"forbids downloading it; run once online or `hf download {repo_id}`")
+        raise UserError(
+            f"{repo_id}@{snapshot.name}: the cached snapshot lacks {missing[0]} and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it; run once online or `hf download {repo_id}`"
+        )
     if missing:
-        raise UserError(f"{repo_id}@{snapshot.name}: the repository has no {missing[0]}; greentune loads "
-                        "safetensors weights only (never pickles): use a repo that publishes them")
+        raise UserError(
+            f"{repo_id}@{snapshot.name}: the repository has no {missing[0]}; greentune loads "
+            "safetensors weights only (never pickles): use a repo that publishes them"
+        )
     return snapshot
 
 
 @contextmanager
 def _hub_errors(repo_id: str, rev: str | None, constants) -> Iterator[None]:
     """Turn huggingface_hub's failures into one line saying what to do."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"{repo_id}@{rev}" if rev else repo_id
     folder = f"download it to a folder (`hf download {repo_id} --local-dir DIR`) and give that folder"
     try:
         yield
     except GatedRepoError:
-        raise UserError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} and log in "
-                        f"(`hf auth login`), or {folder}") from None
+        raise UserError(
+            f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} and log in "
+            f"(`hf auth login`), or {folder}"
+        ) from None
     except RepositoryNotFoundError:
-        raise UserError(f"{repo_id}: no such model on the Hugging Face Hub, or it is private (log in with "
-                        f"`hf auth login`); or {folder}") from None
+        raise UserError(
+            f"{repo_id}: no such model on the Hugging Face Hub, or it is private (log in with "
+            f"`hf auth login`); or {folder}"
+        ) from None
     except RevisionNotFoundError:
         raise UserError(f"{where}: the repository has no revision {rev!r}") from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise UserError(f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
-                            f"forbids downloading; run once online, `hf download {repo_id}`, or {folder}") from None
-        raise UserError(f"{where}: not in the Hugging Face cache and the Hub cannot be reached; check the "
-                        f"connection, or {folder}") from None
+            raise UserError(
+                f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+                f"forbids downloading; run once online, `hf download {repo_id}`, or {folder}"
+            ) from None
+        raise UserError(
+            f"{where}: not in the Hugging Face cache and the Hub cannot be reached; check the "
+            f"connection, or {folder}"
+        ) from None
     except HfHubHTTPError as err:
-        raise UserError(f"{where}: the Hugging Face Hub refused the download ({str(err).splitlines()[0]})") from None
-    except ValueError as err:   # HFValidationError
+        raise UserError(
+            f"{where}: the Hugging Face Hub refused the download ({str(err).splitlines()[0]})"
+        ) from None
+    except ValueError as err:  # HFValidationError
         raise UserError(f"{where}: not a valid Hugging Face Hub id ({str(err).splitlines()[0]})") from None
     except OSError as err:
-        raise UserError(f"{where}: the download failed ({err}); check the disk and the connection, "
-                        f"or {folder}") from None
+        raise UserError(
+            f"{where}: the download failed ({err}); check the disk and the connection, or {folder}"
+        ) from None

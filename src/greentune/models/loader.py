@@ -4,6 +4,7 @@ The model *definition* comes from transformers (so every HF causal-LM architectu
 loads); greentune only checks the folder first so that every user mistake becomes one
 clear line, and refuses pickled weights, which can run arbitrary code when loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from .completeness import check_headers_against_architecture, ignorable_unexpected, require_complete
-from .safetensors_header import read_header
+from greentune.errors import UserError
+from greentune.models.completeness import (
+    check_headers_against_architecture,
+    ignorable_unexpected,
+    require_complete,
+)
+from greentune.models.safetensors_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ def check_safetensors_header(path: Path) -> None:
 def resolve_model_dir(ref: str | Path, revision: str | None = None) -> Path:
     """A local folder as is; a Hub id `ORG/NAME[@REVISION]` → its snapshot folder in the
     Hugging Face cache, downloaded when online and missing (see `models.hub`)."""
-    from .hub import resolve_model
+    from greentune.models.hub import resolve_model
 
     return resolve_model(ref, revision).path
 
@@ -65,8 +70,10 @@ def check_model_dir(path: str | Path) -> Path:
     """Validate a checkpoint folder: it exists, has config.json and safetensors weights."""
     model_dir = Path(path)
     if not model_dir.exists():
-        raise UserError(f"model not found: {model_dir} (no such folder; a Hugging Face Hub model is given "
-                        "by its id, ORG/NAME or ORG/NAME@REVISION)")
+        raise UserError(
+            f"model not found: {model_dir} (no such folder; a Hugging Face Hub model is given "
+            "by its id, ORG/NAME or ORG/NAME@REVISION)"
+        )
     if not model_dir.is_dir():
         raise UserError(f"model path is not a folder: {model_dir}")
     if not (model_dir / "config.json").is_file():
@@ -78,7 +85,8 @@ def check_model_dir(path: str | Path) -> Path:
             raise UserError(
                 f"{model_dir}: only pickled weights ({', '.join(sorted(pickles)[:3])}); greentune never unpickles "
                 "model files because loading a pickle can run arbitrary code: convert them to safetensors in a "
-                "trusted environment (load, then model.save_pretrained(dir, safe_serialization=True))")
+                "trusted environment (load, then model.save_pretrained(dir, safe_serialization=True))"
+            )
         raise UserError(f"{model_dir}: no *.safetensors weights found")
     for f in files:
         check_safetensors_header(f)
@@ -106,7 +114,9 @@ def check_weights_match(model_dir: str | Path, config) -> None:
     """Before any weight is read: the checkpoint's tensor names and shapes (from the headers)
     against the architecture `config` describes (`completeness.check_headers_against_architecture`)."""
     model_dir = Path(model_dir)
-    headers = {name: t.shape for f in safetensors_files(model_dir) for name, t in read_header(f).tensors.items()}
+    headers = {
+        name: t.shape for f in safetensors_files(model_dir) for name, t in read_header(f).tensors.items()
+    }
     check_headers_against_architecture(model_dir, config, headers)
 
 
@@ -118,8 +128,10 @@ def check_vocab_size(model_dir: Path, config) -> None:
     for f in safetensors_files(model_dir):
         for name, t in read_header(f).tensors.items():
             if name.endswith(EMBEDDING_SUFFIXES) and len(t.shape) == 2 and t.shape[0] != vocab:
-                raise UserError(f"{model_dir}/config.json says vocab_size {vocab}, but the weights' {name} has "
-                                f"{t.shape[0]} rows")
+                raise UserError(
+                    f"{model_dir}/config.json says vocab_size {vocab}, but the weights' {name} has "
+                    f"{t.shape[0]} rows"
+                )
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
@@ -127,7 +139,9 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
 
     model_dir = Path(model_dir)
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise UserError(f"{model_dir}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json) in the model folder")
+        raise UserError(
+            f"{model_dir}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json) in the model folder"
+        )
     check_tokenizer_file(model_dir / "tokenizer.json")
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -166,28 +180,42 @@ def check_tokenizer_fits(tokenizer, model_dir: Path) -> None:
         return
     vocab = config.get("vocab_size") if isinstance(config, dict) else None
     if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise UserError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
-                        f"{vocab} rows (vocab_size); token ids past {vocab - 1} have no embedding")
+        raise UserError(
+            f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+            f"{vocab} rows (vocab_size); token ids past {vocab - 1} have no embedding"
+        )
 
 
-def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               trust_remote_code: bool = False):
+def load_model(
+    model_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+):
     """Load a causal LM from a checked folder; weights from safetensors only."""
     from transformers import AutoModelForCausalLM
 
-    from ..heap import limit_heap_retention
+    from greentune.heap import limit_heap_retention
 
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir, trust_remote_code)
     dtype = dtype or compute_dtype(device)
-    limit_heap_retention()   # for the load and the training that follows (see heap.py)
+    limit_heap_retention()  # for the load and the training that follows (see heap.py)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            model_dir, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True, ignore_mismatched_sizes=True)
+            model_dir,
+            config=config,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     except ValueError as err:
-        raise UserError(f"{model_dir}: not a causal language model this transformers can load "
-                        f"({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"{model_dir}: not a causal language model this transformers can load "
+            f"({str(err).splitlines()[0]})"
+        ) from None
     check_loading_info(model_dir, model, info)
     return model.to(device)
 
@@ -197,8 +225,14 @@ def check_loading_info(model_dir: Path, model, info: dict) -> None:
 
     transformers already leaves out a tied head the checkpoint omits and non-persistent buffers."""
     mismatched = [(k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys") or []]
-    require_complete(model_dir, info.get("missing_keys") or [], info.get("unexpected_keys") or [], mismatched,
-                     expected_count=len(model.state_dict()), ignore_unexpected=ignorable_unexpected(model))
+    require_complete(
+        model_dir,
+        info.get("missing_keys") or [],
+        info.get("unexpected_keys") or [],
+        mismatched,
+        expected_count=len(model.state_dict()),
+        ignore_unexpected=ignorable_unexpected(model),
+    )
 
 
 def max_positions(config) -> int | None:

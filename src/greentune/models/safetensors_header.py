@@ -12,6 +12,7 @@ a load; reading the header here first turns every such case (a JSON list, overfl
 negative or overlapping offsets, non-string metadata, an unknown dtype, a truncated file) into
 a `UserError` naming the file and the tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,29 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from greentune.errors import UserError
 
-MAX_HEADER_BYTES = 100_000_000   # the Rust reader's own limit
+MAX_HEADER_BYTES = 100_000_000  # the Rust reader's own limit
 
 # Bytes per element of every dtype the safetensors format defines (sub-byte float types excluded).
-DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -62,13 +79,19 @@ def _entry(name: str, info) -> TensorEntry:
         raise _Bad(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _Bad(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise _Bad(f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if nbytes != offsets[1] - offsets[0]:
-        raise _Bad(f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
-                   f"its offsets span {offsets[1] - offsets[0]}")
+        raise _Bad(
+            f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
+            f"its offsets span {offsets[1] - offsets[0]}"
+        )
     return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -89,8 +112,9 @@ def _parse(path: Path) -> Header:
     if not isinstance(obj, dict):
         raise _Bad(f"header is a JSON {type(obj).__name__}, not an object")
     metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise _Bad("__metadata__ must map strings to strings")
     tensors = {name: _entry(name, info) for name, info in obj.items()}
     position = 0

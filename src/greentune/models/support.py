@@ -9,6 +9,7 @@ neither table is tried (it may well be llama-like) with a warning.
 It also checks the recipe's `export:` entries against the GGUF and MLX writers' family
 tables, so a run whose export would be refused fails before training, not after it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,12 +18,25 @@ from greentune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-TRAINED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite",
-           "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+TRAINED = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "granite",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+)
 
 NOT_YET = {
     "deepseek_v3": "multi-head latent attention and its sigmoid, group-limited router are not in greentune's "
-                   "expert and LoRA paths",
+    "expert and LoRA paths",
     "glm4_moe": "its sigmoid, group-limited router and shared experts are not in greentune's expert path",
     "gpt_oss": "its expert biases, clamped SwiGLU and attention sinks are not in greentune's expert path",
     "granitemoe": "its fused expert layout is not in greentune's expert path",
@@ -44,17 +58,23 @@ def check_family(config: dict, exports=()) -> None:
     (objects with `.format`) cannot be written for it; a warning for an untested family."""
     mt = config.get("model_type")
     if mt in NOT_YET:
-        raise UserError(f"greentune cannot train model type {mt!r} yet: {NOT_YET[mt]}; "
-                        f"supported: {_supported()}")
+        raise UserError(
+            f"greentune cannot train model type {mt!r} yet: {NOT_YET[mt]}; supported: {_supported()}"
+        )
     if mt not in TRAINED:
-        log.warning("model type %r is not among the families greentune tests (%s); trying it as is", mt,
-                    _supported())
+        log.warning(
+            "model type %r is not among the families greentune tests (%s); trying it as is", mt, _supported()
+        )
     for item in exports:
         if item.format == "gguf":
             from greentune.export.gguf_families import family_of
-            family_of(config)                       # unsupported type or configuration: one line
+
+            family_of(config)  # unsupported type or configuration: one line
         elif item.format == "mlx":
             from greentune.export.mlx import SUPPORTED
+
             if mt not in SUPPORTED:
-                raise UserError(f"MLX export supports {sorted(SUPPORTED)}; this model is {mt!r} "
-                                "(drop the mlx export: entry)")
+                raise UserError(
+                    f"MLX export supports {sorted(SUPPORTED)}; this model is {mt!r} "
+                    "(drop the mlx export: entry)"
+                )

@@ -4,6 +4,7 @@
 it as pre-tokenizer "gpt-2") on given texts. `build_tiny_model` writes a randomly
 initialised Hugging Face checkpoint (safetensors) of a named architecture.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512,
-                    chat_template: bool = True):
+def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512, chat_template: bool = True):
     """Train a byte-level BPE tokenizer on `texts` and save it in HF layout at `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -28,12 +28,18 @@ def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=special,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         model_max_length=4096,
     )
     if chat_template:
@@ -44,36 +50,72 @@ def build_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
-                kv_heads: int = 2, intermediate: int = 128, experts: int = 4, top_k: int = 2,
-                max_positions: int = 256, tokenizer=None):
+def tiny_config(
+    arch: str,
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    experts: int = 4,
+    top_k: int = 2,
+    max_positions: int = 256,
+    tokenizer=None,
+):
     """A small config of a named architecture: llama | mistral | mixtral | qwen2 | qwen2_moe | qwen3 | qwen3_moe | olmoe."""
     import transformers as tf
 
     ids = {}
     if tokenizer is not None:
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
-                  max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)
+        ids = dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        **ids,
+    )
     if arch == "llama":
         return tf.LlamaConfig(**common)
     if arch == "mistral":
         return tf.MistralConfig(**common, sliding_window=None)
     if arch == "mixtral":
-        return tf.MixtralConfig(**common, num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None)
+        return tf.MixtralConfig(
+            **common, num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=None
+        )
     if arch == "qwen2":
         return tf.Qwen2Config(**common)
     if arch == "qwen3":
         return tf.Qwen3Config(**common, head_dim=hidden // heads)
     if arch == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**common, num_experts=experts, num_experts_per_tok=top_k,
-                                 moe_intermediate_size=intermediate, shared_expert_intermediate_size=intermediate,
-                                 decoder_sparse_step=1, mlp_only_layers=[])
+        return tf.Qwen2MoeConfig(
+            **common,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=intermediate,
+            shared_expert_intermediate_size=intermediate,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**common, num_experts=experts, num_experts_per_tok=top_k, head_dim=hidden // heads,
-                                 moe_intermediate_size=intermediate, decoder_sparse_step=1, mlp_only_layers=[])
+        return tf.Qwen3MoeConfig(
+            **common,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            head_dim=hidden // heads,
+            moe_intermediate_size=intermediate,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     if arch == "olmoe":
         return tf.OlmoeConfig(**common, num_experts=experts, num_experts_per_tok=top_k)
     raise ValueError(f"unknown tiny architecture {arch!r}")

@@ -26,6 +26,7 @@ wrapper (keys ``…experts.lora_A.weight``) and ``gate_up_proj`` the inner one
 so an adapter_config.json for these keys must say ``"lora_dropout": 0.0`` (dropout is a
 training-time detail and does not change the saved weights).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ from greentune.errors import UserError
 from greentune.moe.experts import WEIGHT_NAMES, sparse_experts
 
 PEFT_PREFIX = "base_model.model."
-_PEFT_PATH = {"down": "", "gate_up": "base_layer."}   # down outer wrapper, gate_up inner
+_PEFT_PATH = {"down": "", "gate_up": "base_layer."}  # down outer wrapper, gate_up inner
 
 
 class ExpertLoRA(nn.Module):
@@ -47,8 +48,17 @@ class ExpertLoRA(nn.Module):
     Parameters: A_gate_up [E, r, H], B_gate_up [E, 2I, r], A_down [E, r, I], B_down [E, H, r].
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, r: int, alpha: float,
-                 dropout: float = 0.0, dtype=None, device=None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r}")
@@ -68,26 +78,32 @@ class ExpertLoRA(nn.Module):
         with torch.no_grad():
             for name in WEIGHT_NAMES:
                 a = getattr(self, f"A_{name}")
-                bound = 1.0 / math.sqrt(a.shape[-1])   # kaiming_uniform_(a=sqrt(5)) on [r, in]
+                bound = 1.0 / math.sqrt(a.shape[-1])  # kaiming_uniform_(a=sqrt(5)) on [r, in]
                 a.uniform_(-bound, bound)
                 getattr(self, f"B_{name}").zero_()
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"A_{name}"), getattr(self, f"B_{name}")
 
-    def per_expert(self, dtype: "torch.dtype | None" = None
-                   ) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    def per_expert(
+        self, dtype: torch.dtype | None = None
+    ) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
         """{name: (A_e views, B_e views)} for one forward: one `unbind` per parameter, so the
         backward stacks E gradients once instead of building E full-size zero gradients. With
         `dtype` (the activations' dtype, bf16 on a GPU) the fp32 factors are cast once here."""
+
         def cast(t):
             return t if dtype is None or t.dtype == dtype else t.to(dtype)
-        return {n: (cast(a).unbind(0), cast(b).unbind(0)) for n, (a, b) in ((n, self.factors(n)) for n in WEIGHT_NAMES)}
+
+        return {
+            n: (cast(a).unbind(0), cast(b).unbind(0))
+            for n, (a, b) in ((n, self.factors(n)) for n in WEIGHT_NAMES)
+        }
 
     def add_low_rank(self, ab, e: int, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """base [n, out] + s · (drop(x) A_e^T) B_e^T, for x [n, in]; `ab` from `per_expert()[name]`."""
         a, b = ab
-        xa = self.dropout(x) @ a[e].t()                           # [n, r]
+        xa = self.dropout(x) @ a[e].t()  # [n, r]
         return torch.addmm(base, xa, b[e].t(), alpha=self.scale)  # [n, out]
 
     @torch.no_grad()
@@ -109,8 +125,16 @@ def add_expert_lora_(model: nn.Module, r: int, alpha: float, dropout: float = 0.
     n = 0
     for _, m in mods:
         ref = m.weight("down", 0)
-        m.lora = ExpertLoRA(m.num_experts, m.hidden_dim, m.intermediate_dim, r, alpha, dropout,
-                            dtype=MASTER_DTYPE, device=ref.device)   # fp32 masters (see adapters/lora.py)
+        m.lora = ExpertLoRA(
+            m.num_experts,
+            m.hidden_dim,
+            m.intermediate_dim,
+            r,
+            alpha,
+            dropout,
+            dtype=MASTER_DTYPE,
+            device=ref.device,
+        )  # fp32 masters (see adapters/lora.py)
         n += sum(p.numel() for p in m.lora.parameters())
     return n
 
@@ -177,9 +201,14 @@ def load_expert_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -
             except KeyError as err:
                 raise UserError(f"adapter has no expert LoRA tensor {err.args[0]}") from None
             a, b = m.lora.factors(name)
-            if a_w.shape != (a.shape[0] * a.shape[1], a.shape[2]) or b_w.shape != (b.shape[1], a.shape[0] * a.shape[1]):
-                raise UserError(f"adapter tensor {key}lora_A/B has shape {tuple(a_w.shape)}/{tuple(b_w.shape)}, "
-                                f"expected rank {a.shape[1]} for {a.shape[0]} experts")
+            if a_w.shape != (a.shape[0] * a.shape[1], a.shape[2]) or b_w.shape != (
+                b.shape[1],
+                a.shape[0] * a.shape[1],
+            ):
+                raise UserError(
+                    f"adapter tensor {key}lora_A/B has shape {tuple(a_w.shape)}/{tuple(b_w.shape)}, "
+                    f"expected rank {a.shape[1]} for {a.shape[0]} experts"
+                )
             a_new, b_new = _peft_to_ours(a_w, b_w, a.shape[0])
             a.copy_(a_new)
             b.copy_(b_new)
@@ -187,5 +216,11 @@ def load_expert_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -
     return loaded
 
 
-__all__ = ["ExpertLoRA", "add_expert_lora_", "fuse_expert_lora_", "target_parameters",
-           "expert_lora_state_dict", "load_expert_lora_state_dict"]
+__all__ = [
+    "ExpertLoRA",
+    "add_expert_lora_",
+    "fuse_expert_lora_",
+    "target_parameters",
+    "expert_lora_state_dict",
+    "load_expert_lora_state_dict",
+]

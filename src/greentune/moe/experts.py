@@ -45,6 +45,7 @@ Three custom autograd functions keep the backward lean: `_GatherTokens` and
 writes d[gate | up] into one buffer (no chunk/cat); per-expert weights are taken with one
 `unbind` per forward (whose backward is one stack, not E full-size zero gradients).
 """
+
 from __future__ import annotations
 
 import logging
@@ -105,7 +106,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse)                         # [S, H] in slot order
+        g = grad.index_select(0, inverse)  # [S, H] in slot order
         return g.view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
 
 
@@ -140,7 +141,7 @@ class _SwiGLU(torch.autograd.Function):
         out = torch.empty_like(h)
         d_gate, d_up = out.chunk(2, dim=-1)
         torch.mul(grad, F.silu(gate), out=d_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)   # ·silu'(gate)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)  # ·silu'(gate)
         return out
 
 
@@ -172,8 +173,10 @@ class SparseExperts(nn.Module):
         super().__init__()
         E, two_i, H = gate_up_proj.shape
         if down_proj.shape != (E, H, two_i // 2) or two_i % 2:
-            raise ValueError(f"expert shapes disagree: gate_up_proj {tuple(gate_up_proj.shape)}, "
-                             f"down_proj {tuple(down_proj.shape)}; expected [E,2I,H] and [E,H,I]")
+            raise ValueError(
+                f"expert shapes disagree: gate_up_proj {tuple(gate_up_proj.shape)}, "
+                f"down_proj {tuple(down_proj.shape)}; expected [E,2I,H] and [E,H,I]"
+            )
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, two_i // 2
         self._set("gate_up_proj", gate_up_proj)
         self._set("down_proj", down_proj)
@@ -182,7 +185,7 @@ class SparseExperts(nn.Module):
         self.lora = None
 
     @classmethod
-    def from_hf(cls, module: nn.Module) -> "SparseExperts":
+    def from_hf(cls, module: nn.Module) -> SparseExperts:
         """Wrap an HF experts module's own parameters (shared, not copied)."""
         return cls(module.gate_up_proj, module.down_proj, module.act_fn)
 
@@ -233,7 +236,7 @@ class SparseExperts(nn.Module):
         return w.unbind(0) if isinstance(w, torch.Tensor) else w
 
     # ---- LoRA ----------------------------------------------------------------------------
-    def fuse(self, restart: bool = False) -> "SparseExperts":
+    def fuse(self, restart: bool = False) -> SparseExperts:
         """Merge the LoRA into the weights, W_e += s · B_e A_e for every expert.
 
         restart=False removes the LoRA (for merging/export); restart=True keeps the same
@@ -268,69 +271,79 @@ class SparseExperts(nn.Module):
         """All experts on their rows x [S, H] (grouped by expert) with grouped GEMMs -> [S, H]."""
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device)
         counts.index_add_(0, flat, torch.ones_like(flat))
-        offs = torch.cumsum(counts, 0).to(torch.int32)           # group ends, on the device
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # group ends, on the device
 
-        def linear(t, w):                                        # rows of group e times w[e]^T
-            if not isinstance(w, torch.Tensor):                  # a quantised store's kernels
+        def linear(t, w):  # rows of group e times w[e]^T
+            if not isinstance(w, torch.Tensor):  # a quantised store's kernels
                 return w.grouped_linear(t, offs)
             return F.grouped_mm(t, w.transpose(-2, -1), offs=offs)
 
-        def plus_low_rank(name, t, base):                        # base + s · (drop(t) A_e^T) B_e^T
+        def plus_low_rank(name, t, base):  # base + s · (drop(t) A_e^T) B_e^T
             a, b = (f.to(t.dtype) for f in self.lora.factors(name))
             return torch.add(base, linear(linear(self.lora.dropout(t), a), b), alpha=self.lora.scale)
 
-        return self._mlp(x, lambda t: linear(t, self.gate_up_proj), lambda t: linear(t, self.down_proj),
-                         plus_low_rank if self.lora is not None else None)
+        return self._mlp(
+            x,
+            lambda t: linear(t, self.gate_up_proj),
+            lambda t: linear(t, self.down_proj),
+            plus_low_rank if self.lora is not None else None,
+        )
 
     def _expert(self, e: int, x: torch.Tensor, w1, w2, lora) -> torch.Tensor:
         """One expert on its rows x [n, H] -> [n, H]."""
+
         def plus_low_rank(name, t, base):
             return self.lora.add_low_rank(lora[name], e, t, base)
-        return self._mlp(x, lambda t: self._linear(w1, e, t), lambda t: self._linear(w2, e, t),
-                         plus_low_rank if lora is not None else None)
+
+        return self._mlp(
+            x,
+            lambda t: self._linear(w1, e, t),
+            lambda t: self._linear(w2, e, t),
+            plus_low_rank if lora is not None else None,
+        )
 
     def _mlp(self, x: torch.Tensor, gate_up, down, plus_low_rank) -> torch.Tensor:
         """down(act(gate) ⊙ up) for rows x, given the two projections and, with a LoRA, the
         function that adds its low-rank term to a projection's output (name, input, output)."""
-        h = gate_up(x)                                            # [n, 2I]
+        h = gate_up(x)  # [n, 2I]
         if plus_low_rank is not None:
             h = plus_low_rank("gate_up", x, h)
         if self._silu:
-            a = _SwiGLU.apply(h)                                  # [n, I]
+            a = _SwiGLU.apply(h)  # [n, I]
         else:
             gate, up = h.chunk(2, dim=-1)
             a = self.act_fn(gate) * up
-        y = down(a)                                               # [n, H]
+        y = down(a)  # [n, H]
         if plus_low_rank is not None:
             y = plus_low_rank("down", a, y)
         return y
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """hidden_states [N, H], top_k_index [N, k] (int), top_k_weights [N, k] -> [N, H]."""
         n, k = top_k_index.shape
         if n == 0:
             return torch.zeros_like(hidden_states)
-        flat = top_k_index.reshape(-1)                            # [S], S = N·k, slot s = token s//k
-        order = torch.argsort(flat, stable=True)                  # slots grouped by expert
+        flat = top_k_index.reshape(-1)  # [S], S = N·k, slot s = token s//k
+        order = torch.argsort(flat, stable=True)  # slots grouped by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        x = _GatherTokens.apply(hidden_states, order, inverse, k)   # [S, H], grouped by expert
+        x = _GatherTokens.apply(hidden_states, order, inverse, k)  # [S, H], grouped by expert
         if self._grouped_ok(hidden_states):
             y = self._grouped(x, flat)
         else:
-            counts = torch.bincount(flat, minlength=self.num_experts).tolist()   # one host sync
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
             w1, w2 = self._per_expert("gate_up_proj"), self._per_expert("down_proj")
             lora = None if self.lora is None else self.lora.per_expert(hidden_states.dtype)
             outs = [self._expert(e, xe, w1, w2, lora) for e, xe in enumerate(x.split(counts)) if counts[e]]
-            y = torch.cat(outs) if len(outs) > 1 else outs[0]     # [S, H], grouped order
-        y = _Permute.apply(y, inverse, order).view(n, k, -1)      # [N, k, H], slot order
-        out = torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)   # Σ_k w·y  [N, H]
+            y = torch.cat(outs) if len(outs) > 1 else outs[0]  # [S, H], grouped order
+        y = _Permute.apply(y, inverse, order).view(n, k, -1)  # [N, k, H], slot order
+        out = torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # Σ_k w·y  [N, H]
         return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, "
-                f"intermediate={self.intermediate_dim}")
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
 
 
 def _is_3d_weight(w) -> bool:
@@ -343,14 +356,22 @@ def _is_3d_weight(w) -> bool:
 def _is_fused_experts(module: nn.Module) -> bool:
     """An HF v5 experts module (its weights may already be quantised stores)."""
     gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (_is_3d_weight(gu) and _is_3d_weight(dn) and hasattr(module, "act_fn")
-            and not isinstance(module, SparseExperts))
+    return (
+        _is_3d_weight(gu)
+        and _is_3d_weight(dn)
+        and hasattr(module, "act_fn")
+        and not isinstance(module, SparseExperts)
+    )
 
 
 def _layout_supported(module: nn.Module) -> bool:
-    return (getattr(module, "has_gate", True) and not getattr(module, "has_bias", False)
-            and not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True)
-            and not getattr(module, "has_post_expert_norm", False))
+    return (
+        getattr(module, "has_gate", True)
+        and not getattr(module, "has_bias", False)
+        and not getattr(module, "is_transposed", False)
+        and getattr(module, "is_concatenated", True)
+        and not getattr(module, "has_post_expert_norm", False)
+    )
 
 
 def replace_experts_(model: nn.Module) -> int:
@@ -366,8 +387,11 @@ def replace_experts_(model: nn.Module) -> int:
         if not _is_fused_experts(module):
             continue
         if not _layout_supported(module):
-            log.warning("experts module %s (%s) has a layout SparseExperts does not implement; left as is",
-                        name, type(module).__name__)
+            log.warning(
+                "experts module %s (%s) has a layout SparseExperts does not implement; left as is",
+                name,
+                type(module).__name__,
+            )
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -1,4 +1,5 @@
 """The training loop's MoE hook: router aux loss into the loss, expert use into metrics."""
+
 from __future__ import annotations
 
 import torch

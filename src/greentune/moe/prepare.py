@@ -6,6 +6,7 @@
 Order matters: call it *after* the dense LoRA is attached (`adapters.lora.apply_lora` freezes
 the whole model), so the expert LoRA and a "full" router stay trainable.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,12 @@ from greentune.moe.router import RouterMonitor, set_router_trainable_
 log = logging.getLogger(__name__)
 
 
-def prepare_moe_(model: nn.Module, expert_lora: tuple[int, float, float] | None = None,
-                 router: str = "frozen", aux_loss_coef: float = 0.0) -> RouterMonitor | None:
+def prepare_moe_(
+    model: nn.Module,
+    expert_lora: tuple[int, float, float] | None = None,
+    router: str = "frozen",
+    aux_loss_coef: float = 0.0,
+) -> RouterMonitor | None:
     """Swap in `SparseExperts`, attach expert LoRA, set the router's trainability, and hook a
     `RouterMonitor` (aux loss and expert-use statistics). Returns None for a dense model when
     nothing MoE was asked for; raises UserError when something MoE was asked of a dense model."""
@@ -30,8 +35,10 @@ def prepare_moe_(model: nn.Module, expert_lora: tuple[int, float, float] | None 
     replace_experts_(model)
     if not sparse_experts(model):
         if expert_lora is not None or router == "full" or aux_loss_coef > 0:
-            raise UserError("the recipe asks for MoE training (experts LoRA, router or aux loss) "
-                            "but the model has no MoE experts; add moe.upcycle or drop those keys")
+            raise UserError(
+                "the recipe asks for MoE training (experts LoRA, router or aux loss) "
+                "but the model has no MoE experts; add moe.upcycle or drop those keys"
+            )
         return None
     if expert_lora is not None:
         r, alpha, dropout = expert_lora

@@ -23,6 +23,7 @@ so it is trained in full when asked (`set_router_trainable_`); a LoRA on it woul
 A trained router is saved as PEFT saves `modules_to_save=["mlp.gate"]`: key
 ``base_model.model.<router path>.weight`` (`router_state_dict`, `router_modules_to_save`).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,11 @@ def router_modules_to_save(model: nn.Module) -> list[str]:
 
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Router weights under PEFT's modules_to_save key names (detached, contiguous, CPU)."""
-    return {f"base_model.model.{n}.{k}": v.detach().contiguous().cpu()
-            for n, r in find_routers(model) for k, v in r.state_dict().items()}
+    return {
+        f"base_model.model.{n}.{k}": v.detach().contiguous().cpu()
+        for n, r in find_routers(model)
+        for k, v in r.state_dict().items()
+    }
 
 
 @torch.no_grad()
@@ -80,14 +84,20 @@ def load_router_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> int
             if key not in sd:
                 raise UserError(f"adapter has no router tensor {key}")
             if sd[key].shape != v.shape:
-                raise UserError(f"adapter tensor {key} has shape {tuple(sd[key].shape)}, expected {tuple(v.shape)}")
+                raise UserError(
+                    f"adapter tensor {key} has shape {tuple(sd[key].shape)}, expected {tuple(v.shape)}"
+                )
             getattr(r, k).copy_(sd[key])
             n += 1
     return n
 
 
-def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """E · Σ_e f_e · P_e over the rows of all layers (see module docstring).
 
     router_logits: one [N, E] tensor per layer (N = B·T rows); attention_mask: [B, T] (1 = real
@@ -101,8 +111,8 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int,
     rows = torch.zeros((), dtype=torch.float32, device=device)
     mask = None if attention_mask is None else attention_mask.reshape(-1).to(device, torch.float32)
     for logits in router_logits:
-        probs = torch.softmax(logits.to(device).float(), dim=-1)           # [N, E]
-        top = torch.topk(probs, top_k, dim=-1).indices                     # [N, k]
+        probs = torch.softmax(logits.to(device).float(), dim=-1)  # [N, E]
+        top = torch.topk(probs, top_k, dim=-1).indices  # [N, k]
         if mask is None:
             counts = counts + torch.bincount(top.reshape(-1), minlength=num_experts).float()
             prob_sum = prob_sum + probs.sum(0)
@@ -117,7 +127,7 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int,
 def _in_backward() -> bool:
     try:
         return torch._C._current_graph_task_id() != -1
-    except AttributeError:   # older torch: no way to tell; count every call
+    except AttributeError:  # older torch: no way to tell; count every call
         return False
 
 
@@ -159,16 +169,17 @@ class RouterMonitor:
 
     def _hook(self, i: int):
         def hook(module, args, output):
-            if _in_backward():   # activation checkpointing re-runs the router: count it once
+            if _in_backward():  # activation checkpointing re-runs the router: count it once
                 return
             if not (isinstance(output, tuple) and len(output) == 3):
-                return            # not a (logits, weights, indices) router
+                return  # not a (logits, weights, indices) router
             logits, _, indices = output
             keep_graph = self.aux_loss_coef > 0 and torch.is_grad_enabled()
             self._logits[i].append(logits if keep_graph else logits.detach())
             self._indices[i].append(indices.detach())
             if not self.top_k:
                 self.top_k = indices.shape[-1]
+
         return hook
 
     def pop_aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,17 +189,26 @@ class RouterMonitor:
         With several forwards captured, pass no mask (rows of every forward count)."""
         logits = [t for per_layer in self._logits for t in per_layer]
         if attention_mask is not None and any(len(x) > 1 for x in self._logits):
-            raise ValueError("pop_aux_loss got an attention mask but several forwards were captured; "
-                             "call it after each forward")
+            raise ValueError(
+                "pop_aux_loss got an attention mask but several forwards were captured; "
+                "call it after each forward"
+            )
         for i, per_layer in enumerate(self._indices):
             for idx in per_layer:
                 flat = idx.reshape(-1)
-                w = None if attention_mask is None else \
-                    attention_mask.reshape(-1).to(idx.device, torch.float32).repeat_interleave(idx.shape[-1])
+                w = (
+                    None
+                    if attention_mask is None
+                    else attention_mask.reshape(-1)
+                    .to(idx.device, torch.float32)
+                    .repeat_interleave(idx.shape[-1])
+                )
                 c = torch.bincount(flat, weights=w, minlength=self.num_experts).float()
                 self._counts[i] = c if self._counts[i] is None else self._counts[i] + c
         if self.aux_loss_coef > 0 and logits:
-            loss = self.aux_loss_coef * load_balancing_loss(logits, self.num_experts, self.top_k, attention_mask)
+            loss = self.aux_loss_coef * load_balancing_loss(
+                logits, self.num_experts, self.top_k, attention_mask
+            )
         else:
             loss = torch.zeros((), device=logits[0].device if logits else None)
         self._logits = [[] for _ in self.routers]

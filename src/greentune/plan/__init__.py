@@ -9,6 +9,7 @@ cost model and its maths), `recommend.py` (candidates, the cheapest that fits),
 `calibrate.py` (measured utilisation and power), `command.py` (`greentune plan`),
 `seed_claim.py` (the Mixtral 8x7B worked example).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

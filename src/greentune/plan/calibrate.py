@@ -23,13 +23,14 @@ Results are stored per hardware key in `calibration.json` under `$GREENTUNE_CACH
 (`record_observation`), replacing the one of its family and width, so every run improves
 the next plan of a similar model.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,10 +59,10 @@ class Calibration:
     tokens: int
     measured_at: float
     method: str
-    family: str = "dense"           # "dense" | "moe": what the utilisation above was measured on
-    hidden: int = 0                 # and at which width
-    dequant_s_per_weight: dict = field(default_factory=dict)   # {format: seconds per weight}
-    observations: list = field(default_factory=list)          # [Observation as dict], see below
+    family: str = "dense"  # "dense" | "moe": what the utilisation above was measured on
+    hidden: int = 0  # and at which width
+    dequant_s_per_weight: dict = field(default_factory=dict)  # {format: seconds per weight}
+    observations: list = field(default_factory=list)  # [Observation as dict], see below
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Observation:
     hidden: int
     utilisation: float
     power_w: float
-    source: str          # "calibrate" | "run"
+    source: str  # "calibrate" | "run"
     measured_at: float
 
 
@@ -148,7 +149,7 @@ def utilisation_for(hw: Hardware, facts, technique, path: Path | None = None) ->
     obs = load_observations(hw, path)
     family, hidden = family_of(facts, technique), facts.hidden
     dense = {}
-    for o in sorted(obs, key=lambda o: o.measured_at):   # newest per width wins
+    for o in sorted(obs, key=lambda o: o.measured_at):  # newest per width wins
         if o.family == "dense":
             dense[o.hidden] = o.utilisation
     curve = list(dense.items())
@@ -176,12 +177,15 @@ def store_calibration(cal: Calibration, path: Path | None = None) -> Path:
     data["version"] = VERSION
     old = data["machines"].get(cal.hardware_key) or {}
     row = asdict(cal)
-    if not row["dequant_s_per_weight"]:   # a run's record keeps the timings of the last calibration
+    if not row["dequant_s_per_weight"]:  # a run's record keeps the timings of the last calibration
         row["dequant_s_per_weight"] = old.get("dequant_s_per_weight", {})
     new_obs = row["observations"]
     data["machines"][cal.hardware_key] = row
-    kept = [o for o in data.setdefault("observations", {}).get(cal.hardware_key, [])
-            if not any(o.get("family") == n["family"] and o.get("hidden") == n["hidden"] for n in new_obs)]
+    kept = [
+        o
+        for o in data.setdefault("observations", {}).get(cal.hardware_key, [])
+        if not any(o.get("family") == n["family"] and o.get("hidden") == n["hidden"] for n in new_obs)
+    ]
     data["observations"][cal.hardware_key] = (kept + new_obs)[-MAX_OBSERVATIONS:]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -197,7 +201,10 @@ def store_streaming_rate(hw: Hardware, fmt: str, gbs: float, threads: int, path:
     path = path or calibration_path()
     data = _read(path)
     data.setdefault("streaming", {}).setdefault(hw.key, {})[fmt.lower()] = {
-        "gbs": float(gbs), "threads": int(threads), "measured_at": time.time()}
+        "gbs": float(gbs),
+        "threads": int(threads),
+        "measured_at": time.time(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
@@ -206,19 +213,25 @@ def store_streaming_rate(hw: Hardware, fmt: str, gbs: float, threads: int, path:
 def load_streaming_rate(hw: Hardware, fmt: str, path: Path | None = None) -> dict | None:
     """{"gbs", "threads", "measured_at"} stored for `hw` and `fmt`, or None."""
     row = _read(path or calibration_path()).get("streaming", {}).get(hw.key, {}).get(fmt.lower())
-    return row if isinstance(row, dict) and isinstance(row.get("gbs"), (int, float)) and row["gbs"] > 0 else None
+    return (
+        row if isinstance(row, dict) and isinstance(row.get("gbs"), (int, float)) and row["gbs"] > 0 else None
+    )
 
 
 # ---------------------------------------------------------------- the measured run
 
+
 def _sizes(on_gpu: bool) -> dict:
     if on_gpu:
-        return dict(hidden=2048, layers=8, heads=16, kv_heads=8, intermediate=5632, vocab=32000, seq=1024, batch=8)
+        return dict(
+            hidden=2048, layers=8, heads=16, kv_heads=8, intermediate=5632, vocab=32000, seq=1024, batch=8
+        )
     return dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1408, vocab=4096, seq=256, batch=4)
 
 
-def _measure_training(cfg, technique, s: dict, seconds: float, max_steps: int, warmup_steps: int, device: str,
-                      dtype, meter) -> tuple[float, float, float, int, int]:
+def _measure_training(
+    cfg, technique, s: dict, seconds: float, max_steps: int, warmup_steps: int, device: str, dtype, meter
+) -> tuple[float, float, float, int, int]:
     """Time LoRA training steps of a fresh model from `cfg` through greentune's own step.
 
     Returns (utilisation numerator: tokens/s × F, seconds, joules, tokens, steps)."""
@@ -273,7 +286,9 @@ def dequant_probe_shape(device: str) -> tuple[int, int]:
     return (8192, 4096) if device.startswith("cuda") else (1024, 1024)
 
 
-def _time_dequantisation(device: str, repeats: int = 5, shape: "tuple[int, int] | None" = None) -> dict[str, float]:
+def _time_dequantisation(
+    device: str, repeats: int = 5, shape: tuple[int, int] | None = None
+) -> dict[str, float]:
     """Seconds per weight to dequantise each base format, as a quantised layer does per pass."""
     import torch
     from torch import nn
@@ -287,7 +302,7 @@ def _time_dequantisation(device: str, repeats: int = 5, shape: "tuple[int, int] 
     linear = nn.Linear(cols, rows, bias=False).to(device)
     for fmt in (f for f, bpw in BPW.items() if bpw is not None and bpw < 16):
         layer = QuantLinear.from_linear(linear, fmt)
-        layer._weight(None, torch.float32)                  # warm-up (and any lazy set-up)
+        layer._weight(None, torch.float32)  # warm-up (and any lazy set-up)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -299,8 +314,14 @@ def _time_dequantisation(device: str, repeats: int = 5, shape: "tuple[int, int] 
     return out
 
 
-def run_calibration(hw: Hardware, seconds: float = 20.0, max_steps: int = 200, warmup_steps: int = 2,
-                    device: str | None = None, sizes: dict | None = None) -> Calibration:
+def run_calibration(
+    hw: Hardware,
+    seconds: float = 20.0,
+    max_steps: int = 200,
+    warmup_steps: int = 2,
+    device: str | None = None,
+    sizes: dict | None = None,
+) -> Calibration:
     """Measure utilisation (dense at two widths, MoE at one), dequantisation speed and power
     for LoRA training on `hw` (this machine); does not store it."""
     import torch
@@ -315,16 +336,25 @@ def run_calibration(hw: Hardware, seconds: float = 20.0, max_steps: int = 200, w
     meter = None
     try:
         from greentune.energy.meter import Meter
+
         meter = Meter.auto(scope="self", poll_interval_s=0.5)
     except Exception as e:  # noqa: BLE001 — calibrate time even without an energy meter
         log.warning("no energy meter (%s); power taken from the hardware catalogue", e)
 
     def config(hidden: int, moe: bool):
         scale = hidden / s["hidden"]
-        return tiny_config("mixtral" if moe else "llama", vocab_size=s["vocab"], hidden=hidden, layers=s["layers"],
-                           heads=s["heads"], kv_heads=s["kv_heads"],
-                           intermediate=int(s["intermediate"] * scale) // (2 if moe else 1),
-                           experts=4, top_k=2, max_positions=s["seq"])
+        return tiny_config(
+            "mixtral" if moe else "llama",
+            vocab_size=s["vocab"],
+            hidden=hidden,
+            layers=s["layers"],
+            heads=s["heads"],
+            kv_heads=s["kv_heads"],
+            intermediate=int(s["intermediate"] * scale) // (2 if moe else 1),
+            experts=4,
+            top_k=2,
+            max_positions=s["seq"],
+        )
 
     runs = [(s["hidden"] // 2, False), (s["hidden"], False), (s["hidden"] // 2, True)]
     dense_t = Technique("lora", "lora", targets=("attn", "mlp"))
@@ -333,14 +363,23 @@ def run_calibration(hw: Hardware, seconds: float = 20.0, max_steps: int = 200, w
     try:
         for hidden, moe in runs:
             work, elapsed, joules, tokens, steps = _measure_training(
-                config(hidden, moe), moe_t if moe else dense_t, s, seconds / len(runs), max_steps, warmup_steps,
-                device, dtype, meter)
+                config(hidden, moe),
+                moe_t if moe else dense_t,
+                s,
+                seconds / len(runs),
+                max_steps,
+                warmup_steps,
+                device,
+                dtype,
+                meter,
+            )
             util = work / hw.peak_flops
             if not util > 0:
                 raise UserError("calibration measured no progress; is the machine overloaded?")
             power = joules / elapsed if meter is not None and elapsed > 0 else hw.power_w + hw.host_w
-            observations.append(asdict(Observation("moe" if moe else "dense", hidden, util, power, "calibrate",
-                                                   time.time())))
+            observations.append(
+                asdict(Observation("moe" if moe else "dense", hidden, util, power, "calibrate", time.time()))
+            )
             total_s, total_j = total_s + elapsed, total_j + (joules if meter is not None else 0.0)
             if hidden == s["hidden"] and not moe:
                 main = (util, work, elapsed, tokens, steps)
@@ -355,20 +394,46 @@ def run_calibration(hw: Hardware, seconds: float = 20.0, max_steps: int = 200, w
         power, source = hw.power_w + hw.host_w, "assumed"
     from greentune.models.facts import arch_facts
     from greentune.plan.cost import flops_per_token
+
     fpt = flops_per_token(arch_facts(config(s["hidden"], False)), dense_t, s["seq"], False)
     return Calibration(
-        hardware_key=hw.key, hardware=hw.name, utilisation=util, power_w=power, power_source=source,
-        tokens_per_second=work / fpt, flops_per_token=fpt, peak_flops=hw.peak_flops, seconds=elapsed, tokens=tokens,
+        hardware_key=hw.key,
+        hardware=hw.name,
+        utilisation=util,
+        power_w=power,
+        power_source=source,
+        tokens_per_second=work / fpt,
+        flops_per_token=fpt,
+        peak_flops=hw.peak_flops,
+        seconds=elapsed,
+        tokens=tokens,
         measured_at=time.time(),
-        method=(f"greentune LoRA r16, llama h{s['hidden'] // 2}/h{s['hidden']} and mixtral h{s['hidden'] // 2} "
-                f"(4 experts top-2) L{s['layers']} V{s['vocab']}, {s['batch']}×{s['seq']} tokens/step, "
-                f"{device} {hw.compute_dtype}, AdamW"),
-        family="dense", hidden=s["hidden"], dequant_s_per_weight=dequant, observations=observations)
+        method=(
+            f"greentune LoRA r16, llama h{s['hidden'] // 2}/h{s['hidden']} and mixtral h{s['hidden'] // 2} "
+            f"(4 experts top-2) L{s['layers']} V{s['vocab']}, {s['batch']}×{s['seq']} tokens/step, "
+            f"{device} {hw.compute_dtype}, AdamW"
+        ),
+        family="dense",
+        hidden=s["hidden"],
+        dequant_s_per_weight=dequant,
+        observations=observations,
+    )
 
 
-def record_observation(hw: Hardware, facts, technique, seq_len: int, tokens: int, seconds: float,
-                       joules: float | None, power_source: str = "ledger", checkpointing: bool = False,
-                       store: bool = True, path: Path | None = None, micro_batch: int = 1) -> Calibration:
+def record_observation(
+    hw: Hardware,
+    facts,
+    technique,
+    seq_len: int,
+    tokens: int,
+    seconds: float,
+    joules: float | None,
+    power_source: str = "ledger",
+    checkpointing: bool = False,
+    store: bool = True,
+    path: Path | None = None,
+    micro_batch: int = 1,
+) -> Calibration:
     """Turn a real run's measured training seconds and joules into a calibration for `hw`.
 
     utilisation = tokens × F / ((seconds − dequantisation seconds) × peak), F =
@@ -393,13 +458,25 @@ def record_observation(hw: Hardware, facts, technique, seq_len: int, tokens: int
     util = tokens * fpt / ((seconds - dq) * hw.peak_flops)
     power = (joules / seconds) if joules is not None else hw.power_w + hw.host_w
     cal = Calibration(
-        hardware_key=hw.key, hardware=hw.name, utilisation=util, power_w=power,
-        power_source=power_source if joules is not None else "assumed", tokens_per_second=tps,
-        flops_per_token=fpt, peak_flops=hw.peak_flops, seconds=seconds, tokens=int(tokens),
-        measured_at=time.time(), method=f"observed run: {technique.name}, {facts.model_type}, seq {seq_len}",
-        family=family_of(facts, technique), hidden=facts.hidden, dequant_s_per_weight=dict(rates),
-        observations=[asdict(Observation(family_of(facts, technique), facts.hidden, util, power, "run",
-                                         time.time()))])
+        hardware_key=hw.key,
+        hardware=hw.name,
+        utilisation=util,
+        power_w=power,
+        power_source=power_source if joules is not None else "assumed",
+        tokens_per_second=tps,
+        flops_per_token=fpt,
+        peak_flops=hw.peak_flops,
+        seconds=seconds,
+        tokens=int(tokens),
+        measured_at=time.time(),
+        method=f"observed run: {technique.name}, {facts.model_type}, seq {seq_len}",
+        family=family_of(facts, technique),
+        hidden=facts.hidden,
+        dequant_s_per_weight=dict(rates),
+        observations=[
+            asdict(Observation(family_of(facts, technique), facts.hidden, util, power, "run", time.time()))
+        ],
+    )
     if store:
         store_calibration(cal, path)
     return cal

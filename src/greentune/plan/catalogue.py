@@ -4,11 +4,12 @@
 dots and underscores ignored, unique prefix allowed); `model_facts(spec)` turns a catalogue
 name, a config.json path or a model directory into `ArchFacts` — no weights, no network.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -39,15 +40,23 @@ def _norm(s: str) -> str:
     return re.sub(r"[\s_\-]+", "", str(s).lower())
 
 
-@lru_cache(maxsize=None)
+@cache
 def models() -> tuple[CatalogueModel, ...]:
     """All catalogue rows, in file order."""
     text = resources.files("greentune").joinpath("data_files/models.yaml").read_text(encoding="utf-8")
-    return tuple(CatalogueModel(name=r["name"], hf=r["hf"], licence=r["licence"], source=r["source"],
-                                params_b=float(r["params_b"]), config=dict(r["config"]),
-                                active_b=float(r["active_b"]) if r.get("active_b") is not None else None,
-                                aliases=tuple(str(a) for a in r.get("aliases", [])))
-                 for r in yaml.safe_load(text))
+    return tuple(
+        CatalogueModel(
+            name=r["name"],
+            hf=r["hf"],
+            licence=r["licence"],
+            source=r["source"],
+            params_b=float(r["params_b"]),
+            config=dict(r["config"]),
+            active_b=float(r["active_b"]) if r.get("active_b") is not None else None,
+            aliases=tuple(str(a) for a in r.get("aliases", [])),
+        )
+        for r in yaml.safe_load(text)
+    )
 
 
 def find_model(name: str) -> CatalogueModel | None:
@@ -72,8 +81,10 @@ def model_facts(spec: str | Path | dict) -> tuple[ArchFacts, str]:
         return arch_facts(p), str(p)
     row = find_model(str(spec))
     if row is None:
-        raise UserError(f"no model {spec!r}: not a config.json or model directory, and not in the catalogue "
-                        f"(known: {', '.join(m.name for m in models())}; see --list-models)")
+        raise UserError(
+            f"no model {spec!r}: not a config.json or model directory, and not in the catalogue "
+            f"(known: {', '.join(m.name for m in models())}; see --list-models)"
+        )
     return row.facts(), row.name
 
 
@@ -83,6 +94,8 @@ def list_models_table() -> str:
     for m in models():
         f = m.facts()
         act = f"{f.active_params / 1e9:.1f}B" if f.is_moe else ""
-        lines.append(f"{m.name:<20} {f.total_params / 1e9:>7.1f}B {act:>8} {f.model_type:<12} "
-                     f"{m.licence[:40]:<40} {m.hf}")
+        lines.append(
+            f"{m.name:<20} {f.total_params / 1e9:>7.1f}B {act:>8} {f.model_type:<12} "
+            f"{m.licence[:40]:<40} {m.hf}"
+        )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ Wiring::
 `run_plan` prints and returns 0; a user mistake, or constraints nothing can meet (after
 the table is printed), raises `UserError` (one line, exit code 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,36 +32,85 @@ from greentune.plan.hardware import GB
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 10**15   # ~50x the largest pretraining runs; beyond it the table's columns overflow
+MAX_TOKENS = 10**15  # ~50x the largest pretraining runs; beyond it the table's columns overflow
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (its model, data and training settings)")
-    p.add_argument("--model", default=None,
-                   help="catalogue name (see --list-models), config.json, model folder or Hub id ORG/NAME[@REVISION]")
-    p.add_argument("--tokens", type=count(1, MAX_TOKENS), default=None, help="training tokens (default: the recipe's, else 10M)")
+    p.add_argument(
+        "recipe", nargs="?", default=None, help="recipe YAML (its model, data and training settings)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="catalogue name (see --list-models), config.json, model folder or Hub id ORG/NAME[@REVISION]",
+    )
+    p.add_argument(
+        "--tokens",
+        type=count(1, MAX_TOKENS),
+        default=None,
+        help="training tokens (default: the recipe's, else 10M)",
+    )
     p.add_argument("--hardware", default="this", help="catalogue name (H100, 4090, 'M2 Max', ...) or 'this'")
     p.add_argument("--gpus", type=count(1, 100_000), default=1, help="devices in the machine (default 1)")
-    p.add_argument("--memory-gb", type=real(0, 1e6, low_open=True), default=None, help="override the device memory (e.g. a 64 GB M2 Max)")
-    p.add_argument("--power-cap-w", type=real(0, 1e8, low_open=True), default=None, help="the machine's power limit, W")
-    p.add_argument("--deadline-h", type=real(0, 1e6, low_open=True), default=None, help="wall-clock limit, hours")
-    p.add_argument("--seq-len", type=count(1, 10**7), default=None, help="tokens per sequence (default: recipe, else 512)")
-    p.add_argument("--batch-size", type=count(1, 10**6), default=None, help="sequences per micro-batch (default: recipe, else 8)")
+    p.add_argument(
+        "--memory-gb",
+        type=real(0, 1e6, low_open=True),
+        default=None,
+        help="override the device memory (e.g. a 64 GB M2 Max)",
+    )
+    p.add_argument(
+        "--power-cap-w", type=real(0, 1e8, low_open=True), default=None, help="the machine's power limit, W"
+    )
+    p.add_argument(
+        "--deadline-h", type=real(0, 1e6, low_open=True), default=None, help="wall-clock limit, hours"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=count(1, 10**7),
+        default=None,
+        help="tokens per sequence (default: recipe, else 512)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=count(1, 10**6),
+        default=None,
+        help="sequences per micro-batch (default: recipe, else 8)",
+    )
     p.add_argument("--rank", type=count(1, 65536), default=None, help="LoRA rank (default: recipe, else 16)")
     p.add_argument("--region", default=None, help="grid region, ISO code (default: recipe, else world)")
-    p.add_argument("--pue", type=real(1, 10), default=None, help="facility / IT energy (default: recipe, else by site)")
-    p.add_argument("--wue", type=real(0, 100), default=None, help="on-site litres per IT kWh (default: recipe, else by site)")
+    p.add_argument(
+        "--pue", type=real(1, 10), default=None, help="facility / IT energy (default: recipe, else by site)"
+    )
+    p.add_argument(
+        "--wue",
+        type=real(0, 100),
+        default=None,
+        help="on-site litres per IT kWh (default: recipe, else by site)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--write-recipe", default=None, metavar="FILE",
-                   help="also write the recommended technique as a recipe (fill in its data, then greentune train)")
+    p.add_argument(
+        "--write-recipe",
+        default=None,
+        metavar="FILE",
+        help="also write the recommended technique as a recipe (fill in its data, then greentune train)",
+    )
     p.add_argument("--list-models", action="store_true", help="show the model catalogue and exit")
-    p.add_argument("--calibrate", action="store_true",
-                   help="measure utilisation and power with a short fine-tune on this machine and store them")
-    p.add_argument("--calibrate-seconds", type=real(0, 86400, low_open=True), default=20.0, help="length of the measured run (default 20)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure utilisation and power with a short fine-tune on this machine and store them",
+    )
+    p.add_argument(
+        "--calibrate-seconds",
+        type=real(0, 86400, low_open=True),
+        default=20.0,
+        help="length of the measured run (default 20)",
+    )
     return p
 
 
 # ---------------------------------------------------------------- the recipe, read raw
+
 
 @dataclass
 class RecipeInputs:
@@ -79,7 +129,7 @@ class RecipeInputs:
     region: str | None = None
     pue: float | None = None
     wue_onsite: float | None = None
-    activation_checkpointing: bool | None = None   # None: auto (the planner decides)
+    activation_checkpointing: bool | None = None  # None: auto (the planner decides)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -88,9 +138,20 @@ class RecipeInputs:
 
     def technique(self) -> Technique:
         method = "relora" if self.relora_merge_every else "lora"
-        parts = [("upcycle-" if self.upcycle else ""), method, f"-{self.quant_base}" if self.quant_base != "none" else ""]
-        return Technique(f"recipe: {''.join(parts)}", method, self.quant_base, self.rank, self.targets,
-                         self.upcycle, self.relora_merge_every or 200)
+        parts = [
+            ("upcycle-" if self.upcycle else ""),
+            method,
+            f"-{self.quant_base}" if self.quant_base != "none" else "",
+        ]
+        return Technique(
+            f"recipe: {''.join(parts)}",
+            method,
+            self.quant_base,
+            self.rank,
+            self.targets,
+            self.upcycle,
+            self.relora_merge_every or 200,
+        )
 
 
 def read_recipe(path: str | Path) -> RecipeInputs:
@@ -125,25 +186,35 @@ def read_recipe(path: str | Path) -> RecipeInputs:
     up = moe.get("upcycle")
     checkpointing = train.get("activation_checkpointing", "auto")
     if checkpointing not in (True, False, "auto"):
-        raise UserError(f"{p}: train.activation_checkpointing must be auto, true or false, got {checkpointing!r}")
+        raise UserError(
+            f"{p}: train.activation_checkpointing must be auto, true or false, got {checkpointing!r}"
+        )
     base = str(d["base_model"])
     if not Path(base).expanduser().exists() and (p.parent / base).exists():
         base = str(p.parent / base)
     try:
         return RecipeInputs(
-            base_model=base, seq_len=int(data.get("max_seq_len", 512)), batch_size=int(train.get("batch_size", 8)),
-            grad_accum=int(train.get("grad_accum", 1)), steps=int(train.get("steps", 1000)),
-            rank=int(lora.get("rank", 16)), targets=tuple(lora.get("targets", ("attn", "mlp"))),
+            base_model=base,
+            seq_len=int(data.get("max_seq_len", 512)),
+            batch_size=int(train.get("batch_size", 8)),
+            grad_accum=int(train.get("grad_accum", 1)),
+            steps=int(train.get("steps", 1000)),
+            rank=int(lora.get("rank", 16)),
+            targets=tuple(lora.get("targets", ("attn", "mlp"))),
             quant_base=str(method.get("quant_base", "none")),
             relora_merge_every=int((relora or {}).get("merge_every", 200)) if relora is not None else None,
             upcycle=(int(up.get("experts", 8)), int(up.get("top_k", 2))) if up else None,
-            region=energy.get("region"), pue=energy.get("pue"), wue_onsite=energy.get("wue_onsite"),
-            activation_checkpointing=None if checkpointing == "auto" else checkpointing)
+            region=energy.get("region"),
+            pue=energy.get("pue"),
+            wue_onsite=energy.get("wue_onsite"),
+            activation_checkpointing=None if checkpointing == "auto" else checkpointing,
+        )
     except (TypeError, ValueError) as e:
         raise UserError(f"{p}: {e}") from None
 
 
 # ---------------------------------------------------------------- printing
+
 
 def _fmt_h(h: float) -> str:
     return f"{h * 60:.1f} min" if h < 1 else f"{h:,.1f} h"
@@ -170,29 +241,47 @@ def format_table(result) -> str:
     r = result
     f = r.facts
     moe = f", {f.experts} experts top-{f.top_k}, {f.active_params / 1e9:.2f} B active" if f.is_moe else ""
-    head = [f"plan: {r.model} ({f.model_type}, {f.total_params / 1e9:.2f} B parameters{moe})",
-            f"on {r.devices}× {r.hardware.name}; {r.workload.tokens:,} tokens"
-            + (f"; power cap {r.power_cap_w:,.0f} W" if r.power_cap_w else "")
-            + (f"; deadline {r.deadline_h:g} h" if r.deadline_h else ""), ""]
-    cols = (f"{'technique':<26}{'memory GB':>10}{'(ckpt)':>8}{'trainable':>11}{'GFLOP/tok':>10}{'time':>11}"
-            f"{'IT kWh':>9}{'fac kWh':>9}{'kgCO2e':>8}{'litres':>9}  fits")
+    head = [
+        f"plan: {r.model} ({f.model_type}, {f.total_params / 1e9:.2f} B parameters{moe})",
+        f"on {r.devices}× {r.hardware.name}; {r.workload.tokens:,} tokens"
+        + (f"; power cap {r.power_cap_w:,.0f} W" if r.power_cap_w else "")
+        + (f"; deadline {r.deadline_h:g} h" if r.deadline_h else ""),
+        "",
+    ]
+    cols = (
+        f"{'technique':<26}{'memory GB':>10}{'(ckpt)':>8}{'trainable':>11}{'GFLOP/tok':>10}{'time':>11}"
+        f"{'IT kWh':>9}{'fac kWh':>9}{'kgCO2e':>8}{'litres':>9}  fits"
+    )
     lines = head + [cols, "-" * len(cols)]
     for e in r.estimates:
         m = e.memory
         mark = "*" if e.technique.name == r.recommended else " "
         tr = e.trainable_params
         tr_s = f"{tr / 1e9:.2f}B" if tr >= 1e9 else f"{tr / 1e6:.1f}M"
-        cells = [(f"{m['total'] / GB:,.1f}", 10), (f"{m['total_checkpointed'] / GB:,.1f}", 8), (tr_s, 11),
-                 (f"{e.flops_per_token / 1e9:,.1f}", 10), (_fmt_h(e.hours), 11), (_num(e.it_kwh), 9),
-                 (_num(e.facility_kwh), 9), (_num(e.kg_co2e), 8), (_num(e.water_l), 9)]
-        lines.append(f"{mark}{e.technique.name:<25}" + "".join(_cell(text, width) for text, width in cells)
-                     + f"  {'yes' if e.fits else 'no: ' + '; '.join(e.reasons)}")
+        cells = [
+            (f"{m['total'] / GB:,.1f}", 10),
+            (f"{m['total_checkpointed'] / GB:,.1f}", 8),
+            (tr_s, 11),
+            (f"{e.flops_per_token / 1e9:,.1f}", 10),
+            (_fmt_h(e.hours), 11),
+            (_num(e.it_kwh), 9),
+            (_num(e.facility_kwh), 9),
+            (_num(e.kg_co2e), 8),
+            (_num(e.water_l), 9),
+        ]
+        lines.append(
+            f"{mark}{e.technique.name:<25}"
+            + "".join(_cell(text, width) for text, width in cells)
+            + f"  {'yes' if e.fits else 'no: ' + '; '.join(e.reasons)}"
+        )
     lines.append("")
     if r.recommended:
         e = r.get(r.recommended)
-        lines.append(f"recommended: {r.recommended} — {_fmt_h(e.hours)}, {_num(e.facility_kwh)} kWh, "
-                     f"{_num(e.kg_co2e)} kgCO2e, {_num(e.water_l)} L, {e.memory_bytes / GB:,.1f} GB"
-                     + (" with activation checkpointing" if e.checkpointing else ""))
+        lines.append(
+            f"recommended: {r.recommended} — {_fmt_h(e.hours)}, {_num(e.facility_kwh)} kWh, "
+            f"{_num(e.kg_co2e)} kgCO2e, {_num(e.water_l)} L, {e.memory_bytes / GB:,.1f} GB"
+            + (" with activation checkpointing" if e.checkpointing else "")
+        )
         for name, why in r.why_not.items():
             lines.append(f"  not {name}: {why}")
     else:
@@ -202,6 +291,7 @@ def format_table(result) -> str:
 
 
 # ---------------------------------------------------------------- the model
+
 
 def facts_for(spec: str):
     """(facts, label) as `catalogue.model_facts`, plus Hub ids: `ORG/NAME[@REVISION]` that is
@@ -219,6 +309,7 @@ def facts_for(spec: str):
 
 # ---------------------------------------------------------------- the command
 
+
 def run_plan(ns: argparse.Namespace) -> int:
     """Entry point for `greentune plan` (see module docstring)."""
     from greentune.plan.catalogue import list_models_table
@@ -230,15 +321,18 @@ def run_plan(ns: argparse.Namespace) -> int:
         return 0
     if ns.calibrate:
         from greentune.plan.calibrate import run_calibration, store_calibration
+
         hw = find_hardware(ns.hardware)
         if not hw.name.startswith("this"):
             raise UserError("--calibrate measures this machine; leave --hardware unset or use 'this'")
         cal = run_calibration(hw, seconds=ns.calibrate_seconds)
         path = store_calibration(cal)
-        if hw.catalogue_name:   # plans that name the catalogue row (--hardware H100) use it too
+        if hw.catalogue_name:  # plans that name the catalogue row (--hardware H100) use it too
             store_calibration(replace(cal, hardware_key=find_hardware(hw.catalogue_name).key))
-        print(f"calibrated {hw.name}: utilisation {cal.utilisation:.3f} of {cal.peak_flops / 1e12:.3g} TFLOP/s, "
-              f"{cal.tokens_per_second:,.0f} tokens/s, power {cal.power_w:.1f} W ({cal.power_source}); saved to {path}")
+        print(
+            f"calibrated {hw.name}: utilisation {cal.utilisation:.3f} of {cal.peak_flops / 1e12:.3g} TFLOP/s, "
+            f"{cal.tokens_per_second:,.0f} tokens/s, power {cal.power_w:.1f} W ({cal.power_source}); saved to {path}"
+        )
         return 0
     if ns.recipe and ns.model:
         raise UserError("give a recipe or --model, not both")
@@ -251,13 +345,26 @@ def run_plan(ns: argparse.Namespace) -> int:
         return cli if cli is not None else (getattr(rec, attr) if rec else default)
 
     result = plan(
-        facts, label, tokens=ns.tokens or (rec.tokens if rec else None), hardware=ns.hardware, gpus=ns.gpus,
-        power_cap_w=ns.power_cap_w, deadline_h=ns.deadline_h, seq_len=pick(ns.seq_len, "seq_len", 512),
-        micro_batch=pick(ns.batch_size, "batch_size", 8), grad_accum=rec.grad_accum if rec else 1,
-        region=pick(ns.region, "region", None), pue=pick(ns.pue, "pue", None), wue_onsite=pick(ns.wue, "wue_onsite", None),
-        rank=pick(ns.rank, "rank", 16), targets=rec.targets if rec else DEFAULT_TARGETS,
-        merge_every=(rec.relora_merge_every or 200) if rec else 200, extra=[rec.technique()] if rec else None,
-        memory_gb=ns.memory_gb, extra_checkpointing=rec.activation_checkpointing if rec else None)
+        facts,
+        label,
+        tokens=ns.tokens or (rec.tokens if rec else None),
+        hardware=ns.hardware,
+        gpus=ns.gpus,
+        power_cap_w=ns.power_cap_w,
+        deadline_h=ns.deadline_h,
+        seq_len=pick(ns.seq_len, "seq_len", 512),
+        micro_batch=pick(ns.batch_size, "batch_size", 8),
+        grad_accum=rec.grad_accum if rec else 1,
+        region=pick(ns.region, "region", None),
+        pue=pick(ns.pue, "pue", None),
+        wue_onsite=pick(ns.wue, "wue_onsite", None),
+        rank=pick(ns.rank, "rank", 16),
+        targets=rec.targets if rec else DEFAULT_TARGETS,
+        merge_every=(rec.relora_merge_every or 200) if rec else 200,
+        extra=[rec.technique()] if rec else None,
+        memory_gb=ns.memory_gb,
+        extra_checkpointing=rec.activation_checkpointing if rec else None,
+    )
     _print_plan(ns, rec, facts, result)
     if result.recommended is None:
         raise UserError(result.what_would_have_to_change())
@@ -281,14 +388,19 @@ def write_planned_recipe(ns: argparse.Namespace, result, model: str) -> None:
     elif is_hub_id(model) and find_model(model) is None:
         base = model
     else:
-        base = find_model(model).hf   # a catalogue name: its Hub id
+        base = find_model(model).hf  # a catalogue name: its Hub id
     estimate, note = recipe_technique(result)
-    command = "greentune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["plan"] \
+    command = (
+        "greentune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if sys.argv[1:2] == ["plan"]
         else "greentune plan"
+    )
     text = recipe_text(result, base, estimate, note, command, region=ns.region, pue=ns.pue, wue_onsite=ns.wue)
     path = write_recipe_file(ns.write_recipe, text)
-    print(f"wrote {path} ({estimate.technique.name}); fill in data.train, then: greentune train {path}",
-          file=sys.stderr if ns.json else sys.stdout)
+    print(
+        f"wrote {path} ({estimate.technique.name}); fill in data.train, then: greentune train {path}",
+        file=sys.stderr if ns.json else sys.stdout,
+    )
 
 
 def _print_plan(ns, rec, facts, result) -> None:
@@ -297,8 +409,13 @@ def _print_plan(ns, rec, facts, result) -> None:
 
     serving = serving_plan(facts, result.hardware, ns.recipe, rec.upcycle if rec else None)
     if ns.json:
-        print(json.dumps({**result.to_dict(), "serving": {k: v for k, v in serving.items() if k != "text"}},
-                         indent=2, default=str))
+        print(
+            json.dumps(
+                {**result.to_dict(), "serving": {k: v for k, v in serving.items() if k != "text"}},
+                indent=2,
+                default=str,
+            )
+        )
     else:
         print(format_table(result) + "\n\n" + serving["text"])
 

@@ -49,6 +49,7 @@ WUE_onsite + facility kWh × off-site L/kWh (Li et al., arXiv 2304.03271).
 Multi-GPU: FSDP-style sharding of weights and optimiser state over the devices;
 communication time is not modelled.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,10 +59,18 @@ from greentune.errors import UserError
 from greentune.models.facts import ArchFacts
 from greentune.plan.hardware import GB, Hardware
 
-BPW = {"bf16": 16.0, "fp16": 16.0, "fp32": 32.0, "none": None, "q8_0": 8.5, "q4_0": 4.5, "q4_k": 4.5,
-       "nf4": 4.127}
+BPW = {
+    "bf16": 16.0,
+    "fp16": 16.0,
+    "fp32": 32.0,
+    "none": None,
+    "q8_0": 8.5,
+    "q4_0": 4.5,
+    "q4_k": 4.5,
+    "nf4": 4.127,
+}
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-HEAD_BPW = {"q8_0": 8.5}   # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
+HEAD_BPW = {"q8_0": 8.5}  # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
 TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
@@ -91,7 +100,9 @@ class Technique:
         if self.method not in ("full", "lora", "relora"):
             raise UserError(f"unknown method {self.method!r}: full | lora | relora")
         if self.quant_base not in BPW:
-            raise UserError(f"unknown quant_base {self.quant_base!r}: {' | '.join(k for k in BPW if k != 'fp16')}")
+            raise UserError(
+                f"unknown quant_base {self.quant_base!r}: {' | '.join(k for k in BPW if k != 'fp16')}"
+            )
         if self.method == "full" and self.quant_base not in ("none", "bf16", "fp32"):
             raise UserError("full fine-tuning trains every weight; it cannot keep a quantised base")
         bad = [t for t in self.targets if t not in TARGET_KINDS]
@@ -149,9 +160,9 @@ class Estimate:
     devices: int
     total_params: int
     trainable_params: int
-    memory: dict                 # bytes per device by part; see module docstring
+    memory: dict  # bytes per device by part; see module docstring
     checkpointing: bool
-    memory_bytes: float          # per device, with the chosen checkpointing
+    memory_bytes: float  # per device, with the chosen checkpointing
     memory_available_bytes: float
     flops_per_token: float
     total_flops: float
@@ -159,13 +170,13 @@ class Estimate:
     compute_seconds: float
     dequant_seconds: float
     seconds: float
-    power_w: float               # average IT power while training
-    peak_power_w: float          # all boards at full power + host, for a power cap
+    power_w: float  # average IT power while training
+    peak_power_w: float  # all boards at full power + host, for a power cap
     it_kwh: float
     facility_kwh: float
     kg_co2e: float
     water_l: float
-    reasons: list[str] = field(default_factory=list)   # why it does not fit (empty: fits)
+    reasons: list[str] = field(default_factory=list)  # why it does not fit (empty: fits)
 
     @property
     def fits(self) -> bool:
@@ -190,10 +201,11 @@ class Estimate:
 
 # ---------------------------------------------------------------- pieces
 
+
 def _target_kinds(t: Technique) -> set[str]:
     kinds = {k for name in t.targets for k in TARGET_KINDS[name]}
     if t.upcycle:
-        kinds.add("experts")   # identical expert copies only diverge through their adapters
+        kinds.add("experts")  # identical expert copies only diverge through their adapters
     return kinds
 
 
@@ -222,8 +234,12 @@ def activation_elements(facts: ArchFacts) -> tuple[float, float]:
     attn = (facts.heads + kv) * facts.head_dim + (kv + facts.heads) * facts.v_head_dim
     base = 4 * facts.hidden + attn
     dense = base + 4 * facts.intermediate
-    moe = (base + facts.top_k * (facts.hidden + 4 * facts.moe_intermediate) + facts.experts
-           + 4 * facts.shared_intermediate)
+    moe = (
+        base
+        + facts.top_k * (facts.hidden + 4 * facts.moe_intermediate)
+        + facts.experts
+        + 4 * facts.shared_intermediate
+    )
     n_moe = facts.moe_layers
     total = (facts.layers - n_moe) * dense + n_moe * moe + facts.hidden
     largest = max(dense if facts.layers > n_moe else 0, moe if n_moe else 0)
@@ -234,7 +250,7 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
     """Bytes per device by part, and the totals with and without activation checkpointing."""
     b = DTYPE_BYTES[hw.compute_dtype]
     matmul = sum(g.params for g in facts.linears if g.kind not in ("head",))
-    rest = facts.total_params - matmul               # embeddings, head, norms, biases
+    rest = facts.total_params - matmul  # embeddings, head, norms, biases
     if t.method == "full":
         master = 4 if b == 2 else 0
         weights = facts.total_params * b
@@ -244,7 +260,7 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
     else:
         bpw = BPW[t.quant_base] or 8 * b
         weights = matmul * bpw / 8 + rest * b
-        if BPW[t.quant_base] is not None:   # embedding and head quantised too (as Q4_K_M)
+        if BPW[t.quant_base] is not None:  # embedding and head quantised too (as Q4_K_M)
             vh = facts.vocab * facts.hidden
             head_bpw = HEAD_BPW.get(t.quant_base, 6.5625)
             table = vh * head_bpw / 8 if facts.tied_embeddings else vh * (bpw + head_bpw) / 8
@@ -260,17 +276,29 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
     act_ckpt = toks * (facts.layers * facts.hidden + largest) * b + logits
     transient = 0.0
     if t.method != "full" and BPW[t.quant_base] is not None:
-        per_tensor = [g.d_in * g.d_out * (2 * g.count // max(1, facts.moe_layers) if g.kind == "experts" else 1)
-                      for g in facts.linears if g.kind not in ("head",)]
+        per_tensor = [
+            g.d_in * g.d_out * (2 * g.count // max(1, facts.moe_layers) if g.kind == "experts" else 1)
+            for g in facts.linears
+            if g.kind not in ("head",)
+        ]
         transient = max(per_tensor, default=0) * b
     states = (weights + trainable + grads + optim) / shard
     sub = states + transient
     total = OVERHEAD_BYTES + (sub + act) * (1 + FRAGMENTATION)
     total_ckpt = OVERHEAD_BYTES + (sub + act_ckpt) * (1 + FRAGMENTATION)
-    return {"weights": weights / shard, "trainable": trainable / shard, "grads": grads / shard,
-            "optimizer": optim / shard, "activations": act, "activations_checkpointed": act_ckpt,
-            "logits": logits, "dequant_transient": transient, "overhead": OVERHEAD_BYTES,
-            "total": total, "total_checkpointed": total_ckpt}
+    return {
+        "weights": weights / shard,
+        "trainable": trainable / shard,
+        "grads": grads / shard,
+        "optimizer": optim / shard,
+        "activations": act,
+        "activations_checkpointed": act_ckpt,
+        "logits": logits,
+        "dequant_transient": transient,
+        "overhead": OVERHEAD_BYTES,
+        "total": total,
+        "total_checkpointed": total_ckpt,
+    }
 
 
 def choose_checkpointing(mem: dict, available_bytes: float, setting: bool | None = None) -> bool:
@@ -293,7 +321,7 @@ def flops_per_token(facts: ArchFacts, t: Technique, seq_len: int, checkpointing:
         _, p_a, _ = lora_params(facts, t)
         f = 4.0 * n + 3.0 * a + 6.0 * p_a
         if t.upcycle:
-            f += 2.0 * router_params(facts)    # the new router is trained: its weight-gradient
+            f += 2.0 * router_params(facts)  # the new router is trained: its weight-gradient
     if checkpointing:
         f += 2.0 * (n - facts.vocab * facts.hidden) + a + 2.0 * p_a
     return f
@@ -312,7 +340,7 @@ def dequant_weights(facts: ArchFacts, t: Technique, w: Workload, checkpointing: 
     (+ per ReLoRA merge: each adapted weight dequantised and re-quantised, counted twice)."""
     if t.method == "full" or BPW[t.quant_base] is None:
         return 0.0
-    n_q = sum(g.params for g in facts.linears)   # the (quantised) head included
+    n_q = sum(g.params for g in facts.linears)  # the (quantised) head included
     passes = 3 if checkpointing else 2
     total = w.micro_steps * passes * n_q
     if t.method == "relora":
@@ -326,11 +354,19 @@ def dequant_bytes(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, che
     packed bits and writes (then reads) one compute-dtype value: bpw/8 + 2·b bytes."""
     if t.method == "full" or BPW[t.quant_base] is None:
         return 0.0
-    return dequant_weights(facts, t, w, checkpointing) * (BPW[t.quant_base] / 8 + 2 * DTYPE_BYTES[hw.compute_dtype])
+    return dequant_weights(facts, t, w, checkpointing) * (
+        BPW[t.quant_base] / 8 + 2 * DTYPE_BYTES[hw.compute_dtype]
+    )
 
 
-def dequant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, checkpointing: bool,
-                    s_per_weight: dict[str, float] | None = None) -> float:
+def dequant_seconds(
+    facts: ArchFacts,
+    t: Technique,
+    w: Workload,
+    hw: Hardware,
+    checkpointing: bool,
+    s_per_weight: dict[str, float] | None = None,
+) -> float:
     """Time spent dequantising: the measured seconds per weight of this format when the
     calibration timed it, else the memory traffic at the hardware's bandwidth."""
     rate = (s_per_weight or {}).get(t.quant_base)
@@ -339,11 +375,20 @@ def dequant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, c
     return dequant_bytes(facts, t, w, hw, checkpointing) / (hw.bandwidth_gbs * GB)
 
 
-def estimate(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, site: Site, devices: int = 1,
-             utilisation: float | None = None, measured_power_w: float | None = None,
-             power_cap_w: float | None = None, deadline_h: float | None = None,
-             dequant_s_per_weight: dict[str, float] | None = None,
-             checkpointing: bool | None = None) -> Estimate:
+def estimate(
+    facts: ArchFacts,
+    t: Technique,
+    w: Workload,
+    hw: Hardware,
+    site: Site,
+    devices: int = 1,
+    utilisation: float | None = None,
+    measured_power_w: float | None = None,
+    power_cap_w: float | None = None,
+    deadline_h: float | None = None,
+    dequant_s_per_weight: dict[str, float] | None = None,
+    checkpointing: bool | None = None,
+) -> Estimate:
     """Predict one technique's cost on `devices` × `hw`, and whether it fits.
 
     checkpointing: True / False as a recipe's `train.activation_checkpointing` says; None
@@ -387,8 +432,25 @@ def estimate(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, site: Si
         h = seconds / 3600
         reasons.append(f"time {h:,.{1 if h - deadline_h > 0.05 else 3}f} h > deadline {deadline_h:g} h")
     return Estimate(
-        technique=t, devices=devices, total_params=facts.total_params, trainable_params=trainable_params(facts, t),
-        memory=mem, checkpointing=ckpt, memory_bytes=need, memory_available_bytes=available,
-        flops_per_token=fpt, total_flops=total_flops, utilisation=u, compute_seconds=compute_s,
-        dequant_seconds=dq_s, seconds=seconds, power_w=power, peak_power_w=peak_power, it_kwh=it_kwh,
-        facility_kwh=facility, kg_co2e=kg, water_l=water, reasons=reasons)
+        technique=t,
+        devices=devices,
+        total_params=facts.total_params,
+        trainable_params=trainable_params(facts, t),
+        memory=mem,
+        checkpointing=ckpt,
+        memory_bytes=need,
+        memory_available_bytes=available,
+        flops_per_token=fpt,
+        total_flops=total_flops,
+        utilisation=u,
+        compute_seconds=compute_s,
+        dequant_seconds=dq_s,
+        seconds=seconds,
+        power_w=power,
+        peak_power_w=peak_power,
+        it_kwh=it_kwh,
+        facility_kwh=facility,
+        kg_co2e=kg,
+        water_l=water,
+        reasons=reasons,
+    )

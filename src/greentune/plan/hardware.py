@@ -6,12 +6,13 @@ machine: NVIDIA GPUs through NVML (nvidia-ml-py) when present, matched to a cata
 by name, else the CPU from psutil with a theoretical fp32 peak of
 cores × clock × FLOPs/cycle (32 with AVX2+FMA, 64 with AVX-512, 16 otherwise).
 """
+
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import yaml
@@ -51,7 +52,7 @@ class Hardware:
     source: str
     aliases: tuple[str, ...] = field(default=(), repr=False)
     note: str = ""
-    catalogue_name: str = ""     # for `this`: the catalogue row it was matched to, if any
+    catalogue_name: str = ""  # for `this`: the catalogue row it was matched to, if any
 
     @property
     def key(self) -> str:
@@ -84,17 +85,28 @@ def _norm(s: str) -> str:
     return re.sub(r"[\s_\-]+", "", str(s).lower())
 
 
-@lru_cache(maxsize=None)
+@cache
 def catalogue() -> tuple[Hardware, ...]:
     """All rows of `data_files/hardware.yaml`."""
     text = resources.files("greentune").joinpath("data_files/hardware.yaml").read_text(encoding="utf-8")
     rows = []
     for r in yaml.safe_load(text):
-        rows.append(Hardware(
-            name=r["name"], kind=r["kind"], memory_gb=float(r["memory_gb"]), bandwidth_gbs=float(r["bandwidth_gbs"]),
-            bf16_tflops=float(r["bf16_tflops"]), fp32_tflops=float(r["fp32_tflops"]), power_w=float(r["power_w"]),
-            host_w=float(r["host_w"]), site=r["site"], source=r["source"],
-            aliases=tuple(str(a) for a in r.get("aliases", [])), note=str(r.get("note", ""))))
+        rows.append(
+            Hardware(
+                name=r["name"],
+                kind=r["kind"],
+                memory_gb=float(r["memory_gb"]),
+                bandwidth_gbs=float(r["bandwidth_gbs"]),
+                bf16_tflops=float(r["bf16_tflops"]),
+                fp32_tflops=float(r["fp32_tflops"]),
+                power_w=float(r["power_w"]),
+                host_w=float(r["host_w"]),
+                site=r["site"],
+                source=r["source"],
+                aliases=tuple(str(a) for a in r.get("aliases", [])),
+                note=str(r.get("note", "")),
+            )
+        )
     return tuple(rows)
 
 
@@ -126,6 +138,7 @@ def find_hardware(name: str) -> Hardware:
 
 # ---------------------------------------------------------------- this machine
 
+
 def _cpu_flops_per_cycle() -> int:
     try:
         flags = open("/proc/cpuinfo").read()
@@ -141,9 +154,11 @@ def _cpu_flops_per_cycle() -> int:
 def _cpu_model() -> str:
     try:
         from greentune.energy.hardware import cpu_model
+
         return cpu_model()
     except Exception:  # noqa: BLE001 — the energy package is optional here
         import platform
+
         return platform.processor() or platform.machine()
 
 
@@ -151,6 +166,7 @@ def _cpu_watts(threads: int) -> tuple[float, str]:
     """Package power for `threads` busy threads: the energy estimate's W per thread."""
     try:
         from greentune.energy.estimate import cpu_power
+
         p = cpu_power()
         return p.w_per_thread * threads, p.basis
     except Exception:  # noqa: BLE001
@@ -160,6 +176,7 @@ def _cpu_watts(threads: int) -> tuple[float, str]:
 def _nvidia_gpus(pynvml=None) -> list[tuple[str, float]]:
     """(name, memory GB) of each NVIDIA GPU NVML sees; [] without NVML."""
     from greentune.energy.hardware import nvidia_gpus
+
     return nvidia_gpus(pynvml)
 
 
@@ -169,8 +186,10 @@ def _match_gpu(nvml_name: str, memory_gb: float) -> Hardware | None:
     hits = [h for h in catalogue() if h.kind == "gpu" and any(_norm(a) in n for a in h.aliases)]
     if not hits:
         return None
-    best = max(hits, key=lambda h: (max(len(_norm(a)) for a in h.aliases if _norm(a) in n),
-                                    -abs(h.memory_gb - memory_gb)))
+    best = max(
+        hits,
+        key=lambda h: (max(len(_norm(a)) for a in h.aliases if _norm(a) in n), -abs(h.memory_gb - memory_gb)),
+    )
     return replace(best, memory_gb=round(memory_gb, 1))
 
 
@@ -183,13 +202,18 @@ def detect_this(pynvml=None) -> Hardware:
         name, mem = gpus[0]
         row = _match_gpu(name, mem)
         if row is not None:
-            return replace(row, name=f"this: {name}", source=f"NVML name {name!r} matched to {row.name}",
-                           catalogue_name=row.name)
+            return replace(
+                row,
+                name=f"this: {name}",
+                source=f"NVML name {name!r} matched to {row.name}",
+                catalogue_name=row.name,
+            )
         log.warning("GPU %r is not in the hardware catalogue; planning on the CPU", name)
     cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
     threads = psutil.cpu_count() or cores
     try:
         import os
+
         threads = len(os.sched_getaffinity(0))
         cores = min(cores, threads)
     except AttributeError:
@@ -202,11 +226,21 @@ def detect_this(pynvml=None) -> Hardware:
     mem = psutil.virtual_memory().total / GB
     model = _cpu_model()
     return Hardware(
-        name=f"this: {model} ({cores} cores)", kind="cpu", memory_gb=round(mem, 1), bandwidth_gbs=20.0 * cores,
-        bf16_tflops=tflops, fp32_tflops=tflops, power_w=watts, host_w=0.375 * mem,
-        site="desk", source=(f"psutil: {cores} cores × {ghz:.2f} GHz × {fpc} FLOPs/cycle; power {basis}; "
-                             f"rest: 0.375 W/GB of RAM; bandwidth 20 GB/s per core (assumed)"),
-        aliases=("this",))
+        name=f"this: {model} ({cores} cores)",
+        kind="cpu",
+        memory_gb=round(mem, 1),
+        bandwidth_gbs=20.0 * cores,
+        bf16_tflops=tflops,
+        fp32_tflops=tflops,
+        power_w=watts,
+        host_w=0.375 * mem,
+        site="desk",
+        source=(
+            f"psutil: {cores} cores × {ghz:.2f} GHz × {fpc} FLOPs/cycle; power {basis}; "
+            f"rest: 0.375 W/GB of RAM; bandwidth 20 GB/s per core (assumed)"
+        ),
+        aliases=("this",),
+    )
 
 
 #: Caps the memory a run may plan with, in GB (1e9 bytes, the planner's GB), on any device: for a
@@ -242,7 +276,7 @@ def run_memory_bytes(device="cpu") -> tuple[float, str]:
 
 
 def device_type(device) -> str:
-    """"cpu", "cuda", "mps", … of a torch device or its name."""
+    """ "cpu", "cuda", "mps", … of a torch device or its name."""
     return getattr(device, "type", str(device).split(":")[0])
 
 

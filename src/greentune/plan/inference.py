@@ -23,6 +23,7 @@ The model (every number it gives is *modelled*, not measured):
 mix is exact); `profile_from_facts` uses nominal bits per weight of a preset, for a plan
 made before anything is exported. The KV cache is f16 (llama.cpp's default).
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,13 @@ PROMPT_UTILISATION = 0.5
 #: Bits per weight of each preset (most tensors) and of its output head, for plans without a file:
 #: Q8_0 = 34 bytes / 32 weights, Q4_0 = 18 / 32, Q4_K = 144 / 256 (4.5), Q6_K = 210 / 256;
 #: Q4_K_M ≈ 4.85 overall (Q6_K for about half the attn_v / ffn_down tensors).
-NOMINAL_BITS = {"f32": (32.0, 32.0), "f16": (16.0, 16.0), "q8_0": (8.5, 8.5), "q4_0": (4.5, 6.5625),
-                "q4_k_m": (4.85, 6.5625)}
+NOMINAL_BITS = {
+    "f32": (32.0, 32.0),
+    "f16": (16.0, 16.0),
+    "q8_0": (8.5, 8.5),
+    "q4_0": (4.5, 6.5625),
+    "q4_k_m": (4.85, 6.5625),
+}
 KV_BYTES = 2  # f16 K and V
 #: The laptop a client serves on, in the reference case (the report's "cost to serve").
 TARGET_LAPTOP = "Apple M2"
@@ -84,7 +90,7 @@ class Projection:
     prompt_j_per_token: float
     power_w: float
     bandwidth_gbs: float
-    decode_bound: str       # "memory" | "compute"
+    decode_bound: str  # "memory" | "compute"
     fits: bool
     basis: str = "modelled"
 
@@ -135,11 +141,16 @@ def profile_from_gguf(path: str | Path) -> InferenceProfile:
         if len(t.shape) >= 2:  # matrices (and stacked experts, router included); not norms or biases
             matmul += n * frac
     from greentune.export.llamacpp import gguf_preset
+
     return InferenceProfile(
-        name=path.name, format=gguf_preset(path), weight_bytes_per_token=weight_bytes,
+        name=path.name,
+        format=gguf_preset(path),
+        weight_bytes_per_token=weight_bytes,
         kv_bytes_per_context_token=float(KV_BYTES * layers * kv_heads * (d_k + d_v)),
-        matmul_params=matmul, attn_flops_per_context_token=float(2 * layers * heads * (d_k + d_v)),
-        file_bytes=float(path.stat().st_size))
+        matmul_params=matmul,
+        attn_flops_per_context_token=float(2 * layers * heads * (d_k + d_v)),
+        file_bytes=float(path.stat().st_size),
+    )
 
 
 def profile_from_facts(facts, quant: str = "q4_k_m", name: str = "model") -> InferenceProfile:
@@ -151,23 +162,39 @@ def profile_from_facts(facts, quant: str = "q4_k_m", name: str = "model") -> Inf
     head = vh  # the output head (the embedding itself when tied) is read in full
     body_active = facts.active_params - (vh if facts.tied_embeddings else 2 * vh)
     body_total = facts.total_params - (vh if facts.tied_embeddings else 2 * vh)
-    weight_bytes = body_active * bits / 8 + head * head_bits / 8 + (0 if facts.tied_embeddings else facts.hidden * bits / 8)
-    file_bytes = body_total * bits / 8 + head * head_bits / 8 + (0 if facts.tied_embeddings else vh * bits / 8)
+    weight_bytes = (
+        body_active * bits / 8
+        + head * head_bits / 8
+        + (0 if facts.tied_embeddings else facts.hidden * bits / 8)
+    )
+    file_bytes = (
+        body_total * bits / 8 + head * head_bits / 8 + (0 if facts.tied_embeddings else vh * bits / 8)
+    )
     return InferenceProfile(
-        name=name, format=quant, weight_bytes_per_token=float(weight_bytes),
-        kv_bytes_per_context_token=float(KV_BYTES * facts.layers * facts.kv_heads * (facts.head_dim + facts.v_head_dim)),
+        name=name,
+        format=quant,
+        weight_bytes_per_token=float(weight_bytes),
+        kv_bytes_per_context_token=float(
+            KV_BYTES * facts.layers * facts.kv_heads * (facts.head_dim + facts.v_head_dim)
+        ),
         matmul_params=float(facts.active_matmul_params),
-        attn_flops_per_context_token=float(2 * facts.layers * facts.heads * (facts.head_dim + facts.v_head_dim)),
-        file_bytes=float(file_bytes))
+        attn_flops_per_context_token=float(
+            2 * facts.layers * facts.heads * (facts.head_dim + facts.v_head_dim)
+        ),
+        file_bytes=float(file_bytes),
+    )
 
 
 def decode_bytes_per_token(profile: InferenceProfile, prompt_tokens: int, gen_tokens: int) -> float:
     """Bytes one decoded token reads: active weights + KV cache at the mean context (prompt + gen/2)."""
-    return profile.weight_bytes_per_token + profile.kv_bytes_per_context_token * (prompt_tokens + gen_tokens / 2.0)
+    return profile.weight_bytes_per_token + profile.kv_bytes_per_context_token * (
+        prompt_tokens + gen_tokens / 2.0
+    )
 
 
-def effective_bandwidth_gbs(profile: InferenceProfile, decode_tokens_per_s: float, prompt_tokens: int,
-                            gen_tokens: int) -> float:
+def effective_bandwidth_gbs(
+    profile: InferenceProfile, decode_tokens_per_s: float, prompt_tokens: int, gen_tokens: int
+) -> float:
     """The weight-streaming rate a measured decode implies, GB/s: the inverse of `project`'s memory term.
 
     Measured on one model of a format on one machine, it calibrates the projection of other
@@ -180,13 +207,22 @@ def device_power_w(hw: Hardware, threads: int | None = None) -> float:
     """Power while serving: GPU board + host, Apple whole machine, CPU package power of `threads` threads."""
     if hw.kind == "cpu" and threads is not None and hw.name.startswith("this"):
         from greentune.plan.hardware import _cpu_watts
+
         return _cpu_watts(int(threads))[0]
     return hw.power_w + hw.host_w
 
 
-def project(profile: InferenceProfile, hw: Hardware, prompt_tokens: int = 256, gen_tokens: int = 128, *,
-            bandwidth_gbs: float | None = None, power_w: float | None = None,
-            prompt_utilisation: float = PROMPT_UTILISATION, peak_flops: float | None = None) -> Projection:
+def project(
+    profile: InferenceProfile,
+    hw: Hardware,
+    prompt_tokens: int = 256,
+    gen_tokens: int = 128,
+    *,
+    bandwidth_gbs: float | None = None,
+    power_w: float | None = None,
+    prompt_utilisation: float = PROMPT_UTILISATION,
+    peak_flops: float | None = None,
+) -> Projection:
     """Modelled decode and prompt-processing speed and energy of `profile` on `hw` (module docstring).
 
     `bandwidth_gbs`, `power_w`, `peak_flops` replace the catalogue's figures (e.g. measured ones)."""
@@ -196,21 +232,34 @@ def project(profile: InferenceProfile, hw: Hardware, prompt_tokens: int = 256, g
     peak = float(peak_flops if peak_flops is not None else hw.peak_flops)
     power = float(power_w if power_w is not None else device_power_w(hw))
     ctx = prompt_tokens + gen_tokens / 2.0
-    t_mem, t_flop = decode_bytes_per_token(profile, prompt_tokens, gen_tokens) / bw, profile.flops_per_token(ctx) / peak
+    t_mem, t_flop = (
+        decode_bytes_per_token(profile, prompt_tokens, gen_tokens) / bw,
+        profile.flops_per_token(ctx) / peak,
+    )
     t_decode = max(t_mem, t_flop)
-    t_prompt = max(prompt_tokens * profile.flops_per_token((prompt_tokens + 1) / 2.0) / (peak * prompt_utilisation),
-                   profile.weight_bytes_per_token / bw)
+    t_prompt = max(
+        prompt_tokens * profile.flops_per_token((prompt_tokens + 1) / 2.0) / (peak * prompt_utilisation),
+        profile.weight_bytes_per_token / bw,
+    )
     pp_tps = prompt_tokens / t_prompt
     return Projection(
-        device=hw.name, format=profile.format, decode_tokens_per_s=1.0 / t_decode, decode_j_per_token=power * t_decode,
-        prompt_tokens_per_s=pp_tps, prompt_j_per_token=power / pp_tps, power_w=power, bandwidth_gbs=bw / 1e9,
+        device=hw.name,
+        format=profile.format,
+        decode_tokens_per_s=1.0 / t_decode,
+        decode_j_per_token=power * t_decode,
+        prompt_tokens_per_s=pp_tps,
+        prompt_j_per_token=power / pp_tps,
+        power_w=power,
+        bandwidth_gbs=bw / 1e9,
         decode_bound="memory" if t_mem >= t_flop else "compute",
-        fits=profile.file_bytes <= hw.memory_gb * 1e9 * hw.usable_fraction)
+        fits=profile.file_bytes <= hw.memory_gb * 1e9 * hw.usable_fraction,
+    )
 
 
 def serving_devices(training: Hardware | None = None) -> list[Hardware]:
     """Apple M2 / M3 / M4 and, when given, the training device."""
     from greentune.plan.hardware import find_hardware
+
     out = [find_hardware(n) for n in SERVING_DEVICES]
     if training is not None and training.name not in SERVING_DEVICES:
         out.append(training)
@@ -246,6 +295,7 @@ def measure_bandwidth(threads: int = 1, megabytes: int = 512, repeats: int = 5, 
 def export_quant_of(recipe_path: str | Path | None) -> str:
     """The first GGUF preset a recipe exports (`export:` entries), else q4_k_m (the default export)."""
     import yaml
+
     if recipe_path:
         try:
             raw = yaml.safe_load(Path(recipe_path).read_text()) or {}
@@ -257,20 +307,32 @@ def export_quant_of(recipe_path: str | Path | None) -> str:
     return "q4_k_m"
 
 
-def format_serving(profile: InferenceProfile, projections: list[Projection], prompt_tokens: int, gen_tokens: int) -> str:
+def format_serving(
+    profile: InferenceProfile, projections: list[Projection], prompt_tokens: int, gen_tokens: int
+) -> str:
     """The short table `greentune plan` prints after the training plan."""
-    lines = [f"serving the exported model ({profile.format}, {profile.file_bytes / 1e9:.2f} GB; modelled: decode = "
-             f"active weight bytes ÷ bandwidth, prompt = FLOPs ÷ ({PROMPT_UTILISATION:g} × peak); "
-             f"{prompt_tokens}-token prompt, {gen_tokens} generated):",
-             f"  {'device':<28}{'decode tok/s':>13}{'J/token':>10}{'prompt tok/s':>14}{'J/1k gen':>10}  fits"]
+    lines = [
+        f"serving the exported model ({profile.format}, {profile.file_bytes / 1e9:.2f} GB; modelled: decode = "
+        f"active weight bytes ÷ bandwidth, prompt = FLOPs ÷ ({PROMPT_UTILISATION:g} × peak); "
+        f"{prompt_tokens}-token prompt, {gen_tokens} generated):",
+        f"  {'device':<28}{'decode tok/s':>13}{'J/token':>10}{'prompt tok/s':>14}{'J/1k gen':>10}  fits",
+    ]
     for p in projections:
-        lines.append(f"  {p.device:<28}{p.decode_tokens_per_s:>13,.1f}{p.decode_j_per_token:>10.3g}"
-                     f"{p.prompt_tokens_per_s:>14,.0f}{p.j_per_1k_generated:>10.3g}  {'yes' if p.fits else 'no'}")
+        lines.append(
+            f"  {p.device:<28}{p.decode_tokens_per_s:>13,.1f}{p.decode_j_per_token:>10.3g}"
+            f"{p.prompt_tokens_per_s:>14,.0f}{p.j_per_1k_generated:>10.3g}  {'yes' if p.fits else 'no'}"
+        )
     return "\n".join(lines)
 
 
-def serving_plan(facts, training: Hardware | None, recipe_path: str | Path | None = None,
-                 upcycle: tuple[int, int] | None = None, prompt_tokens: int = 256, gen_tokens: int = 128) -> dict:
+def serving_plan(
+    facts,
+    training: Hardware | None,
+    recipe_path: str | Path | None = None,
+    upcycle: tuple[int, int] | None = None,
+    prompt_tokens: int = 256,
+    gen_tokens: int = 128,
+) -> dict:
     """What `greentune plan` adds beside training: the served model's modelled cost per device.
 
     The served model is the base (upcycled if the recipe upcycles it) in the recipe's first
@@ -282,19 +344,28 @@ def serving_plan(facts, training: Hardware | None, recipe_path: str | Path | Non
     prof = profile_from_facts(facts, export_quant_of(recipe_path))
     projections, calibrated = [], []
     for hw in serving_devices(training):
-        rate = load_streaming_rate(hw, prof.format)   # a measured llama.cpp decode here, if any
-        projections.append(project(prof, hw, prompt_tokens, gen_tokens, bandwidth_gbs=rate["gbs"] if rate else None))
+        rate = load_streaming_rate(hw, prof.format)  # a measured llama.cpp decode here, if any
+        projections.append(
+            project(prof, hw, prompt_tokens, gen_tokens, bandwidth_gbs=rate["gbs"] if rate else None)
+        )
         if rate:
-            calibrated.append(f"{hw.name}: {rate['gbs']:.1f} GB/s measured by llama.cpp at {rate['threads']} thread(s)")
+            calibrated.append(
+                f"{hw.name}: {rate['gbs']:.1f} GB/s measured by llama.cpp at {rate['threads']} thread(s)"
+            )
     text = format_serving(prof, projections, prompt_tokens, gen_tokens)
     if calibrated:
         text += "\n  streaming rate calibrated (greentune eval --engine llamacpp): " + "; ".join(calibrated)
-    return {"profile": asdict(prof), "projections": [p.to_dict() for p in projections],
-            "calibrated": calibrated, "text": text}
+    return {
+        "profile": asdict(prof),
+        "projections": [p.to_dict() for p in projections],
+        "calibrated": calibrated,
+        "text": text,
+    }
 
 
-def projections_for_file(path: str | Path, threads: int, prompt_tokens: int, gen_tokens: int,
-                         bandwidth_gbs: float | None = None) -> dict:
+def projections_for_file(
+    path: str | Path, threads: int, prompt_tokens: int, gen_tokens: int, bandwidth_gbs: float | None = None
+) -> dict:
     """The modelled serving cost of a GGUF file here and on the target laptop (what `greentune eval
     --engine llamacpp` prints beside its measurement).
 
@@ -308,9 +379,19 @@ def projections_for_file(path: str | Path, threads: int, prompt_tokens: int, gen
     this = detect_this()
     peak = None
     if this.kind == "cpu":
-        cores = max(1, min(os.cpu_count() or 1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+        cores = max(
+            1,
+            min(os.cpu_count() or 1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1),
+        )
         peak = this.peak_flops * min(int(threads), cores) / cores
-    here = project(prof, this, prompt_tokens, gen_tokens, bandwidth_gbs=bandwidth_gbs,
-                   power_w=device_power_w(this, threads), peak_flops=peak)
+    here = project(
+        prof,
+        this,
+        prompt_tokens,
+        gen_tokens,
+        bandwidth_gbs=bandwidth_gbs,
+        power_w=device_power_w(this, threads),
+        peak_flops=peak,
+    )
     laptop = project(prof, find_hardware(TARGET_LAPTOP), prompt_tokens, gen_tokens)
     return {"this": here.to_dict(), TARGET_LAPTOP: laptop.to_dict()}

@@ -14,6 +14,7 @@ Candidates (a dense base also gets sparse upcycling to 8 experts, top-2):
 ties go to the faster. Candidates differ in quality as well as cost (full > ReLoRA > LoRA
 ≳ QLoRA at equal tokens, in the published comparisons); the plan does not model quality.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,16 @@ from pathlib import Path
 from greentune.errors import UserError
 from greentune.models.facts import ArchFacts
 from greentune.plan.calibrate import load_calibration, utilisation_for
-from greentune.plan.cost import (BPW, DEFAULT_LOAD, DEFAULT_UTILISATION, Estimate, Site, Technique, Workload,
-                                 estimate)
+from greentune.plan.cost import (
+    BPW,
+    DEFAULT_LOAD,
+    DEFAULT_UTILISATION,
+    Estimate,
+    Site,
+    Technique,
+    Workload,
+    estimate,
+)
 from greentune.plan.hardware import GB, Hardware, find_hardware
 
 log = logging.getLogger(__name__)
@@ -35,21 +44,30 @@ DEFAULT_TARGETS = ("attn", "mlp", "experts")
 UPCYCLE = (8, 2)
 
 
-def candidates(facts: ArchFacts, rank: int = 16, targets: tuple[str, ...] = DEFAULT_TARGETS,
-               merge_every: int = 200) -> list[Technique]:
+def candidates(
+    facts: ArchFacts, rank: int = 16, targets: tuple[str, ...] = DEFAULT_TARGETS, merge_every: int = 200
+) -> list[Technique]:
     """The techniques worth comparing for `facts` (see module docstring)."""
     kw = dict(rank=rank, targets=tuple(targets), merge_every=merge_every)
-    out = [Technique("full", "full", **kw), Technique("lora", "lora", **kw),
-           Technique("qlora-nf4", "lora", "nf4", **kw), Technique("qlora-q4_k", "lora", "q4_k", **kw),
-           Technique("relora", "relora", **kw), Technique("relora-q4_k", "relora", "q4_k", **kw)]
+    out = [
+        Technique("full", "full", **kw),
+        Technique("lora", "lora", **kw),
+        Technique("qlora-nf4", "lora", "nf4", **kw),
+        Technique("qlora-q4_k", "lora", "q4_k", **kw),
+        Technique("relora", "relora", **kw),
+        Technique("relora-q4_k", "relora", "q4_k", **kw),
+    ]
     if not facts.is_moe:
-        out += [Technique("upcycle-qlora-q4_k", "lora", "q4_k", upcycle=UPCYCLE, **kw),
-                Technique("upcycle-relora-q4_k", "relora", "q4_k", upcycle=UPCYCLE, **kw)]
+        out += [
+            Technique("upcycle-qlora-q4_k", "lora", "q4_k", upcycle=UPCYCLE, **kw),
+            Technique("upcycle-relora-q4_k", "relora", "q4_k", upcycle=UPCYCLE, **kw),
+        ]
     return out
 
 
-def site_factors(hw: Hardware, region: str | None = None, pue: float | None = None,
-                 wue_onsite: float | None = None) -> Site:
+def site_factors(
+    hw: Hardware, region: str | None = None, pue: float | None = None, wue_onsite: float | None = None
+) -> Site:
     """Carbon/water factors for `region` from greentune.energy.factors; a desk machine
     defaults to PUE 1.0 and no on-site water, a data centre to the industry averages."""
     desk = hw.site == "desk"
@@ -58,11 +76,21 @@ def site_factors(hw: Hardware, region: str | None = None, pue: float | None = No
     try:
         from greentune.energy.factors import Factors
     except ImportError:  # the energy package is absent: plain, labelled world-average numbers
-        return Site((region or "WORLD").upper(), 481.0, 0.82, pue_eff if pue_eff is not None else 1.58,
-                    wue_eff if wue_eff is not None else 1.8,
-                    {"all": "built-in fallback (greentune.energy.factors unavailable)"})
+        return Site(
+            (region or "WORLD").upper(),
+            481.0,
+            0.82,
+            pue_eff if pue_eff is not None else 1.58,
+            wue_eff if wue_eff is not None else 1.8,
+            {"all": "built-in fallback (greentune.energy.factors unavailable)"},
+        )
     f = Factors.for_region(region, pue=pue_eff, wue_onsite=wue_eff)
-    src = {"grid": f.grid_source, "offsite_water": f.offsite_source, "pue": f.pue_source, "wue_onsite": f.wue_source}
+    src = {
+        "grid": f.grid_source,
+        "offsite_water": f.offsite_source,
+        "pue": f.pue_source,
+        "wue_onsite": f.wue_source,
+    }
     if desk and pue is None:
         src["pue"] = "desk machine: no facility overhead (assumed)"
     if desk and wue_onsite is None:
@@ -103,42 +131,73 @@ class PlanResult:
         mem_ok = [e for e in es if e.memory_bytes <= e.memory_available_bytes]
         if not mem_ok:
             e = min(es, key=lambda e: e.memory_bytes)
-            parts.append(f"the smallest option ({e.technique.name}) needs {e.memory_bytes / GB:,.1f} GB per device, "
-                         f"{hw} has {e.memory_available_bytes / GB:,.1f} GB usable: use more memory or more --gpus")
+            parts.append(
+                f"the smallest option ({e.technique.name}) needs {e.memory_bytes / GB:,.1f} GB per device, "
+                f"{hw} has {e.memory_available_bytes / GB:,.1f} GB usable: use more memory or more --gpus"
+            )
             mem_ok = [e]
         pow_ok = [e for e in mem_ok if self.power_cap_w is None or e.peak_power_w <= self.power_cap_w]
         if not pow_ok:
             e = min(mem_ok, key=lambda e: e.peak_power_w)
-            parts.append(f"{hw} draws up to {e.peak_power_w:,.0f} W, over the {self.power_cap_w:,.0f} W cap: "
-                         f"raise the cap or use fewer/lower-power devices")
+            parts.append(
+                f"{hw} draws up to {e.peak_power_w:,.0f} W, over the {self.power_cap_w:,.0f} W cap: "
+                f"raise the cap or use fewer/lower-power devices"
+            )
             pow_ok = [e]
         if self.deadline_h is not None:
             e = min(pow_ok, key=lambda e: e.seconds)
             if e.hours > self.deadline_h:
                 tokens = int(self.workload.tokens * self.deadline_h / e.hours)
-                parts.append(f"the fastest option ({e.technique.name}) needs {e.hours:,.1f} h > {self.deadline_h:g} h: "
-                             f"extend --deadline-h to {math.ceil(e.hours * 10) / 10:g}, cut --tokens to {tokens:,}, "
-                             f"or use faster or more hardware")
+                parts.append(
+                    f"the fastest option ({e.technique.name}) needs {e.hours:,.1f} h > {self.deadline_h:g} h: "
+                    f"extend --deadline-h to {math.ceil(e.hours * 10) / 10:g}, cut --tokens to {tokens:,}, "
+                    f"or use faster or more hardware"
+                )
         return f"nothing fits {self.model} on {hw}: " + "; ".join(parts or ["no candidate fits"])
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "facts": self.facts.to_dict(), "hardware": self.hardware.to_dict(),
-            "devices": self.devices, "workload": {**self.workload.__dict__, "steps": self.workload.steps},
-            "site": self.site.__dict__, "power_cap_w": self.power_cap_w, "deadline_h": self.deadline_h,
-            "estimates": [e.to_dict() for e in self.estimates], "recommended": self.recommended,
-            "why_not": self.why_not, "recipe_technique": self.recipe_technique, "calibrated": self.calibrated,
+            "model": self.model,
+            "facts": self.facts.to_dict(),
+            "hardware": self.hardware.to_dict(),
+            "devices": self.devices,
+            "workload": {**self.workload.__dict__, "steps": self.workload.steps},
+            "site": self.site.__dict__,
+            "power_cap_w": self.power_cap_w,
+            "deadline_h": self.deadline_h,
+            "estimates": [e.to_dict() for e in self.estimates],
+            "recommended": self.recommended,
+            "why_not": self.why_not,
+            "recipe_technique": self.recipe_technique,
+            "calibrated": self.calibrated,
             "assumptions": self.assumptions,
         }
 
 
-def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hardware: str | Hardware = "this",
-         gpus: int = 1, power_cap_w: float | None = None, deadline_h: float | None = None, seq_len: int = 512,
-         micro_batch: int = 8, grad_accum: int = 1, region: str | None = None, pue: float | None = None,
-         wue_onsite: float | None = None, rank: int = 16, targets: tuple[str, ...] = DEFAULT_TARGETS,
-         merge_every: int = 200, extra: list[Technique] | None = None, memory_gb: float | None = None,
-         calibration_file: Path | None = None, use_calibration: bool = True,
-         utilisation: float | None = None, extra_checkpointing: bool | None = None) -> PlanResult:
+def plan(
+    facts: ArchFacts,
+    model: str = "model",
+    tokens: int | None = None,
+    hardware: str | Hardware = "this",
+    gpus: int = 1,
+    power_cap_w: float | None = None,
+    deadline_h: float | None = None,
+    seq_len: int = 512,
+    micro_batch: int = 8,
+    grad_accum: int = 1,
+    region: str | None = None,
+    pue: float | None = None,
+    wue_onsite: float | None = None,
+    rank: int = 16,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    merge_every: int = 200,
+    extra: list[Technique] | None = None,
+    memory_gb: float | None = None,
+    calibration_file: Path | None = None,
+    use_calibration: bool = True,
+    utilisation: float | None = None,
+    extra_checkpointing: bool | None = None,
+) -> PlanResult:
     """Estimate every candidate (plus `extra`, e.g. the recipe's own) and pick the cheapest that fits.
 
     `utilisation` overrides both the calibration and the default (for what-if plans and tests).
@@ -154,7 +213,9 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         raise UserError(f"--power-cap-w must be positive, got {power_cap_w}")
     if deadline_h is not None and deadline_h <= 0:
         raise UserError(f"--deadline-h must be positive, got {deadline_h}")
-    w = Workload(tokens=int(tokens or DEFAULT_TOKENS), seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum)
+    w = Workload(
+        tokens=int(tokens or DEFAULT_TOKENS), seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum
+    )
     site = site_factors(hw, region, pue, wue_onsite)
     cal = load_calibration(hw, calibration_file) if use_calibration else None
     util = utilisation if utilisation is not None else (cal.utilisation if cal else None)
@@ -174,9 +235,23 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         return found[0]
 
     extra_ids = {id(t) for t in extra or []}
-    ests = [estimate(facts, t, w, hw, site, gpus, util_of(t), power, power_cap_w, deadline_h, rates,
-                     checkpointing=extra_checkpointing if id(t) in extra_ids else None)
-            for t in techs]
+    ests = [
+        estimate(
+            facts,
+            t,
+            w,
+            hw,
+            site,
+            gpus,
+            util_of(t),
+            power,
+            power_cap_w,
+            deadline_h,
+            rates,
+            checkpointing=extra_checkpointing if id(t) in extra_ids else None,
+        )
+        for t in techs
+    ]
     fitting = sorted((e for e in ests if e.fits), key=lambda e: (e.facility_kwh, e.seconds))
     best = fitting[0] if fitting else None
     why = {}
@@ -194,32 +269,59 @@ def plan(facts: ArchFacts, model: str = "model", tokens: int | None = None, hard
         + ("" if tokens else " (default; set --tokens)"),
         f"hardware {gpus}× {hw.name}: {hw.memory_gb:g} GB ({hw.usable_fraction:.0%} usable), "
         f"{hw.peak_flops / 1e12:,.3g} TFLOP/s {hw.compute_dtype} peak, {hw.bandwidth_gbs:g} GB/s; source: {hw.source}",
-        (f"utilisation {u:.3f} (given)" if utilisation is not None else
-         "utilisation calibrated on this hardware per technique: " + "; ".join(
-             f"{name} {v:.3f} ({how})" for name, (v, how) in notes.items()) if notes else
-         f"utilisation {u:.3f} calibrated on this hardware ({cal.method})" if cal else
-         f"utilisation {u:.2f} (default for a {hw.kind}; run `greentune plan --calibrate` on the machine to measure it)"),
-        (f"power {power:,.1f} W measured ({cal.power_source})" if power is not None and gpus == 1 else
-         f"power = {gpus} × {hw.power_w:g} W × load {DEFAULT_LOAD[hw.kind]} + {hw.host_w:g} W host "
-         f"(peak for the cap: {gpus} × {hw.power_w:g} + {hw.host_w:g} W)"),
+        (
+            f"utilisation {u:.3f} (given)"
+            if utilisation is not None
+            else "utilisation calibrated on this hardware per technique: "
+            + "; ".join(f"{name} {v:.3f} ({how})" for name, (v, how) in notes.items())
+            if notes
+            else f"utilisation {u:.3f} calibrated on this hardware ({cal.method})"
+            if cal
+            else f"utilisation {u:.2f} (default for a {hw.kind}; run `greentune plan --calibrate` on the machine to measure it)"
+        ),
+        (
+            f"power {power:,.1f} W measured ({cal.power_source})"
+            if power is not None and gpus == 1
+            else f"power = {gpus} × {hw.power_w:g} W × load {DEFAULT_LOAD[hw.kind]} + {hw.host_w:g} W host "
+            f"(peak for the cap: {gpus} × {hw.power_w:g} + {hw.host_w:g} W)"
+        ),
         f"grid {site.grid_g_per_kwh:g} gCO2e/kWh ({site.region}; {site.sources.get('grid', '')})",
         f"PUE {site.pue:g} ({site.sources.get('pue', '')}); on-site WUE {site.wue_onsite:g} L/kWh "
         f"({site.sources.get('wue_onsite', '')}); off-site water {site.offsite_l_per_kwh:g} L/kWh "
         f"({site.sources.get('offsite_water', '')})",
         f"LoRA rank {rank} on {', '.join(targets)}; AdamW; adapters and optimiser state fp32; upcycling "
         f"{UPCYCLE[0]} experts top-{UPCYCLE[1]} adds LoRA on experts and trains the router",
-        "base formats (bits/weight): " + ", ".join(f"{k} {v:g}" for k, v in BPW.items() if v and k != "fp16")
+        "base formats (bits/weight): "
+        + ", ".join(f"{k} {v:g}" for k, v in BPW.items() if v and k != "fp16")
         + "; a quantised base also quantises its embedding (same format) and LM head (Q6_K; Q8_0 for q8_0), "
         "norms stay in the compute dtype",
-        ("dequantisation timed per format on this hardware" if rates else
-         "dequantisation modelled as memory traffic at the hardware's bandwidth"),
+        (
+            "dequantisation timed per format on this hardware"
+            if rates
+            else "dequantisation modelled as memory traffic at the hardware's bandwidth"
+        ),
         "memory-efficient attention (no T² scores stored); activation checkpointing only when needed to fit"
-        + ("" if extra_checkpointing is None else
-           f" (the recipe's row: {'on' if extra_checkpointing else 'off'}, as its train.activation_checkpointing says)")
+        + (
+            ""
+            if extra_checkpointing is None
+            else f" (the recipe's row: {'on' if extra_checkpointing else 'off'}, as its train.activation_checkpointing says)"
+        )
         + "; 1 GB runtime overhead + 5 % fragmentation",
         "multi-GPU: FSDP-style sharding, communication time not modelled; data loading and evaluation not modelled",
     ]
-    return PlanResult(model=model, facts=facts, hardware=hw, devices=gpus, workload=w, site=site, estimates=ests,
-                      recommended=best.technique.name if best else None, why_not=why, assumptions=assumptions,
-                      power_cap_w=power_cap_w, deadline_h=deadline_h,
-                      recipe_technique=extra[0].name if extra else None, calibrated=cal is not None)
+    return PlanResult(
+        model=model,
+        facts=facts,
+        hardware=hw,
+        devices=gpus,
+        workload=w,
+        site=site,
+        estimates=ests,
+        recommended=best.technique.name if best else None,
+        why_not=why,
+        assumptions=assumptions,
+        power_cap_w=power_cap_w,
+        deadline_h=deadline_h,
+        recipe_technique=extra[0].name if extra else None,
+        calibrated=cal is not None,
+    )

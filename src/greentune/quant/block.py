@@ -11,11 +11,12 @@ functions of plain torch tensors and run on CPU, CUDA and MPS alike. Arithmetic 
 (the reference implementations are fp32 C), scales are IEEE half with round-to-nearest-even,
 as `GGML_FP32_TO_FP16` does.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import torch
 
@@ -53,7 +54,7 @@ def map_chunks(fn, blocks: torch.Tensor, out: torch.Tensor, per_chunk: int) -> t
         return out
 
     def run(part):
-        torch.set_num_threads(1)           # this worker thread's intra-op pool
+        torch.set_num_threads(1)  # this worker thread's intra-op pool
         for sl in part:
             out[sl] = fn(blocks[sl])
 
@@ -83,7 +84,7 @@ class BlockFormat:
     name: str = ""
     block_size: int = 1
     type_size: int = 4
-    ggml_type: "GGMLQuantizationType | None" = None
+    ggml_type: GGMLQuantizationType | None = None
     row_local: bool = True
 
     # ---- sizes ---------------------------------------------------------------------------
@@ -115,9 +116,10 @@ class BlockFormat:
         w = torch.as_tensor(w)
         packed = self.packed_shape(w.shape)
         blocks = w.detach().reshape(-1, self.block_size).to(torch.float32)
-        from . import kernels                   # (lazy: kernels imports nothing of ours)
+        from greentune.quant import kernels  # (lazy: kernels imports nothing of ours)
+
         if kernels.quantize_wanted(self, blocks.device):
-            out = kernels.quantize_blocks(self, blocks)         # same bytes, native code
+            out = kernels.quantize_blocks(self, blocks)  # same bytes, native code
         else:
             out = self._quantize_blocks(blocks)
         assert out.shape == (blocks.shape[0], self.type_size), (self.name, out.shape)
@@ -131,11 +133,14 @@ class BlockFormat:
         """
         shape = tuple(int(s) for s in shape)
         if tuple(q.shape) != self.packed_shape(shape):
-            raise ValueError(f"{self.name}: packed shape {tuple(q.shape)} does not match "
-                             f"{self.packed_shape(shape)} for a tensor of shape {shape}")
+            raise ValueError(
+                f"{self.name}: packed shape {tuple(q.shape)} does not match "
+                f"{self.packed_shape(shape)} for a tensor of shape {shape}"
+            )
         blocks = q.reshape(-1, self.type_size)
         if native:
-            from .kernels import dequantize_blocks
+            from greentune.quant.kernels import dequantize_blocks
+
             return dequantize_blocks(self, blocks).reshape(shape)
         return self._dequantize_blocks(blocks).reshape(shape)
 
@@ -150,21 +155,23 @@ class BlockFormat:
 
     def _check_rows(self, row_length: int) -> None:
         if not self.fits(row_length):
-            raise ValueError(f"{self.name}: row length {row_length} is not a multiple of the "
-                             f"block size {self.block_size}")
+            raise ValueError(
+                f"{self.name}: row length {row_length} is not a multiple of the block size {self.block_size}"
+            )
 
     def __repr__(self) -> str:
         return f"<BlockFormat {self.name}: {self.block_size} weights in {self.type_size} bytes>"
 
     # Formats are registry singletons: copying a module that holds one keeps the same object.
-    def __copy__(self) -> "BlockFormat":
+    def __copy__(self) -> BlockFormat:
         return self
 
-    def __deepcopy__(self, memo) -> "BlockFormat":
+    def __deepcopy__(self, memo) -> BlockFormat:
         return self
 
 
 # ---- byte helpers ------------------------------------------------------------------------------
+
 
 def f16_bytes(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``[n]`` or ``[n, 1]`` → its IEEE half bytes, uint8 ``[n, 2]`` (little-endian, RNE)."""

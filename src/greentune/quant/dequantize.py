@@ -14,14 +14,15 @@ again, as transformers ties them), and returns the bytes keyed by the float mode
 state-dict names (a tied pair's bytes once, under the embedding: GGUF's tied models store
 only `token_embd`).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .embedding import QuantEmbedding, QuantTiedHead
-from .experts import QuantExperts3D
-from .linear import QuantLinear
+from greentune.quant.embedding import QuantEmbedding, QuantTiedHead
+from greentune.quant.experts import QuantExperts3D
+from greentune.quant.linear import QuantLinear
 
 
 @torch.no_grad()
@@ -31,14 +32,19 @@ def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
     Weights whose format has no GGUF type (NF4) are dequantised but not returned.
     """
     packed: dict[str, tuple] = {}
-    embeddings: dict[int, nn.Embedding] = {}          # id(QuantEmbedding) → its replacement
+    embeddings: dict[int, nn.Embedding] = {}  # id(QuantEmbedding) → its replacement
     tied_heads: list[tuple[nn.Module, str, QuantTiedHead]] = []
     for name, module in list(model.named_modules()):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, QuantLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.qweight.device, dtype=dtype)
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.qweight.device,
+                dtype=dtype,
+            )
             linear.weight.copy_(module.dequantize().to(dtype))
             if module.bias is not None:
                 linear.bias.copy_(module.bias.to(dtype))
@@ -47,8 +53,13 @@ def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
                 packed[f"{name}.weight"] = (module.fmt.ggml_type, module.raw_bytes().detach().cpu().clone())
             setattr(parent, leaf, linear)
         elif isinstance(module, QuantEmbedding):
-            emb = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
-                               device=module.qweight.device, dtype=dtype)
+            emb = nn.Embedding(
+                module.num_embeddings,
+                module.embedding_dim,
+                padding_idx=module.padding_idx,
+                device=module.qweight.device,
+                dtype=dtype,
+            )
             emb.weight.copy_(module.dequantize().to(dtype))
             emb.requires_grad_(False)
             if module.fmt.ggml_type is not None:
@@ -62,16 +73,18 @@ def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
             if module.fmt.ggml_type is not None:
                 packed[name] = (module.fmt.ggml_type, module.qweight.detach().cpu().clone())
             del parent._modules[leaf]
-            if hasattr(parent, "_set"):      # greentune.moe.SparseExperts
+            if hasattr(parent, "_set"):  # greentune.moe.SparseExperts
                 parent._set(leaf, weight)
             else:
                 parent.register_parameter(leaf, weight)
     for parent, leaf, head in tied_heads:
         emb = embeddings.get(id(head.embedding))
-        if emb is None:                       # the embedding is not in `model`: untie
+        if emb is None:  # the embedding is not in `model`: untie
             emb = nn.Embedding(head.out_features, head.in_features, device=head.qweight.device, dtype=dtype)
             emb.weight.copy_(head.dequantize().to(dtype))
-        linear = nn.Linear(head.in_features, head.out_features, bias=False, device=emb.weight.device, dtype=dtype)
+        linear = nn.Linear(
+            head.in_features, head.out_features, bias=False, device=emb.weight.device, dtype=dtype
+        )
         linear.weight = emb.weight
         linear.requires_grad_(False)
         setattr(parent, leaf, linear)

@@ -16,6 +16,7 @@ to the `QuantEmbedding` (not a submodule, so the bytes are in the state dict onc
 embedding) and multiplies by its dequantised rows, in row chunks like `QuantLinear`. Merging
 into it (`add_`) changes the embedding too, as adding to a tied fp32 weight would.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,10 +24,10 @@ import logging
 import torch
 from torch import nn
 
-from . import kernels
-from .block import BlockFormat
-from .formats import fallback_format, get_format
-from .linear import PackedMatrix, compute_dtype, dequant_linear
+from greentune.quant import kernels
+from greentune.quant.block import BlockFormat
+from greentune.quant.formats import fallback_format, get_format
+from greentune.quant.linear import PackedMatrix, compute_dtype, dequant_linear
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,15 @@ class QuantEmbedding(PackedMatrix):
         qweight: uint8 buffer ``fmt.packed_shape((num_embeddings, embedding_dim))``.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: "str | BlockFormat",
-                 padding_idx: "int | None" = None, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        fmt: str | BlockFormat,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         self.padding_idx = padding_idx
@@ -55,12 +63,18 @@ class QuantEmbedding(PackedMatrix):
         self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8, device=device))
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, fmt: "str | BlockFormat") -> "QuantEmbedding":
+    def from_embedding(cls, emb: nn.Embedding, fmt: str | BlockFormat) -> QuantEmbedding:
         """Quantise `emb.weight` (falling back per `fallback_format`) into a new module."""
         wanted = get_format(fmt)
         used = fallback_format(wanted, emb.embedding_dim)
-        module = cls(emb.num_embeddings, emb.embedding_dim, used, padding_idx=emb.padding_idx,
-                     dtype=emb.weight.dtype, device=emb.weight.device)
+        module = cls(
+            emb.num_embeddings,
+            emb.embedding_dim,
+            used,
+            padding_idx=emb.padding_idx,
+            dtype=emb.weight.dtype,
+            device=emb.weight.device,
+        )
         module.load_weight_(emb.weight)
         return module
 
@@ -82,8 +96,11 @@ class QuantEmbedding(PackedMatrix):
         flat = ids.reshape(-1).to(self.qweight.device)
         rows = self.qweight.index_select(0, flat)
         n = flat.numel()
-        w = self.fmt.dequantize(rows, (n, self.embedding_dim),
-                                native=kernels.wanted(self.fmt, rows.device, n * self.embedding_dim))
+        w = self.fmt.dequantize(
+            rows,
+            (n, self.embedding_dim),
+            native=kernels.wanted(self.fmt, rows.device, n * self.embedding_dim),
+        )
         return w.view(*ids.shape, self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -92,7 +109,8 @@ class QuantEmbedding(PackedMatrix):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt.name}" + (
-            f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+            f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        )
 
 
 class QuantTiedHead(nn.Module):
@@ -107,7 +125,7 @@ class QuantTiedHead(nn.Module):
 
     def __init__(self, embedding: QuantEmbedding):
         super().__init__()
-        object.__setattr__(self, "embedding", embedding)     # a reference, not a submodule
+        object.__setattr__(self, "embedding", embedding)  # a reference, not a submodule
 
     @property
     def in_features(self) -> int:
@@ -132,7 +150,7 @@ class QuantTiedHead(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.embedding.dequantize()
 
-    def add_(self, delta: torch.Tensor) -> "QuantTiedHead":
+    def add_(self, delta: torch.Tensor) -> QuantTiedHead:
         """Merge into the shared table (the embedding changes too, as with tied fp32 weights)."""
         self.embedding.add_(delta)
         return self
@@ -145,5 +163,7 @@ class QuantTiedHead(nn.Module):
         return dequant_linear(x.to(dtype), self.embedding).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"fmt={self.fmt.name}, tied to the input embedding")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"fmt={self.fmt.name}, tied to the input embedding"
+        )

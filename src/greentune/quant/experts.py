@@ -20,6 +20,7 @@ API, small on purpose:
 `linear` keeps only the packed bytes for backward (see `linear._DequantMatmul`); indexing
 returns a plain tensor, which autograd keeps alive until backward if it is used in a graph.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +28,10 @@ import logging
 import torch
 from torch import nn
 
-from . import kernels, triton_dispatch
-from .block import BlockFormat
-from .formats import fallback_format, get_format
-from .linear import compute_dtype, dequant_linear
+from greentune.quant import kernels, triton_dispatch
+from greentune.quant.block import BlockFormat
+from greentune.quant.formats import fallback_format, get_format
+from greentune.quant.linear import compute_dtype, dequant_linear
 
 logger = logging.getLogger(__name__)
 
@@ -44,25 +45,36 @@ class QuantExperts3D(nn.Module):
         qweight: uint8 buffer ``[num_experts, *fmt.packed_shape((out_features, in_features))]``.
     """
 
-    def __init__(self, num_experts: int, out_features: int, in_features: int,
-                 fmt: "str | BlockFormat", device=None):
+    def __init__(
+        self, num_experts: int, out_features: int, in_features: int, fmt: str | BlockFormat, device=None
+    ):
         super().__init__()
-        self.num_experts, self.out_features, self.in_features = int(num_experts), int(out_features), int(in_features)
+        self.num_experts, self.out_features, self.in_features = (
+            int(num_experts),
+            int(out_features),
+            int(in_features),
+        )
         self.fmt = get_format(fmt)
         per_expert = self.fmt.packed_shape((self.out_features, self.in_features))
-        self.register_buffer("qweight", torch.zeros((self.num_experts, *per_expert), dtype=torch.uint8,
-                                                    device=device))
+        self.register_buffer(
+            "qweight", torch.zeros((self.num_experts, *per_expert), dtype=torch.uint8, device=device)
+        )
 
     @classmethod
-    def from_tensor(cls, weight: torch.Tensor, fmt: "str | BlockFormat") -> "QuantExperts3D":
+    def from_tensor(cls, weight: torch.Tensor, fmt: str | BlockFormat) -> QuantExperts3D:
         """Quantise a ``[E, out, in]`` tensor (falling back per `fallback_format`, logged)."""
         if weight.dim() != 3:
             raise ValueError(f"expected a [experts, out, in] tensor, got shape {tuple(weight.shape)}")
         wanted = get_format(fmt)
         used = fallback_format(wanted, weight.shape[-1])
         if used is not wanted:
-            logger.info("expert rows of %d are not a multiple of %s's block %d: storing %s instead",
-                        weight.shape[-1], wanted.name, wanted.block_size, used.name)
+            logger.info(
+                "expert rows of %d are not a multiple of %s's block %d: storing %s instead",
+                weight.shape[-1],
+                wanted.name,
+                wanted.block_size,
+                used.name,
+            )
         module = cls(*weight.shape, fmt=used, device=weight.device)
         module.load_(weight)
         return module
@@ -90,30 +102,35 @@ class QuantExperts3D(nn.Module):
     def load_expert_(self, e: int, weight: torch.Tensor) -> None:
         """Quantise expert `e` from ``[out, in]`` in place."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"expert weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+            raise ValueError(
+                f"expert weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}"
+            )
         self.qweight[e].copy_(self.fmt.quantize(weight.to(self.qweight.device, torch.float32)))
 
     @torch.no_grad()
-    def add_(self, e: int, delta: torch.Tensor) -> "QuantExperts3D":
+    def add_(self, e: int, delta: torch.Tensor) -> QuantExperts3D:
         """``Ŵ_e ← Q(Ŵ_e + delta)`` in place; delta ``[out, in]``. Returns self."""
         self.load_expert_(e, self.dequantize_expert(e) + delta.to(self.qweight.device, torch.float32))
         return self
 
     # ---- reading ---------------------------------------------------------------------------
-    def dequantize_expert(self, e: "int | torch.Tensor") -> torch.Tensor:
+    def dequantize_expert(self, e: int | torch.Tensor) -> torch.Tensor:
         """Expert `e`'s weight as float32 ``[out, in]``."""
         shape = (self.out_features, self.in_features)
-        w = triton_dispatch.dequantize(self.fmt, self.qweight[int(e)], shape)   # CUDA: same bits
+        w = triton_dispatch.dequantize(self.fmt, self.qweight[int(e)], shape)  # CUDA: same bits
         if w is not None:
             return w
-        return self.fmt.dequantize(self.qweight[int(e)], shape,
-                                   native=kernels.wanted(self.fmt, self.qweight.device, shape[0] * shape[1]))
+        return self.fmt.dequantize(
+            self.qweight[int(e)],
+            shape,
+            native=kernels.wanted(self.fmt, self.qweight.device, shape[0] * shape[1]),
+        )
 
     def dequantize(self) -> torch.Tensor:
         """All experts as float32 ``[E, out, in]``."""
         return torch.stack([self.dequantize_expert(e) for e in range(self.num_experts)])
 
-    def __getitem__(self, e: "int | torch.Tensor") -> torch.Tensor:
+    def __getitem__(self, e: int | torch.Tensor) -> torch.Tensor:
         return self.dequantize_expert(e)
 
     def _weight(self, e, dtype: torch.dtype) -> torch.Tensor:
@@ -142,5 +159,7 @@ class QuantExperts3D(nn.Module):
         return self.qweight
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, out_features={self.out_features}, "
-                f"in_features={self.in_features}, fmt={self.fmt.name}")
+        return (
+            f"num_experts={self.num_experts}, out_features={self.out_features}, "
+            f"in_features={self.in_features}, fmt={self.fmt.name}"
+        )

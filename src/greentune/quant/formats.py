@@ -8,19 +8,29 @@ Names: ``q8_0``, ``q4_0``, ``q4_k``, ``q6_k`` (GGUF's block types, bytes as GGUF
 ``nf4``, ``nf4_dq`` (QLoRA's NormalFloat, without/with double quantisation of the scales),
 and ``f16``, ``f32`` (unquantised; the fallback for rows no block format fits).
 """
+
 from __future__ import annotations
 
-from .block import BlockFormat
-from .nf4 import NF4, NF4DoubleQuant
-from .q4_k import Q4_K
-from .q6_k import Q6_K
-from .simple import F16, F32, Q4_0, Q8_0
+from greentune.errors import UserError
+from greentune.quant.block import BlockFormat
+from greentune.quant.nf4 import NF4, NF4DoubleQuant
+from greentune.quant.q4_k import Q4_K
+from greentune.quant.q6_k import Q6_K
+from greentune.quant.simple import F16, F32, Q4_0, Q8_0
 
-from ..errors import UserError
-
-_REGISTRY: dict[str, BlockFormat] = {f.name: f for f in (
-    Q8_0(), Q4_0(), Q4_K(), Q6_K(), NF4(), NF4DoubleQuant(), F16(), F32(),
-)}
+_REGISTRY: dict[str, BlockFormat] = {
+    f.name: f
+    for f in (
+        Q8_0(),
+        Q4_0(),
+        Q4_K(),
+        Q6_K(),
+        NF4(),
+        NF4DoubleQuant(),
+        F16(),
+        F32(),
+    )
+}
 
 
 def format_names() -> list[str]:
@@ -28,7 +38,7 @@ def format_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_format(name: "str | BlockFormat") -> BlockFormat:
+def get_format(name: str | BlockFormat) -> BlockFormat:
     """The format called `name` (case-insensitive); a `BlockFormat` is returned as is.
 
     Raises:

@@ -41,6 +41,7 @@ double quantisation, whose scales span rows) when they can be built; ``0``:
 plain torch only. Without a C compiler (or if the build fails) it falls back to plain torch with
 one warning. Other devices always use the torch functions.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -62,7 +63,7 @@ logger = logging.getLogger(__name__)
 ENV = "GREENTUNE_QUANT_COMPILE"
 SOURCE = Path(__file__).with_name("kernels.c")
 FORMATS = ("q8_0", "q4_0", "q4_k", "q6_k", "nf4")
-SUMMING = ("q4_k", "q6_k")          # quantisers whose C sums in torch's order (take `lanes`)
+SUMMING = ("q4_k", "q6_k")  # quantisers whose C sums in torch's order (take `lanes`)
 # -fno-trapping-math lets the compiler vectorise selects around divisions (FP exceptions are
 # never trapped here); it permits no value-changing transformation, unlike -ffast-math.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC"]
@@ -71,8 +72,8 @@ MIN_WEIGHTS_PER_THREAD = 1 << 15
 #: Q4_K blocks per round of its two native steps (bounds the per-group work space to 2 MB).
 Q4_K_CHUNK_BLOCKS = 1 << 16
 
-_lib: "ctypes.CDLL | None | bool" = False        # False: not tried yet; None: unavailable
-_lanes: "int | None" = None                      # torch's summation vector width (see _probe_lanes)
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+_lanes: int | None = None  # torch's summation vector width (see _probe_lanes)
 _lock = threading.Lock()
 
 
@@ -106,10 +107,10 @@ def _cache_dir() -> Path:
     return Path(base) / "greentune"
 
 
-def _build() -> "ctypes.CDLL | None":
+def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     try:
-        src = SOURCE.read_bytes()                       # (package data: see pyproject's package-data)
+        src = SOURCE.read_bytes()  # (package data: see pyproject's package-data)
         key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
         path = _cache_dir() / f"quant-kernels-{key}.so"
         if not path.exists():
@@ -121,24 +122,33 @@ def _build() -> "ctypes.CDLL | None":
                 r = subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
                 if r.returncode != 0:
                     raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "cc failed")
-                os.replace(out, path)                       # atomic: concurrent builders agree
+                os.replace(out, path)  # atomic: concurrent builders agree
         lib = ctypes.CDLL(str(path))
         ptrs = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         for name in FORMATS:
             fn = getattr(lib, f"gt_dequant_{name}")
             fn.argtypes, fn.restype = ptrs, None
             fn = getattr(lib, f"gt_quant_{name}")
-            fn.argtypes = {"q4_k": [ctypes.c_void_p] + ptrs + [ctypes.c_int64],
-                           "q6_k": ptrs + [ctypes.c_int64]}.get(name, ptrs)
+            fn.argtypes = {
+                "q4_k": [ctypes.c_void_p] + ptrs + [ctypes.c_int64],
+                "q6_k": ptrs + [ctypes.c_int64],
+            }.get(name, ptrs)
             fn.restype = None
         lib.gt_q4_k_mean_square.argtypes = ptrs + [ctypes.c_int64]
         lib.gt_q4_k_mean_square.restype = None
-        lib.gt_probe_reductions.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                            ctypes.c_int64] + [ctypes.c_void_p] * 3
+        lib.gt_probe_reductions.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+        ] + [ctypes.c_void_p] * 3
         lib.gt_probe_reductions.restype = None
     except Exception as exc:  # noqa: BLE001 - any failure: plain torch
-        logger.warning("native quantise/dequantise kernels unavailable (%s: %s); using plain torch",
-                       type(exc).__name__, exc)
+        logger.warning(
+            "native quantise/dequantise kernels unavailable (%s: %s); using plain torch",
+            type(exc).__name__,
+            exc,
+        )
         return None
     return lib
 
@@ -155,7 +165,7 @@ def _probe_rows() -> torch.Tensor:
     return v
 
 
-def _probe_lanes(lib) -> "int | None":
+def _probe_lanes(lib) -> int | None:
     """The vector width W with which `kernels.c`'s `tsum`/`tminmax` reproduce this torch's
     `sum`/`amax`/`amin` over rows of 16 and 32 floats bit for bit, or None if no W does."""
     rows = _probe_rows()
@@ -170,12 +180,14 @@ def _probe_lanes(lib) -> "int | None":
                 break
         else:
             return lanes
-    logger.warning("this torch sums in an order the native Q4_K/Q6_K quantisers do not reproduce; "
-                   "they quantise in plain torch")
+    logger.warning(
+        "this torch sums in an order the native Q4_K/Q6_K quantisers do not reproduce; "
+        "they quantise in plain torch"
+    )
     return None
 
 
-def library() -> "ctypes.CDLL | None":
+def library() -> ctypes.CDLL | None:
     """The native kernels (built on first use), or None where they cannot be built."""
     global _lib, _lanes
     if _lib is False:
@@ -187,17 +199,22 @@ def library() -> "ctypes.CDLL | None":
     return _lib
 
 
-def dequantize_blocks(fmt, blocks: torch.Tensor, out: "torch.Tensor | None" = None) -> torch.Tensor:
+def dequantize_blocks(fmt, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``fmt._dequantize_blocks(blocks)`` (uint8 ``[n, type_size]`` → fp32 ``[n, block_size]``),
     by the native kernel when there is one for `fmt` on this device.
 
     `out`: a contiguous fp32 ``[n, block_size]`` tensor to write into (and return) instead of
     allocating one, so a caller dequantising many chunks reuses one buffer."""
     lib = library() if blocks.device.type == "cpu" and fmt.name in FORMATS else None
-    if out is not None and (tuple(out.shape) != (blocks.shape[0], fmt.block_size)
-                            or out.dtype != torch.float32 or not out.is_contiguous()):
-        raise ValueError(f"out must be contiguous float32 {(blocks.shape[0], fmt.block_size)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+    if out is not None and (
+        tuple(out.shape) != (blocks.shape[0], fmt.block_size)
+        or out.dtype != torch.float32
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be contiguous float32 {(blocks.shape[0], fmt.block_size)}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
     if lib is None:
         w = fmt._dequantize_blocks(blocks)
         return w if out is None else out.copy_(w)
@@ -223,7 +240,7 @@ def quantize_blocks(fmt, blocks: torch.Tensor) -> torch.Tensor:
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     xp, qp, bx = x.data_ptr(), out.data_ptr(), 4 * fmt.block_size
 
-    def split(lo: int, hi: int, call) -> None:        # call(lo, hi) on `threads` parts of [lo, hi)
+    def split(lo: int, hi: int, call) -> None:  # call(lo, hi) on `threads` parts of [lo, hi)
         if pool is None:
             call(lo, hi)
             return
@@ -238,11 +255,20 @@ def quantize_blocks(fmt, blocks: torch.Tensor) -> torch.Tensor:
                 c1 = min(n, c0 + Q4_K_CHUNK_BLOCKS)
                 ms = torch.empty(c1 - c0, 8)
                 mp = ms.data_ptr() - 32 * c0
-                split(c0, c1, lambda lo, hi: lib.gt_q4_k_mean_square(xp + bx * lo, mp + 32 * lo, hi - lo, _lanes))
+                split(
+                    c0,
+                    c1,
+                    lambda lo, hi: lib.gt_q4_k_mean_square(xp + bx * lo, mp + 32 * lo, hi - lo, _lanes),
+                )
                 av = torch.sqrt(ms)
                 ap = av.data_ptr() - 32 * c0
-                split(c0, c1, lambda lo, hi: lib.gt_quant_q4_k(xp + bx * lo, ap + 32 * lo, qp + 144 * lo,
-                                                               hi - lo, _lanes))
+                split(
+                    c0,
+                    c1,
+                    lambda lo, hi: lib.gt_quant_q4_k(
+                        xp + bx * lo, ap + 32 * lo, qp + 144 * lo, hi - lo, _lanes
+                    ),
+                )
         else:
             fn = getattr(lib, f"gt_quant_{fmt.name}")
             extra = (_lanes,) if fmt.name in SUMMING else ()

@@ -15,6 +15,7 @@ input's dtype elsewhere (bf16/fp16 on GPUs, where those are fast).
 `add_(delta)` merges an update into the frozen weight: dequantise → add → re-quantise in place
 (ReLoRA's merge). `raw_bytes()` is the GGUF tensor data of the weight, byte for byte.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, triton_dispatch
-from .block import BlockFormat
-from .formats import fallback_format, get_format
+from greentune.quant import kernels, triton_dispatch
+from greentune.quant.block import BlockFormat
+from greentune.quant.formats import fallback_format, get_format
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,12 @@ class _DequantMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, owner, key) -> torch.Tensor:   # noqa: D102
+    def forward(ctx, x: torch.Tensor, owner, key) -> torch.Tensor:  # noqa: D102
         ctx.owner, ctx.key = owner, key
         return _forward(x, owner, key)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):                             # noqa: D102
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
         if not ctx.needs_input_grad[0]:
             return None, None, None
         return _input_grad(grad, ctx.owner, ctx.key), None, None
@@ -79,7 +80,7 @@ def _chunked(owner, key, x: torch.Tensor):
     q, fmt, (out, inp) = owner._packed(key)
     if not fmt.row_local or q.dim() != 2:
         return None
-    rows = min(out, _rows_per_chunk(out, inp))      # one chunk for a small weight: same buffer
+    rows = min(out, _rows_per_chunk(out, inp))  # one chunk for a small weight: same buffer
     return q, fmt, (out, inp), rows, kernels.wanted(fmt, x.device, out * inp)
 
 
@@ -118,7 +119,7 @@ def _chunk_weights(fmt, q: torch.Tensor, out: int, inp: int, rows: int, native: 
 
 
 def _forward(x: torch.Tensor, owner, key) -> torch.Tensor:
-    y = triton_dispatch.linear(x, owner, key)          # CUDA: the Triton kernels
+    y = triton_dispatch.linear(x, owner, key)  # CUDA: the Triton kernels
     if y is not None:
         return y
     plan = _chunked(owner, key, x)
@@ -128,7 +129,7 @@ def _forward(x: torch.Tensor, owner, key) -> torch.Tensor:
     x2 = x.reshape(-1, inp)
     y = torch.empty(x2.shape[0], out, dtype=x.dtype, device=x.device)
     for r0, r1, w in _chunk_weights(fmt, q, out, inp, rows, native):
-        torch.mm(x2, w.t(), out=y[:, r0:r1])        # y's rows have stride `out`: BLAS's ldc
+        torch.mm(x2, w.t(), out=y[:, r0:r1])  # y's rows have stride `out`: BLAS's ldc
     return y.view(*x.shape[:-1], out)
 
 
@@ -173,7 +174,7 @@ class PackedMatrix(nn.Module):
 
     fmt: BlockFormat
     qweight: torch.Tensor
-    weight_shape: tuple[int, int]   # a property of each subclass
+    weight_shape: tuple[int, int]  # a property of each subclass
 
     @torch.no_grad()
     def load_weight_(self, weight: torch.Tensor) -> None:
@@ -184,14 +185,17 @@ class PackedMatrix(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The whole weight as float32 ``weight_shape``."""
-        w = triton_dispatch.dequantize(self.fmt, self.qweight, self.weight_shape)   # CUDA: same bits
+        w = triton_dispatch.dequantize(self.fmt, self.qweight, self.weight_shape)  # CUDA: same bits
         if w is not None:
             return w
-        return self.fmt.dequantize(self.qweight, self.weight_shape,
-                                   native=kernels.wanted(self.fmt, self.qweight.device, math.prod(self.weight_shape)))
+        return self.fmt.dequantize(
+            self.qweight,
+            self.weight_shape,
+            native=kernels.wanted(self.fmt, self.qweight.device, math.prod(self.weight_shape)),
+        )
 
     @torch.no_grad()
-    def add_(self, delta: torch.Tensor) -> "PackedMatrix":
+    def add_(self, delta: torch.Tensor) -> PackedMatrix:
         """``W ← Q(Ŵ + delta)`` in place; delta has ``weight_shape``. Returns self."""
         if tuple(delta.shape) != self.weight_shape:
             raise ValueError(f"delta shape {tuple(delta.shape)} != {self.weight_shape}")
@@ -224,8 +228,9 @@ class QuantLinear(PackedMatrix):
         bias: fp32 `nn.Parameter` ``[out_features]`` (frozen) or None.
     """
 
-    def __init__(self, in_features: int, out_features: int, fmt: "str | BlockFormat",
-                 bias: bool = False, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, fmt: str | BlockFormat, bias: bool = False, device=None
+    ):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.fmt = get_format(fmt)
@@ -237,15 +242,25 @@ class QuantLinear(PackedMatrix):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: "str | BlockFormat") -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, fmt: str | BlockFormat) -> QuantLinear:
         """Quantise `linear.weight` (falling back per `fallback_format`, logged) into a new layer."""
         wanted = get_format(fmt)
         used = fallback_format(wanted, linear.in_features)
         if used is not wanted:
-            logger.info("in_features %d is not a multiple of %s's block %d: storing %s instead",
-                        linear.in_features, wanted.name, wanted.block_size, used.name)
-        layer = cls(linear.in_features, linear.out_features, used, bias=linear.bias is not None,
-                    device=linear.weight.device)
+            logger.info(
+                "in_features %d is not a multiple of %s's block %d: storing %s instead",
+                linear.in_features,
+                wanted.name,
+                wanted.block_size,
+                used.name,
+            )
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            used,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+        )
         layer.load_weight_(linear.weight)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach().float())
@@ -265,5 +280,7 @@ class QuantLinear(PackedMatrix):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"fmt={self.fmt.name}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"fmt={self.fmt.name}, bias={self.bias is not None}"
+        )

@@ -28,46 +28,59 @@ arrived. Other converter operations are refused with an error naming them.
 The result equals ``AutoModelForCausalLM.from_pretrained(dir, dtype=dtype)`` followed by
 ``quantize_model_(model, fmt, skip)``, byte for byte.
 """
+
 from __future__ import annotations
 
 import ctypes
 import logging
 import mmap
-import os
 import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..heap import limit_heap_retention
-from ..models.completeness import ignorable_unexpected, require_complete
-from ..models.safetensors_header import read_header
-from .formats import get_format
-from .replace import DEFAULT_SKIP, empty_quantized_module, install, plan, use_eager_experts
+from greentune.errors import UserError
+from greentune.heap import limit_heap_retention
+from greentune.models.completeness import ignorable_unexpected, require_complete
+from greentune.models.safetensors_header import read_header
+from greentune.quant.formats import get_format
+from greentune.quant.replace import DEFAULT_SKIP, empty_quantized_module, install, plan, use_eager_experts
 
 logger = logging.getLogger(__name__)
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
 # ---- reading safetensors without mmap ------------------------------------------------------------
 
-def checkpoint_files(model_dir: "str | Path") -> list[Path]:
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
     """The safetensors shard(s) of a HF model directory (single file or indexed shards)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"model directory not found: {d}")
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        from ..models.loader import safetensors_files   # the index checked (valid JSON, shards present)
+        from greentune.models.loader import (
+            safetensors_files,
+        )  # the index checked (valid JSON, shards present)
+
         return safetensors_files(d)
     single = d / "model.safetensors"
     if single.is_file():
@@ -87,11 +100,11 @@ def _anonymous_buffer(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
-def iter_safetensors(path: "str | Path") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` from one safetensors file in storage order, each tensor read
     into fresh memory with `readinto`. The generator keeps no reference to a tensor once it
     has been yielded, so a consumer that drops it frees it before the next one is read."""
-    header = read_header(path)                      # every structural rule, one line if broken
+    header = read_header(path)  # every structural rule, one line if broken
     with open(path, "rb") as f:
         base = header.data_start
         for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
@@ -123,6 +136,7 @@ def release_free_memory() -> None:
 
 # ---- the skeleton -------------------------------------------------------------------------------
 
+
 @contextmanager
 def params_on_meta():
     """Within the block, every parameter a module registers is moved to the meta device
@@ -149,19 +163,28 @@ def _conversions(model):
     except ImportError:  # pragma: no cover - older transformers: keys are module names
         return [], []
     transforms = get_model_conversion_mapping(model)
-    return ([t for t in transforms if isinstance(t, WeightRenaming)],
-            [t for t in transforms if isinstance(t, WeightConverter)])
+    return (
+        [t for t in transforms if isinstance(t, WeightRenaming)],
+        [t for t in transforms if isinstance(t, WeightConverter)],
+    )
 
 
 def _expert_fusion(converter) -> int:
     """Number of pieces concatenated per expert for a supported MoE-fusion converter."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
+
     ops = list(converter.operations)
-    if (ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
-            and (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1))):
+    if (
+        ops
+        and isinstance(ops[0], MergeModulelist)
+        and ops[0].dim == 0
+        and (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1))
+    ):
         return len(converter.source_patterns) if len(ops) == 2 else 1
-    raise UserError(f"load_quantized cannot stream checkpoint conversion {converter!r}; "
-                    "load with from_pretrained and call quantize_model_ instead")
+    raise UserError(
+        f"load_quantized cannot stream checkpoint conversion {converter!r}; "
+        "load with from_pretrained and call quantize_model_ instead"
+    )
 
 
 def _expert_index(pattern: str, key: str) -> int:
@@ -175,8 +198,9 @@ def _expert_index(pattern: str, key: str) -> int:
 class _Loader:
     """Streams checkpoint tensors into a skeleton whose quantised modules are installed."""
 
-    def __init__(self, model: nn.Module, targets, shapes: dict[str, tuple], dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self, model: nn.Module, targets, shapes: dict[str, tuple], dtype: torch.dtype, device: torch.device
+    ):
         self.model, self.dtype, self.shapes, self.device = model, dtype, shapes, device
         self.targets = {t.key: t for t in targets}
         self.loaded: set[str] = set()
@@ -196,8 +220,14 @@ class _Loader:
 
     def _rename(self, key: str):
         from transformers.core_model_loading import apply_renamings, rename_source_key
-        target, pattern = rename_source_key(key, self.renamings, self.converters,
-                                            getattr(self.model, "base_model_prefix", None), self.meta_keys)
+
+        target, pattern = rename_source_key(
+            key,
+            self.renamings,
+            self.converters,
+            getattr(self.model, "base_model_prefix", None),
+            self.meta_keys,
+        )
         if pattern is None:
             return target, None, None
         renamed = apply_renamings(key, self.renamings)
@@ -207,14 +237,16 @@ class _Loader:
         raise AssertionError(f"no converter matched {key}")  # pragma: no cover
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        target_key, conv, pattern = self._rename(key) if (self.renamings or self.converters) else (key, None, None)
+        target_key, conv, pattern = (
+            self._rename(key) if (self.renamings or self.converters) else (key, None, None)
+        )
         if conv is not None:
             self._put_piece(target_key, conv, pattern, key, tensor)
         elif target_key in self.targets:
             target = self.targets[target_key]
             if target_key in self.shapes and not self._shape_ok(target_key, tensor):
                 return
-            if target.kind != "tied_head":      # a tied head's bytes are its embedding's
+            if target.kind != "tied_head":  # a tied head's bytes are its embedding's
                 self.model.get_submodule(target.module_name).load_weight_(tensor)
             self.loaded.add(target_key)
         elif target_key in self.shapes:
@@ -253,8 +285,9 @@ class _Loader:
         module = self.model.get_submodule(module_name)
         p = getattr(module, name)
         if p.is_meta:
-            p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype, device=self.device),
-                             requires_grad=p.requires_grad)
+            p = nn.Parameter(
+                torch.empty(p.shape, dtype=self.dtype, device=self.device), requires_grad=p.requires_grad
+            )
             setattr(module, name, p)
         return p
 
@@ -262,13 +295,17 @@ class _Loader:
         module_name, _, name = key.rpartition(".")
         module = self.model.get_submodule(module_name) if module_name else self.model
         if tuple(tensor.shape) != tuple(self.shapes[key]):
-            raise UserError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(self.shapes[key])}")
+            raise UserError(
+                f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(self.shapes[key])}"
+            )
         if name in module._parameters:
             old = module._parameters[name]
             if old.is_meta:
                 value = tensor.to(self.device, self.dtype if tensor.is_floating_point() else tensor.dtype)
-                module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
+                module._parameters[name] = nn.Parameter(
+                    value, requires_grad=old.requires_grad and value.is_floating_point()
+                )
             else:
                 old.data.copy_(tensor)
         else:
@@ -300,12 +337,23 @@ def check_loaded_complete(model_dir, model: nn.Module, loader: _Loader, shapes: 
     unfilled = [k for k in loader.targets if k not in loader.loaded]
     pending = [f"{k}[{e}]" for k, e in loader.pending]
     missing = set(still_meta + unfilled + pending) - {name for name, _, _ in loader.mismatched}
-    require_complete(model_dir, missing, loader.unexpected, loader.mismatched,
-                     expected_count=len(shapes), ignore_unexpected=ignorable_unexpected(model))
+    require_complete(
+        model_dir,
+        missing,
+        loader.unexpected,
+        loader.mismatched,
+        expected_count=len(shapes),
+        ignore_unexpected=ignorable_unexpected(model),
+    )
 
 
-def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.float32,
-                   skip: Iterable[str] = DEFAULT_SKIP, device: "str | torch.device | None" = None) -> nn.Module:
+def load_quantized(
+    model_dir: str | Path,
+    fmt,
+    dtype: torch.dtype = torch.float32,
+    skip: Iterable[str] = DEFAULT_SKIP,
+    device: str | torch.device | None = None,
+) -> nn.Module:
     """Build a causal LM from `model_dir` with its Linear/expert weights stored in `fmt`.
 
     Args:
@@ -326,13 +374,13 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
     fmt = get_format(fmt)
     device = torch.device(device if device is not None else "cpu")
     files = checkpoint_files(model_dir)
-    limit_heap_retention()                          # for the load and the training that follows
+    limit_heap_retention()  # for the load and the training that follows
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     targets = plan(model, fmt, skip)
-    for t in targets:                               # a tied head comes after its embedding
+    for t in targets:  # a tied head comes after its embedding
         install(model, t, empty_quantized_module(t, device=device, model=model, dtype=dtype))
     loader = _Loader(model, targets, shapes, dtype, device)
     for path in files:
@@ -340,14 +388,14 @@ def load_quantized(model_dir: "str | Path", fmt, dtype: torch.dtype = torch.floa
             loader.put(key, tensor)
             del tensor
     quantised_ties = {t.key for t in targets if t.kind == "tied_head"}
-    loader.loaded |= quantised_ties                 # tied checkpoints usually omit the head
+    loader.loaded |= quantised_ties  # tied checkpoints usually omit the head
     missing = set(shapes) - loader.loaded
     if hasattr(model, "tie_weights"):
         _tie_the_rest(model, missing, {t.key for t in targets if t.kind in ("tied_head", "embedding")})
     check_loaded_complete(model_dir, model, loader, shapes)
     if any(t.kind == "experts" for t in targets):
         use_eager_experts(model)
-    model.to(device)                                # the constructor-made buffers (rotary tables)
+    model.to(device)  # the constructor-made buffers (rotary tables)
     model.eval()
     release_free_memory()
     return model

@@ -20,20 +20,33 @@ dequantises and writes another type.
 On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirror of `NF4._quantize_blocks` (the same
 bytes); `nf4_dq` quantises in torch (its second-level scales span the tensor).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .block import BlockFormat
+from greentune.quant.block import BlockFormat
 
 NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 DQ_BLOCK = 256
 
@@ -45,9 +58,9 @@ def _code(device) -> torch.Tensor:
 def encode(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """float ``[n, 64]`` and scales ``[n, 1]`` → packed code bytes uint8 ``[n, 32]``."""
     code = _code(blocks.device)
-    mid = (code[1:] + code[:-1]) / 2                       # 15 decision boundaries
+    mid = (code[1:] + code[:-1]) / 2  # 15 decision boundaries
     scale = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-    q = torch.bucketize(blocks / scale, mid, right=False).to(torch.uint8)   # x ≤ mid → lower code
+    q = torch.bucketize(blocks / scale, mid, right=False).to(torch.uint8)  # x ≤ mid → lower code
     return (q[:, 0::2] << 4) | q[:, 1::2]
 
 
@@ -90,17 +103,18 @@ class NF4DoubleQuant(BlockFormat):
         packed = self.packed_shape(w.shape)
         blocks = w.detach().reshape(-1, self.block_size).to(torch.float32)
         nb = blocks.shape[0]
-        absmax = blocks.abs().amax(dim=1)                               # [nb]
+        absmax = blocks.abs().amax(dim=1)  # [nb]
         offset = absmax.mean()
         c = absmax - offset
         n2 = math.ceil(nb / DQ_BLOCK)
         c2 = torch.nn.functional.pad(c, (0, n2 * DQ_BLOCK - nb)).reshape(n2, DQ_BLOCK)
-        s2 = c2.abs().amax(dim=1, keepdim=True) / 127                  # [n2, 1]
+        s2 = c2.abs().amax(dim=1, keepdim=True) / 127  # [n2, 1]
         s2_safe = torch.where(s2 == 0, torch.ones_like(s2), s2)
         q2 = torch.round(c2 / s2_safe).clamp(-127, 127)
-        absmax_hat = (q2 * s2 + offset).reshape(-1)[:nb, None]           # what decode will use
-        body = torch.cat([q2.reshape(-1)[:nb, None].to(torch.int8).view(torch.uint8),
-                          encode(blocks, absmax_hat)], dim=1)
+        absmax_hat = (q2 * s2 + offset).reshape(-1)[:nb, None]  # what decode will use
+        body = torch.cat(
+            [q2.reshape(-1)[:nb, None].to(torch.int8).view(torch.uint8), encode(blocks, absmax_hat)], dim=1
+        )
         trailer = torch.cat([s2.reshape(-1), offset.reshape(1)]).contiguous().view(torch.uint8)
         out = torch.cat([body.reshape(-1), trailer])
         assert tuple(out.shape) == packed
@@ -109,12 +123,14 @@ class NF4DoubleQuant(BlockFormat):
     def dequantize(self, q: torch.Tensor, shape: Sequence[int], native: bool = False) -> torch.Tensor:
         shape = tuple(int(s) for s in shape)
         if tuple(q.shape) != self.packed_shape(shape):
-            raise ValueError(f"{self.name}: packed shape {tuple(q.shape)} does not match "
-                             f"{self.packed_shape(shape)} for a tensor of shape {shape}")
+            raise ValueError(
+                f"{self.name}: packed shape {tuple(q.shape)} does not match "
+                f"{self.packed_shape(shape)} for a tensor of shape {shape}"
+            )
         nb = math.prod(shape) // self.block_size
         n2 = math.ceil(nb / DQ_BLOCK)
         body = q[: nb * self.type_size].reshape(nb, self.type_size)
-        trailer = q[nb * self.type_size:].contiguous().view(torch.float32)
+        trailer = q[nb * self.type_size :].contiguous().view(torch.float32)
         s2, offset = trailer[:n2], trailer[n2]
         q2 = body[:, 0].contiguous().view(torch.int8).to(torch.float32)
         absmax = q2 * s2.repeat_interleave(DQ_BLOCK)[:nb] + offset

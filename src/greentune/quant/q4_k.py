@@ -22,19 +22,30 @@ On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirror of `_quantize_chunk` in
 bytes: torch's summation order and torch's own sqrt are kept); this torch code is the reference
 it is tested against and the path on other devices.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .block import (BlockFormat, GGMLQuantizationType, chunk_elements, f16_bytes, f16_from_bytes,
-                    f16_round, map_chunks, nearest_int, uint8_wrap)
+from greentune.quant.block import (
+    BlockFormat,
+    GGMLQuantizationType,
+    chunk_elements,
+    f16_bytes,
+    f16_from_bytes,
+    f16_round,
+    map_chunks,
+    nearest_int,
+    uint8_wrap,
+)
 
 QK_K = 256
 
 
-def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_qkx2_quants(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised `make_qkx2_quants` (use_mad = false) over groups.
 
     Args:
@@ -51,25 +62,35 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     candidate; it agrees with C's direct sum to ~1e-6 relative, so only candidates whose
     errors tie to that precision can be ranked differently.
     """
-    mn = x.amin(dim=1, keepdim=True).clamp(max=0)                  # min is never above 0
+    mn = x.amin(dim=1, keepdim=True).clamp(max=0)  # min is never above 0
     mx = x.amax(dim=1, keepdim=True)
     flat = mx == mn
     one = torch.ones_like(mx)
     wx = w * x
     sum_w = w.sum(dim=1, keepdim=True)
     sum_x = wx.sum(dim=1, keepdim=True)
-    acc = torch.float32 if x.device.type == "mps" else torch.float64       # MPS has no float64
+    acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
     sw, sx, sxx = sum_w.to(acc), sum_x.to(acc), (wx * x).sum(dim=1, keepdim=True).to(acc)
 
     def sums(iscale: torch.Tensor, xm: torch.Tensor):
-        l = torch.round(xm * iscale).clamp_(0, nmax)               # nearest_int(iscale*(x - min))
+        l = torch.round(xm * iscale).clamp_(0, nmax)  # nearest_int(iscale*(x - min))
         wl = w * l
-        return wl.sum(dim=1, keepdim=True), (wl * l).sum(dim=1, keepdim=True), (wl * x).sum(dim=1, keepdim=True)
+        return (
+            wl.sum(dim=1, keepdim=True),
+            (wl * l).sum(dim=1, keepdim=True),
+            (wl * x).sum(dim=1, keepdim=True),
+        )
 
     def error(s, m, s_l, s_l2, s_xl):
         s, m = s.to(acc), m.to(acc)
-        return s * s * s_l2.to(acc) + 2 * s * m * s_l.to(acc) - 2 * s * s_xl.to(acc) \
-            + m * m * sw - 2 * m * sx + sxx
+        return (
+            s * s * s_l2.to(acc)
+            + 2 * s * m * s_l.to(acc)
+            - 2 * s * s_xl.to(acc)
+            + m * m * sw
+            - 2 * m * sx
+            + sxx
+        )
 
     # As in C, `min` is updated with each better candidate, and later grids are laid
     # between the new min and max: the search walks, it does not scan a fixed grid.
@@ -114,8 +135,9 @@ def _pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """
     lo_s, hi_s = ls[:, :4], ls[:, 4:]
     lo_m, hi_m = lm[:, :4], lm[:, 4:]
-    return torch.cat([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6),
-                      (hi_s & 0x0F) | ((hi_m & 0x0F) << 4)], dim=1)
+    return torch.cat(
+        [lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 0x0F) | ((hi_m & 0x0F) << 4)], dim=1
+    )
 
 
 def unpack_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +151,13 @@ def unpack_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Dequantisation in plain torch, in two steps: the per-group scales (1/32 of the data) and the
 # nibble expansion. `kernels.c` computes the same values in one pass on CPU.
 
+
 def dequant_prep(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``[n, 144]`` → group scales ``d·sc`` and shifts ``dmin·m``, each fp32 ``[n, 4, 2]``
     (pair c, nibble h: group 2c+h)."""
     n = blocks.shape[0]
     b = blocks[:, :16].to(torch.int32)
-    dd = f16_from_bytes(b[:, 0:4:2], b[:, 1:4:2])                  # [n, 2]: d, dmin
+    dd = f16_from_bytes(b[:, 0:4:2], b[:, 1:4:2])  # [n, 2]: d, dmin
     lo, mid, hi = b[:, 4:8], b[:, 8:12], b[:, 12:16]
     sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 2) & 48)], dim=1).to(torch.float32)
     mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 48)], dim=1).to(torch.float32)
@@ -144,7 +167,7 @@ def dequant_prep(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequant_expand(blocks: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """uint8 ``[n, 144]`` + `dequant_prep`'s scales → fp32 ``[n, 256]``: ``scale·q − shift``."""
     n = blocks.shape[0]
-    qs = blocks[:, 16:].reshape(n, 4, 32).to(torch.int32)         # int32: vector shifts exist in AVX2
+    qs = blocks[:, 16:].reshape(n, 4, 32).to(torch.int32)  # int32: vector shifts exist in AVX2
     lo = (qs & 15).to(torch.float32) * scale[:, :, 0:1] - shift[:, :, 0:1]
     hi = (qs >> 4).to(torch.float32) * scale[:, :, 1:2] - shift[:, :, 1:2]
     return torch.stack([lo, hi], dim=2).reshape(n, QK_K)
@@ -165,7 +188,7 @@ class Q4_K(BlockFormat):
         scales, mins, L = make_qkx2_quants(g, av_x + g.abs(), nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
 
-        max_scale = scales.amax(dim=1, keepdim=True).clamp(min=0)   # [n, 1]
+        max_scale = scales.amax(dim=1, keepdim=True).clamp(min=0)  # [n, 1]
         max_min = mins.amax(dim=1, keepdim=True).clamp(min=0)
         zero = torch.zeros_like(max_scale)
         inv_scale = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1 + zero), zero)
@@ -181,8 +204,9 @@ class Q4_K(BlockFormat):
         req = nearest_int((g + dm) / torch.where(has, dq, torch.ones_like(dq))).clamp(0, 15)
         L = torch.where(has, req, L).to(torch.uint8).reshape(n, 4, 2, 32)
         qs = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(n, 128)
-        return torch.cat([f16_bytes(d), f16_bytes(dmin),
-                          _pack_scales(ls.to(torch.uint8), lm.to(torch.uint8)), qs], dim=1)
+        return torch.cat(
+            [f16_bytes(d), f16_bytes(dmin), _pack_scales(ls.to(torch.uint8), lm.to(torch.uint8)), qs], dim=1
+        )
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return dequant_expand(blocks, *dequant_prep(blocks))

@@ -18,13 +18,22 @@ by ``(Σwxl)²/Σwl²``), the group scales quantised to int8 against the largest
 re-rounded against its stored scale. It is the type the Q4_K_M mix uses for some tensors.
 On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirror of `_quantize_chunk` (the same bytes).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .block import (BlockFormat, GGMLQuantizationType, chunk_elements, f16_bytes, f16_from_bytes,
-                    f16_round, map_chunks, nearest_int)
+from greentune.quant.block import (
+    BlockFormat,
+    GGMLQuantizationType,
+    chunk_elements,
+    f16_bytes,
+    f16_from_bytes,
+    f16_round,
+    map_chunks,
+    nearest_int,
+)
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15
@@ -37,8 +46,8 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     float in [0, 2·nmax − 1]. All-zero groups (max |x| < 1e-15) get scale 0 and L = 0.
     """
     ax = x.abs()
-    imax = ax.argmax(dim=1, keepdim=True)                  # first of equal maxima, as the C loop
-    mx = torch.gather(x, 1, imax)                          # signed value of largest magnitude
+    imax = ax.argmax(dim=1, keepdim=True)  # first of equal maxima, as the C loop
+    mx = torch.gather(x, 1, imax)  # signed value of largest magnitude
     zero = ax.amax(dim=1, keepdim=True) < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x
@@ -50,8 +59,9 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
 
     best_iscale = -nmax / mx
     sumlx, suml2 = sums(best_iscale)
-    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)),
-                        torch.zeros_like(sumlx))
+    scale = torch.where(
+        suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx)
+    )
     best = scale * sumlx
     for i in range(-9, 10):
         if i == 0:
@@ -84,8 +94,8 @@ def dequant_expand(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 1, 64).to(torch.int32)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32).to(torch.int32)
-    lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)        # quarters 0,1,2,3
-    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)          # [n, 2, 4, 32]
+    lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)  # quarters 0,1,2,3
+    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)  # [n, 2, 4, 32]
     q = (lo | (hi << 4)).to(torch.float32) - 32
     return (scale * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
@@ -104,23 +114,26 @@ class Q6_K(BlockFormat):
         scales, L = make_qx_quants_rmse1(g, nmax=32)
         scales = scales.reshape(n, 16)
         imax = scales.abs().argmax(dim=1, keepdim=True)
-        max_scale = torch.gather(scales, 1, imax)          # [n, 1], signed
+        max_scale = torch.gather(scales, 1, imax)  # [n, 1], signed
         empty = max_scale.abs() < GROUP_MAX_EPS
         max_scale = torch.where(empty, torch.ones_like(max_scale), max_scale)
         iscale = -128 / max_scale
         d = 1 / iscale
-        sc = nearest_int(iscale * scales).clamp(max=127)    # [n, 16] in [-128, 127]
+        sc = nearest_int(iscale * scales).clamp(max=127)  # [n, 16] in [-128, 127]
 
         dj = (f16_round(d) * sc).reshape(n * 16, 1)
         has = dj != 0
         req = nearest_int(g / torch.where(has, dj, torch.ones_like(dj))).clamp(-32, 31) + 32
         L = torch.where(has, req, L).to(torch.uint8).reshape(n, 2, 4, 32)
-        ql = torch.cat([L[:, :, 0] & 0x0F | ((L[:, :, 2] & 0x0F) << 4),
-                        L[:, :, 1] & 0x0F | ((L[:, :, 3] & 0x0F) << 4)], dim=2).reshape(n, 128)
-        qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
-              | ((L[:, :, 3] >> 4) << 6)).reshape(n, 64)
+        ql = torch.cat(
+            [L[:, :, 0] & 0x0F | ((L[:, :, 2] & 0x0F) << 4), L[:, :, 1] & 0x0F | ((L[:, :, 3] & 0x0F) << 4)],
+            dim=2,
+        ).reshape(n, 128)
+        qh = (
+            (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
+        ).reshape(n, 64)
         out = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), f16_bytes(d)], dim=1)
-        return torch.where(empty, torch.zeros_like(out), out)   # all-zero block: memset 0
+        return torch.where(empty, torch.zeros_like(out), out)  # all-zero block: memset 0
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return dequant_expand(blocks, *dequant_prep(blocks))

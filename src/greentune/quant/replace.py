@@ -21,20 +21,21 @@ Rows that are not whole blocks of the requested format fall back to Q8_0 or F32
 implementation, the one that indexes experts one by one (``grouped_mm`` / ``batched_mm`` read
 the whole 3D parameter).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
 
-from .block import BlockFormat
-from .embedding import QuantEmbedding, QuantTiedHead
-from .experts import QuantExperts3D
-from .formats import fallback_format, get_format
-from .linear import QuantLinear
+from greentune.quant.block import BlockFormat
+from greentune.quant.embedding import QuantEmbedding, QuantTiedHead
+from greentune.quant.experts import QuantExperts3D
+from greentune.quant.formats import fallback_format, get_format
+from greentune.quant.linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -45,23 +46,28 @@ DEFAULT_SKIP: tuple[str, ...] = ()
 # stores token_embd in Q4_K and output in Q6_K, Q4_0 output in Q6_K, Q8_0 everything in Q8_0.
 # NF4 (no GGUF type) follows the 4-bit pattern; NF4 with double quantisation is not row-local,
 # so its embedding rows use plain NF4.
-_EMBEDDING_MIX = {"q4_k": ("q4_k", "q6_k"), "q4_0": ("q4_0", "q6_k"), "nf4": ("nf4", "q6_k"),
-                  "nf4_dq": ("nf4", "q6_k")}
+_EMBEDDING_MIX = {
+    "q4_k": ("q4_k", "q6_k"),
+    "q4_0": ("q4_0", "q6_k"),
+    "nf4": ("nf4", "q6_k"),
+    "nf4_dq": ("nf4", "q6_k"),
+}
 
 
 @dataclass(frozen=True)
 class Target:
     """One weight to quantise: module `module_name`'s `attr` (``"weight"`` of a Linear, or an
     experts parameter), logical `shape`, stored in `fmt` (after any fallback)."""
+
     module_name: str
     attr: str
-    kind: str                 # "linear" | "experts" | "embedding" | "tied_head"
+    kind: str  # "linear" | "experts" | "embedding" | "tied_head"
     shape: tuple[int, ...]
     fmt: BlockFormat
-    bias: bool = False        # a Linear's bias (kept fp32 by QuantLinear)
-    source: str = ""          # tied_head: the embedding module it reads
-    padding_idx: "int | None" = None   # embedding
-    requested: "BlockFormat | None" = None   # the format asked for, when `fmt` is a fallback
+    bias: bool = False  # a Linear's bias (kept fp32 by QuantLinear)
+    source: str = ""  # tied_head: the embedding module it reads
+    padding_idx: int | None = None  # embedding
+    requested: BlockFormat | None = None  # the format asked for, when `fmt` is a fallback
 
     @property
     def key(self) -> str:
@@ -77,7 +83,7 @@ def is_experts_module(module: nn.Module) -> bool:
     return "Experts" in type(module).__name__
 
 
-def embedding_formats(fmt: "str | BlockFormat") -> tuple[BlockFormat, BlockFormat]:
+def embedding_formats(fmt: str | BlockFormat) -> tuple[BlockFormat, BlockFormat]:
     """``(token embedding format, output layer format)`` for a base quantised in `fmt`."""
     fmt = get_format(fmt)
     emb, head = _EMBEDDING_MIX.get(fmt.name, (fmt.name, fmt.name))
@@ -85,13 +91,13 @@ def embedding_formats(fmt: "str | BlockFormat") -> tuple[BlockFormat, BlockForma
     return (emb if emb.row_local else get_format("nf4")), get_format(head)
 
 
-def _module_name(model: nn.Module, module: "nn.Module | None") -> "str | None":
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     if module is None:
         return None
     return next((n for n, m in model.named_modules() if m is module), None)
 
 
-def _embedding_module(model: nn.Module, getter: str) -> "nn.Module | None":
+def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:
     """`model.get_input_embeddings()` / `get_output_embeddings()`, or None where the model has
     none (transformers raises NotImplementedError for some architectures)."""
     get = getattr(model, getter, None)
@@ -101,7 +107,7 @@ def _embedding_module(model: nn.Module, getter: str) -> "nn.Module | None":
         return None
 
 
-def _io_modules(model: nn.Module) -> tuple["str | None", "str | None", bool]:
+def _io_modules(model: nn.Module) -> tuple[str | None, str | None, bool]:
     """(input embedding name if a plain nn.Embedding, output layer name if a Linear, tied?)."""
     emb = _embedding_module(model, "get_input_embeddings")
     head = _embedding_module(model, "get_output_embeddings")
@@ -111,13 +117,15 @@ def _io_modules(model: nn.Module) -> tuple["str | None", "str | None", bool]:
     if emb is not None and head is not None and getattr(emb, "weight", None) is not None:
         tied = getattr(head, "weight", None) is emb.weight or (
             bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-            and isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding))
+            and isinstance(head, nn.Linear)
+            and isinstance(emb, nn.Embedding)
+        )
     if emb is not None and type(emb) is not nn.Embedding:
         logger.info("input embedding is a %s, not a plain nn.Embedding: left unquantised", type(emb).__name__)
     return emb_name, head_name, tied
 
 
-def plan(model: nn.Module, fmt: "str | BlockFormat", skip: Iterable[str] = DEFAULT_SKIP) -> list[Target]:
+def plan(model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT_SKIP) -> list[Target]:
     """The weights `quantize_model_` would quantise, in module order, a tied head after its
     embedding (works on meta models)."""
     wanted = get_format(fmt)
@@ -128,12 +136,12 @@ def plan(model: nn.Module, fmt: "str | BlockFormat", skip: Iterable[str] = DEFAU
         emb_name = None
     if head_name is not None and _skipped(head_name, skip):
         head_name = None
-    keep_head = None            # a tied output layer whose embedding stays in full precision
+    keep_head = None  # a tied output layer whose embedding stays in full precision
     if tied and (emb_name is None or head_name is None or model.get_submodule(head_name).bias is not None):
         logger.info("tied input/output embedding left unquantised (skipped or not a plain pair)")
         keep_head, emb_name, head_name = head_name, None, None
     targets: list[Target] = []
-    tied_head: "Target | None" = None
+    tied_head: Target | None = None
 
     def stored(f: BlockFormat, row: int) -> dict:
         used = fallback_format(f, row)
@@ -144,22 +152,43 @@ def plan(model: nn.Module, fmt: "str | BlockFormat", skip: Iterable[str] = DEFAU
             continue
         if name == emb_name:
             shape = (module.num_embeddings, module.embedding_dim)
-            targets.append(Target(name, "weight", "embedding", shape, padding_idx=module.padding_idx,
-                                  **stored(head_fmt if tied else emb_fmt, module.embedding_dim)))
+            targets.append(
+                Target(
+                    name,
+                    "weight",
+                    "embedding",
+                    shape,
+                    padding_idx=module.padding_idx,
+                    **stored(head_fmt if tied else emb_fmt, module.embedding_dim),
+                )
+            )
             if tied:
                 tied_head = Target(head_name, "weight", "tied_head", shape, targets[-1].fmt, source=name)
         elif isinstance(module, nn.Linear):
-            if (tied and name in (head_name, keep_head)) or _skipped(name, skip) \
-                    or _shares_embedding(model, module, name):
+            if (
+                (tied and name in (head_name, keep_head))
+                or _skipped(name, skip)
+                or _shares_embedding(model, module, name)
+            ):
                 continue
             f = head_fmt if name == head_name else wanted
-            targets.append(Target(name, "weight", "linear", (module.out_features, module.in_features),
-                                  bias=module.bias is not None, **stored(f, module.in_features)))
+            targets.append(
+                Target(
+                    name,
+                    "weight",
+                    "linear",
+                    (module.out_features, module.in_features),
+                    bias=module.bias is not None,
+                    **stored(f, module.in_features),
+                )
+            )
         elif is_experts_module(module):
             for pname, p in module.named_parameters(recurse=False):
                 full = f"{name}.{pname}"
                 if p.dim() == 3 and pname.endswith("_proj") and not _skipped(full, skip):
-                    targets.append(Target(name, pname, "experts", tuple(p.shape), **stored(wanted, p.shape[-1])))
+                    targets.append(
+                        Target(name, pname, "experts", tuple(p.shape), **stored(wanted, p.shape[-1]))
+                    )
     if tied_head is not None:
         targets.append(tied_head)
     return targets
@@ -175,8 +204,9 @@ def _shares_embedding(model: nn.Module, linear: nn.Linear, name: str) -> bool:
     return True
 
 
-def empty_quantized_module(target: Target, device=None, model: "nn.Module | None" = None,
-                           dtype: torch.dtype = torch.float32) -> nn.Module:
+def empty_quantized_module(
+    target: Target, device=None, model: nn.Module | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """An uninitialised quantised module for `target`, for streaming loads. A tied head needs
     `model`, whose (already installed) quantised embedding it reads.
 
@@ -190,8 +220,9 @@ def empty_quantized_module(target: Target, device=None, model: "nn.Module | None
         out, inp = target.shape
         module = QuantLinear(inp, out, target.fmt, bias=target.bias, device="meta")
     elif target.kind == "embedding":
-        module = QuantEmbedding(*target.shape, fmt=target.fmt, padding_idx=target.padding_idx, dtype=dtype,
-                                device="meta")
+        module = QuantEmbedding(
+            *target.shape, fmt=target.fmt, padding_idx=target.padding_idx, dtype=dtype, device="meta"
+        )
     else:
         module = QuantExperts3D(*target.shape, fmt=target.fmt, device="meta")
     for name, b in module._buffers.items():
@@ -199,8 +230,9 @@ def empty_quantized_module(target: Target, device=None, model: "nn.Module | None
             module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
     for name, p in module._parameters.items():
         if p is not None:
-            module._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=device),
-                                                    requires_grad=p.requires_grad)
+            module._parameters[name] = nn.Parameter(
+                torch.zeros(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad
+            )
     return module
 
 
@@ -213,7 +245,7 @@ def install(model: nn.Module, target: Target, module: nn.Module) -> None:
         owner = model.get_submodule(".".join(path)) if path else model
         setattr(owner, leaf, module)
     else:
-        delattr(parent, target.attr)              # drop the nn.Parameter
+        delattr(parent, target.attr)  # drop the nn.Parameter
         parent.add_module(target.attr, module)
 
 
@@ -229,13 +261,14 @@ def use_eager_experts(model: nn.Module) -> None:
         else:
             config._experts_implementation = "eager"
         logger.info("quantised experts: switched experts implementation to 'eager'")
-    except (ValueError, AttributeError) as exc:      # pragma: no cover - depends on transformers
+    except (ValueError, AttributeError) as exc:  # pragma: no cover - depends on transformers
         logger.warning("could not switch experts implementation to eager: %s", exc)
 
 
 @torch.no_grad()
-def quantize_model_(model: nn.Module, fmt: "str | BlockFormat",
-                    skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, int]:
+def quantize_model_(
+    model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT_SKIP
+) -> dict[str, int]:
     """Replace `model`'s Linear layers and fused expert tensors by quantised ones, in place.
 
     Args:
@@ -259,12 +292,18 @@ def quantize_model_(model: nn.Module, fmt: "str | BlockFormat",
             module = QuantLinear.from_linear(model.get_submodule(target.module_name), target.fmt)
         elif target.kind == "embedding":
             emb = model.get_submodule(target.module_name)
-            module = QuantEmbedding(*target.shape, fmt=target.fmt, padding_idx=emb.padding_idx,
-                                    dtype=emb.weight.dtype, device=emb.weight.device)
+            module = QuantEmbedding(
+                *target.shape,
+                fmt=target.fmt,
+                padding_idx=emb.padding_idx,
+                dtype=emb.weight.dtype,
+                device=emb.weight.device,
+            )
             module.load_weight_(emb.weight)
         else:
-            module = QuantExperts3D.from_tensor(getattr(model.get_submodule(target.module_name), target.attr),
-                                                target.fmt)
+            module = QuantExperts3D.from_tensor(
+                getattr(model.get_submodule(target.module_name), target.attr), target.fmt
+            )
         install(model, target, module)
         counts[target.kind] += 1
         counts["params"] += int(torch.Size(target.shape).numel())
@@ -273,9 +312,13 @@ def quantize_model_(model: nn.Module, fmt: "str | BlockFormat",
             counts["fallback"] += 1
             fallbacks[target.fmt.name] = fallbacks.get(target.fmt.name, 0) + 1
     if fallbacks:
-        logger.warning("%d of %d weights have rows that are not whole %s blocks; stored as %s",
-                       counts["fallback"], counts["linear"] + counts["experts"] + counts["embedding"], wanted.name,
-                       ", ".join(f"{n}×{k}" for k, n in fallbacks.items()))
+        logger.warning(
+            "%d of %d weights have rows that are not whole %s blocks; stored as %s",
+            counts["fallback"],
+            counts["linear"] + counts["experts"] + counts["embedding"],
+            wanted.name,
+            ", ".join(f"{n}×{k}" for k, n in fallbacks.items()),
+        )
     if counts["experts"]:
         use_eager_experts(model)
     return counts

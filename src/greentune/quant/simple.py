@@ -12,11 +12,12 @@ Bytes equal gguf-py's `gguf.quants.quantize` (itself bit-exact with ggml's
 On CPU, `BlockFormat.quantize` runs `kernels.c`'s mirrors of the Q8_0/Q4_0 `_quantize_blocks`
 (the same bytes).
 """
+
 from __future__ import annotations
 
 import torch
 
-from .block import BlockFormat, GGMLQuantizationType, f16_bytes, f16_from_bytes, safe_inverse
+from greentune.quant.block import BlockFormat, GGMLQuantizationType, f16_bytes, f16_from_bytes, safe_inverse
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,8 @@ class Q8_0(BlockFormat):
     ggml_type = GGMLQuantizationType.Q8_0
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        d = blocks.abs().amax(dim=1, keepdim=True) / 127                       # [n, 1]
-        q = _round_half_away(blocks * safe_inverse(d))                          # [n, 32] in [-127, 127]
+        d = blocks.abs().amax(dim=1, keepdim=True) / 127  # [n, 1]
+        q = _round_half_away(blocks * safe_inverse(d))  # [n, 32] in [-127, 127]
         return torch.cat([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
 
     def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,8 @@ class Q4_0(BlockFormat):
     ggml_type = GGMLQuantizationType.Q4_0
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        imax = blocks.abs().argmax(dim=1, keepdim=True)                         # first of equal maxima
-        d = torch.gather(blocks, 1, imax) / -8                                  # [n, 1]
+        imax = blocks.abs().argmax(dim=1, keepdim=True)  # first of equal maxima
+        d = torch.gather(blocks, 1, imax) / -8  # [n, 1]
         q = torch.trunc(blocks * safe_inverse(d) + 8.5).clamp(0, 15).to(torch.uint8)
         packed = q[:, :16] | (q[:, 16:] << 4)
         return torch.cat([f16_bytes(d), packed], dim=1)
@@ -71,6 +72,7 @@ class Q4_0(BlockFormat):
 
 class F32(BlockFormat):
     """Unquantised fp32, stored as GGUF F32: the fallback for rows no block format fits."""
+
     name, block_size, type_size = "f32", 1, 4
     ggml_type = GGMLQuantizationType.F32
 
@@ -83,6 +85,7 @@ class F32(BlockFormat):
 
 class F16(BlockFormat):
     """IEEE half, stored as GGUF F16 (round to nearest even)."""
+
     name, block_size, type_size = "f16", 1, 2
     ggml_type = GGMLQuantizationType.F16
 

@@ -19,16 +19,17 @@ Triton's interpreter and compile them for sm_90 (tests/quant/test_triton_kernels
 
 This module imports triton; import it only where triton is installed (`triton_dispatch` does).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .nf4 import NF4_CODE
+from greentune.quant.nf4 import NF4_CODE
 
 #: Format ids for the kernels' `FMT` constexpr.
 FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_k": 2, "q6_k": 3, "nf4": 4}
@@ -88,8 +89,9 @@ def _byte(ptr, mask):
 
 
 @triton.jit
-def dequant_tile(q_ptr, row_bytes, n_rows, n_cols, r0, c0, code_ptr,
-                 FMT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+def dequant_tile(
+    q_ptr, row_bytes, n_rows, n_cols, r0, c0, code_ptr, FMT: tl.constexpr, R: tl.constexpr, C: tl.constexpr
+):
     """fp32 ``Ŵ[r0:r0+R, c0:c0+C]`` of a packed ``[n_rows, n_cols]`` weight whose row r starts at
     ``q_ptr + r·row_bytes``; lanes past the weight's edge give 0.
 
@@ -99,25 +101,25 @@ def dequant_tile(q_ptr, row_bytes, n_rows, n_cols, r0, c0, code_ptr,
     """
     G: tl.constexpr = 16 if FMT == 3 else (64 if FMT == 4 else 32)
     rows = r0 + tl.arange(0, R)[:, None, None]
-    grp = c0 // G + tl.arange(0, C // G)[None, :, None]      # global group index
+    grp = c0 // G + tl.arange(0, C // G)[None, :, None]  # global group index
     lane = tl.arange(0, G)[None, None, :]
-    ms = (rows < n_rows) & (grp * G < n_cols)                  # [R, C/G, 1]: scale loads
-    mask = ms & (lane < G)                                     # [R, C/G, G]: quant loads
+    ms = (rows < n_rows) & (grp * G < n_cols)  # [R, C/G, 1]: scale loads
+    mask = ms & (lane < G)  # [R, C/G, G]: quant loads
     row0 = q_ptr + rows.to(tl.int64) * row_bytes
-    if FMT == 0:                                          # Q8_0: 32 weights, f16 d + 32 int8
+    if FMT == 0:  # Q8_0: 32 weights, f16 d + 32 int8
         base = row0 + grp * 34
         d = _f16(_byte(base, ms), _byte(base + 1, ms))
         q = tl.load(base + 2 + lane, mask=mask, other=0).to(tl.int8, bitcast=True)
         v = q.to(tl.float32) * d
-    elif FMT == 1:                                        # Q4_0: 32 weights, f16 d + 16 nibble bytes
+    elif FMT == 1:  # Q4_0: 32 weights, f16 d + 16 nibble bytes
         base = row0 + grp * 18
         d = _f16(_byte(base, ms), _byte(base + 1, ms))
         b = _byte(base + 2 + lane % 16, mask)
         q = tl.where(lane < 16, b & 15, b >> 4)
         v = (q.to(tl.float32) - 8.0) * d
-    elif FMT == 2:                                        # Q4_K: 256 weights in 144 bytes, groups of 32
+    elif FMT == 2:  # Q4_K: 256 weights in 144 bytes, groups of 32
         base = row0 + (grp // 8) * 144
-        g = grp % 8                                       # group in the super-block: pair g//2, nibble g%2
+        g = grp % 8  # group in the super-block: pair g//2, nibble g%2
         gl = g % 4
         d = _f16(_byte(base, ms), _byte(base + 1, ms))
         dmin = _f16(_byte(base + 2, ms), _byte(base + 3, ms))
@@ -131,43 +133,56 @@ def dequant_tile(q_ptr, row_bytes, n_rows, n_cols, r0, c0, code_ptr,
         b = _byte(base + 16 + (g // 2) * 32 + lane, mask)
         q = tl.where(g % 2 == 0, b & 15, b >> 4)
         v = q.to(tl.float32) * scale - shift
-    elif FMT == 3:                                        # Q6_K: 256 weights in 210 bytes, groups of 16
+    elif FMT == 3:  # Q6_K: 256 weights in 210 bytes, groups of 16
         base = row0 + (grp // 16) * 210
         g = grp % 16
         half = g // 8
-        a = (g // 2) % 4                                  # quarter (32 weights) within the half
-        l = (g % 2) * 16 + lane                           # lane within the quarter
+        a = (g // 2) % 4  # quarter (32 weights) within the half
+        l = (g % 2) * 16 + lane  # lane within the quarter
         ql = _byte(base + 64 * half + 32 * (a % 2) + l, mask)
         qh = _byte(base + 128 + 32 * half + l, mask)
         q = ((ql >> (4 * (a // 2))) & 15) | (((qh >> (2 * a)) & 3) << 4)
         sc = tl.load(base + 192 + g, mask=ms, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         d = _f16(_byte(base + 208, ms), _byte(base + 209, ms))
         v = (d * sc) * (q.to(tl.float32) - 32.0)
-    else:                                                 # NF4: 64 weights, fp32 absmax + 32 code bytes
+    else:  # NF4: 64 weights, fp32 absmax + 32 code bytes
         base = row0 + grp * 36
-        bits = (_byte(base, ms) | (_byte(base + 1, ms) << 8) | (_byte(base + 2, ms) << 16)
-                | (_byte(base + 3, ms) << 24))
+        bits = (
+            _byte(base, ms)
+            | (_byte(base + 1, ms) << 8)
+            | (_byte(base + 2, ms) << 16)
+            | (_byte(base + 3, ms) << 24)
+        )
         absmax = bits.to(tl.float32, bitcast=True)
         b = _byte(base + 4 + lane // 2, mask)
-        q = tl.where(lane % 2 == 0, b >> 4, b & 15)       # first weight in the high nibble
+        q = tl.where(lane % 2 == 0, b >> 4, b & 15)  # first weight in the high nibble
         v = tl.load(code_ptr + q, mask=mask, other=0.0) * absmax
     return tl.reshape(v, (R, C))
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, out_ptr, code_ptr, n_rows, n_cols, row_bytes,
-                    FMT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _dequant_kernel(
+    q_ptr, out_ptr, code_ptr, n_rows, n_cols, row_bytes, FMT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
+):
     r0 = tl.program_id(0) * BR
     c0 = tl.program_id(1) * BC
     v = dequant_tile(q_ptr, row_bytes, n_rows, n_cols, r0, c0, code_ptr, FMT, BR, BC)
     rows = r0 + tl.arange(0, BR)[:, None]
     cols = c0 + tl.arange(0, BC)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64) * n_cols + cols, cast_rne(v, out_ptr.dtype.element_ty),
-             mask=(rows < n_rows) & (cols < n_cols))
+    tl.store(
+        out_ptr + rows.to(tl.int64) * n_cols + cols,
+        cast_rne(v, out_ptr.dtype.element_ty),
+        mask=(rows < n_rows) & (cols < n_cols),
+    )
 
 
-def dequantize(fmt, q: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-               out: "torch.Tensor | None" = None) -> torch.Tensor:
+def dequantize(
+    fmt,
+    q: torch.Tensor,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Packed bytes `q` (``fmt.packed_shape(shape)``) → the weight as `dtype` ``shape``.
 
     Equal bit for bit to ``fmt.dequantize(q, shape).to(dtype)``. `out`: a contiguous tensor of
@@ -178,8 +193,10 @@ def dequantize(fmt, q: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = 
     if not supported(fmt):
         raise ValueError(f"no Triton kernel for {fmt.name}")
     if tuple(q.shape) != fmt.packed_shape(shape):
-        raise ValueError(f"{fmt.name}: packed shape {tuple(q.shape)} does not match "
-                         f"{fmt.packed_shape(shape)} for a tensor of shape {shape}")
+        raise ValueError(
+            f"{fmt.name}: packed shape {tuple(q.shape)} does not match "
+            f"{fmt.packed_shape(shape)} for a tensor of shape {shape}"
+        )
     if dtype not in OUT_DTYPES:
         raise ValueError(f"unsupported output dtype {dtype}")
     n = math.prod(shape)
@@ -192,8 +209,18 @@ def dequantize(fmt, q: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = 
     R = n // C if C else 0
     if n:
         q = q.contiguous()
-        BR, BC = (8, 256) if q.is_cuda else (128, 256)    # interpreter (CPU tests): fewer programs
+        BR, BC = (8, 256) if q.is_cuda else (128, 256)  # interpreter (CPU tests): fewer programs
         grid = (triton.cdiv(R, BR), triton.cdiv(C, BC))
-        _dequant_kernel[grid](q, out, code_table(q.device), R, C, C // fmt.block_size * fmt.type_size,
-                              FMT=FORMAT_IDS[fmt.name], BR=BR, BC=BC, **launch_options())
+        _dequant_kernel[grid](
+            q,
+            out,
+            code_table(q.device),
+            R,
+            C,
+            C // fmt.block_size * fmt.type_size,
+            FMT=FORMAT_IDS[fmt.name],
+            BR=BR,
+            BC=BC,
+            **launch_options(),
+        )
     return out.view(shape)

@@ -22,6 +22,7 @@ CPU runs the kernels under Triton's interpreter.
 Only formats the kernels know (`triton_dequant.supported`: Q8_0, Q4_0, Q4_K, Q6_K, NF4) take
 these paths; NF4 with double quantisation and the F16/F32 fallbacks stay in plain torch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,7 @@ ENV = "GREENTUNE_TRITON"
 #: provisional crossover: benchmarks/gpu_headline.py's GEMM step measures it on the card).
 FUSED_MAX_ROWS = 64
 
-_modules: "tuple | None | bool" = False          # False: not tried; None: triton unavailable
+_modules: tuple | None | bool = False  # False: not tried; None: triton unavailable
 _buffers: dict[tuple, torch.Tensor] = {}
 
 
@@ -54,11 +55,15 @@ def _kernels():
     global _modules
     if _modules is False:
         try:
-            from . import triton_dequant, triton_matmul
+            from greentune.quant import triton_dequant, triton_matmul
+
             _modules = (triton_dequant, triton_matmul)
         except Exception as exc:  # noqa: BLE001 - no triton, or a broken install: plain torch
-            logger.info("Triton kernels unavailable (%s: %s); quantised layers dequantise in plain torch",
-                        type(exc).__name__, exc)
+            logger.info(
+                "Triton kernels unavailable (%s: %s); quantised layers dequantise in plain torch",
+                type(exc).__name__,
+                exc,
+            )
             _modules = None
     return _modules
 
@@ -91,7 +96,7 @@ def _buffer(device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
     key = (device, dtype)
     buf = _buffers.get(key)
     if buf is None or buf.numel() < n:
-        _buffers.pop(key, None)                  # free the old one before allocating the new
+        _buffers.pop(key, None)  # free the old one before allocating the new
         buf = _buffers[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n]
 
@@ -106,12 +111,17 @@ def dequantize(fmt, q: torch.Tensor, shape, dtype: torch.dtype = torch.float32):
 
 # ---- linear layers ---------------------------------------------------------------------------
 
+
 def _linear_plan(a: torch.Tensor, owner, key):
     """``(q, fmt, (out, in))`` when this product goes to the kernels, else None."""
     if a.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None                                   # the common CPU case, before any indexing
+        return None  # the common CPU case, before any indexing
     q, fmt, shape = owner._packed(key)
-    if q.dim() != 2 or not enabled(a.device, fmt) or a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if (
+        q.dim() != 2
+        or not enabled(a.device, fmt)
+        or a.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    ):
         return None
     return q, fmt, shape
 
@@ -139,16 +149,23 @@ def linear_input_grad(grad: torch.Tensor, owner, key):
     rows = grad.numel() // out
     if choose(rows) == "fused":
         return _kernels()[1].linear_input_grad(grad, fmt, q, out, inp)
-    w = _kernels()[0].dequantize(fmt, q, (out, inp), grad.dtype, out=_buffer(grad.device, grad.dtype, out * inp))
+    w = _kernels()[0].dequantize(
+        fmt, q, (out, inp), grad.dtype, out=_buffer(grad.device, grad.dtype, out * inp)
+    )
     return grad @ w
 
 
 # ---- grouped experts -------------------------------------------------------------------------
 
+
 def grouped_ok(x: torch.Tensor, store) -> bool:
     """Whether `grouped_linear` can run `store`'s experts (a `QuantExperts3D`) on rows like x."""
-    return (store.qweight.dim() == 3 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and enabled(x.device, store.fmt) and store.qweight.device == x.device)
+    return (
+        store.qweight.dim() == 3
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and enabled(x.device, store.fmt)
+        and store.qweight.device == x.device
+    )
 
 
 def _grouped_product(a: torch.Tensor, store, offs: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -158,8 +175,11 @@ def _grouped_product(a: torch.Tensor, store, offs: torch.Tensor, transposed: boo
     if choose(a.shape[0] // max(1, E)) == "fused":
         mm = _kernels()[1]
         return (mm.grouped_input_grad if transposed else mm.grouped_forward)(a, fmt, q, offs, N, K)
-    w = _kernels()[0].dequantize(fmt, q.reshape(E * N, -1), (E * N, K), a.dtype,
-                                 out=_buffer(a.device, a.dtype, E * N * K)).view(E, N, K)
+    w = (
+        _kernels()[0]
+        .dequantize(fmt, q.reshape(E * N, -1), (E * N, K), a.dtype, out=_buffer(a.device, a.dtype, E * N * K))
+        .view(E, N, K)
+    )
     return F.grouped_mm(a, w if transposed else w.transpose(-2, -1), offs=offs)
 
 
@@ -168,13 +188,13 @@ class _GroupedQuantMatmul(torch.autograd.Function):
     packed experts again (no dequantised weight is kept for it)."""
 
     @staticmethod
-    def forward(ctx, x, store, offs):                                  # noqa: D102
+    def forward(ctx, x, store, offs):  # noqa: D102
         ctx.store = store
         ctx.save_for_backward(offs)
         return _grouped_product(x, store, offs, transposed=False)
 
     @staticmethod
-    def backward(ctx, grad):                                           # noqa: D102
+    def backward(ctx, grad):  # noqa: D102
         if not ctx.needs_input_grad[0]:
             return None, None, None
         (offs,) = ctx.saved_tensors

@@ -18,13 +18,22 @@ default matmul does.
 
 This module imports triton; import it only where triton is installed (`triton_dispatch` does).
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_dequant import FORMAT_IDS, SCALE_GROUP, cast_rne, code_table, dequant_tile, launch_options, supported
+from greentune.quant.triton_dequant import (
+    FORMAT_IDS,
+    SCALE_GROUP,
+    cast_rne,
+    code_table,
+    dequant_tile,
+    launch_options,
+    supported,
+)
 
 #: Tile sizes (rows of x, weight rows, weight columns) on the GPU. One configuration for every
 #: shape; the benchmark's GEMM step measures it against dequantise + cuBLAS.
@@ -72,41 +81,71 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, q_ptr, y_ptr, offs_ptr, code_ptr, E, N, K, row_bytes, expert_bytes,
-                    FMT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    q_ptr,
+    y_ptr,
+    offs_ptr,
+    code_ptr,
+    E,
+    N,
+    K,
+    row_bytes,
+    expert_bytes,
+    FMT: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """y[rows of group e] = x[rows] · Ŵ_eᵀ; x [S, K], y [S, N], both contiguous."""
     e, m0, m_end = _group_tile(offs_ptr, E, BM)
     if e < 0:
         return
-    rm = m0 + tl.arange(0, BM)[:, None]                    # [BM, 1]
+    rm = m0 + tl.arange(0, BM)[:, None]  # [BM, 1]
     q_e = q_ptr + e.to(tl.int64) * expert_bytes
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)[None, :]                # [1, BK]
+        rk = k0 + tl.arange(0, BK)[None, :]  # [1, BK]
         x = tl.load(x_ptr + rm.to(tl.int64) * K + rk, mask=(rm < m_end) & (rk < K), other=0.0)
-        w = dequant_tile(q_e, row_bytes, N, K, tl.program_id(1) * BN, k0, code_ptr, FMT, BN, BK)   # [BN, BK]
+        w = dequant_tile(q_e, row_bytes, N, K, tl.program_id(1) * BN, k0, code_ptr, FMT, BN, BK)  # [BN, BK]
         acc += _dot(x, tl.trans(cast_rne(w, x.dtype)), PREC, UPCAST)
     cn = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
     tl.store(y_ptr + rm.to(tl.int64) * N + cn, acc.to(y_ptr.dtype.element_ty), mask=(rm < m_end) & (cn < N))
 
 
 @triton.jit
-def _input_grad_kernel(g_ptr, q_ptr, dx_ptr, offs_ptr, code_ptr, E, N, K, row_bytes, expert_bytes,
-                       FMT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _input_grad_kernel(
+    g_ptr,
+    q_ptr,
+    dx_ptr,
+    offs_ptr,
+    code_ptr,
+    E,
+    N,
+    K,
+    row_bytes,
+    expert_bytes,
+    FMT: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """dx[rows of group e] = dy[rows] · Ŵ_e; dy [S, N], dx [S, K], both contiguous."""
     e, m0, m_end = _group_tile(offs_ptr, E, BM)
     if e < 0:
         return
-    rm = m0 + tl.arange(0, BM)[:, None]                    # [BM, 1]
+    rm = m0 + tl.arange(0, BM)[:, None]  # [BM, 1]
     rk = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]  # [1, BK] weight columns
     q_e = q_ptr + e.to(tl.int64) * expert_bytes
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
-        cn = n0 + tl.arange(0, BN)[None, :]                # [1, BN]
+        cn = n0 + tl.arange(0, BN)[None, :]  # [1, BN]
         g = tl.load(g_ptr + rm.to(tl.int64) * N + cn, mask=(rm < m_end) & (cn < N), other=0.0)
-        w = dequant_tile(q_e, row_bytes, N, K, n0, tl.program_id(1) * BK, code_ptr, FMT, BN, BK)   # [BN, BK]
+        w = dequant_tile(q_e, row_bytes, N, K, n0, tl.program_id(1) * BK, code_ptr, FMT, BN, BK)  # [BN, BK]
         acc += _dot(g, cast_rne(w, g.dtype), PREC, UPCAST)
     tl.store(dx_ptr + rm.to(tl.int64) * K + rk, acc.to(dx_ptr.dtype.element_ty), mask=(rm < m_end) & (rk < K))
 
@@ -117,30 +156,51 @@ def _check(fmt, x: torch.Tensor, q: torch.Tensor, offs: torch.Tensor, N: int, K:
     if q.dim() != 3 or tuple(q.shape[1:]) != fmt.packed_shape((N, K)):
         raise ValueError(f"packed experts {tuple(q.shape)} do not hold [E, {N}, {K}] {fmt.name} weights")
     if offs.dim() != 1 or offs.numel() != q.shape[0] or offs.dtype != torch.int32:
-        raise ValueError(f"offs must be int32 [{q.shape[0]}] group ends, got {offs.dtype} {tuple(offs.shape)}")
+        raise ValueError(
+            f"offs must be int32 [{q.shape[0]}] group ends, got {offs.dtype} {tuple(offs.shape)}"
+        )
     if x.dim() != 2:
         raise ValueError(f"expected 2-D rows, got shape {tuple(x.shape)}")
 
 
-def _launch(kernel, a: torch.Tensor, fmt, q: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
-            N: int, K: int) -> torch.Tensor:
+def _launch(
+    kernel, a: torch.Tensor, fmt, q: torch.Tensor, out: torch.Tensor, offs: torch.Tensor, N: int, K: int
+) -> torch.Tensor:
     """Run `kernel` (forward: output columns N; input gradient: output columns K) on rows `a`."""
     E = q.shape[0]
     BM, BN, BK = tiles(a.device)
-    assert BK % SCALE_GROUP[fmt.name] == 0, (BK, fmt.name)   # dequant_tile's layout
+    assert BK % SCALE_GROUP[fmt.name] == 0, (BK, fmt.name)  # dequant_tile's layout
     cols, block_cols = (N, BN) if kernel is _forward_kernel else (K, BK)
     if a.shape[0] == 0 or cols == 0:
         return out
-    prec = "ieee" if a.dtype == torch.float32 else "tf32"   # (ignored for 16-bit inputs)
+    prec = "ieee" if a.dtype == torch.float32 else "tf32"  # (ignored for 16-bit inputs)
     row_bytes = K // fmt.block_size * fmt.type_size
     grid = (triton.cdiv(a.shape[0], BM) + E - 1, triton.cdiv(cols, block_cols))
-    kernel[grid](a, q, out, offs, code_table(a.device), E, N, K, row_bytes, N * row_bytes,
-                 FMT=FORMAT_IDS[fmt.name], PREC=prec,
-                 UPCAST=not a.is_cuda and a.dtype != torch.float32, BM=BM, BN=BN, BK=BK, **launch_options())
+    kernel[grid](
+        a,
+        q,
+        out,
+        offs,
+        code_table(a.device),
+        E,
+        N,
+        K,
+        row_bytes,
+        N * row_bytes,
+        FMT=FORMAT_IDS[fmt.name],
+        PREC=prec,
+        UPCAST=not a.is_cuda and a.dtype != torch.float32,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        **launch_options(),
+    )
     return out
 
 
-def grouped_forward(x: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N: int, K: int) -> torch.Tensor:
+def grouped_forward(
+    x: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N: int, K: int
+) -> torch.Tensor:
     """``y[g] = x[g] · Ŵ_eᵀ`` for each group g of rows: x ``[S, K]`` grouped by expert, q uint8
     ``[E, *fmt.packed_shape((N, K))]``, offs int32 ``[E]`` group ends (``offs[-1] == S``) → ``[S, N]``
     in x's dtype. Rows past ``offs[-1]`` are left unwritten."""
@@ -150,7 +210,9 @@ def grouped_forward(x: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N
     return _launch(_forward_kernel, x, fmt, q, y, offs, N, K)
 
 
-def grouped_input_grad(grad: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N: int, K: int) -> torch.Tensor:
+def grouped_input_grad(
+    grad: torch.Tensor, fmt, q: torch.Tensor, offs: torch.Tensor, N: int, K: int
+) -> torch.Tensor:
     """``dx[g] = dy[g] · Ŵ_e`` for each group g: grad ``[S, N]`` → ``[S, K]`` in grad's dtype."""
     _check(fmt, grad, q, offs, N, K)
     grad, q = grad.contiguous(), q.contiguous()

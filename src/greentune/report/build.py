@@ -15,6 +15,7 @@ Inputs (all optional except that a run needs metrics.jsonl or ledger.jsonl):
 * ``inference`` ledger rows (`greentune eval`) and ``export/*.gguf``: the serving section
   (`report.serving`).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,7 +26,7 @@ from pathlib import Path
 from greentune.energy.factors import Factors
 from greentune.energy.ledger import J_PER_KWH, sum_rows
 from greentune.errors import UserError
-from greentune.fsutil import atomic_write_json, atomic_write_text, read_jsonl
+from greentune.fsutil import atomic_write_json, atomic_write_text
 from greentune.report.serving import serving_section
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,18 @@ def _metrics(path: Path) -> list[dict]:
     for line in _records(path):
         if "step" not in line:
             continue
-        bad = [k for k in ("step", *_METRIC_NUMBERS) if k in line and line[k] is not None
-               and (isinstance(line[k], bool) or not isinstance(line[k], (int, float)))]
+        bad = [
+            k
+            for k in ("step", *_METRIC_NUMBERS)
+            if k in line
+            and line[k] is not None
+            and (isinstance(line[k], bool) or not isinstance(line[k], (int, float)))
+        ]
         if bad or not isinstance(line["step"], int):
-            raise UserError(f"{path}: corrupt record for step {line.get('step')!r} ({', '.join(bad) or 'step'} "
-                            "not a number); cannot report this run")
+            raise UserError(
+                f"{path}: corrupt record for step {line.get('step')!r} ({', '.join(bad) or 'step'} "
+                "not a number); cannot report this run"
+            )
         by_step[line["step"]] = line
     return [by_step[k] for k in sorted(by_step)]
 
@@ -104,16 +112,24 @@ def _cumulative_kwh(metrics: list[dict]) -> list[tuple[float, float]]:
 
 def _factor_sources(row: dict) -> dict:
     """The factors the last ledger row used, each with its citation (or `recipe` if it differs)."""
-    out = {k: row.get(k) for k in ("region", "pue", "grid_g_per_kwh", "wue_onsite_l_per_kwh", "offsite_l_per_kwh")}
+    out = {
+        k: row.get(k)
+        for k in ("region", "pue", "grid_g_per_kwh", "wue_onsite_l_per_kwh", "offsite_l_per_kwh")
+    }
     try:
         f = Factors.for_region(row.get("region"))
     except UserError:
         return {**out, "region_name": row.get("region"), "sources": {}}
-    cite = {"pue": (f.pue, f.pue_source), "grid_g_per_kwh": (f.grid_g_per_kwh, f.grid_source),
-            "wue_onsite_l_per_kwh": (f.wue_onsite_l_per_kwh, f.wue_source),
-            "offsite_l_per_kwh": (f.offsite_l_per_kwh, f.offsite_source)}
-    sources = {k: (src if out[k] is not None and abs(float(out[k]) - v) < 1e-12 else "recipe")
-               for k, (v, src) in cite.items()}
+    cite = {
+        "pue": (f.pue, f.pue_source),
+        "grid_g_per_kwh": (f.grid_g_per_kwh, f.grid_source),
+        "wue_onsite_l_per_kwh": (f.wue_onsite_l_per_kwh, f.wue_source),
+        "offsite_l_per_kwh": (f.offsite_l_per_kwh, f.offsite_source),
+    }
+    sources = {
+        k: (src if out[k] is not None and abs(float(out[k]) - v) < 1e-12 else "recipe")
+        for k, (v, src) in cite.items()
+    }
     return {**out, "region_name": f.region_name, "sources": sources}
 
 
@@ -124,14 +140,17 @@ def build_report(run_dir: str | Path) -> dict:
         raise UserError(f"no run directory at {run_dir}")
     metrics_path, ledger_path = run_dir / "metrics.jsonl", run_dir / "ledger.jsonl"
     if not metrics_path.exists() and not ledger_path.exists():
-        raise UserError(f"{run_dir} has neither metrics.jsonl nor ledger.jsonl: not a greentune run directory")
+        raise UserError(
+            f"{run_dir} has neither metrics.jsonl nor ledger.jsonl: not a greentune run directory"
+        )
     metrics = _metrics(metrics_path)
     rows = _records(ledger_path)
     try:
         totals = sum_rows(rows)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UserError(f"{ledger_path}: corrupt ledger rows ({type(err).__name__}: {err}); "
-                        "cannot report this run") from None
+        raise UserError(
+            f"{ledger_path}: corrupt ledger rows ({type(err).__name__}: {err}); cannot report this run"
+        ) from None
     phases = [{"phase": p, **v} for p, v in totals.pop("by_phase").items()]
     summary = _read_json(run_dir / "summary.json") or {}
     savings = _read_json(run_dir / "savings.json")
@@ -148,7 +167,9 @@ def build_report(run_dir: str | Path) -> dict:
         "tokens": tokens,
         "seconds": last.get("seconds"),
         "final_loss": last.get("loss"),
-        "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if m.get("eval_loss") is not None), None),
+        "final_eval_loss": next(
+            (m["eval_loss"] for m in reversed(metrics) if m.get("eval_loss") is not None), None
+        ),
         "joules": train_j,
         "j_per_token": (train_j / tokens) if train_j is not None and tokens else None,
     }
@@ -157,7 +178,11 @@ def build_report(run_dir: str | Path) -> dict:
         hardware = {**summary["hardware"], "recorded_by": "the run (summary.json)"}
     else:
         from greentune.energy.hardware import describe_hardware
-        hardware = {**describe_hardware(), "recorded_by": "the machine that wrote this report (not recorded by the run)"}
+
+        hardware = {
+            **describe_hardware(),
+            "recorded_by": "the machine that wrote this report (not recorded by the run)",
+        }
     return {
         "run": run_dir.resolve().name,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -3,6 +3,7 @@
 Inline CSS, inline SVG charts, no scripts, no external resources: the page opens offline
 and prints. Every modelled number carries an ``estimate`` tag.
 """
+
 from __future__ import annotations
 
 from html import escape
@@ -95,9 +96,14 @@ def _cards(r: dict) -> str:
         ("train-j-per-token", "Training energy / token", _n(tr["j_per_token"], "J"), est),
         ("train-joules", "Training energy", _n(tr["joules"], "J"), est),
     ] + cost_cards(r)
-    return '<div class="cards">' + "".join(
-        f'<div class="card" id="{i}"><div class="k">{_e(k)}</div><div class="v">{_e(v)}{_tag(e)}</div></div>'
-        for i, k, v, e in cards) + "</div>"
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card" id="{i}"><div class="k">{_e(k)}</div><div class="v">{_e(v)}{_tag(e)}</div></div>'
+            for i, k, v, e in cards
+        )
+        + "</div>"
+    )
 
 
 def _charts(r: dict) -> str:
@@ -106,22 +112,48 @@ def _charts(r: dict) -> str:
     cm, cu = scale(max((y for _, y in s["cumulative_kwh"]), default=0.0), "energy")
     loss = [("train loss", s["loss"])] + ([("eval loss", s["eval_loss"])] if s["eval_loss"] else [])
     figs = [
-        (line_chart("chart-loss", "Loss by step", loss, "step", "loss"),
-         "Training loss per step" + (" and evaluation loss" if s["eval_loss"] else "") + "."),
-        (bar_chart("chart-phases", f"IT energy by phase ({pu})",
-                   [(p["phase"], p["it_kwh"] * pm) for p in r["phases"]], f"{pu} (IT)"),
-         "IT energy of each phase from the ledger." + (" Modelled (estimate)." if est else "")),
-        (line_chart("chart-cumulative-kwh", f"Cumulative training energy ({cu})",
-                    [(f"IT {cu}", [(x, y * cm) for x, y in s["cumulative_kwh"]])], "step", f"{cu} (IT)"),
-         "Cumulative IT energy of training over steps." + (" Modelled (estimate)." if est else "")),
+        (
+            line_chart("chart-loss", "Loss by step", loss, "step", "loss"),
+            "Training loss per step" + (" and evaluation loss" if s["eval_loss"] else "") + ".",
+        ),
+        (
+            bar_chart(
+                "chart-phases",
+                f"IT energy by phase ({pu})",
+                [(p["phase"], p["it_kwh"] * pm) for p in r["phases"]],
+                f"{pu} (IT)",
+            ),
+            "IT energy of each phase from the ledger." + (" Modelled (estimate)." if est else ""),
+        ),
+        (
+            line_chart(
+                "chart-cumulative-kwh",
+                f"Cumulative training energy ({cu})",
+                [(f"IT {cu}", [(x, y * cm) for x, y in s["cumulative_kwh"]])],
+                "step",
+                f"{cu} (IT)",
+            ),
+            "Cumulative IT energy of training over steps." + (" Modelled (estimate)." if est else ""),
+        ),
     ]
     if r.get("expert_use"):
-        rows = [(f"layer {k}", v) for k, v in sorted(r["expert_use"].items(), key=lambda kv: int(kv[0])
-                                                       if str(kv[0]).isdigit() else 0)]
-        figs.append((heatmap("chart-expert-use", "Expert use per layer (fraction of routed tokens)", rows),
-                     "Fraction of routed tokens per expert, last recorded step."))
-    return '<div class="charts">' + "".join(
-        f"<figure>{svg}<figcaption>{_e(cap)}</figcaption></figure>" for svg, cap in figs) + "</div>"
+        rows = [
+            (f"layer {k}", v)
+            for k, v in sorted(
+                r["expert_use"].items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0
+            )
+        ]
+        figs.append(
+            (
+                heatmap("chart-expert-use", "Expert use per layer (fraction of routed tokens)", rows),
+                "Fraction of routed tokens per expert, last recorded step.",
+            )
+        )
+    return (
+        '<div class="charts">'
+        + "".join(f"<figure>{svg}<figcaption>{_e(cap)}</figcaption></figure>" for svg, cap in figs)
+        + "</div>"
+    )
 
 
 def _phase_table(r: dict) -> str:
@@ -131,14 +163,21 @@ def _phase_table(r: dict) -> str:
     wm, wu = scale(t["water_l"], "water")
 
     def line(name: str, d: dict, joules: float) -> list[str]:
-        return [_td(name), _td(_n(d["seconds"]), True), _td(_n(joules), True), _td(_n(d["it_kwh"] * em), True),
-                _td(_n(d["facility_kwh"] * em), True), _td(_n(d["kg_co2e"] * cm), True),
-                _td(_n(d["water_l"] * wm), True)]
+        return [
+            _td(name),
+            _td(_n(d["seconds"]), True),
+            _td(_n(joules), True),
+            _td(_n(d["it_kwh"] * em), True),
+            _td(_n(d["facility_kwh"] * em), True),
+            _td(_n(d["kg_co2e"] * cm), True),
+            _td(_n(d["water_l"] * wm), True),
+        ]
 
     rows = [line(_e(p["phase"]), p, p["joules"]) for p in r["phases"]]
     rows.append(line("<b>total</b>", t, sum(t["joules"].values())))
-    return _table(["phase", "seconds", "joules", f"IT {eu}", f"facility {eu}", cu, f"water {wu}"], rows,
-                  "table-phases")
+    return _table(
+        ["phase", "seconds", "joules", f"IT {eu}", f"facility {eu}", cu, f"water {wu}"], rows, "table-phases"
+    )
 
 
 def _counterfactual_basis(full: dict) -> str:
@@ -146,39 +185,67 @@ def _counterfactual_basis(full: dict) -> str:
     fit, sl, pl = full.get("fit") or {}, full.get("slice"), full.get("planner")
     if not (sl or pl):
         return ""
-    why = (f' A full copy would need {_n(fit.get("whole_bytes", 0) / 2**30, "GiB")}, more than the '
-           f'{_n(fit.get("available_bytes", 0) / 2**30, "GiB")} available ({_e(fit.get("available_source", ""))}):')
+    why = (
+        f" A full copy would need {_n(fit.get('whole_bytes', 0) / 2**30, 'GiB')}, more than the "
+        f"{_n(fit.get('available_bytes', 0) / 2**30, 'GiB')} available ({_e(fit.get('available_source', ''))}):"
+    )
     if sl:
         m, z = sl["measured"], sl["no_layers"]
-        return why + (f' measured on {sl["layers"]} of {sl["of"]} decoder layers of the same shapes and batch '
-                      f'(weights {_e(sl["weights"])}), {_n(m["j_per_token"], "J/token")}, and without layers (embedding and head), '
-                      f'{_n(z["j_per_token"], "J/token")}; scaled to {sl["of"]} layers.')
-    return why + (f' modelled by the planner at utilisation {pl["utilisation"]:.3f} '
-                  f'({_e(pl["utilisation_basis"])}), {pl["power_w"]:,.0f} W.')
+        return why + (
+            f" measured on {sl['layers']} of {sl['of']} decoder layers of the same shapes and batch "
+            f"(weights {_e(sl['weights'])}), {_n(m['j_per_token'], 'J/token')}, and without layers (embedding and head), "
+            f"{_n(z['j_per_token'], 'J/token')}; scaled to {sl['of']} layers."
+        )
+    return why + (
+        f" modelled by the planner at utilisation {pl['utilisation']:.3f} "
+        f"({_e(pl['utilisation_basis'])}), {pl['power_w']:,.0f} W."
+    )
 
 
 def _savings(r: dict) -> str:
     sv = r.get("savings")
     if not sv or not sv.get("rows"):
-        return '<p class="note" id="savings-none">No savings measurement in this run (savings.json absent).</p>'
+        return (
+            '<p class="note" id="savings-none">No savings measurement in this run (savings.json absent).</p>'
+        )
     rows = []
     for row in sv["rows"]:
         if row["unit"] == "bytes":
-            row = {**row, "unit": "GiB", **{k: row[k] / 2**30 for k in ("this_run", "full_fine_tune", "saved")}}
+            row = {
+                **row,
+                "unit": "GiB",
+                **{k: row[k] / 2**30 for k in ("this_run", "full_fine_tune", "saved")},
+            }
         pct = "–" if row.get("saved_pct") is None else f"{row['saved_pct']:.1f} %"
-        rows.append([_td(_e(row["quantity"]) + _tag(row.get("estimate", False))), _td(_e(row["unit"])),
-                     _td(_n(row["this_run"]), True), _td(_n(row["full_fine_tune"]), True),
-                     _td(_n(row["saved"]), True), _td(pct, True), _td(_e(row["method"]))])
+        rows.append(
+            [
+                _td(_e(row["quantity"]) + _tag(row.get("estimate", False))),
+                _td(_e(row["unit"])),
+                _td(_n(row["this_run"]), True),
+                _td(_n(row["full_fine_tune"]), True),
+                _td(_n(row["saved"]), True),
+                _td(pct, True),
+                _td(_e(row["method"])),
+            ]
+        )
     full = sv.get("full_fine_tune") or {}
     extra = ""
     if full:
-        extra = (f'<p class="note">Counterfactual: {_e(full.get("method", ""))}; '
-                 f'{_n(full.get("j_per_token"), "J/token")}, {_n(full.get("s_per_token"), "s/token")}, '
-                 f'peak memory {_n((full.get("peak_mem_bytes") or 0) / 2**30, "GiB")} ({_e(full.get("peak_mem_kind", ""))}); '
-                 f'sources: {_e(", ".join(f"{k} {v}" for k, v in sorted((full.get("source") or {}).items())))}.'
-                 f'{_counterfactual_basis(full)}</p>')
-    return _table(["quantity", "unit", "this run", "full fine-tune", "saved", "saved %", "method"], rows,
-                  "table-savings") + extra
+        extra = (
+            f'<p class="note">Counterfactual: {_e(full.get("method", ""))}; '
+            f"{_n(full.get('j_per_token'), 'J/token')}, {_n(full.get('s_per_token'), 's/token')}, "
+            f"peak memory {_n((full.get('peak_mem_bytes') or 0) / 2**30, 'GiB')} ({_e(full.get('peak_mem_kind', ''))}); "
+            f"sources: {_e(', '.join(f'{k} {v}' for k, v in sorted((full.get('source') or {}).items())))}."
+            f"{_counterfactual_basis(full)}</p>"
+        )
+    return (
+        _table(
+            ["quantity", "unit", "this run", "full fine-tune", "saved", "saved %", "method"],
+            rows,
+            "table-savings",
+        )
+        + extra
+    )
 
 
 def _factors(r: dict) -> str:
@@ -188,18 +255,32 @@ def _factors(r: dict) -> str:
     src = f.get("sources", {})
     rows = [
         [_td("region"), _td(_e(f"{f.get('region_name')} ({f.get('region')})")), _td("")],
-        [_td("grid intensity"), _td(_n(f["grid_g_per_kwh"], "gCO2e/kWh")), _td(_e(src.get("grid_g_per_kwh", "")))],
+        [
+            _td("grid intensity"),
+            _td(_n(f["grid_g_per_kwh"], "gCO2e/kWh")),
+            _td(_e(src.get("grid_g_per_kwh", ""))),
+        ],
         [_td("PUE"), _td(_n(f["pue"])), _td(_e(src.get("pue", "")))],
-        [_td("on-site WUE"), _td(_n(f["wue_onsite_l_per_kwh"], "L/kWh IT")), _td(_e(src.get("wue_onsite_l_per_kwh", "")))],
-        [_td("off-site water"), _td(_n(f["offsite_l_per_kwh"], "L/kWh")), _td(_e(src.get("offsite_l_per_kwh", "")))],
+        [
+            _td("on-site WUE"),
+            _td(_n(f["wue_onsite_l_per_kwh"], "L/kWh IT")),
+            _td(_e(src.get("wue_onsite_l_per_kwh", ""))),
+        ],
+        [
+            _td("off-site water"),
+            _td(_n(f["offsite_l_per_kwh"], "L/kWh")),
+            _td(_e(src.get("offsite_l_per_kwh", ""))),
+        ],
     ]
     return _table(["factor", "value", "source"], rows, "table-factors")
 
 
 def _sources(r: dict) -> str:
     t = r["totals"]
-    rows = [[_td(_e(c)), _td(_e(", ".join(s)) + _tag("estimate" in s)), _td(_n(t["joules"].get(c)), True)]
-            for c, s in sorted(t["sources"].items())]
+    rows = [
+        [_td(_e(c)), _td(_e(", ".join(s)) + _tag("estimate" in s)), _td(_n(t["joules"].get(c)), True)]
+        for c, s in sorted(t["sources"].items())
+    ]
     return _table(["component", "meter source", "joules"], rows, "table-sources")
 
 
@@ -216,19 +297,27 @@ def _hardware(r: dict) -> str:
 def render_html(r: dict) -> str:
     """The whole page as a string."""
     tr = r["training"]
-    lines = [f"steps {tr['steps']}" if tr["steps"] is not None else "",
-             f"final loss {fmt(tr['final_loss'])}" if tr["final_loss"] is not None else "",
-             f"final eval loss {fmt(tr['final_eval_loss'])}" if tr["final_eval_loss"] is not None else ""]
-    est_note = ('<p class="note" id="estimate-note"><span class="est">estimate</span> marks numbers modelled from '
-                'CPU time and resident memory (no hardware energy counter was readable); they are '
-                'not measurements.</p>') if r["estimate"] else ""
+    lines = [
+        f"steps {tr['steps']}" if tr["steps"] is not None else "",
+        f"final loss {fmt(tr['final_loss'])}" if tr["final_loss"] is not None else "",
+        f"final eval loss {fmt(tr['final_eval_loss'])}" if tr["final_eval_loss"] is not None else "",
+    ]
+    est_note = (
+        (
+            '<p class="note" id="estimate-note"><span class="est">estimate</span> marks numbers modelled from '
+            "CPU time and resident memory (no hardware energy counter was readable); they are "
+            "not measurements.</p>"
+        )
+        if r["estimate"]
+        else ""
+    )
     recipe = f"<h2>Recipe</h2><pre>{_e(r['recipe'])}</pre>" if r.get("recipe") else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>greentune report: {_e(r['run'])}</title><style>{CSS}</style></head>
+<title>greentune report: {_e(r["run"])}</title><style>{CSS}</style></head>
 <body><main>
-<h1>greentune report: {_e(r['run'])}</h1>
-<div class="sub">generated {_e(r['generated_at'])} · {_e(' · '.join(x for x in lines if x))}</div>
+<h1>greentune report: {_e(r["run"])}</h1>
+<div class="sub">generated {_e(r["generated_at"])} · {_e(" · ".join(x for x in lines if x))}</div>
 {_cards(r)}
 {est_note}
 <h2>Charts</h2>

@@ -5,6 +5,7 @@
 GGUF on the target laptop (`plan.inference`); `render_serving(report)` draws the table,
 a J/token chart by engine and format, and `cost_cards` the summary's "cost to serve".
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,9 @@ def serving_section(run_dir: Path, rows: list[dict]) -> dict:
     """{"measured": [eval results], "projected": {...} | None, "cost_to_serve": {...}} for report.json."""
     measured = _latest(rows)
     projected = _projection(Path(run_dir))
-    here = next((m for m in reversed(measured) if m.get("engine") == "llamacpp"), measured[-1] if measured else None)
+    here = next(
+        (m for m in reversed(measured) if m.get("engine") == "llamacpp"), measured[-1] if measured else None
+    )
     cost = {
         "measured_j_per_1k": here["j_per_1k_generated"] if here else None,
         "measured_with": f"{here['engine']} {here['format']}" if here else None,
@@ -66,11 +69,23 @@ def cost_cards(r: dict) -> list[tuple[str, str, str, bool]]:
     c = (r.get("serving") or {}).get("cost_to_serve") or {}
     cards = []
     if c.get("measured_j_per_1k") is not None:
-        cards.append(("serve-j-per-1k-here", f"Cost to serve here ({c['measured_with']})",
-                      f"{fmt(c['measured_j_per_1k'])} J / 1k tokens", c["measured_estimate"]))
+        cards.append(
+            (
+                "serve-j-per-1k-here",
+                f"Cost to serve here ({c['measured_with']})",
+                f"{fmt(c['measured_j_per_1k'])} J / 1k tokens",
+                c["measured_estimate"],
+            )
+        )
     if c.get("projected_j_per_1k") is not None:
-        cards.append(("serve-j-per-1k-laptop", f"Cost to serve on {c['projected_on']} (modelled)",
-                      f"{fmt(c['projected_j_per_1k'])} J / 1k tokens", True))
+        cards.append(
+            (
+                "serve-j-per-1k-laptop",
+                f"Cost to serve on {c['projected_on']} (modelled)",
+                f"{fmt(c['projected_j_per_1k'])} J / 1k tokens",
+                True,
+            )
+        )
     return cards
 
 
@@ -79,38 +94,90 @@ def render_serving(r: dict) -> str:
     s = r.get("serving") or {}
     measured, projected = s.get("measured") or [], s.get("projected")
     if not measured and not projected:
-        return ('<p class="note" id="serving-none">No inference measurement in this run: '
-                '<code>greentune eval RUN --data HELD_OUT --engine llamacpp</code> adds one.</p>')
-    head = ["engine", "format", "perplexity", "prompt tok/s", "prompt J/token", "generation tok/s",
-            "generation J/token", "J / 1k generated", "peak memory MiB", "measured on"]
+        return (
+            '<p class="note" id="serving-none">No inference measurement in this run: '
+            "<code>greentune eval RUN --data HELD_OUT --engine llamacpp</code> adds one.</p>"
+        )
+    head = [
+        "engine",
+        "format",
+        "perplexity",
+        "prompt tok/s",
+        "prompt J/token",
+        "generation tok/s",
+        "generation J/token",
+        "J / 1k generated",
+        "peak memory MiB",
+        "measured on",
+    ]
     body = []
     for m in measured:
         est = _tag(bool(m.get("estimate")))
-        body.append([escape(str(m["engine"])), escape(str(m["format"])), fmt(m["perplexity"]),
-                     fmt(m["prompt"]["tokens_per_s"]), fmt(m["prompt"]["j_per_token"]) + est,
-                     fmt(m["generate"]["tokens_per_s"]), fmt(m["generate"]["j_per_token"]) + est,
-                     fmt(m["j_per_1k_generated"]) + est, fmt(m["peak_rss_bytes"] / 2**20),
-                     escape(f"{m.get('machine', '')}, {m.get('threads')} thread(s)")])
+        body.append(
+            [
+                escape(str(m["engine"])),
+                escape(str(m["format"])),
+                fmt(m["perplexity"]),
+                fmt(m["prompt"]["tokens_per_s"]),
+                fmt(m["prompt"]["j_per_token"]) + est,
+                fmt(m["generate"]["tokens_per_s"]),
+                fmt(m["generate"]["j_per_token"]) + est,
+                fmt(m["j_per_1k_generated"]) + est,
+                fmt(m["peak_rss_bytes"] / 2**20),
+                escape(f"{m.get('machine', '')}, {m.get('threads')} thread(s)"),
+            ]
+        )
     if projected:
         mod = _tag(True, "modelled")
-        body.append([f"llama.cpp on {escape(projected['device'])}", escape(str(projected["format"])), "–",
-                     fmt(projected["prompt_tokens_per_s"]), fmt(projected["prompt_j_per_token"]) + mod,
-                     fmt(projected["decode_tokens_per_s"]), fmt(projected["decode_j_per_token"]) + mod,
-                     fmt(projected["j_per_1k_generated"]) + mod, "–",
-                     escape(f"projection of {projected['file']} ({projected['bandwidth_gbs']:g} GB/s, "
-                            f"{projected['power_w']:g} W)")])
-    rows = "".join("<tr>" + "".join(f'<td class="n">{c}</td>' if i >= 2 and i < 9 else f"<td>{c}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in body)
-    table = (f'<table id="table-inference"><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr></thead>'
-             f"<tbody>{rows}</tbody></table>")
+        body.append(
+            [
+                f"llama.cpp on {escape(projected['device'])}",
+                escape(str(projected["format"])),
+                "–",
+                fmt(projected["prompt_tokens_per_s"]),
+                fmt(projected["prompt_j_per_token"]) + mod,
+                fmt(projected["decode_tokens_per_s"]),
+                fmt(projected["decode_j_per_token"]) + mod,
+                fmt(projected["j_per_1k_generated"]) + mod,
+                "–",
+                escape(
+                    f"projection of {projected['file']} ({projected['bandwidth_gbs']:g} GB/s, "
+                    f"{projected['power_w']:g} W)"
+                ),
+            ]
+        )
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="n">{c}</td>' if i >= 2 and i < 9 else f"<td>{c}</td>" for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in body
+    )
+    table = (
+        f'<table id="table-inference"><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr></thead>'
+        f"<tbody>{rows}</tbody></table>"
+    )
     bars = [(f"{m['engine']} {m['format']}", float(m["generate"]["j_per_token"]) * 1000) for m in measured]
     if projected:
-        bars.append((f"{projected['device'].removeprefix('Apple ')} {projected['format']} (modelled)",
-                     float(projected["decode_j_per_token"]) * 1000))
-    chart = bar_chart("chart-inference-j-per-token", "Generation energy per token by engine and format (mJ/token)",
-                      bars, "mJ per generated token")
-    note = ('<p class="note">Measured rows come from <code>greentune eval</code> on the machine named; '
-            'the modelled row assumes memory-bound decode (active weight bytes ÷ bandwidth) at the device\'s '
-            'catalogue power (an upper bound).</p>')
-    return table + f'<div class="charts"><figure>{chart}<figcaption>Joules per generated token, ×1000.' \
-                   f'</figcaption></figure></div>' + note
+        bars.append(
+            (
+                f"{projected['device'].removeprefix('Apple ')} {projected['format']} (modelled)",
+                float(projected["decode_j_per_token"]) * 1000,
+            )
+        )
+    chart = bar_chart(
+        "chart-inference-j-per-token",
+        "Generation energy per token by engine and format (mJ/token)",
+        bars,
+        "mJ per generated token",
+    )
+    note = (
+        '<p class="note">Measured rows come from <code>greentune eval</code> on the machine named; '
+        "the modelled row assumes memory-bound decode (active weight bytes ÷ bandwidth) at the device's "
+        "catalogue power (an upper bound).</p>"
+    )
+    return (
+        table + f'<div class="charts"><figure>{chart}<figcaption>Joules per generated token, ×1000.'
+        f"</figcaption></figure></div>" + note
+    )

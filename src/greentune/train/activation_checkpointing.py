@@ -29,6 +29,7 @@ transformers adds for the reentrant variant is removed again (not needed, extra 
 Forward hooks that record statistics must ignore the recompute: `moe.router.RouterMonitor`
 does (`_in_backward`), so expert use and the aux loss are counted once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import UserError
-from ..recipe import Recipe
-from .distributed import SINGLE, DistContext
+from greentune.errors import UserError
+from greentune.recipe import Recipe
+from greentune.train.distributed import SINGLE, DistContext
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ log = logging.getLogger(__name__)
 class CheckpointingDecision:
     """What was decided and why; bytes are the planner's predictions per device."""
 
-    setting: str                           # the recipe's: "auto" | "true" | "false"
+    setting: str  # the recipe's: "auto" | "true" | "false"
     enabled: bool
     reason: str
-    memory_bytes: float | None = None      # predicted peak without checkpointing
+    memory_bytes: float | None = None  # predicted peak without checkpointing
     memory_checkpointed_bytes: float | None = None
     available_bytes: float | None = None
     available_source: str | None = None
@@ -62,20 +63,27 @@ class CheckpointingDecision:
 
 def recipe_technique(recipe: Recipe):
     """The recipe's technique as the planner names it (method, base format, rank, targets, upcycling)."""
-    from ..plan.cost import Technique
+    from greentune.plan.cost import Technique
 
     lora, relora, moe = recipe.method.lora, recipe.method.relora, recipe.moe
     upcycle_to = (moe.upcycle.experts, moe.upcycle.top_k) if moe and moe.upcycle else None
-    return Technique("recipe", "relora" if relora else "lora", recipe.method.quant_base, lora.rank,
-                     tuple(lora.targets), upcycle_to, relora.merge_every if relora else 200)
+    return Technique(
+        "recipe",
+        "relora" if relora else "lora",
+        recipe.method.quant_base,
+        lora.rank,
+        tuple(lora.targets),
+        upcycle_to,
+        relora.merge_every if relora else 200,
+    )
 
 
 def predicted_memory(recipe: Recipe, device, ctx: DistContext = SINGLE) -> dict:
     """The planner's memory breakdown (bytes per device) of this recipe's run on `device`:
     its micro-batch per rank (DDP), or the base sharded over the ranks (FSDP)."""
-    from ..models.facts import arch_facts
-    from ..plan.cost import Workload, memory_breakdown
-    from ..plan.hardware import this_hardware_for
+    from greentune.models.facts import arch_facts
+    from greentune.plan.cost import Workload, memory_breakdown
+    from greentune.plan.hardware import this_hardware_for
 
     t = recipe_technique(recipe)
     facts = arch_facts(Path(recipe.base_model))
@@ -94,8 +102,8 @@ def predicted_memory(recipe: Recipe, device, ctx: DistContext = SINGLE) -> dict:
 
 def decide(recipe: Recipe, device, ctx: DistContext = SINGLE) -> CheckpointingDecision:
     """On or off for this run: the recipe's true/false, else the planner's memory model."""
-    from ..plan.cost import choose_checkpointing
-    from ..plan.hardware import GB, run_memory_bytes
+    from greentune.plan.cost import choose_checkpointing
+    from greentune.plan.hardware import GB, run_memory_bytes
 
     setting = recipe.train.activation_checkpointing
     if setting is not True and setting is not False:
@@ -103,7 +111,7 @@ def decide(recipe: Recipe, device, ctx: DistContext = SINGLE) -> CheckpointingDe
     name = "auto" if setting is None else str(setting).lower()
     try:
         mem = predicted_memory(recipe, device, ctx)
-    except UserError as e:   # an architecture the planner cannot model
+    except UserError as e:  # an architecture the planner cannot model
         if setting is None:
             return CheckpointingDecision(name, False, f"auto: off, the planner cannot model this model ({e})")
         return CheckpointingDecision(name, setting, f"the recipe sets it {name}")
@@ -113,30 +121,37 @@ def decide(recipe: Recipe, device, ctx: DistContext = SINGLE) -> CheckpointingDe
     if setting is not None:
         reason = f"the recipe sets it {name}"
     elif enabled:
-        reason = (f"auto: on, the planner predicts {need / GB:,.2f} GB without it > {available / GB:,.2f} GB "
-                  f"({source}); {need_ckpt / GB:,.2f} GB with it"
-                  + ("" if need_ckpt <= available else ", which does not fit either"))
+        reason = (
+            f"auto: on, the planner predicts {need / GB:,.2f} GB without it > {available / GB:,.2f} GB "
+            f"({source}); {need_ckpt / GB:,.2f} GB with it"
+            + ("" if need_ckpt <= available else ", which does not fit either")
+        )
     else:
-        reason = (f"auto: off, the planner predicts {need / GB:,.2f} GB without it <= {available / GB:,.2f} GB "
-                  f"({source})")
+        reason = (
+            f"auto: off, the planner predicts {need / GB:,.2f} GB without it <= {available / GB:,.2f} GB "
+            f"({source})"
+        )
     return CheckpointingDecision(name, enabled, reason, need, need_ckpt, available, source)
 
 
 def enable_(model: nn.Module) -> None:
     """Recompute every decoder layer of a transformers causal LM in the backward (non-reentrant)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support activation "
-                        "checkpointing; set it to false")
+        raise UserError(
+            f"train.activation_checkpointing: {type(model).__name__} does not support activation "
+            "checkpointing; set it to false"
+        )
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers before activation_checkpointing_enable
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.disable_input_require_grads()   # only the reentrant variant needs inputs that require grad
+    model.disable_input_require_grads()  # only the reentrant variant needs inputs that require grad
 
 
-def apply_activation_checkpointing(model: nn.Module, recipe: Recipe, device,
-                                   ctx: DistContext = SINGLE) -> CheckpointingDecision:
+def apply_activation_checkpointing(
+    model: nn.Module, recipe: Recipe, device, ctx: DistContext = SINGLE
+) -> CheckpointingDecision:
     """Decide (`decide`), log the decision, and enable checkpointing on `model` when it is on.
     Call after the adapters are attached and before training; returns the decision. In a job
     rank 0 decides for all (each rank's free memory differs a little from moment to moment)."""
@@ -144,15 +159,20 @@ def apply_activation_checkpointing(model: nn.Module, recipe: Recipe, device,
     if ctx.is_main:
         try:
             decision = decide(recipe, device, ctx)
-        except UserError as e:   # raised on every rank, so that none waits for the others
+        except UserError as e:  # raised on every rank, so that none waits for the others
             decision = str(e)
     decision = ctx.from_main(decision)
     if isinstance(decision, str):
         raise UserError(decision)
     supported = getattr(model, "supports_gradient_checkpointing", False)
     if decision.enabled and decision.setting == "auto" and not supported:
-        decision = CheckpointingDecision(**{**decision.to_dict(), "enabled": False,
-                                            "reason": decision.reason + f"; but {type(model).__name__} cannot"})
+        decision = CheckpointingDecision(
+            **{
+                **decision.to_dict(),
+                "enabled": False,
+                "reason": decision.reason + f"; but {type(model).__name__} cannot",
+            }
+        )
         log.warning("activation checkpointing: %s", decision.reason)
         return decision
     if decision.enabled:

@@ -14,6 +14,7 @@ sharded: every rank writes its shards with torch.distributed.checkpoint into
 `sharded/` (safetensors, via its HuggingFace storage writer, so still no pickle) and
 resumes on the same number of ranks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError
-from ..faults import maybe_fault
-from ..fsutil import atomic_dir, temp_sibling
-from .distributed import SINGLE, DistContext
+from greentune.errors import UserError
+from greentune.faults import maybe_fault
+from greentune.fsutil import atomic_dir, temp_sibling
+from greentune.train.distributed import SINGLE, DistContext
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -37,7 +38,10 @@ DAMAGED_SUFFIX = ".damaged"
 
 log = logging.getLogger(__name__)
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]
+) -> dict[str, torch.Tensor]:
     out = {}
     for param, state in optimizer.state.items():
         for key, value in state.items():
@@ -46,8 +50,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Par
     return out
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
-                           tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]
+) -> None:
     optimizer.state.clear()
     for key, value in tensors.items():
         name, field = key.rsplit("::", 1)
@@ -97,9 +102,17 @@ def _sharded_state(params: dict[str, torch.nn.Parameter], optimizer: torch.optim
     return out
 
 
-def save_checkpoint(ckpt_root: Path, step: int, params: dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer, state: dict, extra: dict[str, torch.Tensor] | None = None,
-                    keep: int = 2, ctx: DistContext = SINGLE, sharded: bool = False) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    extra: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+    ctx: DistContext = SINGLE,
+    sharded: bool = False,
+) -> Path:
     """Write `ckpt_root/step-<step>` atomically, then drop all but the newest `keep`.
 
     Collective in a distributed job: every rank calls it; `sharded` (FSDP) has every rank
@@ -113,26 +126,40 @@ def save_checkpoint(ckpt_root: Path, step: int, params: dict[str, torch.nn.Param
         import torch.distributed.checkpoint as dcp
 
         tmp = Path(ctx.from_main(str(temp_sibling(target)) if ctx.is_main else None))
-        dcp.save(_sharded_state(params, optimizer),
-                 storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "sharded"), save_distributed=True))
+        dcp.save(
+            _sharded_state(params, optimizer),
+            storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "sharded"), save_distributed=True),
+        )
         ctx.barrier()
     if ctx.is_main:
         with atomic_dir(target, tmp) as tmp:
             if sharded:
-                state = {**state, "optimizer_keys": sorted(k for k in _sharded_state(params, optimizer)
-                                                           if k.startswith("optim::"))}
+                state = {
+                    **state,
+                    "optimizer_keys": sorted(
+                        k for k in _sharded_state(params, optimizer) if k.startswith("optim::")
+                    ),
+                }
             else:
-                save_file({n: p.detach().contiguous().clone() for n, p in params.items()},
-                          str(tmp / "trainable.safetensors"))
+                save_file(
+                    {n: p.detach().contiguous().clone() for n, p in params.items()},
+                    str(tmp / "trainable.safetensors"),
+                )
                 save_file(optimizer_tensors(optimizer, names), str(tmp / "optimizer.safetensors"))
             maybe_fault(f"checkpoint-write:{step}")
             save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
             if extra:
-                save_file({k: v.detach().contiguous().clone() for k, v in extra.items()},
-                          str(tmp / "extra.safetensors"))
+                save_file(
+                    {k: v.detach().contiguous().clone() for k, v in extra.items()},
+                    str(tmp / "extra.safetensors"),
+                )
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups,
-                                                        "world": ctx.world, "sharded": sharded}, indent=2))
+            (tmp / "state.json").write_text(
+                json.dumps(
+                    {**state, "step": step, "param_groups": groups, "world": ctx.world, "sharded": sharded},
+                    indent=2,
+                )
+            )
             write_manifest(tmp)
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -155,8 +182,11 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path) -> None:
     """`folder/manifest.json`: the size and sha256 of every file below `folder`."""
-    files = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    files = {
+        str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2, sort_keys=True))
 
 
@@ -171,12 +201,17 @@ def _read_json(path: Path):
 
 def _check_state(path: Path, step: int) -> None:
     state = _read_json(path / "state.json")
-    if not (isinstance(state, dict) and state.get("step") == step and isinstance(state.get("param_groups"), list)
-            and isinstance(state.get("data"), dict) and all(isinstance(state.get(k), (int, float))
-                                                            for k in ("tokens", "seconds"))):
+    if not (
+        isinstance(state, dict)
+        and state.get("step") == step
+        and isinstance(state.get("param_groups"), list)
+        and isinstance(state.get("data"), dict)
+        and all(isinstance(state.get(k), (int, float)) for k in ("tokens", "seconds"))
+    ):
         raise ValueError("state.json lacks the step, counters, data position or optimiser groups")
-    required = ["rng.safetensors"] + ([] if state.get("sharded") else ["trainable.safetensors",
-                                                                        "optimizer.safetensors"])
+    required = ["rng.safetensors"] + (
+        [] if state.get("sharded") else ["trainable.safetensors", "optimizer.safetensors"]
+    )
     for name in required:
         if not (path / name).is_file():
             raise ValueError(f"no {name}")
@@ -248,8 +283,12 @@ def clean_partial(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    ctx: DistContext = SINGLE) -> dict:
+def load_checkpoint(
+    path: Path,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext = SINGLE,
+) -> dict:
     """Restore tensors, optimiser state and RNG from `path`; return the JSON state (+ `extra`).
 
     Every rank reads `path` (the run dir must be on storage all ranks see)."""
@@ -275,13 +314,20 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
     return state
 
 
-def _load_sharded(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                  state: dict, ctx: DistContext) -> None:
+def _load_sharded(
+    path: Path,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    ctx: DistContext,
+) -> None:
     import torch.distributed.checkpoint as dcp
 
     if state.get("world") != ctx.world:
-        raise UserError(f"{path} holds FSDP shards of {state.get('world')} ranks; resume it with "
-                        f"--nproc {state.get('world')} (this job has {ctx.world})")
+        raise UserError(
+            f"{path} holds FSDP shards of {state.get('world')} ranks; resume it with "
+            f"--nproc {state.get('world')} (this job has {ctx.world})"
+        )
     targets = {f"trainable::{n}": p.detach() for n, p in params.items()}
     optim_state: dict = {}
     for key in state["optimizer_keys"]:

@@ -13,6 +13,7 @@ This module holds the few decisions around them:
 * gloo on CPU, nccl on CUDA, chosen from the machine.
 * Every rank checks that it runs the same recipe before any work starts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import UserError
+from greentune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 @dataclass(frozen=True)
 class DistContext:
     """This process's place in the job; the default is a single process."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -102,8 +104,10 @@ def init_from_env() -> DistContext:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"{local_world} processes on this machine but {torch.cuda.device_count()} GPU(s): "
-                            "start one process per GPU (or hide the GPUs with CUDA_VISIBLE_DEVICES= to use CPUs)")
+            raise UserError(
+                f"{local_world} processes on this machine but {torch.cuda.device_count()} GPU(s): "
+                "start one process per GPU (or hide the GPUs with CUDA_VISIBLE_DEVICES= to use CPUs)"
+            )
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
@@ -124,17 +128,22 @@ def check_same_recipe(ctx: DistContext, identity: dict) -> None:
     digests = ctx.gather(digest)
     odd = [r for r, d in enumerate(digests) if d != digests[0]]
     if odd:
-        raise UserError(f"ranks {odd} were given a different recipe than rank 0 "
-                        f"({digests[odd[0]]} vs {digests[0]}); every rank must run the same recipe")
+        raise UserError(
+            f"ranks {odd} were given a different recipe than rank 0 "
+            f"({digests[odd[0]]} vs {digests[0]}); every rank must run the same recipe"
+        )
 
 
 def check_divisible(ctx: DistContext, batch_size: int, grad_accum: int) -> None:
     if batch_size % ctx.world:
-        raise UserError(f"train.batch_size {batch_size} is the global batch and must divide evenly "
-                        f"over {ctx.world} ranks")
+        raise UserError(
+            f"train.batch_size {batch_size} is the global batch and must divide evenly over {ctx.world} ranks"
+        )
     if (batch_size // ctx.world) < grad_accum:
-        raise UserError(f"train.batch_size {batch_size} over {ctx.world} ranks leaves "
-                        f"{batch_size // ctx.world} rows per rank, fewer than train.grad_accum {grad_accum}")
+        raise UserError(
+            f"train.batch_size {batch_size} over {ctx.world} ranks leaves "
+            f"{batch_size // ctx.world} rows per rank, fewer than train.grad_accum {grad_accum}"
+        )
 
 
 def adapter_digests(ctx: DistContext, params: dict[str, torch.Tensor]) -> list[str]:
@@ -161,6 +170,7 @@ def rank_slice(batch: dict, ctx: DistContext) -> dict:
 
 
 # ---- wrapping the model -----------------------------------------------------------------
+
 
 def frozen_buffers_to_params_(model: nn.Module) -> int:
     """Make quantised weights (`qweight` uint8 buffers) frozen parameters, so FSDP2 shards
@@ -192,8 +202,12 @@ def shard_model_(model: nn.Module, ctx: DistContext) -> None:
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
-    log.info("FSDP2: %d decoder layers sharded over %d ranks (%d quantised weights)",
-             len(decoder_layers(model)), ctx.world, converted)
+    log.info(
+        "FSDP2: %d decoder layers sharded over %d ranks (%d quantised weights)",
+        len(decoder_layers(model)),
+        ctx.world,
+        converted,
+    )
 
 
 def wrap_objective(objective: nn.Module, ctx: DistContext, parallel: str) -> nn.Module:
@@ -203,18 +217,24 @@ def wrap_objective(objective: nn.Module, ctx: DistContext, parallel: str) -> nn.
         return objective
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ..moe.expert_lora import ExpertLoRA
+    from greentune.moe.expert_lora import ExpertLoRA
 
     device_ids = [ctx.local_rank] if ctx.backend == "nccl" else None
     # An expert that got no tokens leaves its LoRA pair out of the graph: DDP must look for that.
     unused = any(isinstance(m, ExpertLoRA) for m in objective.modules())
     # No buffer syncing: every rank loaded the same base and seeded the same adapter init, and
     # broadcasting a (quantised) base at start or every step would cost its whole size.
-    return DDP(objective, device_ids=device_ids, find_unused_parameters=unused, init_sync=False,
-               forward_sync_buffers=False)
+    return DDP(
+        objective,
+        device_ids=device_ids,
+        find_unused_parameters=unused,
+        init_sync=False,
+        forward_sync_buffers=False,
+    )
 
 
 # ---- launching --------------------------------------------------------------------------
+
 
 def launch(argv: list[str], nproc: int) -> int:
     """`greentune train --nproc N ...`: the same command under torchrun on this machine.
@@ -225,9 +245,16 @@ def launch(argv: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"greentune-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"greentune-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
     env_threads = os.environ.get("OMP_NUM_THREADS")
     if env_threads is None:  # share the cores out instead of torchrun's default of 1 thread
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -237,6 +264,8 @@ def launch(argv: list[str], nproc: int) -> int:
         rank, failure = err.get_first_failure()
         code = failure.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        raise UserError(f"rank {rank} of {nproc} failed ({how}); the other ranks were stopped. "
-                        "Fix the cause and continue with --resume") from None
+        raise UserError(
+            f"rank {rank} of {nproc} failed ({how}); the other ranks were stopped. "
+            "Fix the cause and continue with --resume"
+        ) from None
     return 0

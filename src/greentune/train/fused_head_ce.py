@@ -15,6 +15,7 @@ Computing it in forward instead of re-running the chunk under checkpointing save
 
 The weight (and bias) must be frozen: a trainable head takes the plain path (`fused_head`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,16 +26,24 @@ IGNORE = -100
 # Causal-LM classes whose head is exactly `logits = lm_head(backbone(...).last_hidden_state)`
 # scored by transformers' ForCausalLMLoss (checked against transformers 5.x: no logit scale or
 # softcap; the MoE ones add router aux loss only with `output_router_logits`).
-STANDARD_HEADS = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
-    "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-})
-CHUNK_ELEMENTS = 1 << 21   # logits per chunk (8 MiB fp32): measured fastest at vocab 8192 on a 2-core EPYC
+STANDARD_HEADS = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "OlmoeForCausalLM",
+    }
+)
+CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MiB fp32): measured fastest at vocab 8192 on a 2-core EPYC
 #: on a GPU a chunk only has to bound memory (256 MiB of fp32 logits): fewer, larger kernels.
 DEVICE_CHUNK_ELEMENTS = 1 << 26
 #: select the rows that have a target (CPU: no work for prompt tokens) or mask them
 #: (accelerators: selecting needs the count on the host, a sync that stalls the launch queue).
-SELECT_ROWS = "auto"   # auto | always | never
+SELECT_ROWS = "auto"  # auto | always | never
 
 
 def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -46,13 +55,19 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     config = model.config
-    if getattr(config, "output_router_logits", False) or getattr(model, "loss_function", None) is not ForCausalLMLoss:
+    if (
+        getattr(config, "output_router_logits", False)
+        or getattr(model, "loss_function", None) is not ForCausalLMLoss
+    ):
         return None
     if getattr(config, "final_logit_softcapping", None) is not None or getattr(config, "logit_scale", None):
         return None
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.weight.requires_grad or \
-            (head.bias is not None and head.bias.requires_grad):
+    if (
+        type(head) is not nn.Linear
+        or head.weight.requires_grad
+        or (head.bias is not None and head.bias.requires_grad)
+    ):
         return None
     if _hooked(model) or _hooked(head):
         return None
@@ -90,7 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden if all_rows else hidden.index_select(0, rows)
             y = targets if all_rows else targets.index_select(0, rows)
             valid = None
-        else:   # every row, untargeted ones masked: no host sync
+        else:  # every row, untargeted ones masked: no host sync
             all_rows, h, valid = True, hidden, (targets != IGNORE)
             y = targets.clamp_min(0)
         want_grad = ctx.needs_input_grad[0]
@@ -98,25 +113,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = chunk_rows(weight.shape[0], hidden.device)
         for s in range(0, h.shape[0], step):
-            hc, yc = h[s:s + step], y[s:s + step]
-            logits = F.linear(hc, weight, bias).float()                   # [n, V]
+            hc, yc = h[s : s + step], y[s : s + step]
+            logits = F.linear(hc, weight, bias).float()  # [n, V]
             target_logit = logits.gather(1, yc[:, None])
             m = logits.amax(1, keepdim=True)
-            logits.sub_(m).exp_()                                         # unnormalised softmax
+            logits.sub_(m).exp_()  # unnormalised softmax
             z = logits.sum(1, keepdim=True)
-            row_loss = m + z.log() - target_logit                         # [n, 1]
+            row_loss = m + z.log() - target_logit  # [n, 1]
             if valid is not None:
-                row_loss = row_loss * valid[s:s + step, None]
+                row_loss = row_loss * valid[s : s + step, None]
             total += row_loss.sum()
-            if want_grad:   # p W − W[y], with p = exp / z
+            if want_grad:  # p W − W[y], with p = exp / z
                 pw = torch.mm(logits.to(weight.dtype), weight)
                 g = pw / z.to(pw.dtype) - weight.index_select(0, yc)
                 if valid is not None:
-                    g = g * valid[s:s + step, None].to(g.dtype)
-                grad_h[s:s + step] = g.to(h.dtype)
+                    g = g * valid[s : s + step, None].to(g.dtype)
+                grad_h[s : s + step] = g.to(h.dtype)
         if num_items is None:
-            num_items = (valid.sum().float() if valid is not None
-                         else torch.tensor(float(h.shape[0]), device=hidden.device))
+            num_items = (
+                valid.sum().float()
+                if valid is not None
+                else torch.tensor(float(h.shape[0]), device=hidden.device)
+            )
         loss = total / num_items
         if want_grad:
             grad_h = grad_h / num_items.to(grad_h.dtype)
@@ -132,8 +150,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, num_items=None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    num_items=None,
+) -> torch.Tensor:
     """Σ CE(hidden Wᵀ + b, targets) over targets != -100, divided by `num_items` (the number of
     targets when None). hidden [N, H], targets [N] already shifted; weight and bias frozen."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):

@@ -4,6 +4,7 @@ The loop itself only knows batches, loss, AdamW and checkpoints. Each technique 
 needs to act during training (ReLoRA merges, MoE router loss and expert statistics, the
 energy ledger and its budget) is a `TrainHook`; every method has a no-op default.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ In a distributed job (see `distributed.py`) every rank runs this loop on its sli
 global batch; rank 0 alone writes metrics and shows progress, and the per-step numbers
 (loss, tokens, joules) are sums over ranks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,16 +26,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
-from ..faults import maybe_fault
-from ..fsutil import append_jsonl, atomic_write_text, read_jsonl
-from ..recipe import TrainConfig
-from . import checkpoint as ckpt
-from .distributed import SINGLE, DistContext, rank_slice, wrap_objective
-from .hooks import TrainHook
-from .loss import CausalLMLoss, count_targets
-from .schedule import lr_at
-from .signals import StopSignals
+from greentune.errors import UserError
+from greentune.faults import maybe_fault
+from greentune.fsutil import append_jsonl, atomic_write_text, read_jsonl
+from greentune.recipe import TrainConfig
+from greentune.train import checkpoint as ckpt
+from greentune.train.distributed import SINGLE, DistContext, rank_slice, wrap_objective
+from greentune.train.hooks import TrainHook
+from greentune.train.loss import CausalLMLoss, count_targets
+from greentune.train.schedule import lr_at
+from greentune.train.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class LoopResult:
     tokens: int
     seconds: float
     stopped: str | None = None  # why the loop ended early, if it did
-    signal: int | None = None   # the signal that stopped it (SIGTERM, SIGINT), if one did
+    signal: int | None = None  # the signal that stopped it (SIGTERM, SIGINT), if one did
 
 
 class TrainingDiverged(UserError):
@@ -69,12 +70,20 @@ def _all_finite(params: dict[str, torch.nn.Parameter], ctx: DistContext) -> bool
 
 def _last_finite(ckpt_root: Path) -> str:
     found = ckpt.list_checkpoints(ckpt_root)
-    return (f"The last finite state is {found[-1]}" if found else "No checkpoint was written") + \
-        "; nothing was merged, exported or recorded. Lower train.lr or check the base weights for NaN/inf"
+    return (
+        f"The last finite state is {found[-1]}" if found else "No checkpoint was written"
+    ) + "; nothing was merged, exported or recorded. Lower train.lr or check the base weights for NaN/inf"
 
 
-def _diverged(step: int, loss: float, grad_norm: float | None, save, ckpt_root: Path,
-              params: dict[str, torch.nn.Parameter], ctx: DistContext) -> None:
+def _diverged(
+    step: int,
+    loss: float,
+    grad_norm: float | None,
+    save,
+    ckpt_root: Path,
+    params: dict[str, torch.nn.Parameter],
+    ctx: DistContext,
+) -> None:
     """Stop a run whose step `step` + 1 had a non-finite loss or gradient norm, after
     checkpointing the state before that step (when it is finite and not already saved)."""
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
@@ -100,13 +109,15 @@ def _micro_batches(batch: dict, ctx: DistContext, grad_accum: int) -> list[dict 
     local = rank_slice(batch, ctx)
     n = local["input_ids"].shape[0]
     bounds = [n * k // grad_accum for k in range(grad_accum + 1)]
-    return [{key: v[lo:hi] for key, v in local.items()} if hi > lo else None
-            for lo, hi in zip(bounds, bounds[1:])]
+    return [
+        {key: v[lo:hi] for key, v in local.items()} if hi > lo else None for lo, hi in zip(bounds, bounds[1:])
+    ]
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, batch_size: int, max_batches: int | None = None, device="cpu",
-                  ctx: DistContext = SINGLE) -> tuple[float, int]:
+def evaluate_loss(
+    model, data, batch_size: int, max_batches: int | None = None, device="cpu", ctx: DistContext = SINGLE
+) -> tuple[float, int]:
     """Mean token loss over `data` (a PackedData), and the number of scored tokens.
 
     In a job the batches are dealt out over ranks and the sums reduced; every rank makes the
@@ -124,10 +135,10 @@ def evaluate_loss(model, data, batch_size: int, max_batches: int | None = None, 
         b = j * ctx.world + ctx.rank
         real = b < n_batches
         i = (b if real else 0) * batch_size
-        ids = data.input_ids[i:i + batch_size].to(device)
-        labels = data.labels[i:i + batch_size].to(device)
-        mask = data.attention_mask[i:i + batch_size].to(device)
-        loss_sum = objective(ids, mask, labels, one)   # Σ token losses, without full logits when it can
+        ids = data.input_ids[i : i + batch_size].to(device)
+        labels = data.labels[i : i + batch_size].to(device)
+        mask = data.attention_mask[i : i + batch_size].to(device)
+        loss_sum = objective(ids, mask, labels, one)  # Σ token losses, without full logits when it can
         if not real:
             continue
         total += loss_sum.item()
@@ -137,10 +148,21 @@ def evaluate_loss(model, data, batch_size: int, max_batches: int | None = None, 
     return (total / max(count, 1)), int(count)
 
 
-def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool = False,
-                 hooks: list[TrainHook] | None = None, eval_data=None, eval_batches: int = 8,
-                 device: torch.device | str = "cpu", progress: bool = True,
-                 ctx: DistContext = SINGLE, parallel: str = "ddp") -> LoopResult:
+def run_training(
+    model,
+    stream,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    hooks: list[TrainHook] | None = None,
+    eval_data=None,
+    eval_batches: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    ctx: DistContext = SINGLE,
+    parallel: str = "ddp",
+) -> LoopResult:
     """Train `model`'s trainable parameters on batches from `stream` for `cfg.steps` steps.
 
     `stream` yields global batches; in a job this rank trains on its slice of each.
@@ -154,8 +176,9 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise UserError("nothing to train: no parameter requires a gradient")
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    optimizer = torch.optim.AdamW(
+        params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8, foreach=True
+    )
     objective = wrap_objective(CausalLMLoss(model), ctx, parallel)
     step, tokens, seconds = 0, 0, 0.0
     if ctx.is_main:
@@ -180,19 +203,30 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
     for h in hooks:
         h.on_start(step)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True
+    )
     stopped, stop_signal, signals = None, None, StopSignals()
 
     def save(at_step: int, data_position: dict) -> None:
         if not _all_finite(params, ctx):  # never checkpoint a poisoned state (clipping off lets one through)
-            raise TrainingDiverged(f"the weights became non-finite by step {at_step}; stopped. "
-                                   f"{_last_finite(ckpt_root)}")
+            raise TrainingDiverged(
+                f"the weights became non-finite by step {at_step}; stopped. {_last_finite(ckpt_root)}"
+            )
         extra = {}
         for h in hooks:
             extra.update(h.checkpoint_tensors())
-        ckpt.save_checkpoint(ckpt_root, at_step, params, optimizer,
-                             {"tokens": tokens, "seconds": seconds, "data": data_position},
-                             extra=extra, keep=cfg.keep_checkpoints, ctx=ctx, sharded=sharded)
+        ckpt.save_checkpoint(
+            ckpt_root,
+            at_step,
+            params,
+            optimizer,
+            {"tokens": tokens, "seconds": seconds, "data": data_position},
+            extra=extra,
+            keep=cfg.keep_checkpoints,
+            ctx=ctx,
+            sharded=sharded,
+        )
 
     signals.install()
     try:
@@ -218,7 +252,9 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
                     mb, weight = {key: v[:1] for key, v in batch.items()}, 0.0
                 mb = {key: v.to(device) for key, v in mb.items()}
                 with _no_sync(objective, last=k == len(micro) - 1):
-                    lm_loss = objective(mb["input_ids"], mb["attention_mask"], mb["labels"], num_items) * weight
+                    lm_loss = (
+                        objective(mb["input_ids"], mb["attention_mask"], mb["labels"], num_items) * weight
+                    )
                     loss = lm_loss
                     for h in hooks:
                         extra = h.extra_loss(mb)
@@ -246,8 +282,15 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
             tokens += step_tokens
             dt = time.perf_counter() - t0
             seconds += dt
-            record = {"step": step, "loss": step_loss, "lr": lr, "tokens": tokens, "seconds": round(seconds, 4),
-                      "step_seconds": round(dt, 4), "tokens_per_s": round(step_tokens / dt, 1)}
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": lr,
+                "tokens": tokens,
+                "seconds": round(seconds, 4),
+                "step_seconds": round(dt, 4),
+                "tokens_per_s": round(step_tokens / dt, 1),
+            }
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             for h in hooks:
@@ -255,13 +298,16 @@ def run_training(model, stream, cfg: TrainConfig, run_dir: Path, *, resume: bool
             if "step_joules" in record:
                 record["j_per_token"] = record["step_joules"] / max(step_tokens, 1)
             if eval_data is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                record["eval_loss"], _ = evaluate_loss(model, eval_data, stream.batch_size, eval_batches, device,
-                                                       ctx)
+                record["eval_loss"], _ = evaluate_loss(
+                    model, eval_data, stream.batch_size, eval_batches, device, ctx
+                )
             if ctx.is_main:
                 append_jsonl(metrics_path, record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}")
-            stopped = next((r for h in hooks if (r := h.should_stop())), None)  # job-wide sums: same on every rank
+            stopped = next(
+                (r for h in hooks if (r := h.should_stop())), None
+            )  # job-wide sums: same on every rank
             if any(stop_votes):
                 stop_signal = signal.SIGTERM if stop_votes[0] else signal.SIGINT
                 stopped = f"stopped by {signal.Signals(stop_signal).name}"

@@ -15,12 +15,13 @@ materialising the [tokens, vocab] logits. Anything else (a trainable, LoRA-wrapp
 lm_head, logit scaling or softcapping, router aux loss in the HF loss, a wrapped model) takes
 the plain HF path, which defines the semantics the fast path reproduces.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .fused_head_ce import fused_head, linear_cross_entropy
+from greentune.train.fused_head_ce import fused_head, linear_cross_entropy
 
 
 class CausalLMLoss(nn.Module):
@@ -31,19 +32,32 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.fused = fused
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                num_items: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        num_items: torch.Tensor,
+    ) -> torch.Tensor:
         """Σ token cross-entropy / `num_items` (labels unshifted, -100 = not a target)."""
         parts = fused_head(self.model) if self.fused else None
         if parts is None:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                             num_items_in_batch=num_items, use_cache=False)   # training keeps no KV cache
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                num_items_in_batch=num_items,
+                use_cache=False,
+            )  # training keeps no KV cache
             return out.loss
         backbone, head = parts
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]      # position t predicts t+1
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
-                                    targets.reshape(-1), num_items)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts t+1
+        return linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1), num_items
+        )
 
 
 def count_targets(labels: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ ReLoRA's jagged schedule multiplies this envelope by min(1, (s − r) / restart_
 where r is the last restart step: the LR drops to zero at each merge and re-warms
 linearly back onto the envelope.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,17 @@ def restart_factor(step: int, restart_every: int | None, restart_warmup: int) ->
     return min(1.0, since / restart_warmup)
 
 
-def lr_at(step: int, lr: float, total: int, warmup: int, schedule: str, min_lr_ratio: float,
-          restart_every: int | None = None, restart_warmup: int = 0) -> float:
+def lr_at(
+    step: int,
+    lr: float,
+    total: int,
+    warmup: int,
+    schedule: str,
+    min_lr_ratio: float,
+    restart_every: int | None = None,
+    restart_warmup: int = 0,
+) -> float:
     """The LR for 0-based `step`; with `restart_every`, ReLoRA's jagged restarts."""
-    return envelope(step, lr, total, warmup, schedule, min_lr_ratio) * restart_factor(step, restart_every, restart_warmup)
+    return envelope(step, lr, total, warmup, schedule, min_lr_ratio) * restart_factor(
+        step, restart_every, restart_warmup
+    )

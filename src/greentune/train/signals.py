@@ -7,6 +7,7 @@ the command exits 128 + the signal number (143, 130), so the job can be requeued
 `--resume`. A second signal while the first is pending stops at once (KeyboardInterrupt).
 Outside the loop, `raise_on_sigterm` makes SIGTERM an exception, so clean-ups run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,7 +71,7 @@ class StopSignals:
             signal.signal(s, handler)
         self._previous.clear()
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         self.install()
         return self
 
