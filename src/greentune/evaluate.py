@@ -22,30 +22,30 @@ from greentune.models.loader import (
     max_positions,
     resolve_model_dir,
 )
-from greentune.recipe import read_run_recipe
+from greentune.recipe import SEQ_LEN, Recipe
+from greentune.run_dir import RunDir
 from greentune.train.loop import evaluate_loss
 
 
 def resolve_model(target: str | Path, device="cpu"):
-    """(model, tokenizer, description, recipe dict or None) for a run dir, model folder or Hub id."""
+    """(model, tokenizer, description, the run's `Recipe` or None) for a run dir, model folder or Hub id."""
     target = Path(target)
-    recipe_path = target / "recipe.yaml"
-    if recipe_path.is_file():
-        recipe = read_run_recipe(target)
-        if (target / "merged" / "config.json").is_file():
-            model_dir = target / "merged"
+    run = RunDir(target)
+    if run.has_recipe():
+        recipe = run.read_recipe()
+        if run.has_merged():
+            model_dir = run.merged
             return load_model(model_dir, device), load_tokenizer(model_dir), f"{model_dir}", recipe
-        if (target / "adapter").is_dir():
+        if run.adapter.is_dir():
             from greentune.adapters.lora import apply_lora
             from greentune.adapters.peft_format import load_lora_state_dict, read_adapter
 
-            base = resolve_model_dir(recipe["base_model"], recipe.get("base_model_commit"))
+            base = resolve_model_dir(recipe.base_model, recipe.base_model_commit)
             model = load_model(base, device)
-            config, sd = read_adapter(target / "adapter")
-            lora = recipe.get("method", {}).get("lora", {})
-            apply_lora(model, lora.get("targets", ["attn", "mlp"]), config["r"], config["lora_alpha"])
-            load_lora_state_dict(model, sd, str(target / "adapter"))
-            return model, load_tokenizer(base), f"{base} + {target / 'adapter'}", recipe
+            config, sd = read_adapter(run.adapter)
+            apply_lora(model, recipe.method.lora.targets, config["r"], config["lora_alpha"])
+            load_lora_state_dict(model, sd, str(run.adapter))
+            return model, load_tokenizer(base), f"{base} + {run.adapter}", recipe
         raise UserError(f"{target}: run has no merged/ model or adapter/ yet (did it finish?)")
     model_dir = resolve_model_dir(target)
     return load_model(model_dir, device), load_tokenizer(model_dir), str(target), None
@@ -75,7 +75,7 @@ def evaluate_path(
     device = default_device()
     model, tokenizer, description, recipe = resolve_model(target, device)
     if max_seq_len is None:
-        max_seq_len = (recipe or {}).get("data", {}).get("max_seq_len", 512)
+        max_seq_len = recipe.data.max_seq_len if isinstance(recipe, Recipe) else SEQ_LEN
     check_seq_len(max_seq_len, model.config, description)
     rows = load_eval_rows(data, tokenizer, max_seq_len)
     t0 = time.perf_counter()

@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from greentune.errors import UserError
+from greentune.formats import reuses_training_bytes
 from greentune.fsutil import remove_stale_temps
-from greentune.recipe import ExportConfig, read_run_recipe
+from greentune.recipe import ExportConfig
+from greentune.run_dir import RunDir
 
 
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
@@ -29,7 +31,7 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         load_tokenizer,
         resolve_model_dir,
     )
-    from greentune.pipeline import TRAINED_BYTES, _same_format, export_model, load_trained_bytes
+    from greentune.pipeline import TRAINED_BYTES, export_model, load_trained_bytes
 
     try:
         item = ExportConfig(format=fmt, quant=quant)
@@ -39,11 +41,13 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         model_dir = target / "merged"
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{target}: the run has no merged/ model yet (did it finish?)")
-        quant_base = (read_run_recipe(target).get("method") or {}).get("quant_base", "none")
+        quant_base = RunDir(target).read_recipe().method.quant_base
         out = out or target / "export"
         trained = target / TRAINED_BYTES
         prequantized = (
-            load_trained_bytes(trained) if _same_format(quant_base, item) and trained.exists() else None
+            load_trained_bytes(trained)
+            if reuses_training_bytes(quant_base, item.format, item.quant) and trained.exists()
+            else None
         )
     else:
         model_dir, prequantized = resolve_model_dir(target), None

@@ -11,13 +11,44 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from greentune.data.hf_datasets import BUILDERS, DatasetSpec
 from greentune.errors import UserError
+from greentune.formats import (
+    DEFAULT_BASE_FORMAT,
+    EXPORT_QUANT_HELP,
+    EXPORT_QUANTS,
+    BaseFormat,
+    ExportFormat,
+)
 
-QuantBase = Literal["none", "q8_0", "q4_0", "q4_k", "nf4"]
+QuantBase = BaseFormat  # the recipe's `method.quant_base`: a base format (greentune.formats)
 Target = Literal["attn", "mlp", "experts"]
+
+# The defaults every module reads (the planner, the CLI, the adapters), declared once here.
+LORA_RANK = 16
+LORA_ALPHA = 32.0
+LORA_DROPOUT = 0.0
+LORA_TARGETS: tuple[str, ...] = ("attn", "mlp")
+MERGE_EVERY = 200  # ReLoRA steps between merge-and-restart
+UPCYCLE_EXPERTS, UPCYCLE_TOP_K = 8, 2
+SEQ_LEN = 512
+BATCH_SIZE = 8
+GRAD_ACCUM = 1
+STEPS = 1000
+REGION = "WORLD"
+#: What `data.train` reads as in a recipe loaded with `need_data=False` that names no training data.
+NO_DATA = Path("(no data given)")
 
 
 class _Strict(BaseModel):
@@ -41,7 +72,9 @@ class DataConfig(_Strict):
         ".txt, or {dataset: ORG/NAME or PATH, split, name, columns}"
     )
     eval: DataSource | None = Field(None, description="held-out data; default: a seeded split of `train`")
-    max_seq_len: int = Field(512, ge=8, description="tokens per row; must not exceed the model's positions")
+    max_seq_len: int = Field(
+        SEQ_LEN, ge=8, description="tokens per row; must not exceed the model's positions"
+    )
     pack: bool = Field(True, description="pack short samples into full rows")
     eval_fraction: float = Field(
         0.05, gt=0, lt=1, description="held-out share of train documents when eval is unset"
@@ -49,14 +82,14 @@ class DataConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0, description="update scale is alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[Target] = Field(default_factory=lambda: ["attn", "mlp"], min_length=1)
+    rank: int = Field(LORA_RANK, ge=1)
+    alpha: float = Field(LORA_ALPHA, gt=0, description="update scale is alpha / rank")
+    dropout: float = Field(LORA_DROPOUT, ge=0, lt=1)
+    targets: list[Target] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
 
 
 class ReloraConfig(_Strict):
-    merge_every: int = Field(200, ge=1, description="steps between merge-and-restart")
+    merge_every: int = Field(MERGE_EVERY, ge=1, description="steps between merge-and-restart")
     optimizer_prune: float = Field(
         0.9, ge=0, le=1, description="fraction of LoRA Adam moments zeroed by magnitude"
     )
@@ -64,7 +97,7 @@ class ReloraConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    quant_base: QuantBase = "none"
+    quant_base: QuantBase = DEFAULT_BASE_FORMAT
     lora: LoraConfig = Field(default_factory=LoraConfig)
     relora: ReloraConfig | None = None
 
@@ -73,8 +106,8 @@ MAX_EXPERTS = 256  # the most any released MoE uses (DeepSeek-V3); bounds upcycl
 
 
 class UpcycleConfig(_Strict):
-    experts: int = Field(8, ge=2, le=MAX_EXPERTS)
-    top_k: int = Field(2, ge=1)
+    experts: int = Field(UPCYCLE_EXPERTS, ge=2, le=MAX_EXPERTS)
+    top_k: int = Field(UPCYCLE_TOP_K, ge=1)
 
     @model_validator(mode="after")
     def _k_le_e(self):
@@ -90,9 +123,9 @@ class MoeConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(STEPS, ge=1)
+    batch_size: int = Field(BATCH_SIZE, ge=1)
+    grad_accum: int = Field(GRAD_ACCUM, ge=1)
     lr: float = Field(2e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: int = Field(50, ge=0)
@@ -111,9 +144,16 @@ class TrainConfig(_Strict):
         "auto: on when the planner's memory model says the run would not fit without it",
     )
 
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _auto_true_false(cls, value):
+        if value not in (True, False, "auto"):
+            raise ValueError("must be auto, true or false")
+        return value
+
 
 class EnergyConfig(_Strict):
-    region: str = "WORLD"
+    region: str = REGION
     pue: float | None = Field(None, ge=1.0)
     wue_onsite: float | None = Field(None, ge=0, description="litres per IT kWh")
     grid_g_per_kwh: float | None = Field(None, ge=0)
@@ -124,18 +164,12 @@ class EnergyConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    format: Literal["gguf", "mlx", "hf"]
-    quant: str | None = Field(
-        None, description="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit (default) | none"
-    )
+    format: ExportFormat
+    quant: str | None = Field(None, description=EXPORT_QUANT_HELP)
 
     @model_validator(mode="after")
     def _known_quant(self):
-        allowed = {
-            "gguf": {None, "f32", "f16", "q8_0", "q4_0", "q4_k_m"},
-            "mlx": {None, "4bit", "none"},
-            "hf": {None},
-        }[self.format]
+        allowed = {None, *EXPORT_QUANTS[self.format]}
         if self.quant not in allowed:
             names = ", ".join(sorted(a for a in allowed if a)) or "none"
             raise ValueError(f"quant {self.quant!r} is not one of {names} for format {self.format}")
@@ -205,13 +239,22 @@ def _one_line(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key '{key}' (allowed here: {', '.join(allowed)})"
     if e["type"] == "missing":
         return f"{source}: missing required key '{key}'"
+    if e["type"] == "value_error" and str(e["ctx"]["error"]).startswith("must "):
+        return f"{source}: {key} {e['ctx']['error']}, got {e.get('input')!r}"
     return f"{source}: {key}: {e['msg']} (got {e.get('input')!r})"
 
 
-def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
-    """Validate a recipe dict; relative data/model paths resolve against `base_dir`."""
+def recipe_from_dict(
+    data: dict, source: str = "recipe", base_dir: Path | None = None, need_data: bool = True
+) -> Recipe:
+    """Validate a recipe dict; relative data/model paths resolve against `base_dir`.
+
+    `need_data=False` (the planner, a finished run): a recipe without `data` / `data.train` is
+    valid, its `data.train` then reads as `NO_DATA`; nothing is ever read from the data paths."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: a recipe must be a YAML mapping of keys, got {type(data).__name__}")
+    if not need_data and isinstance(data.get("data") or {}, dict) and "train" not in (data.get("data") or {}):
+        data = {**data, "data": {**(data.get("data") or {}), "train": str(NO_DATA)}}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -223,7 +266,7 @@ def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None =
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     def fix(p):
-        return p if p is None or Path(p).is_absolute() else (base_dir / p).resolve()
+        return p if p is None or p == NO_DATA or Path(p).is_absolute() else (base_dir / p).resolve()
 
     def fix_source(src):
         if not isinstance(src, DatasetSpec):
@@ -247,8 +290,9 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     return recipe.model_copy(update={"data": data, "base_model": base})
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file (one clear line on any problem)."""
+def load_recipe(path: str | Path, need_data: bool = True) -> Recipe:
+    """Read and validate a recipe YAML file (one clear line on any problem); `need_data=False`:
+    see `recipe_from_dict`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
@@ -262,20 +306,7 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    recipe = recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+    recipe = recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent, need_data=need_data)
     if recipe.name is None:
         recipe = recipe.model_copy(update={"name": path.stem})
     return recipe
-
-
-def read_run_recipe(run_dir: str | Path) -> dict:
-    """The resolved recipe a run dir holds (`recipe.yaml`), as a plain mapping; a corrupt one is
-    a `UserError` naming it (greentune wrote it, so anything else means the file was damaged)."""
-    path = Path(run_dir) / "recipe.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (UnicodeDecodeError, RecursionError, yaml.YAMLError):
-        raise UserError(f"{path}: corrupt run recipe (not valid YAML)") from None
-    if not isinstance(data, dict) or not isinstance(data.get("method", {}), dict):
-        raise UserError(f"{path}: corrupt run recipe (not a mapping)")
-    return data

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from greentune.errors import UserError
 from greentune.inference.target import Target, load_tokenizer_for, resolve_target
-from greentune.recipe import read_run_recipe
+from greentune.recipe import SEQ_LEN
+from greentune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _check_target(t: Target, engine: str, target) -> None:
         if t.gguf is None:
             raise UserError(f"{target}: no exported GGUF found (export it first: greentune export {target})")
         require_gguf(t.gguf)
-    elif t.model_dir is None and not (t.run_dir is not None and (t.run_dir / "adapter").is_dir()):
+    elif t.model_dir is None and not (t.run_dir is not None and RunDir(t.run_dir).adapter.is_dir()):
         raise UserError(
             f"{target}: the torch engine needs a run dir or model folder (got a GGUF file without one)"
         )
@@ -201,10 +202,10 @@ def evaluate_inference(
     _check_args(engine, prompt_tokens or 1, gen_tokens or 1, threads, float(min_seconds))
     t = resolve_target(target, gguf_quant)
     _check_target(t, engine, target)
-    recipe = read_run_recipe(t.run_dir) if t.run_dir else {}
+    recipe = RunDir(t.run_dir).read_recipe() if t.run_dir else None
     ctx = _context_length(t, engine)
     if max_seq_len is None:  # the run's rows, at most the model's positions
-        max_seq_len = recipe.get("data", {}).get("max_seq_len", 512)
+        max_seq_len = recipe.data.max_seq_len if recipe is not None else SEQ_LEN
         max_seq_len = min(int(max_seq_len), int(ctx)) if ctx is not None else max_seq_len
     elif ctx is not None and max_seq_len > ctx:
         raise UserError(
@@ -320,7 +321,7 @@ def record_inference(run_dir: Path, measurement, result: dict) -> Path:
     from greentune.energy import Factors, Ledger
     from greentune.fsutil import read_jsonl
 
-    rows = read_jsonl(Path(run_dir) / Ledger.FILENAME)
+    rows = read_jsonl(RunDir(run_dir).ledger)
     last = rows[-1] if rows else {}
     factors = Factors.for_region(
         last.get("region"), pue=last.get("pue"), wue_onsite=last.get("wue_onsite_l_per_kwh")

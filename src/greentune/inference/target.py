@@ -15,6 +15,7 @@ from pathlib import Path
 from greentune.errors import UserError
 from greentune.models.hub import is_hub_id
 from greentune.models.loader import resolve_model_dir
+from greentune.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,11 @@ class Target:
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file()
+    return RunDir(path).has_recipe()
 
 
 def _run_gguf(run_dir: Path, quant: str | None) -> Path | None:
-    files = sorted((run_dir / "export").glob("*.gguf"))
+    files = RunDir(run_dir).ggufs()
     if quant:
         files = [f for f in files if f.stem.lower().endswith(quant.lower())]
     if len(files) > 1:
@@ -49,16 +50,18 @@ def resolve_target(target: str | Path, quant: str | None = None) -> Target:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is neither a run dir, a model folder nor a .gguf file")
-        run = path.parent.parent if path.parent.name == "export" and _is_run(path.parent.parent) else None
-        model_dir = run / "merged" if run is not None and (run / "merged" / "config.json").is_file() else None
+        run = (
+            path.parent.parent if path.parent.name == RunDir.EXPORT and _is_run(path.parent.parent) else None
+        )
+        model_dir = RunDir(run).merged if run is not None and RunDir(run).has_merged() else None
         return Target(run, model_dir, path)
     if not path.exists() and is_hub_id(target):
         return Target(None, resolve_model_dir(target), None, label=str(target))
     if not path.is_dir():
         raise UserError(f"no run dir, model folder or .gguf file at {path}")
     if _is_run(path):
-        merged = path / "merged"
-        return Target(path, merged if (merged / "config.json").is_file() else None, _run_gguf(path, quant))
+        run = RunDir(path)
+        return Target(path, run.merged if run.has_merged() else None, _run_gguf(path, quant))
     if (path / "config.json").is_file():
         exported = path.with_name(path.name + "-export")
         ggufs = sorted(exported.glob("*.gguf")) if exported.is_dir() else []
@@ -73,11 +76,8 @@ def load_tokenizer_for(t: Target):
     if t.model_dir is not None:
         return load_tokenizer(t.model_dir)
     if t.run_dir is not None:
-        from greentune.recipe import read_run_recipe
-
-        recipe = read_run_recipe(t.run_dir)
-        if recipe.get("base_model"):
-            return load_tokenizer(resolve_model_dir(recipe["base_model"], recipe.get("base_model_commit")))
+        recipe = RunDir(t.run_dir).read_recipe()
+        return load_tokenizer(resolve_model_dir(recipe.base_model, recipe.base_model_commit))
     from transformers import AutoTokenizer
 
     try:
