@@ -257,7 +257,7 @@ def test_planner_uses_the_recipes_setting(tmp_path, tiny_llama_dir, setting):
     result = plan(
         facts,
         label,
-        tokens=rec.tokens,
+        workload=rec.workload(),
         hardware="H100",
         extra=[rec.technique()],
         extra_checkpointing=rec.activation_checkpointing,
@@ -289,7 +289,7 @@ def test_planner_respects_false_even_when_it_would_not_fit(tmp_path, tiny_llama_
     rec = read_recipe(path)
     facts, label = model_facts(rec.base_model)
     probe = plan(
-        facts, label, tokens=rec.tokens, hardware="H100", extra=[rec.technique()], use_calibration=False
+        facts, label, workload=rec.workload(), hardware="H100", extra=[rec.technique()], use_calibration=False
     )
     m = probe.get(rec.technique().name).memory
     from greentune.plan.hardware import GB
@@ -298,7 +298,7 @@ def test_planner_respects_false_even_when_it_would_not_fit(tmp_path, tiny_llama_
     auto = plan(
         facts,
         label,
-        tokens=rec.tokens,
+        workload=rec.workload(),
         hardware="H100",
         extra=[rec.technique()],
         memory_gb=gb,
@@ -307,7 +307,7 @@ def test_planner_respects_false_even_when_it_would_not_fit(tmp_path, tiny_llama_
     off = plan(
         facts,
         label,
-        tokens=rec.tokens,
+        workload=rec.workload(),
         hardware="H100",
         extra=[rec.technique()],
         memory_gb=gb,
