@@ -22,7 +22,6 @@ from greentune.adapters.peft_format import save_adapter
 from greentune.adapters.relora import ReLoRA
 from greentune.data import BatchStream, build_datasets
 from greentune.energy import Factors, Ledger, Meter, describe_hardware
-from greentune.energy.hook import EnergyHook
 from greentune.errors import UserError, user_os_error
 from greentune.faults import maybe_fault
 from greentune.fsutil import atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
@@ -46,6 +45,7 @@ from greentune.runlock import RunLock
 from greentune.train import checkpoint, distributed
 from greentune.train.activation_checkpointing import apply_activation_checkpointing
 from greentune.train.distributed import SINGLE, DistContext
+from greentune.train.energy_hook import EnergyHook
 from greentune.train.loop import LoopResult, evaluate_loss, run_training
 
 log = logging.getLogger(__name__)
