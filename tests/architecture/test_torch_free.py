@@ -66,7 +66,8 @@ def test_imports_without_torch(module):
 def test_fast_commands_run_without_torch(argv):
     t0 = time.perf_counter()
     r = _run(
-        f"import runpy; sys.argv = ['greentune', *{argv!r}]; runpy.run_module('greentune', run_name='__main__')"
+        f"import runpy; sys.argv = ['greentune', *{argv!r}]; "
+        "runpy.run_module('greentune', run_name='__main__')"
     )
     seconds = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
