@@ -223,7 +223,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
         moe_steps,
         method={
             "quant_base": "q4_0",
-            "lora": {"rank": 16, "alpha": 32, "targets": ["attn", "experts"]},
+            "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": ["attn", "experts"]},
             "relora": {"merge_every": max(5, moe_steps // 2), "optimizer_prune": 0.9, "restart_warmup": 5},
         },
         moe={"upcycle": {"experts": 4, "top_k": 2}, "aux_loss_coef": 0.01, "router": "full"},

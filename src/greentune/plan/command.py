@@ -68,15 +68,20 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--seq-len",
         type=count(1, 10**7),
         default=None,
-        help="tokens per sequence (default: recipe, else 512)",
+        help=f"tokens per sequence (default: recipe, else {defaults.SEQ_LEN})",
     )
     p.add_argument(
         "--batch-size",
         type=count(1, 10**6),
         default=None,
-        help="sequences per micro-batch (default: recipe, else 8)",
+        help=f"sequences per micro-batch (default: recipe, else {defaults.BATCH_SIZE})",
     )
-    p.add_argument("--rank", type=count(1, 65536), default=None, help="LoRA rank (default: recipe, else 16)")
+    p.add_argument(
+        "--rank",
+        type=count(1, 65536),
+        default=None,
+        help=f"LoRA rank (default: recipe, else {defaults.LORA_RANK})",
+    )
     p.add_argument("--region", default=None, help="grid region, ISO code (default: recipe, else world)")
     p.add_argument(
         "--pue", type=real(1, 10), default=None, help="facility / IT energy (default: recipe, else by site)"
