@@ -19,8 +19,6 @@ from typing import Literal, get_args
 BaseFormat = Literal["none", "q8_0", "q4_0", "q4_k", "nf4"]
 BASE_FORMATS: tuple[str, ...] = get_args(BaseFormat)
 DEFAULT_BASE_FORMAT: BaseFormat = "none"
-#: Unquantised dtypes the planner also prices (full fine-tuning, a bf16/fp32 base).
-DTYPES = ("bf16", "fp16", "fp32")
 
 ExportFormat = Literal["gguf", "mlx", "hf"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
