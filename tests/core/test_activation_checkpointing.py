@@ -448,7 +448,7 @@ def test_two_ranks_train_the_same_with_and_without(
 def test_a_run_may_resume_with_another_setting(tmp_path, tiny_llama_dir, text_jsonl):
     """It changes memory, not results: turning it on to resume a run that ran out of memory is allowed."""
     from greentune.errors import UserError
-    from greentune.pipeline import prepare_run_dir
+    from greentune.run_claim import prepare_run_dir
 
     run = tmp_path / "run"
     prepare_run_dir(run, _recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=False), False)
