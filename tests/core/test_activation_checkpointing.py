@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from greentune.adapters.expert_lora import add_expert_lora_
 from greentune.adapters.lora import apply_lora
 from greentune.models.loader import load_model
 from greentune.moe import prepare_moe_
@@ -34,9 +35,9 @@ def _build(model_dir, quant, targets, dropout, moe):
     randomise_lora(model)
     monitor = None
     if moe:
-        monitor = prepare_moe_(
-            model, (4, 8.0, dropout) if "experts" in targets else None, router="full", aux_loss_coef=0.05
-        )
+        monitor = prepare_moe_(model, router="full", aux_loss_coef=0.05, lora_on_experts="experts" in targets)
+        if "experts" in targets:
+            add_expert_lora_(model, r=4, alpha=8.0, dropout=dropout)
         with torch.no_grad():  # expert LoRA's B starts at zero: make it count
             for n, p in model.named_parameters():
                 if p.requires_grad and ".lora.B_" in n:

@@ -10,14 +10,18 @@ first: `apply_lora` freezes the whole model, so what comes after stays trainable
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from torch import nn
 
+from greentune.adapters.expert_lora import add_expert_lora_, fuse_expert_lora_
 from greentune.adapters.lora import apply_lora, fuse_all_
-from greentune.moe import fuse_expert_lora_, prepare_moe_
+from greentune.moe.prepare import prepare_moe_
 from greentune.moe.router import RouterMonitor
 from greentune.recipe import LoraConfig, MoeConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,14 +35,12 @@ class Adapters:
 
 def attach_adapters(model: nn.Module, lora: LoraConfig, moe: MoeConfig | None = None) -> Adapters:
     """Freeze `model` and attach the recipe's LoRA (dense and expert) and MoE router setting."""
-    moe = moe or MoeConfig()
+    moe, on_experts = moe or MoeConfig(), "experts" in lora.targets
     wrapped = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
-    monitor = prepare_moe_(
-        model,
-        (lora.rank, lora.alpha, lora.dropout) if "experts" in lora.targets else None,
-        router=moe.router,
-        aux_loss_coef=moe.aux_loss_coef,
-    )
+    monitor = prepare_moe_(model, moe.router, moe.aux_loss_coef, lora_on_experts=on_experts)
+    if on_experts:
+        n = add_expert_lora_(model, r=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+        log.info("expert LoRA r=%d alpha=%g: %d trainable parameters", lora.rank, lora.alpha, n)
     return Adapters(wrapped, monitor)
 
 

@@ -238,6 +238,7 @@ def _measure_training(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from greentune.adapters.expert_lora import add_expert_lora_
     from greentune.adapters.lora import apply_lora
     from greentune.models.facts import arch_facts
     from greentune.moe import prepare_moe_
@@ -250,7 +251,8 @@ def _measure_training(
         p.requires_grad_(False)
     apply_lora(model, [t for t in technique.targets if t != "experts"], 16, 32, 0.0)
     if "experts" in technique.targets:
-        prepare_moe_(model, (16, 32, 0.0))
+        prepare_moe_(model, lora_on_experts=True)
+        add_expert_lora_(model, r=16, alpha=32)
     objective = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)

@@ -241,11 +241,10 @@ def wrap_objective(objective: nn.Module, ctx: DistContext, parallel: str) -> nn.
         return objective
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from greentune.moe.expert_lora import ExpertLoRA
-
     device_ids = [ctx.local_rank] if ctx.backend == "nccl" else None
-    # An expert that got no tokens leaves its LoRA pair out of the graph: DDP must look for that.
-    unused = any(isinstance(m, ExpertLoRA) for m in objective.modules())
+    # A module whose parameters a step may leave out of the graph says so (`leaves_graph_sometimes`,
+    # e.g. an expert LoRA whose expert got no tokens): DDP must then look for unused parameters.
+    unused = any(getattr(m, "leaves_graph_sometimes", False) for m in objective.modules())
     # No buffer syncing: every rank loaded the same base and seeded the same adapter init, and
     # broadcasting a (quantised) base at start or every step would cost its whole size.
     return DDP(
