@@ -98,17 +98,10 @@ def _predict(recipe: Path):
     r = plan(
         facts,
         label,
-        tokens=rec.tokens,
+        workload=rec.workload(),
         hardware="this",
-        seq_len=rec.seq_len,
-        micro_batch=rec.batch_size,
-        grad_accum=rec.grad_accum,
-        region=rec.region,
-        pue=rec.pue,
-        wue_onsite=rec.wue_onsite,
-        rank=rec.rank,
-        targets=rec.targets,
-        merge_every=rec.relora_merge_every or 200,
+        site=rec.site(),
+        like=rec.technique(),
         extra=[rec.technique()],
     )
     return r.estimates[0], r.calibrated

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from greentune.cli_types import OneLineParser, count, real
 from greentune.errors import UserError, is_user_os_error, os_error_line
+from greentune.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS, EXPORT_QUANT_HELP
 from greentune.recipe import MAX_EXPERTS
 from greentune.train.signals import Stopped, exit_code
 
@@ -212,10 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="a run or model folder to GGUF (llama.cpp/Ollama/LM Studio), MLX or merged HF"
     )
     p.add_argument("target", help="run dir, HF model folder or Hub id ORG/NAME[@REVISION]")
-    p.add_argument("--format", choices=["gguf", "mlx", "hf"], default="gguf")
-    p.add_argument(
-        "--quant", default=None, help="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit | none"
-    )
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default=DEFAULT_EXPORT_FORMAT)
+    p.add_argument("--quant", default=None, help=EXPORT_QUANT_HELP)
     p.add_argument(
         "--out",
         default=None,

@@ -15,8 +15,9 @@ from pathlib import Path
 from greentune.data.token_cache import source_digest
 from greentune.errors import UserError
 from greentune.fsutil import atomic_write_json
+from greentune.run_dir import RunDir
 
-IDENTITY_FILE = "data-identity.json"
+IDENTITY_FILE = RunDir.DATA_IDENTITY
 
 
 def data_identity(sources: dict) -> dict:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from greentune.errors import UserError
 from greentune.fsutil import atomic_write_text
+from greentune.run_dir import RunDir
 from greentune.runlock import LOCK_NAME
 
-MARKER = ".greentune"
+MARKER = RunDir.MARKER
 
 
 def mark(folder: str | Path, kind: str) -> None:
@@ -65,10 +66,8 @@ RUN = "run"
 def is_run_dir(folder: str | Path) -> bool:
     """A run dir greentune made: its marker, or (runs from before the marker) its `recipe.yaml`
     next to a `checkpoints/` folder, which only greentune's training loop writes."""
-    folder = Path(folder)
-    return made_by_greentune(folder, RUN) or (
-        (folder / "recipe.yaml").is_file() and (folder / "checkpoints").is_dir()
-    )
+    run = RunDir(folder)
+    return made_by_greentune(folder, RUN) or (run.has_recipe() and run.checkpoints.is_dir())
 
 
 def check_run_dir(folder: str | Path) -> None:

@@ -30,7 +30,6 @@ from greentune.fsutil import atomic_dir
 from greentune.models.loader import load_tokenizer
 from greentune.models.recipe_base import check_base, pin_base_model
 from greentune.moe import upcycle
-from greentune.moe.hook import MoEHook
 from greentune.ownership import check_run_dir
 from greentune.plan.observed import record_for_planner_optional
 from greentune.quant.base import load_base
@@ -38,12 +37,14 @@ from greentune.quant.dequantize import dequantize_model_
 from greentune.recipe import Recipe, load_recipe
 from greentune.report import write_report
 from greentune.report.summary import RunResult
-from greentune.run_claim import claimed
 from greentune.run_dir import RunDir
 from greentune.train import distributed
 from greentune.train.activation_checkpointing import apply_activation_checkpointing
+from greentune.train.claim import claimed
 from greentune.train.distributed import Job
+from greentune.train.energy_hook import EnergyHook
 from greentune.train.loop import evaluate_loss, run_training
+from greentune.train.moe_hook import MoEHook
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def fit(r: _Run, model, train_data, eval_data, resume: bool, progress: bool) -> 
     log.info("LoRA on %d modules, %d trainable parameters", len(r.adapters.wrapped), r.adapters.trainable)
     stream = BatchStream(train_data, tcfg.batch_size, tcfg.seed)
     r.first_batch = next(BatchStream(train_data, tcfg.batch_size, tcfg.seed))
-    energy = r.phases.train_hook(r.recipe)
+    e = r.recipe.energy
+    energy = EnergyHook(r.phases.meter, r.phases.ledger, e.interval_steps, e.budget_kwh, ctx=ctx)
     hooks = [energy] + ([MoEHook(monitor)] if monitor is not None else [])
     if r.recipe.method.relora is not None:
         hooks.append(ReLoRA(model, r.recipe.method.relora, tcfg.steps, energy.separate_phase, tcfg.seed))

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from greentune.errors import UserError, user_os_error
+from greentune.run_dir import RunDir
 
-LOCK_NAME = ".greentune.lock"
+LOCK_NAME = RunDir.LOCK
 
 
 def _holder(fd: int) -> str:

@@ -258,7 +258,7 @@ def test_planner_uses_the_recipes_setting(tmp_path, tiny_llama_dir, setting):
     result = plan(
         facts,
         label,
-        tokens=rec.tokens,
+        workload=rec.workload(),
         hardware="H100",
         extra=[rec.technique()],
         extra_checkpointing=rec.activation_checkpointing,
@@ -290,7 +290,7 @@ def test_planner_respects_false_even_when_it_would_not_fit(tmp_path, tiny_llama_
     rec = read_recipe(path)
     facts, label = model_facts(rec.base_model)
     probe = plan(
-        facts, label, tokens=rec.tokens, hardware="H100", extra=[rec.technique()], use_calibration=False
+        facts, label, workload=rec.workload(), hardware="H100", extra=[rec.technique()], use_calibration=False
     )
     m = probe.get(rec.technique().name).memory
     from greentune.plan.hardware import GB
@@ -299,7 +299,7 @@ def test_planner_respects_false_even_when_it_would_not_fit(tmp_path, tiny_llama_
     auto = plan(
         facts,
         label,
-        tokens=rec.tokens,
+        workload=rec.workload(),
         hardware="H100",
         extra=[rec.technique()],
         memory_gb=gb,
@@ -308,7 +308,7 @@ def test_planner_respects_false_even_when_it_would_not_fit(tmp_path, tiny_llama_
     off = plan(
         facts,
         label,
-        tokens=rec.tokens,
+        workload=rec.workload(),
         hardware="H100",
         extra=[rec.technique()],
         memory_gb=gb,
@@ -449,7 +449,7 @@ def test_two_ranks_train_the_same_with_and_without(
 def test_a_run_may_resume_with_another_setting(tmp_path, tiny_llama_dir, text_jsonl):
     """It changes memory, not results: turning it on to resume a run that ran out of memory is allowed."""
     from greentune.errors import UserError
-    from greentune.run_claim import prepare_run_dir
+    from greentune.train.claim import prepare_run_dir
 
     run = tmp_path / "run"
     prepare_run_dir(run, _recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=False), False)

@@ -235,7 +235,7 @@ import json, sys
 from pathlib import Path
 from greentune.energy import Factors, Ledger, Meter
 from greentune.energy.components import Component
-from greentune.energy.hook import EnergyHook
+from greentune.train.energy_hook import EnergyHook
 from greentune.train import distributed
 
 class Counter(Component):

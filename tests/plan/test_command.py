@@ -151,7 +151,7 @@ def test_record_observation_from_a_run(tmp_path):
     t = Technique("lora")
     path = tmp_path / "cal.json"
     cal = calibrate.record_observation(
-        hw, facts, t, 128, tokens=10_000, seconds=2.0, joules=1000.0, path=path
+        hw, facts, t, calibrate.ObservedRun(tokens=10_000, seconds=2.0, joules=1000.0, seq_len=128), path=path
     )
     assert cal.utilisation == pytest.approx(5000 * flops_per_token(facts, t, 128, False) / 989.4e12)
     assert cal.power_w == 500.0
@@ -247,7 +247,11 @@ def test_a_run_replaces_the_observation_of_its_family_and_width(tmp_path):
     facts = arch_facts(tiny_config("llama", vocab_size=300))
     t = Technique("qlora", quant_base="q4_k")
     cal = calibrate.record_observation(
-        hw, facts, t, 128, tokens=4096, seconds=2.0, joules=100.0, path=path, micro_batch=4
+        hw,
+        facts,
+        t,
+        calibrate.ObservedRun(tokens=4096, seconds=2.0, joules=100.0, seq_len=128, micro_batch=4),
+        path=path,
     )
     dq = dequant_weights(facts, t, Workload(4096, 128, 4), False) * 1e-9
     from greentune.plan.cost import flops_per_token

@@ -7,7 +7,7 @@ import pytest
 from greentune.models.facts import arch_facts
 from greentune.models.tiny import tiny_config
 from greentune.plan.catalogue import find_model
-from greentune.plan.cost import Technique
+from greentune.plan.cost import Technique, Workload
 from greentune.plan.hardware import find_hardware
 from greentune.plan.recommend import candidates, plan, site_factors
 
@@ -34,7 +34,7 @@ def test_recommends_least_energy_that_fits():
     r = plan(
         facts,
         "llama-3.1-8b",
-        tokens=10_000_000,
+        workload=Workload(10_000_000),
         hardware="4090",
         deadline_h=10,
         use_calibration=False,
@@ -53,7 +53,7 @@ def test_nothing_fits_says_what_to_change():
     r = plan(
         facts,
         "llama-3.1-70b",
-        tokens=10**9,
+        workload=Workload(10**9),
         hardware="4090",
         power_cap_w=300,
         deadline_h=1,
@@ -68,7 +68,7 @@ def test_nothing_fits_says_what_to_change():
 def test_recipe_technique_is_planned_first():
     facts = arch_facts(tiny_config("llama", vocab_size=300))
     extra = Technique("recipe: relora-q8_0", "relora", "q8_0")
-    r = plan(facts, "tiny", tokens=1000, hardware="H100", extra=[extra], use_calibration=False)
+    r = plan(facts, "tiny", workload=Workload(1000), hardware="H100", extra=[extra], use_calibration=False)
     assert r.estimates[0].technique == extra and r.recipe_technique == "recipe: relora-q8_0"
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greentune.errors import UserError
+from greentune.recipe import LORA_DROPOUT
 
 #: dtype of every LoRA factor (the optimiser's weights), whatever the base computes in.
 MASTER_DTYPE = torch.float32
@@ -38,7 +39,7 @@ TARGET_MODULES: dict[str, tuple[str, ...]] = {
 class LoRALinear(nn.Module):
     """A frozen `base` with a rank-`rank` update scaled by `alpha / rank`."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = LORA_DROPOUT):
         super().__init__()
         self.base = base
         for p in base.parameters():
@@ -132,7 +133,7 @@ def check_rank_fits(config, rank: int, targets: list[str], where: str = "the mod
 
 
 def apply_lora(
-    model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0
+    model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = LORA_DROPOUT
 ) -> list[str]:
     """Freeze `model` and wrap every targeted linear in a `LoRALinear`; return the wrapped paths.
 

@@ -24,6 +24,8 @@ import yaml
 from greentune.demo import corpus
 from greentune.fsutil import atomic_dir, atomic_write_text
 from greentune.models import tiny
+from greentune.recipe import LORA_ALPHA, LORA_RANK, LORA_TARGETS
+from greentune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def _recipe(
         "base_model": str(base),
         "name": name,
         "data": {"train": str(train_path), "eval": str(eval_path), "max_seq_len": SEQ_LEN, "pack": True},
-        "method": {"lora": {"rank": 16, "alpha": 32, "targets": ["attn", "mlp"]}},
+        "method": {"lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS)}},
         "train": {
             "steps": steps,
             "batch_size": 16,
@@ -135,12 +137,12 @@ def _fresh_or_resume(run_dir: Path) -> bool:
     made is ever deleted: any other folder is left for `train` to refuse in one line."""
     from greentune.ownership import is_run_dir
 
-    if (run_dir / "summary.json").exists() and is_run_dir(run_dir):
+    if RunDir(run_dir).summary.exists() and is_run_dir(run_dir):
         import shutil
 
         shutil.rmtree(run_dir)
         return False
-    return (run_dir / "checkpoints").exists()
+    return RunDir(run_dir).checkpoints.exists()
 
 
 def _generate(run_dir: Path, gguf_path: Path, prompt: str) -> str | None:
@@ -221,7 +223,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
         moe_steps,
         method={
             "quant_base": "q4_0",
-            "lora": {"rank": 16, "alpha": 32, "targets": ["attn", "experts"]},
+            "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": ["attn", "experts"]},
             "relora": {"merge_every": max(5, moe_steps // 2), "optimizer_prune": 0.9, "restart_warmup": 5},
         },
         moe={"upcycle": {"experts": 4, "top_k": 2}, "aux_loss_coef": 0.01, "router": "full"},
@@ -278,7 +280,7 @@ def _print_energy(run_dir: Path) -> None:
         f"  {totals['it_kwh'] * 1000:.3f} Wh IT, {totals['facility_kwh'] * 1000:.3f} Wh facility, "
         f"{totals['kg_co2e'] * 1000:.3f} gCO2e, {totals['water_l'] * 1000:.2f} mL water (world grid)"
     )
-    savings = run_dir / "savings.json"
+    savings = RunDir(run_dir).savings
     if savings.exists():
         data = json.loads(savings.read_text())
         for row in data["rows"]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from greentune.energy.factors import Factors
 from greentune.energy.meter import Measurement
 from greentune.fsutil import append_jsonl, read_jsonl
+from greentune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class Ledger:
             written with).
     """
 
-    FILENAME = "ledger.jsonl"
+    FILENAME = RunDir.LEDGER
 
     def __init__(self, run_dir: str | Path, factors: Factors, ctx=None):
         self.path = Path(run_dir) / self.FILENAME

@@ -1,5 +1,6 @@
 """A run's energy, phase by phase: `with phases("merge"): ...` meters the block into the
-run's ledger, the training loop gets its `EnergyHook`, and the counterfactual (full
+run's ledger (the training loop's own meter is `train.energy_hook.EnergyHook`, on the same
+meter and ledger), and the counterfactual (full
 fine-tuning of the same model and batch) is measured on the same meter.
 
 In a job each device is metered by exactly one rank (see `Meter.auto`), so the ranks'
@@ -11,27 +12,26 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from greentune.energy.factors import Factors
-from greentune.energy.hook import EnergyHook
 from greentune.energy.ledger import Ledger
 from greentune.energy.meter import Meter
 from greentune.energy.savings import full_finetune_counterfactual, save_savings, savings_table
 from greentune.faults import maybe_fault
 from greentune.recipe import Recipe
-from greentune.train.distributed import SINGLE, DistContext
 
 
 class Phases:
-    """Meters named phases of a run into its ledger: `with phases("merge"): ...`."""
+    """Meters named phases of a run into its ledger: `with phases("merge"): ...`. `ctx` is the
+    job's `train.distributed.DistContext` (None: a single process)."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, ctx: DistContext = SINGLE):
+    def __init__(self, run_dir: Path, recipe: Recipe, ctx=None):
         e = recipe.energy
         self.ctx = ctx
-        if ctx.world == 1:
+        if ctx is None or ctx.world == 1:
             self.meter = Meter.auto()
         else:  # each device metered by exactly one rank (see Meter.auto)
+            import torch  # only a job has ranks to tell apart (energy/ imports without torch)
+
             self.meter = Meter.auto(
                 scope="self",
                 host=ctx.local_rank == 0,
@@ -55,11 +55,6 @@ class Phases:
         with self.meter.phase(name) as window:
             yield window
         self.ledger.record(window.result)
-
-    def train_hook(self, recipe: Recipe) -> EnergyHook:
-        return EnergyHook(
-            self.meter, self.ledger, recipe.energy.interval_steps, recipe.energy.budget_kwh, ctx=self.ctx
-        )
 
     def close(self) -> None:
         self.meter.close()

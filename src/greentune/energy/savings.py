@@ -44,6 +44,7 @@ import psutil
 from greentune.energy.ledger import J_PER_KWH
 from greentune.energy.meter import Meter
 from greentune.fsutil import atomic_write_json
+from greentune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +401,6 @@ def savings_table(
 
 def save_savings(run_dir: str | Path, full: dict, rows: list[dict]) -> Path:
     """Write `run_dir/savings.json` ({"full_fine_tune": full, "rows": rows}) atomically; the report reads it."""
-    path = Path(run_dir) / "savings.json"
+    path = RunDir(run_dir).savings
     atomic_write_json(path, {"full_fine_tune": full, "rows": rows})
     return path

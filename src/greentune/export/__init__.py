@@ -19,15 +19,16 @@ from greentune.export.gguf_quant import QUANTS
 from greentune.export.hf import validate_hf_dir, write_hf
 from greentune.export.mlx import write_mlx
 from greentune.export.modelfile import write_modelfile
+from greentune.formats import DEFAULT_EXPORT_FORMAT, DEFAULT_GGUF_QUANT, MLX_BITS
 
 
-def _gguf(model_dir, out_dir: Path, quant="q4_k_m", prequantized=None, name="model", **_):
+def _gguf(model_dir, out_dir: Path, quant=DEFAULT_GGUF_QUANT, prequantized=None, name="model", **_):
     path = write_gguf(model_dir, out_dir / f"{name}-{quant}.gguf", quant, prequantized=prequantized)
     write_modelfile(path, model_dir)
     return path
 
 
-def _mlx(model_dir, out_dir: Path, bits=4, group_size=64, name="model", **_):
+def _mlx(model_dir, out_dir: Path, bits=MLX_BITS, group_size=64, name="model", **_):
     return write_mlx(
         model_dir, out_dir / (f"{name}-mlx-{bits}bit" if bits else f"{name}-mlx"), bits, group_size
     )
@@ -40,7 +41,7 @@ def _hf(model_dir, out_dir: Path, name="model", **_):
 FORMATS = {"gguf": _gguf, "mlx": _mlx, "hf": _hf}
 
 
-def export(model_dir, out_dir, fmt: str = "gguf", **options) -> Path:
+def export(model_dir, out_dir, fmt: str = DEFAULT_EXPORT_FORMAT, **options) -> Path:
     """Export the HF model at `model_dir` into folder `out_dir` in format `fmt`; return what was written.
 
     gguf: `<name>-<quant>.gguf` + `<name>-<quant>.Modelfile` (options: quant, prequantized, name);

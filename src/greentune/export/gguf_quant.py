@@ -43,10 +43,11 @@ from gguf import LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
 
 from greentune.errors import UserError
+from greentune.formats import GGUF_QUANTS
 
 log = logging.getLogger(__name__)
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+QUANTS = GGUF_QUANTS  # the presets (greentune.formats)
 
 FILE_TYPE = {
     "f32": LlamaFileType.ALL_F32,

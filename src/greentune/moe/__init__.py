@@ -4,9 +4,9 @@
 - `router.py`      router freezing, load-balancing aux loss, expert-use statistics, router save/load
 - `upcycle.py`     dense Llama/Mistral checkpoint -> Mixtral checkpoint
 - `prepare.py`     `prepare_moe_`: experts and router as a recipe's `moe` keys ask
-- `hook.py`        the training loop's hook: router aux loss and expert use
 
-The LoRA on experts is an adapter: `greentune.adapters.expert_lora`.
+The LoRA on experts is an adapter (`greentune.adapters.expert_lora`); the training loop's MoE hook
+lives with the loop (`greentune.train.moe_hook`).
 """
 
 from greentune.moe.experts import SparseExperts, replace_experts_, sparse_experts

@@ -37,6 +37,7 @@ from pathlib import Path
 from greentune.errors import UserError
 from greentune.fsutil import atomic_write_text
 from greentune.plan.hardware import Hardware
+from greentune.recipe import LORA_TARGETS, LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +250,11 @@ def _measure_training(
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    apply_lora(model, [t for t in technique.targets if t != "experts"], 16, 32, 0.0)
+    lora = LoraConfig()  # the recipe's default adapter
+    apply_lora(model, [t for t in technique.targets if t != "experts"], lora.rank, lora.alpha, lora.dropout)
     if "experts" in technique.targets:
         prepare_moe_(model, lora_on_experts=True)
-        add_expert_lora_(model, r=16, alpha=32)
+        add_expert_lora_(model, r=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
     objective = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -359,7 +361,7 @@ def run_calibration(
         )
 
     runs = [(s["hidden"] // 2, False), (s["hidden"], False), (s["hidden"] // 2, True)]
-    dense_t = Technique("lora", "lora", targets=("attn", "mlp"))
+    dense_t = Technique("lora", "lora", targets=LORA_TARGETS)
     moe_t = Technique("lora", "lora", targets=("attn", "experts"))
     observations, total_s, total_j, main = [], 0.0, 0.0, None
     try:
@@ -411,7 +413,7 @@ def run_calibration(
         tokens=tokens,
         measured_at=time.time(),
         method=(
-            f"greentune LoRA r16, llama h{s['hidden'] // 2}/h{s['hidden']} and mixtral h{s['hidden'] // 2} "
+            f"greentune LoRA r{LoraConfig().rank}, llama h{s['hidden'] // 2}/h{s['hidden']} and mixtral h{s['hidden'] // 2} "
             f"(4 experts top-2) L{s['layers']} V{s['vocab']}, {s['batch']}×{s['seq']} tokens/step, "
             f"{device} {hw.compute_dtype}, AdamW"
         ),
@@ -422,19 +424,27 @@ def run_calibration(
     )
 
 
+@dataclass(frozen=True)
+class ObservedRun:
+    """What a finished run measured (training tokens, seconds, joules; None: not metered, and
+    where the joules came from) and the sequence length and micro-batch it trained with."""
+
+    tokens: int
+    seconds: float
+    joules: float | None
+    seq_len: int
+    micro_batch: int = 1
+    power_source: str = "ledger"
+
+
 def record_observation(
     hw: Hardware,
     facts,
     technique,
-    seq_len: int,
-    tokens: int,
-    seconds: float,
-    joules: float | None,
-    power_source: str = "ledger",
+    run: ObservedRun,
     checkpointing: bool = False,
     store: bool = True,
     path: Path | None = None,
-    micro_batch: int = 1,
 ) -> Calibration:
     """Turn a real run's measured training seconds and joules into a calibration for `hw`.
 
@@ -447,6 +457,8 @@ def record_observation(
     """
     from greentune.plan.cost import Workload, dequant_seconds, flops_per_token
 
+    tokens, seconds, joules, seq_len = run.tokens, run.seconds, run.joules, run.seq_len
+    power_source, micro_batch = run.power_source, run.micro_batch
     if seconds <= 0 or tokens <= 0:
         raise ValueError(f"need positive seconds and tokens, got {seconds}, {tokens}")
     if getattr(technique, "upcycle", None):

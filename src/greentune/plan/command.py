@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
+from greentune import recipe as defaults
 from greentune.cli_types import OneLineParser, count, real
 from greentune.errors import UserError
-from greentune.plan.cost import Technique
+from greentune.plan.cost import SiteSpec, Technique, Workload
 from greentune.plan.hardware import GB
+from greentune.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,20 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--seq-len",
         type=count(1, 10**7),
         default=None,
-        help="tokens per sequence (default: recipe, else 512)",
+        help=f"tokens per sequence (default: recipe, else {defaults.SEQ_LEN})",
     )
     p.add_argument(
         "--batch-size",
         type=count(1, 10**6),
         default=None,
-        help="sequences per micro-batch (default: recipe, else 8)",
+        help=f"sequences per micro-batch (default: recipe, else {defaults.BATCH_SIZE})",
     )
-    p.add_argument("--rank", type=count(1, 65536), default=None, help="LoRA rank (default: recipe, else 16)")
+    p.add_argument(
+        "--rank",
+        type=count(1, 65536),
+        default=None,
+        help=f"LoRA rank (default: recipe, else {defaults.LORA_RANK})",
+    )
     p.add_argument("--region", default=None, help="grid region, ISO code (default: recipe, else world)")
     p.add_argument(
         "--pue", type=real(1, 10), default=None, help="facility / IT energy (default: recipe, else by site)"
@@ -109,108 +114,95 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------- the recipe, read raw
+# ---------------------------------------------------------------- the recipe
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecipeInputs:
-    """What the planner takes from a recipe (read from the raw YAML, see `read_recipe`)."""
+    """The planner's view of a validated `Recipe` (read by `read_recipe`): its workload,
+    technique and site, and the few fields `plan` prints or passes on."""
 
-    base_model: str
-    seq_len: int = 512
-    batch_size: int = 8
-    grad_accum: int = 1
-    steps: int = 1000
-    rank: int = 16
-    targets: tuple[str, ...] = ("attn", "mlp")
-    quant_base: str = "none"
-    relora_merge_every: int | None = None
-    upcycle: tuple[int, int] | None = None
-    region: str | None = None
-    pue: float | None = None
-    wue_onsite: float | None = None
-    activation_checkpointing: bool | None = None  # None: auto (the planner decides)
-    extra: dict = field(default_factory=dict)
+    recipe: Recipe
+
+    @property
+    def base_model(self) -> str:
+        return self.recipe.base_model
+
+    @property
+    def seq_len(self) -> int:
+        return self.recipe.data.max_seq_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.recipe.train.batch_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.recipe.train.grad_accum
+
+    @property
+    def steps(self) -> int:
+        return self.recipe.train.steps
+
+    @property
+    def rank(self) -> int:
+        return self.recipe.method.lora.rank
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.recipe.method.lora.targets)
+
+    @property
+    def quant_base(self) -> str:
+        return self.recipe.method.quant_base
+
+    @property
+    def relora_merge_every(self) -> int | None:
+        relora = self.recipe.method.relora
+        return relora.merge_every if relora else None
+
+    @property
+    def upcycle(self) -> tuple[int, int] | None:
+        return self.technique().upcycle
+
+    @property
+    def region(self) -> str:
+        return self.recipe.energy.region
+
+    @property
+    def pue(self) -> float | None:
+        return self.recipe.energy.pue
+
+    @property
+    def wue_onsite(self) -> float | None:
+        return self.recipe.energy.wue_onsite
+
+    @property
+    def activation_checkpointing(self) -> bool | None:
+        """The recipe's setting; None: auto (the planner decides)."""
+        setting = self.recipe.train.activation_checkpointing
+        return None if setting == "auto" else setting
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.batch_size * self.grad_accum * self.seq_len
+        return self.workload().tokens
+
+    def workload(self) -> Workload:
+        return Workload.from_recipe(self.recipe)
 
     def technique(self) -> Technique:
-        method = "relora" if self.relora_merge_every else "lora"
-        parts = [
-            ("upcycle-" if self.upcycle else ""),
-            method,
-            f"-{self.quant_base}" if self.quant_base != "none" else "",
-        ]
-        return Technique(
-            f"recipe: {''.join(parts)}",
-            method,
-            self.quant_base,
-            self.rank,
-            self.targets,
-            self.upcycle,
-            self.relora_merge_every or 200,
-        )
+        return Technique.from_recipe(self.recipe)
+
+    def site(self) -> SiteSpec:
+        return SiteSpec.from_recipe(self.recipe)
 
 
 def read_recipe(path: str | Path) -> RecipeInputs:
-    """The planner's inputs from a recipe YAML, read as a plain dict.
-
-    Keys read: base_model, data.max_seq_len, method.lora.rank/targets, method.quant_base,
-    method.relora.merge_every, moe.upcycle.experts/top_k, train.steps/batch_size/grad_accum/
-    activation_checkpointing, energy.region/pue/wue_onsite. Defaults match greentune.recipe's.
-    This is the one place to switch to the validated pydantic recipe.
-    """
+    """The planner's inputs from a recipe YAML, validated by `load_recipe` without needing its data."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no recipe file {p}")
-    try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (UnicodeDecodeError, RecursionError):
-        raise UserError(f"{p}: not a recipe (binary or not valid YAML)") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict) or not d.get("base_model"):
-        raise UserError(f"{p}: a recipe needs `base_model`")
-
-    def sect(name):
-        v = d.get(name) or {}
-        if not isinstance(v, dict):
-            raise UserError(f"{p}: `{name}` must be a mapping")
-        return v
-
-    data, method, moe, train, energy = (sect(k) for k in ("data", "method", "moe", "train", "energy"))
-    lora = method.get("lora") or {}
-    relora = method.get("relora")
-    up = moe.get("upcycle")
-    checkpointing = train.get("activation_checkpointing", "auto")
-    if checkpointing not in (True, False, "auto"):
-        raise UserError(
-            f"{p}: train.activation_checkpointing must be auto, true or false, got {checkpointing!r}"
-        )
-    base = str(d["base_model"])
-    if not Path(base).expanduser().exists() and (p.parent / base).exists():
-        base = str(p.parent / base)
-    try:
-        return RecipeInputs(
-            base_model=base,
-            seq_len=int(data.get("max_seq_len", 512)),
-            batch_size=int(train.get("batch_size", 8)),
-            grad_accum=int(train.get("grad_accum", 1)),
-            steps=int(train.get("steps", 1000)),
-            rank=int(lora.get("rank", 16)),
-            targets=tuple(lora.get("targets", ("attn", "mlp"))),
-            quant_base=str(method.get("quant_base", "none")),
-            relora_merge_every=int((relora or {}).get("merge_every", 200)) if relora is not None else None,
-            upcycle=(int(up.get("experts", 8)), int(up.get("top_k", 2))) if up else None,
-            region=energy.get("region"),
-            pue=energy.get("pue"),
-            wue_onsite=energy.get("wue_onsite"),
-            activation_checkpointing=None if checkpointing == "auto" else checkpointing,
-        )
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{p}: {e}") from None
+    return RecipeInputs(load_recipe(p, need_data=False))
 
 
 # ---------------------------------------------------------------- printing
@@ -314,7 +306,7 @@ def run_plan(ns: argparse.Namespace) -> int:
     """Entry point for `greentune plan` (see module docstring)."""
     from greentune.plan.catalogue import list_models_table
     from greentune.plan.hardware import find_hardware
-    from greentune.plan.recommend import DEFAULT_TARGETS, plan
+    from greentune.plan.recommend import DEFAULT_TARGETS, DEFAULT_TOKENS, plan
 
     if ns.list_models:
         print(list_models_table())
@@ -344,26 +336,32 @@ def run_plan(ns: argparse.Namespace) -> int:
     def pick(cli, attr, default):
         return cli if cli is not None else (getattr(rec, attr) if rec else default)
 
+    seq_len, micro_batch = (
+        pick(ns.seq_len, "seq_len", defaults.SEQ_LEN),
+        pick(ns.batch_size, "batch_size", defaults.BATCH_SIZE),
+    )
+    grad_accum = rec.grad_accum if rec else defaults.GRAD_ACCUM
+    tokens = ns.tokens or (rec.tokens if rec else DEFAULT_TOKENS)
     result = plan(
         facts,
         label,
-        tokens=ns.tokens or (rec.tokens if rec else None),
+        workload=Workload(tokens, seq_len, micro_batch, grad_accum),
         hardware=ns.hardware,
         gpus=ns.gpus,
+        site=SiteSpec(
+            pick(ns.region, "region", None), pick(ns.pue, "pue", None), pick(ns.wue, "wue_onsite", None)
+        ),
+        like=Technique(
+            "candidate",
+            rank=pick(ns.rank, "rank", defaults.LORA_RANK),
+            targets=rec.targets if rec else DEFAULT_TARGETS,
+            merge_every=(rec.relora_merge_every or defaults.MERGE_EVERY) if rec else defaults.MERGE_EVERY,
+        ),
+        extra=[rec.technique()] if rec else None,
+        extra_checkpointing=rec.activation_checkpointing if rec else None,
         power_cap_w=ns.power_cap_w,
         deadline_h=ns.deadline_h,
-        seq_len=pick(ns.seq_len, "seq_len", 512),
-        micro_batch=pick(ns.batch_size, "batch_size", 8),
-        grad_accum=rec.grad_accum if rec else 1,
-        region=pick(ns.region, "region", None),
-        pue=pick(ns.pue, "pue", None),
-        wue_onsite=pick(ns.wue, "wue_onsite", None),
-        rank=pick(ns.rank, "rank", 16),
-        targets=rec.targets if rec else DEFAULT_TARGETS,
-        merge_every=(rec.relora_merge_every or 200) if rec else 200,
-        extra=[rec.technique()] if rec else None,
         memory_gb=ns.memory_gb,
-        extra_checkpointing=rec.activation_checkpointing if rec else None,
     )
     _print_plan(ns, rec, facts, result)
     if result.recommended is None:
@@ -407,7 +405,7 @@ def _print_plan(ns, rec, facts, result) -> None:
     """The training plan, then the modelled serving cost of the exported model (plan/inference.py)."""
     from greentune.plan.inference import serving_plan
 
-    serving = serving_plan(facts, result.hardware, ns.recipe, rec.upcycle if rec else None)
+    serving = serving_plan(facts, result.hardware, rec.recipe if rec else None, rec.upcycle if rec else None)
     if ns.json:
         print(
             json.dumps(

@@ -55,20 +55,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from greentune import recipe as defaults
 from greentune.errors import UserError
+from greentune.formats import BASE_BPW, DEFAULT_BASE_FORMAT
 from greentune.models.facts import ArchFacts
 from greentune.plan.hardware import GB, Hardware
+from greentune.recipe import Recipe
 
-BPW = {
-    "bf16": 16.0,
-    "fp16": 16.0,
-    "fp32": 32.0,
-    "none": None,
-    "q8_0": 8.5,
-    "q4_0": 4.5,
-    "q4_k": 4.5,
-    "nf4": 4.127,
-}
+BPW = BASE_BPW  # bits per weight of each base format (greentune.formats)
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 HEAD_BPW = {"q8_0": 8.5}  # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
 TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
@@ -90,11 +84,30 @@ class Technique:
 
     name: str
     method: str = "lora"
-    quant_base: str = "none"
-    rank: int = 16
-    targets: tuple[str, ...] = ("attn", "mlp")
+    quant_base: str = DEFAULT_BASE_FORMAT
+    rank: int = defaults.LORA_RANK
+    targets: tuple[str, ...] = defaults.LORA_TARGETS
     upcycle: tuple[int, int] | None = None
-    merge_every: int = 200
+    merge_every: int = defaults.MERGE_EVERY
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, name: str | None = None) -> Technique:
+        """The technique a recipe trains; `name` defaults to `recipe: [upcycle-](re)lora[-FORMAT]`."""
+        method, moe = recipe.method, recipe.moe
+        kind = "relora" if method.relora else "lora"
+        upcycle = (moe.upcycle.experts, moe.upcycle.top_k) if moe and moe.upcycle else None
+        if name is None:
+            fmt = f"-{method.quant_base}" if method.quant_base != DEFAULT_BASE_FORMAT else ""
+            name = f"recipe: {'upcycle-' if upcycle else ''}{kind}{fmt}"
+        return cls(
+            name,
+            kind,
+            method.quant_base,
+            method.lora.rank,
+            tuple(method.lora.targets),
+            upcycle,
+            method.relora.merge_every if method.relora else defaults.MERGE_EVERY,
+        )
 
     def __post_init__(self):
         if self.method not in ("full", "lora", "relora"):
@@ -118,14 +131,25 @@ class Workload:
     `micro_batch` sequences, `grad_accum` micro-batches per optimiser step."""
 
     tokens: int
-    seq_len: int = 512
-    micro_batch: int = 8
-    grad_accum: int = 1
+    seq_len: int = defaults.SEQ_LEN
+    micro_batch: int = defaults.BATCH_SIZE
+    grad_accum: int = defaults.GRAD_ACCUM
 
     def __post_init__(self):
         for k in ("tokens", "seq_len", "micro_batch", "grad_accum"):
             if int(getattr(self, k)) < 1:
                 raise UserError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Workload:
+        """The tokens a recipe trains on: steps × batch × accumulation × sequence length."""
+        t = recipe.train
+        return cls(
+            t.steps * t.batch_size * t.grad_accum * recipe.data.max_seq_len,
+            recipe.data.max_seq_len,
+            t.batch_size,
+            t.grad_accum,
+        )
 
     @property
     def tokens_per_step(self) -> int:
@@ -150,6 +174,21 @@ class Site:
     pue: float
     wue_onsite: float
     sources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What the user says about where a run happens (recipe `energy:` or `plan --region/--pue/--wue`);
+    None: the region's (or the machine kind's) default. `recommend.site_factors` resolves it to a `Site`."""
+
+    region: str | None = None
+    pue: float | None = None
+    wue_onsite: float | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> SiteSpec:
+        e = recipe.energy
+        return cls(e.region, e.pue, e.wue_onsite)
 
 
 @dataclass

@@ -32,22 +32,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from greentune.errors import UserError
+from greentune.formats import DEFAULT_GGUF_QUANT, GGUF_NOMINAL_BITS
 from greentune.plan.hardware import Hardware
+from greentune.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 #: Assumed share of peak FLOP/s that batched prompt processing reaches (llama.cpp-class runtime).
 PROMPT_UTILISATION = 0.5
-#: Bits per weight of each preset (most tensors) and of its output head, for plans without a file:
-#: Q8_0 = 34 bytes / 32 weights, Q4_0 = 18 / 32, Q4_K = 144 / 256 (4.5), Q6_K = 210 / 256;
-#: Q4_K_M ≈ 4.85 overall (Q6_K for about half the attn_v / ffn_down tensors).
-NOMINAL_BITS = {
-    "f32": (32.0, 32.0),
-    "f16": (16.0, 16.0),
-    "q8_0": (8.5, 8.5),
-    "q4_0": (4.5, 6.5625),
-    "q4_k_m": (4.85, 6.5625),
-}
+#: Bits per weight of each GGUF preset (most tensors) and of its output head (greentune.formats).
+NOMINAL_BITS = GGUF_NOMINAL_BITS
 KV_BYTES = 2  # f16 K and V
 #: The laptop a client serves on, in the reference case (the report's "cost to serve").
 TARGET_LAPTOP = "Apple M2"
@@ -153,7 +147,7 @@ def profile_from_gguf(path: str | Path) -> InferenceProfile:
     )
 
 
-def profile_from_facts(facts, quant: str = "q4_k_m", name: str = "model") -> InferenceProfile:
+def profile_from_facts(facts, quant: str = DEFAULT_GGUF_QUANT, name: str = "model") -> InferenceProfile:
     """A nominal profile of a model (`models.facts.ArchFacts`) exported as `quant`."""
     if quant not in NOMINAL_BITS:
         raise UserError(f"no nominal size for GGUF preset {quant!r}; known: {', '.join(NOMINAL_BITS)}")
@@ -292,19 +286,12 @@ def measure_bandwidth(threads: int = 1, megabytes: int = 512, repeats: int = 5, 
     return buf.numel() * 4 / max(best, 1e-9) / 1e9
 
 
-def export_quant_of(recipe_path: str | Path | None) -> str:
-    """The first GGUF preset a recipe exports (`export:` entries), else q4_k_m (the default export)."""
-    import yaml
-
-    if recipe_path:
-        try:
-            raw = yaml.safe_load(Path(recipe_path).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            raw = {}
-        for item in raw.get("export") or []:
-            if isinstance(item, dict) and item.get("format", "gguf") == "gguf":
-                return str(item.get("quant") or "q4_k_m").lower()
-    return "q4_k_m"
+def export_quant_of(recipe: Recipe | None) -> str:
+    """The first GGUF preset a recipe exports (`export:` entries), else the default GGUF export."""
+    for item in recipe.export if recipe is not None else []:
+        if item.format == "gguf":
+            return item.quant or DEFAULT_GGUF_QUANT
+    return DEFAULT_GGUF_QUANT
 
 
 def format_serving(
@@ -328,7 +315,7 @@ def format_serving(
 def serving_plan(
     facts,
     training: Hardware | None,
-    recipe_path: str | Path | None = None,
+    recipe: Recipe | None = None,
     upcycle: tuple[int, int] | None = None,
     prompt_tokens: int = 256,
     gen_tokens: int = 128,
@@ -341,7 +328,7 @@ def serving_plan(
         facts = facts.upcycled(*upcycle)
     from greentune.plan.calibrate import load_streaming_rate
 
-    prof = profile_from_facts(facts, export_quant_of(recipe_path))
+    prof = profile_from_facts(facts, export_quant_of(recipe))
     projections, calibrated = [], []
     for hw in serving_devices(training):
         rate = load_streaming_rate(hw, prof.format)  # a measured llama.cpp decode here, if any

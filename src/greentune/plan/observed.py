@@ -13,10 +13,9 @@ from pathlib import Path
 
 from greentune.fsutil import atomic_write_json
 from greentune.models.facts import arch_facts
-from greentune.plan.calibrate import record_observation
+from greentune.plan.calibrate import ObservedRun, record_observation
 from greentune.plan.cost import Technique
 from greentune.plan.hardware import detect_this
-from greentune.recipe import MERGE_EVERY
 from greentune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -28,31 +27,20 @@ def record_for_planner(
     """This run's measured speed and power as a planner calibration: written to the run dir
     and stored for this machine. `recipe` is the run's `Recipe`, `result` its `LoopResult`
     (tokens, seconds), `ledger` its energy `Ledger`."""
-    lora, relora, moe = recipe.method.lora, recipe.method.relora, recipe.moe
-    upcycle_to = (moe.upcycle.experts, moe.upcycle.top_k) if moe and moe.upcycle else None
-    technique = Technique(
-        "observed run",
-        "relora" if relora else "lora",
-        recipe.method.quant_base,
-        lora.rank,
-        tuple(lora.targets),
-        upcycle_to,
-        relora.merge_every if relora else MERGE_EVERY,
-    )
     rows = [r for r in ledger.rows() if r["phase"] == "train"]
     joules = sum(sum(r["joules"].values()) for r in rows) if rows else None
     sources = sorted({s for r in rows for s in r["source"].values()})
-    cal = record_observation(
-        detect_this(),
-        arch_facts(Path(dense_base)),
-        technique,
-        recipe.data.max_seq_len,
+    observed = ObservedRun(
         result.tokens,
         result.seconds,
         joules,
-        power_source="+".join(sources) or "ledger",
+        recipe.data.max_seq_len,
         micro_batch=max(1, recipe.train.batch_size // recipe.train.grad_accum),
-        checkpointing=checkpointing,
+        power_source="+".join(sources) or "ledger",
+    )
+    technique = Technique.from_recipe(recipe, "observed run")
+    cal = record_observation(
+        detect_this(), arch_facts(Path(dense_base)), technique, observed, checkpointing=checkpointing
     )
     data = asdict(cal)
     atomic_write_json(RunDir(run_dir).calibration, data)

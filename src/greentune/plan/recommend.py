@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from greentune import recipe as defaults
 from greentune.errors import UserError
 from greentune.models.facts import ArchFacts
 from greentune.plan.calibrate import load_calibration, utilisation_for
@@ -31,6 +32,7 @@ from greentune.plan.cost import (
     DEFAULT_UTILISATION,
     Estimate,
     Site,
+    SiteSpec,
     Technique,
     Workload,
     estimate,
@@ -40,15 +42,16 @@ from greentune.plan.hardware import GB, Hardware, find_hardware
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS = 10_000_000
-DEFAULT_TARGETS = ("attn", "mlp", "experts")
-UPCYCLE = (8, 2)
+DEFAULT_TARGETS = (*defaults.LORA_TARGETS, "experts")
+UPCYCLE = (defaults.UPCYCLE_EXPERTS, defaults.UPCYCLE_TOP_K)
+#: The adapter shape every candidate takes unless told otherwise: rank, targets and ReLoRA period.
+CANDIDATE = Technique("candidate", targets=DEFAULT_TARGETS)
 
 
-def candidates(
-    facts: ArchFacts, rank: int = 16, targets: tuple[str, ...] = DEFAULT_TARGETS, merge_every: int = 200
-) -> list[Technique]:
-    """The techniques worth comparing for `facts` (see module docstring)."""
-    kw = dict(rank=rank, targets=tuple(targets), merge_every=merge_every)
+def candidates(facts: ArchFacts, like: Technique = CANDIDATE) -> list[Technique]:
+    """The techniques worth comparing for `facts` (see module docstring), each with `like`'s
+    LoRA rank, targets and ReLoRA `merge_every`."""
+    kw = dict(rank=like.rank, targets=tuple(like.targets), merge_every=like.merge_every)
     out = [
         Technique("full", "full", **kw),
         Technique("lora", "lora", **kw),
@@ -177,29 +180,25 @@ class PlanResult:
 def plan(
     facts: ArchFacts,
     model: str = "model",
-    tokens: int | None = None,
+    workload: Workload | None = None,
     hardware: str | Hardware = "this",
     gpus: int = 1,
+    site: SiteSpec | None = None,
+    like: Technique = CANDIDATE,
+    extra: list[Technique] | None = None,
+    extra_checkpointing: bool | None = None,
     power_cap_w: float | None = None,
     deadline_h: float | None = None,
-    seq_len: int = 512,
-    micro_batch: int = 8,
-    grad_accum: int = 1,
-    region: str | None = None,
-    pue: float | None = None,
-    wue_onsite: float | None = None,
-    rank: int = 16,
-    targets: tuple[str, ...] = DEFAULT_TARGETS,
-    merge_every: int = 200,
-    extra: list[Technique] | None = None,
     memory_gb: float | None = None,
     calibration_file: Path | None = None,
     use_calibration: bool = True,
     utilisation: float | None = None,
-    extra_checkpointing: bool | None = None,
 ) -> PlanResult:
     """Estimate every candidate (plus `extra`, e.g. the recipe's own) and pick the cheapest that fits.
 
+    `workload` None: `DEFAULT_TOKENS` in the default shapes (the assumptions say so whenever the
+    tokens are `DEFAULT_TOKENS`); `site` None: the world average with the machine kind's PUE/WUE; `like`:
+    the LoRA rank, targets and ReLoRA period of every candidate (see `candidates`).
     `utilisation` overrides both the calibration and the default (for what-if plans and tests).
     `extra_checkpointing`: the recipe's `train.activation_checkpointing` (True / False), used
     for the `extra` techniques instead of deciding; None (auto) decides as for every candidate.
@@ -213,15 +212,15 @@ def plan(
         raise UserError(f"--power-cap-w must be positive, got {power_cap_w}")
     if deadline_h is not None and deadline_h <= 0:
         raise UserError(f"--deadline-h must be positive, got {deadline_h}")
-    w = Workload(
-        tokens=int(tokens or DEFAULT_TOKENS), seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum
-    )
-    site = site_factors(hw, region, pue, wue_onsite)
+    w = workload or Workload(DEFAULT_TOKENS)
+    spec = site or SiteSpec()
+    rank, targets = like.rank, like.targets
+    site = site_factors(hw, spec.region, spec.pue, spec.wue_onsite)
     cal = load_calibration(hw, calibration_file) if use_calibration else None
     util = utilisation if utilisation is not None else (cal.utilisation if cal else None)
     power = cal.power_w if cal else None
     rates = cal.dequant_s_per_weight if cal and utilisation is None else None
-    techs = list(extra or []) + candidates(facts, rank, targets, merge_every)
+    techs = list(extra or []) + candidates(facts, like)
     notes = {}
 
     def util_of(t: Technique) -> float | None:
@@ -266,7 +265,7 @@ def plan(
     u = util if util is not None else DEFAULT_UTILISATION[hw.kind]
     assumptions = [
         f"tokens {w.tokens:,} = {w.steps:,} steps × {w.micro_batch} sequences × {w.seq_len} tokens × {w.grad_accum} accumulation"
-        + ("" if tokens else " (default; set --tokens)"),
+        + ("" if w.tokens != DEFAULT_TOKENS else " (default; set --tokens)"),
         f"hardware {gpus}× {hw.name}: {hw.memory_gb:g} GB ({hw.usable_fraction:.0%} usable), "
         f"{hw.peak_flops / 1e12:,.3g} TFLOP/s {hw.compute_dtype} peak, {hw.bandwidth_gbs:g} GB/s; source: {hw.source}",
         (

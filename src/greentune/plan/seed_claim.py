@@ -17,12 +17,13 @@ row) with the cost model of `greentune.plan.cost`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from greentune import recipe as defaults
 from greentune.plan.catalogue import find_model
-from greentune.plan.cost import Estimate, Technique, Workload, estimate
+from greentune.plan.cost import Estimate, SiteSpec, Technique, Workload, estimate
 from greentune.plan.hardware import GB, Hardware, catalogue
-from greentune.plan.recommend import DEFAULT_TARGETS, PlanResult, plan, site_factors
+from greentune.plan.recommend import CANDIDATE, DEFAULT_TARGETS, PlanResult, plan, site_factors
 
 REFERENCE_TOKENS = 100_000_000  # the rate is linear in tokens; any large count gives it
 
@@ -166,7 +167,7 @@ def seed_claim(
     technique: str = "qlora-q4_k",
     seq_len: int = 512,
     micro_batch: int = 8,
-    rank: int = 16,
+    rank: int = defaults.LORA_RANK,
     region: str | None = None,
     utilisation: float | None = None,
 ) -> SeedClaim:
@@ -208,14 +209,12 @@ def seed_claim(
         combos = plan(
             facts,
             "mixtral-8x7b",
-            tokens=best.tokens,
+            workload=Workload(best.tokens, seq_len, micro_batch),
             hardware=best.hardware,
+            site=SiteSpec(region),
+            like=replace(CANDIDATE, rank=rank),
             power_cap_w=power_cap_w,
             deadline_h=hours,
-            seq_len=seq_len,
-            micro_batch=micro_batch,
-            rank=rank,
-            region=region,
             use_calibration=False,
             utilisation=utilisation,
         )

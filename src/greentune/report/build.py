@@ -28,6 +28,7 @@ from greentune.energy.ledger import J_PER_KWH, sum_rows
 from greentune.errors import UserError
 from greentune.fsutil import atomic_write_json, atomic_write_text
 from greentune.report.serving import serving_section
+from greentune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def build_report(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}")
-    metrics_path, ledger_path = run_dir / "metrics.jsonl", run_dir / "ledger.jsonl"
+    run = RunDir(run_dir)
+    metrics_path, ledger_path = run.metrics, run.ledger
     if not metrics_path.exists() and not ledger_path.exists():
         raise UserError(
             f"{run_dir} has neither metrics.jsonl nor ledger.jsonl: not a greentune run directory"
@@ -152,11 +154,11 @@ def build_report(run_dir: str | Path) -> dict:
             f"{ledger_path}: corrupt ledger rows ({type(err).__name__}: {err}); cannot report this run"
         ) from None
     phases = [{"phase": p, **v} for p, v in totals.pop("by_phase").items()]
-    summary = _read_json(run_dir / "summary.json") or {}
-    savings = _read_json(run_dir / "savings.json")
+    summary = _read_json(run.summary) or {}
+    savings = _read_json(run.savings)
     if isinstance(savings, list):
         savings = {"rows": savings, "full_fine_tune": None}
-    recipe_path = run_dir / "recipe.yaml"
+    recipe_path = run.recipe_file
 
     last = metrics[-1] if metrics else {}
     cum = _cumulative_kwh(metrics)
@@ -215,7 +217,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
     run_dir = Path(run_dir)
     report = build_report(run_dir)
-    json_path, html_path = run_dir / "report.json", run_dir / "report.html"
+    run = RunDir(run_dir)
+    json_path, html_path = run.report_json, run.report_html
     atomic_write_json(json_path, report)
     atomic_write_text(html_path, render_html(report))
     return json_path, html_path

@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from greentune.report.svg import bar_chart, fmt
+from greentune.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _projection(run_dir: Path) -> dict | None:
     from greentune.plan.hardware import find_hardware
     from greentune.plan.inference import TARGET_LAPTOP, profile_from_gguf, project
 
-    files = sorted((run_dir / "export").glob("*.gguf"))
+    files = RunDir(run_dir).ggufs()
     if not files:
         return None
     try:

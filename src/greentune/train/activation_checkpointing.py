@@ -65,17 +65,7 @@ def recipe_technique(recipe: Recipe):
     """The recipe's technique as the planner names it (method, base format, rank, targets, upcycling)."""
     from greentune.plan.cost import Technique
 
-    lora, relora, moe = recipe.method.lora, recipe.method.relora, recipe.moe
-    upcycle_to = (moe.upcycle.experts, moe.upcycle.top_k) if moe and moe.upcycle else None
-    return Technique(
-        "recipe",
-        "relora" if relora else "lora",
-        recipe.method.quant_base,
-        lora.rank,
-        tuple(lora.targets),
-        upcycle_to,
-        relora.merge_every if relora else 200,
-    )
+    return Technique.from_recipe(recipe, "recipe")
 
 
 def predicted_memory(recipe: Recipe, device, ctx: DistContext = SINGLE) -> dict:

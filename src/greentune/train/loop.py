@@ -30,6 +30,7 @@ from greentune.errors import UserError
 from greentune.faults import maybe_fault
 from greentune.fsutil import append_jsonl, atomic_write_text, read_jsonl
 from greentune.recipe import TrainConfig
+from greentune.run_dir import RunDir
 from greentune.train import checkpoint as ckpt
 from greentune.train.distributed import SINGLE, DistContext, rank_slice, wrap_objective
 from greentune.train.hooks import TrainHook
@@ -174,7 +175,8 @@ def run_training(
     sharded = ctx.active and parallel == "fsdp"
     progress = progress and ctx.is_main
     run_dir = Path(run_dir)
-    metrics_path, ckpt_root = run_dir / "metrics.jsonl", run_dir / "checkpoints"
+    run = RunDir(run_dir)
+    metrics_path, ckpt_root = run.metrics, run.checkpoints
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise UserError("nothing to train: no parameter requires a gradient")

@@ -2,9 +2,9 @@ import pytest
 
 from greentune.energy.components import Component
 from greentune.energy.factors import Factors
-from greentune.energy.hook import EnergyHook
 from greentune.energy.ledger import Ledger
 from greentune.energy.meter import Measurement, Meter
+from greentune.train.energy_hook import EnergyHook
 
 
 class Counter(Component):
