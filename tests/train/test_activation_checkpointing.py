@@ -23,7 +23,7 @@ from greentune.quant import load_quantized
 from greentune.train.activation_checkpointing import enable_, predicted_memory
 from greentune.train.loss import CausalLMLoss, count_targets
 
-from .lora_helpers import randomise_lora
+from ..adapters.lora_helpers import randomise_lora
 
 PROBE = Path(__file__).with_name("_checkpointing_memory_probe.py")
 
