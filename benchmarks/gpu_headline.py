@@ -189,13 +189,15 @@ def part_dequant(device, smoke: bool) -> None:
 def greentune_adapt(model, fmt: str):
     """Quantise (unless bf16), LoRA on attention, SparseExperts with expert LoRA: the pipeline's order."""
     from greentune.adapters.lora import apply_lora
+    from greentune.adapters.expert_lora import add_expert_lora_
     from greentune.moe import prepare_moe_
     from greentune.quant import quantize_model_
 
     if fmt != "bf16":
         quantize_model_(model, fmt)
     apply_lora(model, ["attn"], rank=RANK, alpha=ALPHA)
-    prepare_moe_(model, (RANK, ALPHA, 0.0))
+    prepare_moe_(model, lora_on_experts=True)
+    add_expert_lora_(model, r=RANK, alpha=ALPHA)
     return model
 
 

@@ -103,7 +103,8 @@ class _LoRALinear(nn.Module):
 
 
 def greentune_model(base):
-    from greentune.moe import add_expert_lora_, replace_experts_
+    from greentune.adapters.expert_lora import add_expert_lora_
+    from greentune.moe import replace_experts_
 
     model = copy.deepcopy(base)
     for p in model.parameters():
@@ -182,7 +183,8 @@ def layer_times(device, dtype, steps):
     from peft import LoraConfig, inject_adapter_in_model
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from greentune.moe import add_expert_lora_, replace_experts_
+    from greentune.adapters.expert_lora import add_expert_lora_
+    from greentune.moe import replace_experts_
 
     torch.manual_seed(0)
 

@@ -19,44 +19,26 @@ from greentune.train.signals import Stopped, exit_code
 
 
 def _cmd_train(ns) -> int:
-    import os
+    from greentune.train import launch
 
     if ns.nproc is not None and ns.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {ns.nproc}")
-    if ns.nproc and ns.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from greentune.train.distributed import launch
-
+    if launch.wanted(ns.nproc):
         argv = (
             ["--verbose"] * ns.verbose
             + ["train", ns.recipe]
             + (["--run-dir", ns.run_dir] if ns.run_dir else [])
         )
-        argv += ["--resume"] * ns.resume + ["--quiet"] * ns.quiet
-        return launch(argv, ns.nproc)
+        return launch.launch(argv + ["--resume"] * ns.resume + ["--quiet"] * ns.quiet, ns.nproc)
     from greentune.pipeline import train
     from greentune.train.signals import raise_on_sigterm
 
     raise_on_sigterm()  # outside the training loop (which checkpoints first) SIGTERM still cleans up
-    try:
-        result = train(ns.recipe, run_dir=ns.run_dir, resume=ns.resume, progress=not ns.quiet)
-    except RuntimeError as err:  # another rank died: say so in one line, torchrun names the rank
-        if "WORLD_SIZE" in os.environ and "closed by peer" in str(err):
-            print(
-                f"greentune: rank {os.environ.get('RANK')}: lost the connection to another rank, which "
-                "stopped; stopping too",
-                file=sys.stderr,
-            )
-            return 1
-        raise
-    if int(os.environ.get("RANK", "0")) != 0:
-        # Rank 0 reports for the job. The others have left the process group and written
-        # nothing; they end here without interpreter finalisation, where gloo's worker threads
-        # can still hold work and abort the process (seen once in CI: "terminate called without
-        # an active exception", SIGABRT after a finished run; pytorch/pytorch#179291).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    result = launch.run_rank(
+        lambda: train(ns.recipe, run_dir=ns.run_dir, resume=ns.resume, progress=not ns.quiet)
+    )
+    if isinstance(result, int):  # this rank lost its peers
+        return result
     if result.signal:
         print(
             f"greentune: {result.stopped} after step {result.steps}, with a checkpoint; continue with --resume",
@@ -111,7 +93,7 @@ def _cmd_upcycle(ns) -> int:
 
 
 def _cmd_export(ns) -> int:
-    from greentune.export_command import export_target
+    from greentune.export.command import export_target
 
     for path in export_target(Path(ns.target), ns.format, ns.quant, Path(ns.out) if ns.out else None):
         print(f"wrote {path}")

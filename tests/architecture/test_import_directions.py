@@ -14,18 +14,12 @@ PKG = ROOT / "src" / "greentune"
 # Edges the current tree still has that the target layout removes: (from unit, to unit, file).
 # Remove an entry when its edge is gone (test_known_exceptions_still_exist says when).
 KNOWN_EXCEPTIONS = {
-    # issue 14, the story branch: expert LoRA moves from moe/ into adapters/ (beside LoRA).
-    ("moe", "adapters", "moe/expert_lora.py"),
-    # issue 14, the story branch: moe/ imports neither adapters/ nor train/; the router monitor's
-    # training hook goes with the loop.
-    ("moe", "train", "moe/hook.py"),
     # OPEN (neither half of issue 14 yet): the recipe's export entries are checked against the writers'
     # family tables in models/support.py; that check belongs in export/ (called by the check-inputs phase).
     ("models", "export", "models/support.py"),
 }
-# When ExpertLoRA lands in adapters/, train/distributed.py's lazy import of it becomes train -> adapters,
-# which this order does not allow (the loop knows no adapter classes): give distributed a seam
-# (the attach phase passes the modules FSDP must keep whole), or list that edge here.
+# train/distributed.py knows no adapter class: a module whose parameters a step may leave out of the
+# graph (an expert LoRA) says so with `leaves_graph_sometimes`, and DDP looks for unused parameters.
 
 
 def _section(text: str, name: str) -> str:

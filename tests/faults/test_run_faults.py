@@ -423,7 +423,7 @@ def test_only_a_dead_greentune_writers_temps_are_removed(tmp_path):
 
 
 def test_resume_on_changed_data_is_refused(tmp_path, tiny_llama_dir, text_jsonl):
-    from greentune.pipeline import _claim_run_dir
+    from greentune.train.claim import claim_run_dir as _claim_run_dir
     from greentune.recipe import load_recipe
     from greentune.train.distributed import SINGLE
 
@@ -441,7 +441,7 @@ def test_resume_on_changed_data_is_refused(tmp_path, tiny_llama_dir, text_jsonl)
 
 
 def test_a_plain_rerun_is_refused_only_with_progress_to_lose(tmp_path, tiny_llama_dir, text_jsonl):
-    from greentune.pipeline import prepare_run_dir
+    from greentune.train.claim import prepare_run_dir
     from greentune.recipe import load_recipe
 
     recipe = load_recipe(_recipe(tmp_path / "r.yaml", tiny_llama_dir, text_jsonl))

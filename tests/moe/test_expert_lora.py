@@ -8,16 +8,15 @@ import torch
 import transformers as tf
 from safetensors.torch import save_file
 
-from greentune.errors import UserError
-from greentune.moe import (
+from greentune.adapters.expert_lora import (
     add_expert_lora_,
     expert_lora_state_dict,
     fuse_expert_lora_,
     load_expert_lora_state_dict,
-    replace_experts_,
-    sparse_experts,
     target_parameters,
 )
+from greentune.errors import UserError
+from greentune.moe import replace_experts_, sparse_experts
 
 
 def _load(path):

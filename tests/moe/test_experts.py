@@ -202,7 +202,7 @@ def test_quantised_experts_q8_0(tiny_mixtral_dir, quantise_first):
 
 def test_fuse_into_quantised_store(tiny_mixtral_dir):
     """ReLoRA's merge on a Q8_0 store: W_e ← Q(W_e + s·B_e·A_e); logits move by quantisation error only."""
-    from greentune.moe import add_expert_lora_
+    from greentune.adapters.expert_lora import add_expert_lora_
     from greentune.quant.replace import quantize_model_
 
     model = _load(tiny_mixtral_dir)
@@ -230,7 +230,7 @@ def test_grouped_gemm_path_equals_the_per_expert_loop(monkeypatch, with_lora):
     """The GPU's grouped_mm path, forced on the CPU in fp32: same output and gradients as the
     loop, also with experts that get no tokens (3, 5, 6, 7) and with expert LoRA."""
     from greentune.moe import experts as experts_mod
-    from greentune.moe.expert_lora import ExpertLoRA
+    from greentune.adapters.expert_lora import ExpertLoRA
 
     hf = _hf_experts(H=32, I=48)
     ours = SparseExperts.from_hf(hf)

@@ -9,11 +9,15 @@ from greentune.moe import SparseExperts, prepare_moe_
 
 
 def test_prepare_mixtral_after_dense_lora(tiny_mixtral_dir):
-    from greentune.adapters.lora import apply_lora
+    from greentune.adapters.attach import attach_adapters
+    from greentune.recipe import LoraConfig, MoeConfig
 
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.float32)
-    apply_lora(model, ["attn"], rank=4, alpha=8)
-    mon = prepare_moe_(model, expert_lora=(4, 8, 0.0), router="full", aux_loss_coef=0.01)
+    lora, moe = (
+        LoraConfig(rank=4, alpha=8, targets=["attn", "experts"]),
+        MoeConfig(router="full", aux_loss_coef=0.01),
+    )
+    mon = attach_adapters(model, lora, moe).monitor
     assert isinstance(model.model.layers[0].mlp.experts, SparseExperts)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "model.layers.0.mlp.gate.weight" in trainable
@@ -30,6 +34,6 @@ def test_prepare_dense(tiny_llama_dir):
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     assert prepare_moe_(model) is None
     with pytest.raises(UserError, match="no MoE experts"):
-        prepare_moe_(model, expert_lora=(4, 8, 0.0))
+        prepare_moe_(model, lora_on_experts=True)
     with pytest.raises(UserError, match="moe.router"):
         prepare_moe_(model, router="lora")

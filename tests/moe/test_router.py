@@ -96,7 +96,7 @@ def test_trained_router_and_expert_lora_round_trip_through_peft(tiny_mixtral_dir
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from greentune.moe import add_expert_lora_, expert_lora_state_dict, target_parameters
+    from greentune.adapters.expert_lora import add_expert_lora_, expert_lora_state_dict, target_parameters
     from greentune.moe.router import load_router_state_dict, router_modules_to_save, router_state_dict
 
     load = lambda: tf.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.float32)  # noqa: E731

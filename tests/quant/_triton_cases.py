@@ -15,7 +15,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_triton_kerne
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from greentune.moe import experts as moe_experts  # noqa: E402
-from greentune.moe.expert_lora import ExpertLoRA  # noqa: E402
+from greentune.adapters.expert_lora import ExpertLoRA  # noqa: E402
 from greentune.moe.experts import SparseExperts  # noqa: E402
 from greentune.quant import triton_dequant, triton_dispatch, triton_matmul  # noqa: E402
 from greentune.quant.experts import QuantExperts3D  # noqa: E402

@@ -13,18 +13,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from greentune.adapters.expert_lora import (
+    expert_lora_state_dict,
+    load_expert_lora_state_dict,
+    target_parameters,
+)
 from greentune.adapters.lora import lora_modules
 from greentune.errors import UserError
 from greentune.fsutil import atomic_dir
+from greentune.models.loader import check_safetensors_header
+from greentune.moe.experts import sparse_experts
+from greentune.moe.router import (
+    find_routers,
+    load_router_state_dict,
+    router_modules_to_save,
+    router_state_dict,
+)
 
 PREFIX = "base_model.model."
 
 
 def _moe_parts(model: torch.nn.Module) -> tuple[bool, bool]:
     """(has expert LoRA, trains the router) — the two MoE additions to a PEFT adapter."""
-    from greentune.moe.experts import sparse_experts
-    from greentune.moe.router import find_routers
-
     experts = any(m.lora is not None for _, m in sparse_experts(model))
     router = any(p.requires_grad for _, r in find_routers(model) for p in r.parameters())
     return experts, router
@@ -38,12 +48,8 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         sd[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().clone()
     experts, router = _moe_parts(model)
     if experts:
-        from greentune.moe.expert_lora import expert_lora_state_dict
-
         sd.update(expert_lora_state_dict(model))
     if router:
-        from greentune.moe.router import router_state_dict
-
         sd.update(router_state_dict(model))
     return sd
 
@@ -55,13 +61,9 @@ def load_lora_state_dict(
     seen = set()
     experts, router = _moe_parts(model)
     if experts:
-        from greentune.moe.expert_lora import expert_lora_state_dict, load_expert_lora_state_dict
-
         load_expert_lora_state_dict(model, sd)
         seen |= set(expert_lora_state_dict(model))
     if router:
-        from greentune.moe.router import load_router_state_dict, router_state_dict
-
         load_router_state_dict(model, sd)
         seen |= set(router_state_dict(model))
     for name, m in mods.items():
@@ -102,13 +104,9 @@ def adapter_config(model: torch.nn.Module, rank: int, alpha: float, dropout: flo
     }
     experts, router = _moe_parts(model)
     if experts:
-        from greentune.moe.expert_lora import target_parameters
-
         config["target_parameters"] = target_parameters(model)
         config["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout; it only matters in training
     if router:
-        from greentune.moe.router import router_modules_to_save
-
         config["modules_to_save"] = router_modules_to_save(model)
     return config
 
@@ -138,8 +136,6 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{cfg_path}: not valid JSON ({err.msg})") from None
-    from greentune.models.loader import check_safetensors_header
-
     check_safetensors_header(w_path)
     return config, load_file(str(w_path))
 

@@ -25,7 +25,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from greentune.adapters.expert_lora import ExpertLoRA, fuse_expert_lora_
 from greentune.adapters.lora import LoRALinear, lora_modules
+from greentune.moe.experts import SparseExperts
 from greentune.recipe import ReloraConfig
 from greentune.train.hooks import TrainHook
 from greentune.train.schedule import restart_factor
@@ -41,7 +43,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     for m in model.modules():
         if isinstance(m, LoRALinear):
             params += [m.lora_A, m.lora_B]
-        elif type(m).__name__ == "ExpertLoRA":
+        elif isinstance(m, ExpertLoRA):
             params += list(m.parameters())
     return params
 
@@ -132,7 +134,7 @@ def merged_bases(model: nn.Module) -> dict[str, nn.Module]:
     """Modules whose frozen weights ReLoRA changes: LoRA bases and MoE experts (without their LoRA)."""
     out = {f"{name}.base": m.base for name, m in lora_modules(model).items()}
     for name, m in model.named_modules():
-        if type(m).__name__ == "SparseExperts" and getattr(m, "lora", None) is not None:
+        if isinstance(m, SparseExperts) and m.lora is not None:
             out[name] = _ExpertWeights(m)
     return out
 
@@ -159,7 +161,5 @@ def merge_and_restart_(model: nn.Module) -> int:
         m.fuse_()
         m.reset_lora_()
         count += 1
-    from greentune.moe.expert_lora import fuse_expert_lora_
-
     count += fuse_expert_lora_(model, restart=True)
     return count

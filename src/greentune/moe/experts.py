@@ -25,7 +25,7 @@ and again in the backward, so a layer's dequantised experts never all live at on
 `greentune.quant`'s `QuantExperts3D` is such a store; `quantize_model_` may run before or
 after `replace_experts_` (it installs stores under the same attribute names either way).
 
-An optional `ExpertLoRA` (see `expert_lora.py`) adds a low-rank term per expert, applied to
+An optional `ExpertLoRA` (see `greentune.adapters.expert_lora`) adds a low-rank term per expert, applied to
 the activations: ``h = x W^T + s · (x A_e^T) B_e^T`` with ``s = alpha / r``.
 
 On a CUDA GPU in bf16, with plain weight tensors, the experts run as `F.grouped_mm` calls

@@ -239,6 +239,7 @@ def _measure_training(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from greentune.adapters.expert_lora import add_expert_lora_
     from greentune.adapters.lora import apply_lora
     from greentune.models.facts import arch_facts
     from greentune.moe import prepare_moe_
@@ -252,7 +253,8 @@ def _measure_training(
     lora = LoraConfig()  # the recipe's default adapter
     apply_lora(model, [t for t in technique.targets if t != "experts"], lora.rank, lora.alpha, lora.dropout)
     if "experts" in technique.targets:
-        prepare_moe_(model, (lora.rank, lora.alpha, lora.dropout))
+        prepare_moe_(model, lora_on_experts=True)
+        add_expert_lora_(model, r=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
     objective = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)

@@ -20,7 +20,8 @@ import hashlib
 import json
 import logging
 import os
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from greentune.errors import UserError
+from greentune.models.loader import default_device
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,18 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, fn) -> None:
+        """Run `fn` on rank 0; a UserError there is raised on every rank, so all stop cleanly."""
+        err = None
+        if self.is_main:
+            try:
+                fn()
+            except UserError as e:
+                err = str(e)
+        err = self.from_main(err)
+        if err:
+            raise UserError(err)
+
 
 SINGLE = DistContext()
 
@@ -114,6 +128,16 @@ def init_from_env() -> DistContext:
     ctx = DistContext(rank, world, local_rank, local_world, backend)
     log.info("rank %d of %d (local %d of %d), backend %s", rank, world, local_rank, local_world, backend)
     return ctx
+
+
+@contextmanager
+def joined() -> Iterator[DistContext]:
+    """`init_from_env` for the life of the block, and the group left however it ends."""
+    ctx = init_from_env()
+    try:
+        yield ctx
+    finally:
+        close(ctx)
 
 
 def close(ctx: DistContext) -> None:
@@ -217,11 +241,10 @@ def wrap_objective(objective: nn.Module, ctx: DistContext, parallel: str) -> nn.
         return objective
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from greentune.moe.expert_lora import ExpertLoRA
-
     device_ids = [ctx.local_rank] if ctx.backend == "nccl" else None
-    # An expert that got no tokens leaves its LoRA pair out of the graph: DDP must look for that.
-    unused = any(isinstance(m, ExpertLoRA) for m in objective.modules())
+    # A module whose parameters a step may leave out of the graph says so (`leaves_graph_sometimes`,
+    # e.g. an expert LoRA whose expert got no tokens): DDP must then look for unused parameters.
+    unused = any(getattr(m, "leaves_graph_sometimes", False) for m in objective.modules())
     # No buffer syncing: every rank loaded the same base and seeded the same adapter init, and
     # broadcasting a (quantised) base at start or every step would cost its whole size.
     return DDP(
@@ -233,39 +256,90 @@ def wrap_objective(objective: nn.Module, ctx: DistContext, parallel: str) -> nn.
     )
 
 
-# ---- launching --------------------------------------------------------------------------
+# ---- the pipeline's one seam ------------------------------------------------------------
 
 
-def launch(argv: list[str], nproc: int) -> int:
-    """`greentune train --nproc N ...`: the same command under torchrun on this machine.
+@dataclass(frozen=True)
+class Job:
+    """What a distributed job changes about each phase of the pipeline, asked in one place.
 
-    A worker that fails ends the job (torchrun stops the others); we report which rank in
-    one line instead of torchrun's traceback.
-    """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    On a single process every answer is the plain one (no checks, the default device, no
+    sharding, no gathering, rank 0 is this process), so the pipeline never branches on
+    ranks itself. `parallel` is the recipe's `train.parallel`."""
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"greentune-{os.getpid()}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.5,
-    )
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    if env_threads is None:  # share the cores out instead of torchrun's default of 1 thread
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "greentune", *argv)
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        code = failure.exitcode
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        raise UserError(
-            f"rank {rank} of {nproc} failed ({how}); the other ranks were stopped. "
-            "Fix the cause and continue with --resume"
-        ) from None
-    return 0
+    ctx: DistContext = SINGLE
+    parallel: str = "ddp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the base is sharded over the ranks while it trains."""
+        return self.ctx.world > 1 and self.parallel == "fsdp"
+
+    def check(self, recipe, run_dir, resume: bool) -> None:
+        """Every rank runs the same recipe, whose batch splits over the ranks and whose
+        method the parallelism can train."""
+        if self.ctx.world == 1:
+            return
+        identity = {"recipe": recipe.identity(), "run_dir": str(run_dir.resolve()), "resume": resume}
+        check_same_recipe(self.ctx, identity)
+        check_divisible(self.ctx, recipe.train.batch_size, recipe.train.grad_accum)
+        if self.sharded and recipe.method.relora is not None:
+            raise UserError(
+                "method.relora merges into the whole base, which train.parallel fsdp shards over "
+                "the ranks; use train.parallel ddp for ReLoRA"
+            )
+
+    def device(self) -> torch.device:
+        return self.ctx.device() if self.ctx.world > 1 else default_device()
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """FSDP moves each decoder layer to the device as it shards it, so a base larger than
+        one device only ever has one whole layer there: it loads on the CPU."""
+        return torch.device("cpu") if self.sharded else device
+
+    def on_main(self, fn) -> None:
+        self.ctx.on_main(fn)
+
+    def main_then_all(self, fn) -> None:
+        """`fn` on rank 0 while the others wait (a shared file only one rank must write)."""
+        if self.is_main:
+            fn()
+        self.ctx.barrier()
+
+    def shard_(self, model: nn.Module) -> None:
+        if self.sharded:
+            shard_model_(model, self.ctx)
+
+    def seed_ranks(self, seed: int) -> None:
+        """Dropout masks differ between ranks, reproducibly (the adapters were initialised alike)."""
+        if self.ctx.world > 1:
+            torch.manual_seed(seed + 7919 * (self.ctx.rank + 1))
+
+    def gather_for_merge(self, model: nn.Module, outputs: dict) -> dict[str, torch.Tensor] | None:
+        """The job's last collectives, after training: the whole trained tensors on the CPU
+        when FSDP sharded them (rank 0 rebuilds its own copy from them), else None; DDP's
+        ranks prove they hold the same adapter (`outputs["adapter_digest_by_rank"]`). Then
+        the ranks leave the group: from here rank 0 merges, exports and reports alone."""
+        if self.ctx.world == 1:
+            return None
+        trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if self.sharded:
+            trained = {n: t.full_tensor().cpu() for n, t in trained.items()}
+        else:
+            outputs["adapter_digest_by_rank"] = adapter_digests(self.ctx, trained)
+        self.ctx.barrier()
+        close(self.ctx)
+        return trained if self.sharded else None
+
+    def calibrates_this_machine(self) -> bool:
+        """Only a single-process run measures this machine as the planner models it."""
+        if self.ctx.world > 1:
+            log.info("a %d-rank run is not recorded as a planner calibration of this machine", self.ctx.world)
+        return self.ctx.world == 1
+
+    def summary(self) -> dict:
+        return {"ranks": self.ctx.world, "parallel": self.parallel if self.ctx.world > 1 else None}

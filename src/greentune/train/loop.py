@@ -149,26 +149,28 @@ def evaluate_loss(
     return (total / max(count, 1)), int(count)
 
 
+EVAL_BATCHES = 8  # batches of `eval_data` scored at each checkpoint (the final evaluation scores all)
+
+
 def run_training(
     model,
     stream,
     cfg: TrainConfig,
     run_dir: Path,
     *,
-    resume: bool = False,
     hooks: list[TrainHook] | None = None,
     eval_data=None,
-    eval_batches: int = 8,
     device: torch.device | str = "cpu",
-    progress: bool = True,
     ctx: DistContext = SINGLE,
-    parallel: str = "ddp",
+    resume: bool = False,
+    progress: bool = True,
 ) -> LoopResult:
     """Train `model`'s trainable parameters on batches from `stream` for `cfg.steps` steps.
 
     `stream` yields global batches; in a job this rank trains on its slice of each.
-    `parallel`: "ddp", or "fsdp" when `model` is already sharded (`distributed.shard_model_`).
+    `cfg.parallel`: "ddp", or "fsdp" when `model` is already sharded (`distributed.shard_model_`).
     """
+    parallel, eval_batches = cfg.parallel, EVAL_BATCHES
     hooks = hooks or []
     sharded = ctx.active and parallel == "fsdp"
     progress = progress and ctx.is_main

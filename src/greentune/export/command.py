@@ -13,40 +13,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from greentune.errors import UserError
+from greentune.export.gguf_families import family_of
+from greentune.export.model import export_model
+from greentune.export.trained_bytes import load_trained_bytes
 from greentune.formats import reuses_training_bytes
 from greentune.fsutil import remove_stale_temps
+from greentune.models.loader import (
+    check_model_dir,
+    check_weights_match,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from greentune.recipe import ExportConfig
 from greentune.run_dir import RunDir
 
 
 def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -> list[Path]:
-    from pydantic import ValidationError
-
-    from greentune.models.loader import (
-        check_model_dir,
-        check_weights_match,
-        load_config,
-        load_model,
-        load_tokenizer,
-        resolve_model_dir,
-    )
-    from greentune.pipeline import TRAINED_BYTES, export_model, load_trained_bytes
-
     try:
         item = ExportConfig(format=fmt, quant=quant)
     except ValidationError as err:
         raise UserError(f"--quant: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    if (target / "recipe.yaml").is_file():
-        model_dir = target / "merged"
-        if not (model_dir / "config.json").is_file():
+    run = RunDir(target)
+    if run.has_recipe():
+        model_dir = run.merged
+        if not run.has_merged():
             raise UserError(f"{target}: the run has no merged/ model yet (did it finish?)")
-        quant_base = RunDir(target).read_recipe().method.quant_base
-        out = out or target / "export"
-        trained = target / TRAINED_BYTES
+        base_format = run.read_recipe().method.quant_base
+        out = out or run.export
+        trained = run.trained_bytes
         prequantized = (
             load_trained_bytes(trained)
-            if reuses_training_bytes(quant_base, item.format, item.quant) and trained.exists()
+            if reuses_training_bytes(base_format, item.format, item.quant) and trained.exists()
             else None
         )
     else:
@@ -62,8 +64,6 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
     remove_stale_temps(out)  # what an export killed mid-write left (greentune's own temp names only)
     config = load_config(model_dir)
     if item.format == "gguf":  # a family llama.cpp cannot run: one line before the weights are read
-        from greentune.export.gguf_families import family_of
-
         family_of(config.to_dict())
     check_weights_match(model_dir, config)  # the writers stream tensors: check them first
     tokenizer = load_tokenizer(model_dir)

@@ -48,6 +48,10 @@ class ExpertLoRA(nn.Module):
     Parameters: A_gate_up [E, r, H], B_gate_up [E, 2I, r], A_down [E, r, I], B_down [E, H, r].
     """
 
+    # An expert that got no tokens in a step leaves its pair out of the graph
+    # (`train.distributed.wrap_objective` then has DDP look for unused parameters).
+    leaves_graph_sometimes = True
+
     def __init__(
         self,
         num_experts: int,

@@ -6,8 +6,9 @@ bf16 with a tiny model (slow bf16 units do not matter at this size)."""
 import torch
 from torch import nn
 
+from greentune.adapters.expert_lora import add_expert_lora_
 from greentune.adapters.lora import LoRALinear, apply_lora
-from greentune.moe import add_expert_lora_, replace_experts_, sparse_experts
+from greentune.moe import replace_experts_, sparse_experts
 
 
 def test_lora_on_a_bf16_base_keeps_fp32_factors_and_gets_fp32_gradients():

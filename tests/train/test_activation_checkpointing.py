@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from greentune.adapters.expert_lora import add_expert_lora_
 from greentune.adapters.lora import apply_lora
 from greentune.models.loader import load_model
 from greentune.moe import prepare_moe_
@@ -22,7 +23,7 @@ from greentune.quant import load_quantized
 from greentune.train.activation_checkpointing import enable_, predicted_memory
 from greentune.train.loss import CausalLMLoss, count_targets
 
-from .lora_helpers import randomise_lora
+from ..adapters.lora_helpers import randomise_lora
 
 PROBE = Path(__file__).with_name("_checkpointing_memory_probe.py")
 
@@ -34,9 +35,9 @@ def _build(model_dir, quant, targets, dropout, moe):
     randomise_lora(model)
     monitor = None
     if moe:
-        monitor = prepare_moe_(
-            model, (4, 8.0, dropout) if "experts" in targets else None, router="full", aux_loss_coef=0.05
-        )
+        monitor = prepare_moe_(model, router="full", aux_loss_coef=0.05, lora_on_experts="experts" in targets)
+        if "experts" in targets:
+            add_expert_lora_(model, r=4, alpha=8.0, dropout=dropout)
         with torch.no_grad():  # expert LoRA's B starts at zero: make it count
             for n, p in model.named_parameters():
                 if p.requires_grad and ".lora.B_" in n:
@@ -448,7 +449,7 @@ def test_two_ranks_train_the_same_with_and_without(
 def test_a_run_may_resume_with_another_setting(tmp_path, tiny_llama_dir, text_jsonl):
     """It changes memory, not results: turning it on to resume a run that ran out of memory is allowed."""
     from greentune.errors import UserError
-    from greentune.pipeline import prepare_run_dir
+    from greentune.train.claim import prepare_run_dir
 
     run = tmp_path / "run"
     prepare_run_dir(run, _recipe(tmp_path, tiny_llama_dir, text_jsonl, activation_checkpointing=False), False)

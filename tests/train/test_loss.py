@@ -10,7 +10,7 @@ from greentune.train import fused_head_ce
 from greentune.train.fused_head_ce import fused_head, linear_cross_entropy
 from greentune.train.loss import CausalLMLoss, count_targets
 
-from .lora_helpers import randomise_lora
+from ..adapters.lora_helpers import randomise_lora
 
 TOL = 1e-5
 

@@ -1,4 +1,6 @@
-"""The training loop's MoE hook: router aux loss into the loss, expert use into metrics."""
+"""The training loop's MoE hook: router aux loss into the loss, expert use into metrics.
+
+It lives with the loop (like `energy_hook.py`): `moe/` knows experts and routers, not the loop."""
 
 from __future__ import annotations
 
