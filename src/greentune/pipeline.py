@@ -199,7 +199,7 @@ def load_trained_bytes(path: Path) -> dict[str, tuple]:
 
 
 # A GGUF export reuses the training bytes when the base was trained in that export's format.
-_GGUF_BASE_FORMAT = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k"}
+_GGUF_BASE_FORMAT = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k", "mxfp4": "mxfp4"}
 
 
 def _same_format(quant_base: str, item) -> bool:

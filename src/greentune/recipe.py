@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from greentune.data.hf_datasets import BUILDERS, DatasetSpec
 from greentune.errors import UserError
 
-QuantBase = Literal["none", "q8_0", "q4_0", "q4_k", "nf4"]
+QuantBase = Literal["none", "q8_0", "q4_0", "q4_k", "nf4", "mxfp4"]
 Target = Literal["attn", "mlp", "experts"]
 
 
@@ -126,13 +126,14 @@ class EnergyConfig(_Strict):
 class ExportConfig(_Strict):
     format: Literal["gguf", "mlx", "hf"]
     quant: str | None = Field(
-        None, description="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default); mlx: 4bit (default) | none"
+        None,
+        description="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default) | mxfp4; mlx: 4bit (default) | none",
     )
 
     @model_validator(mode="after")
     def _known_quant(self):
         allowed = {
-            "gguf": {None, "f32", "f16", "q8_0", "q4_0", "q4_k_m"},
+            "gguf": {None, "f32", "f16", "q8_0", "q4_0", "q4_k_m", "mxfp4"},
             "mlx": {None, "4bit", "none"},
             "hf": {None},
         }[self.format]

@@ -198,6 +198,11 @@ class ModelSource:
     def torch_shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
+    def prequantized_entry(self, name: str):
+        """The `(ggml_type, bytes)` given for `name`, or None (for writers that know the bytes'
+        own [E, out, in] layout differs from the float tensor's, e.g. gpt-oss's experts)."""
+        return self._pre.get(name)
+
     # -- architecture helpers -----------------------------------------------------------
     def expert_weights(self, layer: int, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) of one Mixtral-style layer."""

@@ -68,9 +68,13 @@ BPW = {
     "q4_0": 4.5,
     "q4_k": 4.5,
     "nf4": 4.127,
+    "mxfp4": 4.25,  # experts only (gpt-oss's MXFP4, 32 weights in 17 bytes); see NON_EXPERT_BPW
 }
+# Formats for experts only: the other matmuls, the embedding and the head are stored at this
+# rate instead (mxfp4: Q8_0, as llama.cpp's MXFP4_MOE files and greentune's quant_base mxfp4).
+NON_EXPERT_BPW = {"mxfp4": 8.5}
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-HEAD_BPW = {"q8_0": 8.5}  # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
+HEAD_BPW = {"q8_0": 8.5, "mxfp4": 8.5}  # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
 TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
@@ -263,8 +267,12 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
         if BPW[t.quant_base] is not None:  # embedding and head quantised too (as Q4_K_M)
             vh = facts.vocab * facts.hidden
             head_bpw = HEAD_BPW.get(t.quant_base, 6.5625)
-            table = vh * head_bpw / 8 if facts.tied_embeddings else vh * (bpw + head_bpw) / 8
-            weights = matmul * bpw / 8 + table + (rest - facts.embedding_params) * b
+            other = NON_EXPERT_BPW.get(t.quant_base, bpw)
+            table = vh * head_bpw / 8 if facts.tied_embeddings else vh * (other + head_bpw) / 8
+            mm_bits = sum(
+                g.params * (bpw if g.kind == "experts" else other) for g in facts.linears if g.kind != "head"
+            )
+            weights = mm_bits / 8 + table + (rest - facts.embedding_params) * b
         n_train = trainable_params(facts, t)
         trainable, grads, optim = n_train * 4, n_train * 4, n_train * 8
     shard = float(devices)
