@@ -413,6 +413,9 @@ def _train(
             f"({base}/config.json)"
         )
     check_weights_match(base, config)  # missing / unexpected / mis-shaped tensors, from the headers
+    from greentune.models.mxfp4_checkpoint import check_quant_base
+
+    check_quant_base(config, recipe.method.quant_base)  # an MXFP4 checkpoint trains quantised
     check_rank_fits(config, recipe.method.lora.rank, recipe.method.lora.targets, base)
     Factors.for_region(recipe.energy.region)  # an unknown region fails now, not after training
     tcfg = recipe.train

@@ -419,6 +419,9 @@ def load_quantized(
     files = checkpoint_files(model_dir)
     limit_heap_retention()  # for the load and the training that follows
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    from greentune.models.mxfp4_checkpoint import drop_quantization_config
+
+    drop_quantization_config(config)  # MXFP4 experts (gpt-oss): read by `_Loader._put_mxfp4`
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
