@@ -148,7 +148,9 @@ def test_user_errors(tmp_path, scaled_llama_dir, tokenizer):
     GPT2Config().save_pretrained(gpt2)
     save_file({"placeholder": torch.zeros(1)}, str(gpt2 / "model.safetensors"))
     tokenizer.save_pretrained(gpt2)
-    with pytest.raises(UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt2'"):
+    with pytest.raises(
+        UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt2'"
+    ):
         write_gguf(gpt2, tmp_path / "x.gguf", "f16")
     gpt_oss = tmp_path / "gpt_oss"  # a clamp llama.cpp's gpt-oss graph does not have: refused
     GptOssConfig(swiglu_limit=5.0).save_pretrained(gpt_oss)

@@ -131,5 +131,5 @@ def test_harmony_chat_format_gets_its_template_and_stops(tmp_path, tokenizer):
     text = write_modelfile(gguf, tok).read_text()
     assert f'TEMPLATE """{TEMPLATE}"""' in text
     assert text.endswith('PARAMETER stop "<|return|>"\nPARAMETER stop "<|call|>"\n')
-    assert '<|start|>user<|message|>{{ .Content }}<|end|>' in TEMPLATE
+    assert "<|start|>user<|message|>{{ .Content }}<|end|>" in TEMPLATE
     assert TEMPLATE.count("{{ if") == TEMPLATE.count("{{ end }}") - 1  # range + ifs, all closed

@@ -119,7 +119,9 @@ def hf_model_from_mlx(mlx_dir, model_dir):
         p = name[: -len(".gate_proj.weight")]
         gate, up = sd.pop(name), sd.pop(f"{p}.up_proj.weight")
         sd[f"{p}.gate_up_proj"] = _interleave(gate, up, 1).transpose(0, 2, 1)
-        sd[f"{p}.gate_up_proj_bias"] = _interleave(sd.pop(f"{p}.gate_proj.bias"), sd.pop(f"{p}.up_proj.bias"), 1)
+        sd[f"{p}.gate_up_proj_bias"] = _interleave(
+            sd.pop(f"{p}.gate_proj.bias"), sd.pop(f"{p}.up_proj.bias"), 1
+        )
         sd[f"{p}.down_proj"] = sd.pop(f"{p}.down_proj.weight").transpose(0, 2, 1)
         sd[f"{p}.down_proj_bias"] = sd.pop(f"{p}.down_proj.bias")
     for name in [n for n in sd if ".switch_mlp.gate_proj." in n]:

@@ -116,3 +116,35 @@ def test_quantised_experts_store_runs_and_dequantises_to_hf_layout(fmt):
     ref.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(got, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+EXPERT_PARAMS = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+
+
+def test_expert_lora_is_peft_target_parameters_layout():
+    """PEFT's ParamWrapper on gpt-oss's transposed experts and greentune's expert LoRA, given the
+    same tensors (PEFT's saved state dict), compute the same logits."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from greentune.moe import expert_lora_state_dict, load_expert_lora_state_dict, target_parameters
+    from greentune.moe.prepare import prepare_moe_
+
+    ours = _tiny()
+    peft_model = get_peft_model(
+        copy.deepcopy(ours),
+        LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=EXPERT_PARAMS),
+    )
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    prepare_moe_(ours, (2, 6.0, 0.0))
+    assert target_parameters(ours) == EXPERT_PARAMS
+    sd = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(peft_model).items()}
+    sd = {k.replace("base_model.model.base_model.model.", "base_model.model."): v for k, v in sd.items()}
+    assert load_expert_lora_state_dict(ours, sd) == 8
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        _close(ours(ids).logits, peft_model(ids).logits)
+    for k, v in expert_lora_state_dict(ours).items():
+        assert torch.equal(v, sd[k]), k

@@ -180,7 +180,11 @@ FAMILIES: dict[str, Family] = {
     "olmoe": Family(MODEL_ARCH.OLMOE, moe=True, check=_olmoe_check),
 }
 FAMILIES["gpt_oss"] = Family(
-    MODEL_ARCH.GPT_OSS, moe=True, keys=gguf_gpt_oss.keys, check=gguf_gpt_oss.check, experts=gguf_gpt_oss.experts
+    MODEL_ARCH.GPT_OSS,
+    moe=True,
+    keys=gguf_gpt_oss.keys,
+    check=gguf_gpt_oss.check,
+    experts=gguf_gpt_oss.experts,
 )
 
 

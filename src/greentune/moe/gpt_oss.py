@@ -56,7 +56,8 @@ class GptOssSparseExperts(SparseExperts):
         E, two_i, H = _logical(gate_up_proj)
         if _logical(down_proj) != (E, H, two_i // 2) or two_i % 2:
             raise ValueError(
-                f"gpt-oss expert shapes disagree: gate_up {_logical(gate_up_proj)}, down {_logical(down_proj)}"
+                f"gpt-oss expert shapes disagree: gate_up {_logical(gate_up_proj)}, "
+                f"down {_logical(down_proj)}"
             )
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, two_i // 2
         self._set("gate_up_proj", gate_up_proj)

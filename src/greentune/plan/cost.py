@@ -74,7 +74,10 @@ BPW = {
 # rate instead (mxfp4: Q8_0, as llama.cpp's MXFP4_MOE files and greentune's quant_base mxfp4).
 NON_EXPERT_BPW = {"mxfp4": 8.5}
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-HEAD_BPW = {"q8_0": 8.5, "mxfp4": 8.5}  # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
+HEAD_BPW = {
+    "q8_0": 8.5,
+    "mxfp4": 8.5,
+}  # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
 TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
