@@ -148,3 +148,25 @@ def test_expert_lora_is_peft_target_parameters_layout():
         _close(ours(ids).logits, peft_model(ids).logits)
     for k, v in expert_lora_state_dict(ours).items():
         assert torch.equal(v, sd[k]), k
+
+
+def test_router_monitor_aux_loss_equals_transformers():
+    """gpt-oss's router (`mlp.router`, with bias; softmax over its top-k) is found, and the
+    monitor's load-balancing loss is transformers' own `load_balancing_loss_func`."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    from greentune.moe.prepare import prepare_moe_
+
+    ours = _tiny()
+    ref = copy.deepcopy(ours)
+    monitor = prepare_moe_(ours, None, router="full", aux_loss_coef=1.0)
+    assert [n for n, _ in monitor.routers] == ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
+    assert ours.model.layers[0].mlp.router.bias.requires_grad
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    ours(ids)
+    got = monitor.pop_aux_loss()
+    out = ref(ids, output_router_logits=True)
+    want = load_balancing_loss_func(out.router_logits, 4, 2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    stats = monitor.pop_stats()
+    assert set(stats["expert_use"]) == {"0", "1"}
