@@ -27,11 +27,11 @@ _REGISTRY: dict[str, BlockFormat] = {
         Q4_0(),
         Q4_K(),
         Q6_K(),
-        MXFP4(),
         NF4(),
         NF4DoubleQuant(),
         F16(),
         F32(),
+        MXFP4(),
     )
 }
 
