@@ -130,3 +130,21 @@ def test_mxfp4_base_trains_and_ships_its_expert_bytes(
         ROW.q_atol,
         quantised=True,
     )
+
+
+def test_hub_checkpoint_into_another_block_format_goes_expert_by_expert(hub_dir):
+    from safetensors.torch import load_file
+
+    from greentune.quant.formats import get_format
+    from greentune.quant.loading import load_quantized
+    from greentune.quant.mxfp4 import hub_to_ggml
+
+    hub = load_file(hub_dir / "model.safetensors")
+    model = load_quantized(hub_dir, "q4_k")
+    store = model.model.layers[1].mlp.experts.down_proj
+    name = "model.layers.1.mlp.experts.down_proj"
+    floats = get_format("mxfp4").dequantize(
+        hub_to_ggml(hub[f"{name}_blocks"], hub[f"{name}_scales"]), store.shape
+    )
+    assert store.fmt.name == "q4_k"
+    assert torch.equal(store.qweight, get_format("q4_k").quantize(floats))

@@ -289,13 +289,14 @@ class _Loader:
             packed = hub_to_ggml(slot["blocks"], slot["scales"])
         except ValueError as err:
             raise UserError(f"{target_key}: {err}") from None
-        if tuple(packed.shape) != tuple(store.qweight.shape):
-            self.mismatched.append((target_key, tuple(packed.shape), tuple(store.qweight.shape)))
+        mx = get_format("mxfp4")
+        want = (*store.shape[:-1], -1) if not mx.fits(store.in_features) else mx.packed_shape(store.shape)
+        if tuple(packed.shape) != tuple(want):
+            self.mismatched.append((target_key, tuple(packed.shape), tuple(want)))
             return
         if store.fmt.name == "mxfp4":
             store.qweight.copy_(packed)
         else:
-            mx = get_format("mxfp4")
             for e in range(store.num_experts):
                 store.load_expert_(e, mx.dequantize(packed[e], (store.out_features, store.in_features)))
         self.loaded.add(target_key)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from greentune.quant.block import BlockFormat, GGMLQuantizationType
+from greentune.quant.block import BlockFormat, GGMLQuantizationType, chunk_elements, map_chunks
 
 KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
@@ -41,6 +41,12 @@ class MXFP4(BlockFormat):
     ggml_type = GGMLQuantizationType.MXFP4
 
     def _quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        # in row chunks: the nearest-code search holds 16 candidates per weight
+        out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=blocks.device)
+        per_chunk = max(1, chunk_elements(blocks.device) // self.block_size)
+        return map_chunks(self._quantize_chunk, blocks, out, per_chunk)
+
+    def _quantize_chunk(self, blocks: torch.Tensor) -> torch.Tensor:
         amax = blocks.abs().amax(dim=1, keepdim=True)  # [n, 1]
         safe = torch.where(amax > 0, amax, torch.ones_like(amax))
         e = torch.where(amax > 0, torch.floor(torch.log2(safe)) - 2 + 127, torch.zeros_like(amax))
