@@ -148,3 +148,25 @@ def test_hub_checkpoint_into_another_block_format_goes_expert_by_expert(hub_dir)
     )
     assert store.fmt.name == "q4_k"
     assert torch.equal(store.qweight, get_format("q4_k").quantize(floats))
+
+
+def test_hub_checkpoint_exports_directly_with_its_own_expert_values(hub_dir, tmp_path):
+    """`greentune export` of the Hub folder itself (no training): the experts read as the floats
+    their MXFP4 pairs encode; `--quant mxfp4` holds exactly those values."""
+    import helpers
+    from safetensors.torch import load_file
+
+    from greentune.cli import main
+    from greentune.quant.formats import get_format
+    from greentune.quant.mxfp4 import hub_to_ggml
+
+    out = tmp_path / "x"
+    assert main(["export", str(hub_dir), "--format", "gguf", "--quant", "mxfp4", "--out", str(out)]) == 0
+    _, t, types = helpers.read_gguf(out / "model-mxfp4.gguf")
+    assert types["blk.0.ffn_up_exps.weight"] == "MXFP4" and types["blk.0.attn_q.weight"] == "Q8_0"
+    hub = load_file(hub_dir / "model.safetensors")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    packed = hub_to_ggml(hub[f"{name}_blocks"], hub[f"{name}_scales"])
+    floats = get_format("mxfp4").dequantize(packed, (4, 512, 256)).numpy()  # [E, 2I, H], rows interleaved
+    np.testing.assert_array_equal(t["blk.0.ffn_gate_exps.weight"], floats[:, 0::2])
+    np.testing.assert_array_equal(t["blk.0.ffn_up_exps.weight"], floats[:, 1::2])

@@ -164,6 +164,10 @@ class ModelSource:
             with safe_open(where[name], framework="pt") as h:
                 return h.get_tensor(name)
 
+        from greentune.models import mxfp4_checkpoint
+
+        if mxfp4_checkpoint.is_mxfp4(config):  # a Hub gpt-oss folder: its experts read as floats
+            shapes, get = mxfp4_checkpoint.float_view(shapes, get)
         tokenizer = _load_tokenizer(model_dir)
         return cls(config, tokenizer, shapes, get, str(model_dir), prequantized)
 
