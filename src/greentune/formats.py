@@ -3,12 +3,12 @@
 Two things are called "quant", and they get two names here:
 
 * a **base format** (`BaseFormat`, the recipe's `method.quant_base`): how the frozen base is stored while it
-  trains — `none` (the compute dtype), `q8_0`, `q4_0`, `q4_k` (GGUF block types) or `nf4` (QLoRA);
+  trains — `none` (the compute dtype), `q8_0`, `q4_0`, `q4_k` (GGUF block types) or `nf4` (QLoRA), `mxfp4` (gpt-oss's experts; the rest Q8_0);
 * an **export quantisation** (`GgufQuant`, `MlxQuant`, the recipe's `export[].quant`): the preset a finished
-  model is written in — GGUF `f32 | f16 | q8_0 | q4_0 | q4_k_m`, MLX `4bit | none`.
+  model is written in — GGUF `f32 | f16 | q8_0 | q4_0 | q4_k_m | mxfp4`, MLX `4bit | none`.
 
 A GGUF export whose preset stores its matmuls in the base format the run trained in reuses the training
-bytes (`gguf_base_format`: q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k_m ↔ q4_k). The block-format implementations
+bytes (`gguf_base_format`: q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k_m ↔ q4_k, mxfp4 ↔ mxfp4). The block-format implementations
 live in `greentune.quant`; the planner's bits per weight are here so that `plan` needs no torch.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-BaseFormat = Literal["none", "q8_0", "q4_0", "q4_k", "nf4"]
+BaseFormat = Literal["none", "q8_0", "q4_0", "q4_k", "nf4", "mxfp4"]
 BASE_FORMATS: tuple[str, ...] = get_args(BaseFormat)
 DEFAULT_BASE_FORMAT: BaseFormat = "none"
 
@@ -24,7 +24,7 @@ ExportFormat = Literal["gguf", "mlx", "hf"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 DEFAULT_EXPORT_FORMAT: ExportFormat = "gguf"
 
-GgufQuant = Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]
+GgufQuant = Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "mxfp4"]
 GGUF_QUANTS: tuple[str, ...] = get_args(GgufQuant)
 DEFAULT_GGUF_QUANT: GgufQuant = "q4_k_m"
 
@@ -44,7 +44,7 @@ DEFAULT_EXPORT_QUANT: dict[str, str | None] = {
 }
 
 #: The base format whose block bytes a GGUF preset stores its matmuls in.
-GGUF_BASE_FORMAT: dict[str, str] = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k"}
+GGUF_BASE_FORMAT: dict[str, str] = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k", "mxfp4": "mxfp4"}
 
 #: Bits per weight of a base's matmuls in each storage format (None: the compute dtype's own):
 #: q8_0 8.5 (32 int8 + one f16 scale), q4_0 / q4_k 4.5, nf4 4.127 (4 + 8/64 for the double-quantised
@@ -58,7 +58,11 @@ BASE_BPW: dict[str, float | None] = {
     "q4_0": 4.5,
     "q4_k": 4.5,
     "nf4": 4.127,
+    "mxfp4": 4.25,  # experts only (gpt-oss's MXFP4, 32 weights in 17 bytes); see NON_EXPERT_BPW
 }
+#: Formats for experts only: the other matmuls, the embedding and the head are stored at this rate
+#: instead (mxfp4: Q8_0, as llama.cpp's MXFP4_MOE files and greentune's quant_base mxfp4).
+NON_EXPERT_BPW: dict[str, float] = {"mxfp4": 8.5}
 #: Bits per weight of each GGUF preset (most tensors, output head), for plans without a file:
 #: Q8_0 = 34 bytes / 32 weights, Q4_0 = 18 / 32, Q4_K = 144 / 256 (4.5), Q6_K = 210 / 256;
 #: Q4_K_M ≈ 4.85 overall (Q6_K for about half the attn_v / ffn_down tensors).
@@ -68,6 +72,7 @@ GGUF_NOMINAL_BITS: dict[str, tuple[float, float]] = {
     "q8_0": (8.5, 8.5),
     "q4_0": (4.5, 6.5625),
     "q4_k_m": (4.85, 6.5625),
+    "mxfp4": (4.25, 8.5),
 }
 
 

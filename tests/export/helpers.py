@@ -193,7 +193,7 @@ def first_routing_tie(model, ids: list[int], margin: float) -> int | None:
     """
     gaps, hooks = [], []
     for layer in model.model.layers:
-        gate = getattr(layer.mlp, "gate", None)
+        gate = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)  # gpt-oss: router
         if gate is None or not hasattr(gate, "top_k"):
             continue
         k = gate.top_k

@@ -140,17 +140,23 @@ def test_prequantized_must_cover_all_experts(tmp_path, scaled_mixtral_dir):
 
 def test_user_errors(tmp_path, scaled_llama_dir, tokenizer):
     from safetensors.torch import save_file
-    from transformers import GptOssConfig
+    from transformers import GPT2Config, GptOssConfig
 
     with pytest.raises(UserError, match="unknown GGUF quant"):
         write_gguf(scaled_llama_dir, tmp_path / "x.gguf", "q3_k")
-    gpt_oss = tmp_path / "gpt_oss"  # no GGUF mapping yet: refused from its config alone
-    GptOssConfig().save_pretrained(gpt_oss)
+    gpt2 = tmp_path / "gpt2"  # no GGUF mapping: refused from its config alone
+    GPT2Config().save_pretrained(gpt2)
+    save_file({"placeholder": torch.zeros(1)}, str(gpt2 / "model.safetensors"))
+    tokenizer.save_pretrained(gpt2)
+    with pytest.raises(
+        UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt2'"
+    ):
+        write_gguf(gpt2, tmp_path / "x.gguf", "f16")
+    gpt_oss = tmp_path / "gpt_oss"  # a clamp llama.cpp's gpt-oss graph does not have: refused
+    GptOssConfig(swiglu_limit=5.0).save_pretrained(gpt_oss)
     save_file({"placeholder": torch.zeros(1)}, str(gpt_oss / "model.safetensors"))
     tokenizer.save_pretrained(gpt_oss)
-    with pytest.raises(
-        UserError, match="GGUF export supports model types .*'qwen3_moe'.*this model is 'gpt_oss'"
-    ):
+    with pytest.raises(UserError, match="swiglu_limit 5.0 differ"):
         write_gguf(gpt_oss, tmp_path / "x.gguf", "f16")
     with pytest.raises(UserError, match="config.json"):
         write_gguf(tmp_path, tmp_path / "x.gguf")
@@ -176,9 +182,11 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, scaled_llama_dir, tokenizer)
     assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
 
-@pytest.mark.parametrize("regex,name", [("LLAMA3_REGEX", "llama-bpe"), ("QWEN2_REGEX", "qwen2")])
+@pytest.mark.parametrize(
+    "regex,name", [("LLAMA3_REGEX", "llama-bpe"), ("QWEN2_REGEX", "qwen2"), ("O200K_REGEX", "gpt-4o")]
+)
 def test_pre_tokenizer_names_from_structure(regex, name):
-    """Llama-3 / Qwen2 tokenizer.json layout: Split(regex) then ByteLevel without regex."""
+    """Llama-3 / Qwen2 / gpt-oss (o200k) tokenizer.json layout: Split(regex) then ByteLevel without regex."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     from greentune.export import gguf_vocab

@@ -111,3 +111,25 @@ def test_export_dispatch(tmp_path, scaled_llama_dir):
     assert (export(scaled_llama_dir, tmp_path, "hf") / "model.safetensors").is_file()
     with pytest.raises(UserError, match="format"):
         export(scaled_llama_dir, tmp_path, "onnx")
+
+
+HARMONY_JINJA = (  # the per-message core of gpt-oss's template (its header and channels left out)
+    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}{# <|channel|> #}"
+)
+
+
+def test_harmony_chat_format_gets_its_template_and_stops(tmp_path, tokenizer):
+    import copy
+
+    from greentune.export.modelfile_harmony import TEMPLATE
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = HARMONY_JINJA
+    gguf = tmp_path / "model-mxfp4.gguf"
+    gguf.write_bytes(b"")
+    text = write_modelfile(gguf, tok).read_text()
+    assert f'TEMPLATE """{TEMPLATE}"""' in text
+    assert text.endswith('PARAMETER stop "<|return|>"\nPARAMETER stop "<|call|>"\n')
+    assert "<|start|>user<|message|>{{ .Content }}<|end|>" in TEMPLATE
+    assert TEMPLATE.count("{{ if") == TEMPLATE.count("{{ end }}") - 1  # range + ifs, all closed

@@ -54,9 +54,12 @@ def _spread_router(model_dir: Path, factor: float = 4.0) -> None:
 
     path = model_dir / "model.safetensors"
     sd = load_file(path)
+    g = torch.Generator().manual_seed(1)
     for name in sd:
-        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
             sd[name] = sd[name] * factor
+        elif name.endswith(("_proj_bias", ".sinks")):  # gpt-oss: expert biases, attention sinks
+            sd[name] = 0.5 * torch.randn(sd[name].shape, generator=g)
     save_file(sd, path, metadata={"format": "pt"})
 
 

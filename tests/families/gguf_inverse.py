@@ -22,6 +22,29 @@ def _arch(name: str):
     return next(a for a in MODEL_ARCH if MODEL_ARCH_NAMES[a] == name)
 
 
+def _interleave(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+    out = np.stack([a, b], axis=axis + 1)
+    shape = list(a.shape)
+    shape[axis] *= 2
+    return out.reshape(shape)
+
+
+def _gpt_oss_expert(hname: str, t: dict):
+    """gpt-oss's HF expert tensors from the GGUF's split ones (gate/up rows interleaved, [E, in, out])."""
+    m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", hname)
+    if not m:
+        return None
+    b, bias = f"blk.{m.group(1)}", bool(m.group(3))
+    sfx = ".bias" if bias else ".weight"
+    if m.group(2) == "down_proj":
+        v = t[f"{b}.ffn_down_exps{sfx}"]
+        return v if bias else v.transpose(0, 2, 1)
+    gate, up = t[f"{b}.ffn_gate_exps{sfx}"], t[f"{b}.ffn_up_exps{sfx}"]
+    if bias:
+        return _interleave(gate, up, 1)
+    return _interleave(gate, up, 1).transpose(0, 2, 1)
+
+
 def hf_model_from_gguf(path, model_dir, row):
     """The HF model of `model_dir` with every weight replaced by the GGUF's (dequantised)."""
     import helpers
@@ -35,6 +58,10 @@ def hf_model_from_gguf(path, model_dir, row):
     names = TensorNameMap(_arch(row.arch), cfg.num_hidden_layers)
     sd = {}
     for hname in model.state_dict():
+        g = _gpt_oss_expert(hname, t) if row.model_type == "gpt_oss" else None
+        if g is not None:
+            sd[hname] = g
+            continue
         m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", hname)
         if m:
             b = f"blk.{m.group(1)}"
@@ -47,6 +74,8 @@ def hf_model_from_gguf(path, model_dir, row):
         g = names.get_name(hname, try_suffixes=(".weight", ".bias"))
         if hname == "lm_head.weight" and "output.weight" not in t:
             g = "token_embd.weight"
+        if g not in t and f"{g}.weight" in t:  # a bare parameter (gpt-oss's sinks)
+            g = f"{g}.weight"
         assert g in t, (hname, g)
         v = t[g]
         kind = g.split(".")[2] if g.startswith("blk.") else ""
@@ -86,6 +115,15 @@ def hf_model_from_mlx(mlx_dir, model_dir):
                 q["group_size"],
             )
         sd[name] = t.astype(np.float32)
+    for name in [n for n in sd if n.endswith(".mlp.experts.gate_proj.weight")]:  # gpt-oss
+        p = name[: -len(".gate_proj.weight")]
+        gate, up = sd.pop(name), sd.pop(f"{p}.up_proj.weight")
+        sd[f"{p}.gate_up_proj"] = _interleave(gate, up, 1).transpose(0, 2, 1)
+        sd[f"{p}.gate_up_proj_bias"] = _interleave(
+            sd.pop(f"{p}.gate_proj.bias"), sd.pop(f"{p}.up_proj.bias"), 1
+        )
+        sd[f"{p}.down_proj"] = sd.pop(f"{p}.down_proj.weight").transpose(0, 2, 1)
+        sd[f"{p}.down_proj_bias"] = sd.pop(f"{p}.down_proj.bias")
     for name in [n for n in sd if ".switch_mlp.gate_proj." in n]:
         moe = name.split(".switch_mlp.")[0]
         p = moe.rsplit(".", 1)[0]

@@ -156,4 +156,30 @@ ROWS = [
         q_atol=0.5,
     ),
 ]
+# gpt-oss: 2 layers, sliding (window 8, shorter than the test's sequences) then full; YaRN as
+# the published models (factor 32 over 8 original positions here); q/k/v/o and expert biases,
+# attention sinks, clamped SwiGLU (conftest randomises biases and sinks so all of them matter).
+ROWS.append(
+    Row(
+        "gpt_oss",
+        lambda v, i, h, f: tf.GptOssConfig(
+            **_common(v, i, h, f),
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+        "gpt-oss",
+        moe=True,
+        q_atol=0.5,
+    )
+)
 BY_TYPE = {r.model_type: r for r in ROWS}

@@ -166,7 +166,7 @@ def test_calibration_measures_widths_families_and_dequantisation(cache, monkeypa
     obs = {(o["family"], o["hidden"]) for o in data["observations"][hw.key]}
     assert obs == {("dense", 16), ("dense", 32), ("moe", 16)}
     rates = data["machines"][hw.key]["dequant_s_per_weight"]
-    assert set(rates) == {"q8_0", "q4_0", "q4_k", "nf4"} and all(r > 0 for r in rates.values())
+    assert set(rates) == {"q8_0", "q4_0", "q4_k", "nf4", "mxfp4"} and all(r > 0 for r in rates.values())
 
 
 def _obs(family, hidden, u, t=0.0):

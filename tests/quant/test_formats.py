@@ -141,7 +141,7 @@ def test_get_format_errors():
     assert get_format("Q4_K") is get_format("q4_k")
     with pytest.raises(UserError, match="q8_0, q4_0, q4_k, q6_k, nf4"):
         get_format("q3_k")
-    assert set(format_names()) == {"q8_0", "q4_0", "q4_k", "q6_k", "nf4", "nf4_dq", "f16", "f32"}
+    assert set(format_names()) == {"q8_0", "q4_0", "q4_k", "q6_k", "nf4", "nf4_dq", "f16", "f32", "mxfp4"}
     with pytest.raises(ValueError, match="multiple of the block size 256"):
         get_format("q4_k").quantize(torch.randn(4, 320))
 

@@ -327,6 +327,8 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
     if rtype == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(a.rope_scaling["factor"]))
+    elif rtype == "yarn" and a.family.name == "gpt-oss":
+        pass  # its keys come with the family (`gguf_gpt_oss.keys`)
     elif rtype not in (None, "llama3"):
         raise UserError(
             f"GGUF export does not support rope scaling {rtype!r} yet (default, linear, llama3 are)"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
 from greentune.errors import UserError
+from greentune.export import gguf_gpt_oss
 
 
 def _head_dim(cfg: dict) -> int:
@@ -153,6 +154,9 @@ class Family:
     moe: bool = False
     keys: Callable[[GGUFWriter, dict], None] | None = None
     check: Callable[[dict], None] | None = None
+    #: (tensors, source, arch, layer) → appends a layer's expert tensors, for a family whose
+    #: experts are not the stacked gate/up/down of `gguf_tensors._experts` (gpt-oss)
+    experts: Callable | None = None
 
     @property
     def name(self) -> str:
@@ -175,6 +179,13 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(MODEL_ARCH.QWEN3MOE, moe=True, keys=_qwen3moe_keys, check=_qwen3moe_check),
     "olmoe": Family(MODEL_ARCH.OLMOE, moe=True, check=_olmoe_check),
 }
+FAMILIES["gpt_oss"] = Family(
+    MODEL_ARCH.GPT_OSS,
+    moe=True,
+    keys=gguf_gpt_oss.keys,
+    check=gguf_gpt_oss.check,
+    experts=gguf_gpt_oss.experts,
+)
 
 
 def family_of(cfg: dict) -> Family:

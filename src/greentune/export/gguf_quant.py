@@ -21,6 +21,8 @@ q4_k_m    llama.cpp's Q4_K_M mix (src/llama-quant.cpp, `llama_tensor_get_type_im
           - a tensor whose row length is not a multiple of 256 falls back as llama.cpp's
             `tensor_type_fallback` does: Q4_K → Q5_0, Q6_K → Q8_0, and to F16 when the row
             is not even a multiple of 32.
+mxfp4     llama.cpp's MXFP4_MOE (gpt-oss's published GGUFs): expert tensors (`*_exps`)
+          MXFP4, every other weight Q8_0; rest as f16
 ========  ==============================================================================
 
 Never quantised (as in llama.cpp): 1-D tensors (norms, biases), the router
@@ -55,6 +57,7 @@ FILE_TYPE = {
     "q8_0": LlamaFileType.MOSTLY_Q8_0,
     "q4_0": LlamaFileType.MOSTLY_Q4_0,
     "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "mxfp4": LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 
 _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
@@ -102,6 +105,8 @@ def tensor_type(
     is_output = name == "output.weight" or (tied and name == "token_embd.weight")
     if quant == "q8_0":
         return _fallback(T.Q8_0, row)
+    if quant == "mxfp4":  # llama.cpp's MXFP4_MOE: experts MXFP4, every other weight Q8_0
+        return _fallback(T.MXFP4 if "_exps." in name else T.Q8_0, row)
     if quant == "q4_0":
         if is_output:
             return T.Q6_K if row % 256 == 0 and have_k_quants() else T.Q8_0
@@ -179,6 +184,7 @@ QUANTISERS: dict[T, Callable[[np.ndarray], np.ndarray]] = {
     T.Q5_1: _gguf(T.Q5_1),
     T.Q4_K: _ours("q4_k"),
     T.Q6_K: _ours("q6_k"),
+    T.MXFP4: _ours("mxfp4"),
 }
 
 

@@ -148,6 +148,8 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
                 f"{src.origin}: tensor {hname!r} has no GGUF {fam.name!r} counterpart; "
                 "its export would silently drop it"
             )
+        if not gname.endswith((".weight", ".bias")):  # a bare parameter (gpt-oss's sinks) is a weight
+            gname += ".weight"
         m = _LAYER.match(hname)
         layer = int(m.group(1)) if m else None
         heads = None
@@ -170,7 +172,7 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
     for i in range(arch.n_layer):
         out += sorted(layers[i], key=lambda t: t.name)  # by GGUF name: the same file from any HF layout
         if arch.n_expert:
-            _experts(out, src, arch, i)
+            (fam.experts or _experts)(out, src, arch, i)
     return out + sorted(tail, key=lambda t: t.name != "output_norm.weight")
 
 

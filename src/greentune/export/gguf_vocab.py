@@ -19,7 +19,7 @@ ids of a test string, which only recognises published tokenizers, never one trai
 user. greentune reads tokenizer.json's `pre_tokenizer`:
   - `ByteLevel(use_regex=true)` alone → "gpt-2" (llama.cpp applies the same GPT-2 regex);
   - `Sequence[Split(regex R), ByteLevel(use_regex=false)]` → looked up in `PRE_BY_REGEX`
-    (Llama-3's regex → "llama-bpe", Qwen2's → "qwen2").
+    (Llama-3's regex → "llama-bpe", Qwen2's → "qwen2", gpt-oss's o200k → "gpt-4o").
 Anything else raises `UserError` naming the fix (pass `tokenizer_pre=`), because a wrong
 name silently tokenizes differently in llama.cpp, Ollama and LM Studio.
 
@@ -49,7 +49,15 @@ QWEN2_REGEX = (
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
-PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2"}
+# gpt-oss's o200k_harmony (tiktoken's o200k_base split, as its tokenizer.json spells it): llama.cpp "gpt-4o"
+O200K_REGEX = (
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+"
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*"
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2", O200K_REGEX: "gpt-4o"}
 
 
 def tokenizer_json(tokenizer) -> dict:

@@ -59,6 +59,7 @@ SUPPORTED = {
     "qwen2_moe": "mlp",
     "qwen3_moe": "mlp",
     "olmoe": "mlp",
+    "gpt_oss": "mlp.experts",  # its own tensor list: `mlx_gpt_oss`
 }
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -104,6 +105,10 @@ def dequantize_affine(
 def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
     """(MLX name, loader of float32 numpy) for every weight, in a stable order."""
     cfg = src.config
+    if cfg.get("model_type") == "gpt_oss":
+        from greentune.export import mlx_gpt_oss
+
+        return mlx_gpt_oss.tensors(src, _float)
     out = []
     moe = SUPPORTED.get(cfg.get("model_type"), "")
     n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
@@ -145,7 +150,7 @@ def _quantisable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
         return False
     # routers (and Qwen2-MoE's shared-expert gate) stay in float: their errors change which experts run
     return "norm" not in name and not name.endswith(
-        ("block_sparse_moe.gate.weight", "mlp.gate.weight", "shared_expert_gate.weight")
+        ("block_sparse_moe.gate.weight", "mlp.gate.weight", "shared_expert_gate.weight", "mlp.router.weight")
     )
 
 

@@ -36,7 +36,7 @@ No `{{-` follows literal text, since Go's left trim would also eat the newline a
 ends with.
 
 `PARAMETER stop` lists the EOS token and the special token the template closes a message
-with (`gguf_vocab.end_tokens`).
+with (`gguf_vocab.end_tokens`). gpt-oss's harmony format has its own (`modelfile_harmony`).
 """
 
 from __future__ import annotations
@@ -109,9 +109,13 @@ def go_template(tokenizer) -> str:
 
 def modelfile_text(gguf_path: str | Path, tokenizer) -> str:
     """The Modelfile for `gguf_path` (referenced relative to the Modelfile's folder)."""
+    from greentune.export import modelfile_harmony
+
     name = Path(gguf_path).name
-    parts = [f"FROM ./{name}", f'TEMPLATE """{go_template(tokenizer)}"""']
-    for s in end_tokens(tokenizer):
+    harmony = modelfile_harmony.is_harmony(tokenizer)  # gpt-oss: its own template and stops
+    template = modelfile_harmony.TEMPLATE if harmony else go_template(tokenizer)
+    parts = [f"FROM ./{name}", f'TEMPLATE """{template}"""']
+    for s in modelfile_harmony.STOPS if harmony else end_tokens(tokenizer):
         parts.append(f'PARAMETER stop "{_quote(s)}"')
     return "\n".join(parts) + "\n"
 

@@ -164,6 +164,10 @@ class ModelSource:
             with safe_open(where[name], framework="pt") as h:
                 return h.get_tensor(name)
 
+        from greentune.models import mxfp4_checkpoint
+
+        if mxfp4_checkpoint.is_mxfp4(config):  # a Hub gpt-oss folder: its experts read as floats
+            shapes, get = mxfp4_checkpoint.float_view(shapes, get)
         tokenizer = _load_tokenizer(model_dir)
         return cls(config, tokenizer, shapes, get, str(model_dir), prequantized)
 
@@ -197,6 +201,11 @@ class ModelSource:
 
     def torch_shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def prequantized_entry(self, name: str):
+        """The `(ggml_type, bytes)` given for `name`, or None (for writers that know the bytes'
+        own [E, out, in] layout differs from the float tensor's, e.g. gpt-oss's experts)."""
+        return self._pre.get(name)
 
     # -- architecture helpers -----------------------------------------------------------
     def expert_weights(self, layer: int, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -89,6 +89,8 @@ class Family:
     attention: str = "gqa"
     tied_default: bool = False
     defaults: dict = field(default_factory=dict)  # transformers' class defaults that matter here
+    expert_bias: bool = False  # gpt-oss: a bias on every expert's gate_up and down, and on the router
+    sinks: bool = False  # gpt-oss: one attention-sink logit per head and layer
 
 
 FAMILIES: dict[str, Family] = {
@@ -121,6 +123,9 @@ FAMILIES: dict[str, Family] = {
     "deepseek": Family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, moe="deepseek"),
     "deepseek_v2": Family(mlp_bias="mlp_bias", moe="deepseek", attention="mla"),
     "deepseek_v3": Family(mlp_bias=False, moe="deepseek", attention="mla"),
+    "gpt_oss": Family(
+        mlp_bias=False, moe="mixtral", expert_bias=True, sinks=True, defaults={"attention_bias": True}
+    ),
 }
 
 NOT_CAUSAL = "is not a decoder-only causal LM"
@@ -439,6 +444,10 @@ def arch_facts(config: Any) -> ArchFacts:
         + n_moe * shared_bias
         + h
     )
+    if fam.expert_bias:  # per MoE layer: E·(2I + H) expert biases and the router's E
+        scalars += n_moe * experts * (2 * moe_inter + h + 1)
+    if fam.sinks:
+        scalars += layers * heads
     embed = vocab * h
     weights = sum(g.params for g in groups)
     total = weights + scalars + (0 if tied else embed)  # tied: lm_head's V·H is the embedding

@@ -117,6 +117,10 @@ def check_weights_match(model_dir: str | Path, config) -> None:
     headers = {
         name: t.shape for f in safetensors_files(model_dir) for name, t in read_header(f).tensors.items()
     }
+    from greentune.models import mxfp4_checkpoint
+
+    if mxfp4_checkpoint.is_mxfp4(config):  # experts as *_blocks/*_scales: checked as the floats they encode
+        headers = mxfp4_checkpoint.float_shapes(headers)
     check_headers_against_architecture(model_dir, config, headers)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from greentune.errors import UserError
 from greentune.models.hub import resolve_model
 from greentune.models.loader import check_model_dir, check_weights_match, load_config, max_positions
+from greentune.models.mxfp4_checkpoint import check_quant_base
 from greentune.models.support import check_family
 from greentune.recipe import Recipe
 
@@ -34,4 +35,5 @@ def check_base(base: str, recipe: Recipe):
             f"({base}/config.json)"
         )
     check_weights_match(base, config)  # missing / unexpected / mis-shaped tensors, from the headers
+    check_quant_base(config, recipe.method.quant_base)  # an MXFP4 checkpoint trains quantised
     return config

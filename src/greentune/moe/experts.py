@@ -382,8 +382,15 @@ def replace_experts_(model: nn.Module) -> int:
     without bias are left on transformers' implementation, with a warning. Returns the
     number of modules replaced.
     """
+    from greentune.moe.gpt_oss import GptOssSparseExperts, is_gpt_oss_experts
+
     replaced = 0
     for name, module in list(model.named_modules()):
+        if is_gpt_oss_experts(module):  # its own layout: transposed, biases, clamped SwiGLU
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, GptOssSparseExperts.from_hf(module))
+            replaced += 1
+            continue
         if not _is_fused_experts(module):
             continue
         if not _layout_supported(module):

@@ -57,14 +57,15 @@ from dataclasses import asdict, dataclass, field
 
 from greentune import recipe as defaults
 from greentune.errors import UserError
-from greentune.formats import BASE_BPW, DEFAULT_BASE_FORMAT
+from greentune.formats import BASE_BPW, DEFAULT_BASE_FORMAT, NON_EXPERT_BPW
 from greentune.models.facts import ArchFacts
 from greentune.plan.hardware import GB, Hardware
 from greentune.recipe import Recipe
 
 BPW = BASE_BPW  # bits per weight of each base format (greentune.formats)
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-HEAD_BPW = {"q8_0": 8.5}  # the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 base
+# the lm_head of a quantised base: Q6_K (6.5625 bpw), Q8_0 for a q8_0 or mxfp4 base
+HEAD_BPW = {"q8_0": 8.5, "mxfp4": 8.5}
 TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
@@ -302,8 +303,12 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
         if BPW[t.quant_base] is not None:  # embedding and head quantised too (as Q4_K_M)
             vh = facts.vocab * facts.hidden
             head_bpw = HEAD_BPW.get(t.quant_base, 6.5625)
-            table = vh * head_bpw / 8 if facts.tied_embeddings else vh * (bpw + head_bpw) / 8
-            weights = matmul * bpw / 8 + table + (rest - facts.embedding_params) * b
+            other = NON_EXPERT_BPW.get(t.quant_base, bpw)
+            table = vh * head_bpw / 8 if facts.tied_embeddings else vh * (other + head_bpw) / 8
+            mm_bits = sum(
+                g.params * (bpw if g.kind == "experts" else other) for g in facts.linears if g.kind != "head"
+            )
+            weights = mm_bits / 8 + table + (rest - facts.embedding_params) * b
         n_train = trainable_params(facts, t)
         trainable, grads, optim = n_train * 4, n_train * 4, n_train * 8
     shard = float(devices)

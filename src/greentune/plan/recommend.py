@@ -293,7 +293,7 @@ def plan(
         "base formats (bits/weight): "
         + ", ".join(f"{k} {v:g}" for k, v in BPW.items() if v and k != "fp16")
         + "; a quantised base also quantises its embedding (same format) and LM head (Q6_K; Q8_0 for q8_0), "
-        "norms stay in the compute dtype",
+        "norms stay in the compute dtype; mxfp4 is for experts only (other weights Q8_0)",
         (
             "dequantisation timed per format on this hardware"
             if rates

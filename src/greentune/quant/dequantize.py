@@ -69,7 +69,10 @@ def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.float32) -> d
         elif isinstance(module, QuantTiedHead):
             tied_heads.append((parent, leaf, module))
         elif isinstance(module, QuantExperts3D):
-            weight = nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
+            w = module.dequantize().to(dtype)
+            if getattr(parent, "is_transposed", False):  # gpt-oss: back to HF's [E, in, out]
+                w = w.transpose(1, 2).contiguous()
+            weight = nn.Parameter(w, requires_grad=False)
             if module.fmt.ggml_type is not None:
                 packed[name] = (module.fmt.ggml_type, module.qweight.detach().cpu().clone())
             del parent._modules[leaf]

@@ -5,6 +5,7 @@
     >>> w_hat = fmt.dequantize(q, w.shape)   # → float32
 
 Names: ``q8_0``, ``q4_0``, ``q4_k``, ``q6_k`` (GGUF's block types, bytes as GGUF stores them),
+``mxfp4`` (GGUF's MXFP4, gpt-oss's expert format),
 ``nf4``, ``nf4_dq`` (QLoRA's NormalFloat, without/with double quantisation of the scales),
 and ``f16``, ``f32`` (unquantised; the fallback for rows no block format fits).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from greentune.errors import UserError
 from greentune.quant.block import BlockFormat
+from greentune.quant.mxfp4 import MXFP4
 from greentune.quant.nf4 import NF4, NF4DoubleQuant
 from greentune.quant.q4_k import Q4_K
 from greentune.quant.q6_k import Q6_K
@@ -29,6 +31,7 @@ _REGISTRY: dict[str, BlockFormat] = {
         NF4DoubleQuant(),
         F16(),
         F32(),
+        MXFP4(),
     )
 }
 

@@ -47,7 +47,14 @@ from greentune.heap import limit_heap_retention
 from greentune.models.completeness import ignorable_unexpected, require_complete
 from greentune.models.safetensors_header import read_header
 from greentune.quant.formats import get_format
-from greentune.quant.replace import DEFAULT_SKIP, empty_quantized_module, install, plan, use_eager_experts
+from greentune.quant.replace import (
+    DEFAULT_SKIP,
+    empty_quantized_module,
+    expert_tensor,
+    install,
+    plan,
+    use_eager_experts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +244,9 @@ class _Loader:
         raise AssertionError(f"no converter matched {key}")  # pragma: no cover
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
+        if key.endswith(("_blocks", "_scales")) and key[: -len("_blocks")] in self.targets:
+            self._put_mxfp4(key, tensor)
+            return
         target_key, conv, pattern = (
             self._rename(key) if (self.renamings or self.converters) else (key, None, None)
         )
@@ -246,8 +256,11 @@ class _Loader:
             target = self.targets[target_key]
             if target_key in self.shapes and not self._shape_ok(target_key, tensor):
                 return
-            if target.kind != "tied_head":  # a tied head's bytes are its embedding's
-                self.model.get_submodule(target.module_name).load_weight_(tensor)
+            owner = self.model.get_submodule(target.module_name)
+            if target.kind == "experts":  # a fused [E, out, in] tensor (gpt-oss: [E, in, out])
+                getattr(owner, target.attr).load_(expert_tensor(owner, tensor))
+            elif target.kind != "tied_head":  # a tied head's bytes are its embedding's
+                owner.load_weight_(tensor)
             self.loaded.add(target_key)
         elif target_key in self.shapes:
             if not self._shape_ok(target_key, tensor):
@@ -256,6 +269,37 @@ class _Loader:
             self.loaded.add(target_key)
         else:
             self.unexpected.append(key)
+
+    def _put_mxfp4(self, key: str, tensor: torch.Tensor) -> None:
+        """One half of a Hub MXFP4 expert tensor (gpt-oss: `*_blocks` [E, out, in/32, 16] and
+        `*_scales` [E, out, in/32]); with both, the store takes the bytes as they are when it is
+        MXFP4 (nibbles reordered, `mxfp4.hub_to_ggml`), else expert by expert dequantised and
+        re-quantised into its format: never the whole tensor in floats."""
+        from greentune.quant.mxfp4 import hub_to_ggml
+
+        target_key, part = key[: -len("_blocks")], key[-len("blocks") :]
+        slot = self.pending.setdefault((target_key, -1), {})
+        slot[part] = tensor
+        if len(slot) < 2:
+            return
+        del self.pending[(target_key, -1)]
+        t = self.targets[target_key]
+        store = getattr(self.model.get_submodule(t.module_name), t.attr)
+        try:
+            packed = hub_to_ggml(slot["blocks"], slot["scales"])
+        except ValueError as err:
+            raise UserError(f"{target_key}: {err}") from None
+        mx = get_format("mxfp4")
+        want = (*store.shape[:-1], -1) if not mx.fits(store.in_features) else mx.packed_shape(store.shape)
+        if tuple(packed.shape) != tuple(want):
+            self.mismatched.append((target_key, tuple(packed.shape), tuple(want)))
+            return
+        if store.fmt.name == "mxfp4":
+            store.qweight.copy_(packed)
+        else:
+            for e in range(store.num_experts):
+                store.load_expert_(e, mx.dequantize(packed[e], (store.out_features, store.in_features)))
+        self.loaded.add(target_key)
 
     def _put_piece(self, target_key, conv, pattern, key, tensor) -> None:
         n_pieces = _expert_fusion(conv)
@@ -376,6 +420,9 @@ def load_quantized(
     files = checkpoint_files(model_dir)
     limit_heap_retention()  # for the load and the training that follows
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    from greentune.models.mxfp4_checkpoint import drop_quantization_config
+
+    drop_quantization_config(config)  # MXFP4 experts (gpt-oss): read by `_Loader._put_mxfp4`
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

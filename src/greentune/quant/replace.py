@@ -14,7 +14,9 @@ What is quantised (`plan`):
   transformers v5's fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``, or greentune's
   `moe.experts.SparseExperts` holding them) → `QuantExperts3D`,
   registered as a submodule under the parameter's own name, so ``experts.gate_up_proj[e]``
-  still yields expert e's ``[2I, H]`` weight.
+  still yields expert e's ``[2I, H]`` weight (gpt-oss's transposed ``[E, H, 2I]`` is stored
+  as its transpose, `expert_shape`);
+* with ``mxfp4`` (an experts format) the experts are MXFP4 and the other Linears Q8_0.
 
 Rows that are not whole blocks of the requested format fall back to Q8_0 or F32
 (`formats.fallback_format`). Experts modules are switched to transformers' ``eager`` experts
@@ -51,7 +53,24 @@ _EMBEDDING_MIX = {
     "q4_0": ("q4_0", "q6_k"),
     "nf4": ("nf4", "q6_k"),
     "nf4_dq": ("nf4", "q6_k"),
+    "mxfp4": ("q8_0", "q8_0"),
 }
+# Formats meant for experts only: the other Linear layers take this format (MXFP4 as
+# llama.cpp's MXFP4_MOE files store gpt-oss: experts MXFP4, the rest Q8_0).
+_LINEAR_OF = {"mxfp4": "q8_0"}
+
+
+def expert_shape(module: nn.Module, p: torch.Tensor) -> tuple[int, int, int]:
+    """The [E, out, in] shape an experts parameter is stored in: gpt-oss's are transposed
+    ([E, in, out], `is_transposed`), so its store quantises along `in` as GGUF does."""
+    if getattr(module, "is_transposed", False):
+        return (p.shape[0], p.shape[2], p.shape[1])
+    return tuple(p.shape)
+
+
+def expert_tensor(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
+    """An experts parameter as [E, out, in] (a transposed view for gpt-oss)."""
+    return p.transpose(1, 2) if getattr(module, "is_transposed", False) else p
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,7 @@ def plan(model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT
     embedding (works on meta models)."""
     wanted = get_format(fmt)
     emb_fmt, head_fmt = embedding_formats(wanted)
+    experts_fmt, linear_fmt = wanted, get_format(_LINEAR_OF.get(wanted.name, wanted.name))
     skip = tuple(skip)
     emb_name, head_name, tied = _io_modules(model)
     if emb_name is not None and _skipped(emb_name, skip):
@@ -171,7 +191,7 @@ def plan(model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT
                 or _shares_embedding(model, module, name)
             ):
                 continue
-            f = head_fmt if name == head_name else wanted
+            f = head_fmt if name == head_name else linear_fmt
             targets.append(
                 Target(
                     name,
@@ -186,9 +206,8 @@ def plan(model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT
             for pname, p in module.named_parameters(recurse=False):
                 full = f"{name}.{pname}"
                 if p.dim() == 3 and pname.endswith("_proj") and not _skipped(full, skip):
-                    targets.append(
-                        Target(name, pname, "experts", tuple(p.shape), **stored(wanted, p.shape[-1]))
-                    )
+                    shape = expert_shape(module, p)
+                    targets.append(Target(name, pname, "experts", shape, **stored(experts_fmt, shape[-1])))
     if tied_head is not None:
         targets.append(tied_head)
     return targets
@@ -301,9 +320,8 @@ def quantize_model_(
             )
             module.load_weight_(emb.weight)
         else:
-            module = QuantExperts3D.from_tensor(
-                getattr(model.get_submodule(target.module_name), target.attr), target.fmt
-            )
+            owner = model.get_submodule(target.module_name)
+            module = QuantExperts3D.from_tensor(expert_tensor(owner, getattr(owner, target.attr)), target.fmt)
         install(model, target, module)
         counts[target.kind] += 1
         counts["params"] += int(torch.Size(target.shape).numel())
