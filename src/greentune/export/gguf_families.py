@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
 from greentune.errors import UserError
+from greentune.export import gguf_deepseek
 
 
 def _head_dim(cfg: dict) -> int:
@@ -153,6 +154,11 @@ class Family:
     moe: bool = False
     keys: Callable[[GGUFWriter, dict], None] | None = None
     check: Callable[[dict], None] | None = None
+    # Arch fields read otherwise than the common way (config → {field: value}); see gguf_deepseek
+    overrides: Callable[[dict], dict] | None = None
+    # HF tensors stored under other names/shapes: (cfg, hname, layer, shape, load) → [(name, shape, load)] | None
+    split: Callable | None = None
+    head_lengths: bool = True  # the common attention.{key,value}_length keys (MLA writes its own)
 
     @property
     def name(self) -> str:
@@ -174,6 +180,24 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family(MODEL_ARCH.QWEN2MOE, moe=True, keys=_qwen2moe_keys, check=_qwen2moe_check),
     "qwen3_moe": Family(MODEL_ARCH.QWEN3MOE, moe=True, keys=_qwen3moe_keys, check=_qwen3moe_check),
     "olmoe": Family(MODEL_ARCH.OLMOE, moe=True, check=_olmoe_check),
+    # DeepSeek-V3-style: sigmoid, bias-corrected, group-limited routers (gguf_deepseek)
+    "deepseek_v3": Family(
+        MODEL_ARCH.DEEPSEEK2,
+        moe=True,
+        keys=gguf_deepseek.deepseek_keys,
+        check=gguf_deepseek.deepseek_check,
+        overrides=gguf_deepseek.arch_overrides,
+        split=gguf_deepseek.split,
+        head_lengths=False,
+    ),
+    "glm4_moe": Family(
+        MODEL_ARCH.GLM4_MOE,
+        moe=True,
+        keys=gguf_deepseek.glm4moe_keys,
+        check=gguf_deepseek.glm4moe_check,
+        overrides=gguf_deepseek.arch_overrides,
+        split=gguf_deepseek.split,
+    ),
 }
 
 

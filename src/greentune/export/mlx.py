@@ -59,6 +59,8 @@ SUPPORTED = {
     "qwen2_moe": "mlp",
     "qwen3_moe": "mlp",
     "olmoe": "mlp",
+    "deepseek_v3": "mlp",  # mlx-lm splits kv_b_proj into embed_q / unembed_out itself
+    "glm4_moe": "mlp",
 }
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -106,10 +108,10 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
     cfg = src.config
     out = []
     moe = SUPPORTED.get(cfg.get("model_type"), "")
-    n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
     skip = set()
     for i in range(cfg["num_hidden_layers"]):
-        if not moe:
+        if not moe or i < int(cfg.get("first_k_dense_replace") or 0):  # DeepSeek/GLM: dense first layers
             continue
         p = f"model.layers.{i}"
         for kind, t in zip(("gate_proj", "up_proj", "down_proj"), range(3)):
@@ -215,6 +217,10 @@ def _mlx_config(cfg: dict, bits: int | None, group_size: int, dtype: str) -> dic
         config["rope_local_base_freq"] = float(local)
     if scaling:
         config["rope_scaling"] = scaling
+    partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if cfg.get("model_type") == "glm4_moe":  # mlx-lm's glm4_moe args have no defaults for these
+        config["partial_rotary_factor"] = float(partial or cfg.get("partial_rotary_factor") or 1.0)
+        config.setdefault("rope_scaling", None)
     config.pop("rope_parameters", None)
     if SUPPORTED.get(cfg.get("model_type")) == "mlp" and "num_local_experts" in config:
         config.setdefault(

@@ -32,12 +32,11 @@ TRAINED = (
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
 )
 
 NOT_YET = {
-    "deepseek_v3": "multi-head latent attention and its sigmoid, group-limited router are not in greentune's "
-    "expert and LoRA paths",
-    "glm4_moe": "its sigmoid, group-limited router and shared experts are not in greentune's expert path",
     "gpt_oss": "its expert biases, clamped SwiGLU and attention sinks are not in greentune's expert path",
     "granitemoe": "its fused expert layout is not in greentune's expert path",
     "granitemoehybrid": "its Mamba layers and fused experts are not in greentune's paths",
