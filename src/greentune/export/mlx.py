@@ -130,8 +130,29 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
             continue
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
+        if cfg.get("model_type") == "deepseek_v3" and name.endswith("self_attn.kv_b_proj.weight"):
+            out += _mla_split(cfg, name, lambda n=name: _float(src.get(n)))
+            continue
         out.append((name, lambda n=name: _float(src.get(n))))
     return sorted(out, key=lambda x: x[0])
+
+
+def _mla_split(cfg: dict, name: str, load) -> list[tuple[str, callable]]:
+    """DeepSeek's kv_b_proj [n_head·(nope + v), rank] as mlx-lm's model holds it: `embed_q`
+    [n_head, rank, nope] (the k rows, transposed) and `unembed_out` [n_head, v, rank]. Written
+    split, each quantised along its own input axis, because mlx-lm's loader would otherwise
+    dequantise a quantised kv_b_proj and quantise the halves again (a second rounding)."""
+    heads, nope = int(cfg["num_attention_heads"]), int(cfg["qk_nope_head_dim"])
+    base = name[: -len("kv_b_proj.weight")]
+
+    def per_head():
+        w = load()
+        return w.reshape(heads, -1, w.shape[-1])
+
+    return [
+        (f"{base}embed_q.weight", lambda: np.ascontiguousarray(per_head()[:, :nope].transpose(0, 2, 1))),
+        (f"{base}unembed_out.weight", lambda: np.ascontiguousarray(per_head()[:, nope:])),
+    ]
 
 
 def _float(t) -> np.ndarray:
