@@ -89,6 +89,7 @@ class Family:
     attention: str = "gqa"
     tied_default: bool = False
     defaults: dict = field(default_factory=dict)  # transformers' class defaults that matter here
+    qk_norm_flag: str | None = None  # config key that switches qk_norm on (GLM-4.5's use_qk_norm)
 
 
 FAMILIES: dict[str, Family] = {
@@ -121,6 +122,9 @@ FAMILIES: dict[str, Family] = {
     "deepseek": Family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, moe="deepseek"),
     "deepseek_v2": Family(mlp_bias="mlp_bias", moe="deepseek", attention="mla"),
     "deepseek_v3": Family(mlp_bias=False, moe="deepseek", attention="mla"),
+    "glm4_moe": Family(
+        o_bias=False, mlp_bias=False, qk_norm="head", qk_norm_flag="use_qk_norm", moe="deepseek"
+    ),
 }
 
 NOT_CAUSAL = "is not a decoder-only causal LM"
@@ -373,7 +377,8 @@ def _attention(cfg: _Cfg, fam: Family, h: int, heads: int, kv: int, hd: int) -> 
         ("o_proj", heads * hd, h),
     ]
     extra = ((heads + 2 * kv) * hd if qkv_b else 0) + (h if o_b else 0)
-    extra += {"none": 0, "head": 2 * hd, "full": (heads + kv) * hd}[fam.qk_norm]
+    qk_norm = fam.qk_norm if fam.qk_norm_flag is None or cfg.get(fam.qk_norm_flag, default=False) else "none"
+    extra += {"none": 0, "head": 2 * hd, "full": (heads + kv) * hd}[qk_norm]
     return lin, extra, hd, hd
 
 
