@@ -198,7 +198,9 @@ def first_routing_tie(model, ids: list[int], margin: float) -> int | None:
             continue
         k = gate.top_k
         if hasattr(gate, "e_score_correction_bias"):  # sigmoid + bias, group-limited (DeepSeek, GLM)
-            hooks.append(gate.register_forward_hook(lambda mod, inp, out: gaps.append(_grouped_gap(mod, out[0]))))
+            hooks.append(
+                gate.register_forward_hook(lambda mod, inp, out: gaps.append(_grouped_gap(mod, out[0])))
+            )
             continue
         hooks.append(
             gate.register_forward_hook(
@@ -238,7 +240,9 @@ def _grouped_gap(gate, logits: torch.Tensor) -> torch.Tensor:
     top = allowed.sort(-1, descending=True).values
     k = gate.top_k
     within = top[:, k - 1] - top[:, k] if top.shape[1] > k else torch.full((n,), float("inf"))
-    return torch.minimum(gap, torch.where(torch.isfinite(within), within, torch.full_like(within, float("inf"))))
+    return torch.minimum(
+        gap, torch.where(torch.isfinite(within), within, torch.full_like(within, float("inf")))
+    )
 
 
 def compare_with_torch(

@@ -156,7 +156,7 @@ class Family:
     check: Callable[[dict], None] | None = None
     # Arch fields read otherwise than the common way (config → {field: value}); see gguf_deepseek
     overrides: Callable[[dict], dict] | None = None
-    # HF tensors stored under other names/shapes: (cfg, hname, layer, shape, load) → [(name, shape, load)] | None
+    # HF tensors stored otherwise: (cfg, hname, layer, shape, load) → [(gguf name, shape, load)] | None
     split: Callable | None = None
     head_lengths: bool = True  # the common attention.{key,value}_length keys (MLA writes its own)
 
