@@ -176,3 +176,32 @@ def test_deepseek_v3_pre_tokenizer_in_llamacpp(tmp_path, corpus_texts):
             ), text
     finally:
         llama.close()
+
+
+def test_deepseek_yarn_runs_in_llamacpp_as_in_pytorch(tmp_path, tokenizer, banned):
+    """DeepSeek-V3's published rope: YaRN with mscale = mscale_all_dim (×mscale² on the scores)."""
+    yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+    d = _save(
+        _deepseek(tokenizer, rope_parameters=yarn, max_position_embeddings=64), tokenizer, tmp_path / "raw"
+    )
+    d = helpers.scale_weights(d, tmp_path / "scaled", factor=4.0)
+    s = export_gguf(d, tmp_path / "m.gguf", "f32")
+    meta, _, _ = helpers.read_gguf(s.path)
+    assert meta["deepseek2.rope.scaling.type"] == "yarn" and meta["deepseek2.rope.scaling.factor"] == 4.0
+    model = tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    llama = helpers.Llama(s.path)
+    try:
+        prompt = list(range(5, 25))  # past original_max_position_embeddings
+        _, agree, n = helpers.compare_with_torch(llama, model, prompt, banned, n=12, atol=1e-4, tie=1e-4)
+    finally:
+        llama.close()
+    assert agree == n == 12

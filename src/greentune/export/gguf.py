@@ -327,7 +327,7 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
     if rtype == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(a.rope_scaling["factor"]))
-    elif rtype not in (None, "llama3"):
+    elif rtype not in (None, "llama3", *a.family.rope_scaling):
         raise UserError(
             f"GGUF export does not support rope scaling {rtype!r} yet (default, linear, llama3 are)"
         )

@@ -25,7 +25,7 @@ configs); other settings are refused in one line.
 from __future__ import annotations
 
 import numpy as np
-from gguf import ExpertGatingFuncType, GGUFWriter
+from gguf import ExpertGatingFuncType, GGUFWriter, RopeScalingType
 
 from greentune.errors import UserError
 
@@ -82,8 +82,31 @@ def _router_keys(w: GGUFWriter, cfg: dict) -> None:
         w.add_expert_group_used_count(int(cfg["topk_group"]))
 
 
+def _yarn_keys(w: GGUFWriter, cfg: dict) -> None:
+    """YaRN as llama.cpp's converter writes it for deepseek2; llama.cpp then scales the scores by
+    mscale² (mscale = 1 + 0.1·mscale_all_dim·ln factor), as HF's DeepSeek attention does."""
+    from greentune.export.source import rope_settings
+
+    _, s = rope_settings(cfg)
+    if s.get("rope_type", s.get("type")) != "yarn":
+        return
+    if s.get("mscale", 1.0) != s.get("mscale_all_dim", 1.0) and s.get("mscale_all_dim"):
+        raise UserError(
+            "GGUF export of deepseek_v3: YaRN with mscale != mscale_all_dim scales cos/sin, "
+            "which llama.cpp's deepseek2 graph does not"
+        )
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(s["factor"]))
+    w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+    w.add_rope_scaling_yarn_beta_fast(float(s.get("beta_fast", 32.0)))
+    w.add_rope_scaling_yarn_beta_slow(float(s.get("beta_slow", 1.0)))
+    if s.get("mscale_all_dim"):
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(s["mscale_all_dim"]))  # the converter's 0.1 factor
+
+
 def deepseek_keys(w: GGUFWriter, cfg: dict) -> None:
     _router_keys(w, cfg)
+    _yarn_keys(w, cfg)
     rank, rope = int(cfg["kv_lora_rank"]), int(cfg["qk_rope_head_dim"])
     w.add_q_lora_rank(int(cfg["q_lora_rank"]))
     w.add_kv_lora_rank(rank)

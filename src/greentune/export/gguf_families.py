@@ -159,6 +159,7 @@ class Family:
     # HF tensors stored otherwise: (cfg, hname, layer, shape, load) → [(gguf name, shape, load)] | None
     split: Callable | None = None
     head_lengths: bool = True  # the common attention.{key,value}_length keys (MLA writes its own)
+    rope_scaling: tuple[str, ...] = ()  # rope scaling types beyond linear/llama3 that `keys` writes
 
     @property
     def name(self) -> str:
@@ -189,6 +190,7 @@ FAMILIES: dict[str, Family] = {
         overrides=gguf_deepseek.arch_overrides,
         split=gguf_deepseek.split,
         head_lengths=False,
+        rope_scaling=("yarn",),
     ),
     "glm4_moe": Family(
         MODEL_ARCH.GLM4_MOE,
