@@ -12,7 +12,10 @@ row only states what differs between families:
 - `keys`: architecture keys beyond the common ones (`gguf._add_hparams`), e.g. Granite's
   multipliers, Gemma's sliding window and soft-capping, the MoE expert sizes;
 - `check`: refuses, in one line, a configuration whose computation llama.cpp's graph for
-  that architecture does not reproduce (rather than writing a file that runs differently).
+  that architecture does not reproduce (rather than writing a file that runs differently);
+- `overrides`, `split`, `head_lengths`, `rope_scaling`: for families whose hyper-parameters
+  or tensors llama.cpp reads otherwise (DeepSeek-V3's latent attention and YaRN, the
+  DeepSeek/GLM router bias and leading dense layers; see `gguf_deepseek`).
 
 llama / mistral / qwen2 / mixtral run as `general.architecture = "llama"` (the graph adds
 Qwen2's q/k/v biases; Mixtral's experts are stacked), the rest under their own names.

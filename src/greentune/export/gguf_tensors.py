@@ -12,6 +12,9 @@ rotates halves (x_i, x_{i+d/2}): per head the rows are reordered with
 `reshape(n_head, 2, d/2, …).swapaxes(1, 2)` (n_head_kv heads for k). The same index
 permutation applies to prequantized block bytes since blocks never cross rows. Gemma's
 norms are stored as 1 + w (`Family.norm_offset`).
+A family's `split` stores some HF tensors under other names and shapes (DeepSeek's
+`kv_b_proj` as per-head `attn_k_b` / `attn_v_b`, the router bias as `exp_probs_b.bias`);
+layers below `first_k_dense_replace` are dense and get no expert tensors.
 """
 
 from __future__ import annotations

@@ -23,10 +23,12 @@ when `<module>.scales` is present, so this choice loads as written.
 MoE: experts are stacked as `<moe>.switch_mlp.{gate,up,down}_proj.*` ([E, out, in]) and the
 router stays `<moe>.gate.weight`, where `<moe>` is `model.layers.N.block_sparse_moe` for
 Mixtral and `model.layers.N.mlp` for Qwen2-MoE, Qwen3-MoE and OLMoE (mlx-lm's module
-paths); Qwen2-MoE's shared expert and its gate keep their HF names. Every other tensor keeps
-its HF name (phi3's fused qkv_proj / gate_up_proj included), which is what mlx-lm's models
-read. Gemma-3's per-layer-type rope thetas become mlx-lm's `rope_theta` (full layers) and
-`rope_local_base_freq` (sliding layers).
+paths, also for DeepSeek-V3 and GLM-4.5, whose leading dense layers, shared experts and
+router bias keep their HF names); Qwen2-MoE's shared expert and its gate keep their HF names.
+DeepSeek's `kv_b_proj` is written as mlx-lm's `embed_q` / `unembed_out` (`_mla_split`).
+Every other tensor keeps its HF name (phi3's fused qkv_proj / gate_up_proj included), which
+is what mlx-lm's models read. Gemma-3's per-layer-type rope thetas become mlx-lm's
+`rope_theta` (full layers) and `rope_local_base_freq` (sliding layers).
 """
 
 from __future__ import annotations
