@@ -32,7 +32,16 @@ MASTER_DTYPE = torch.float32
 # q_proj where q_lora_rank is null); dense MLP names also match a Qwen2-MoE shared expert and
 # DeepSeek-V3 / GLM-4.5's `shared_experts`.
 TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
+    "attn": (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+    ),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
 
