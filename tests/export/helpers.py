@@ -197,6 +197,11 @@ def first_routing_tie(model, ids: list[int], margin: float) -> int | None:
         if gate is None or not hasattr(gate, "top_k"):
             continue
         k = gate.top_k
+        if hasattr(gate, "e_score_correction_bias"):  # sigmoid + bias, group-limited (DeepSeek, GLM)
+            hooks.append(
+                gate.register_forward_hook(lambda mod, inp, out: gaps.append(_grouped_gap(mod, out[0])))
+            )
+            continue
         hooks.append(
             gate.register_forward_hook(
                 lambda mod, inp, out, k=k: gaps.append(
@@ -216,6 +221,28 @@ def first_routing_tie(model, ids: list[int], margin: float) -> int | None:
         return None
     close = (torch.stack(gaps).min(0).values < margin).nonzero()
     return int(close[0, 0]) if len(close) else None
+
+
+def _grouped_gap(gate, logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the smaller of two selection margins of a sigmoid, bias-corrected, group-limited
+    router: between the topk_group-th and next group score, and between the k-th and next
+    expert score within the chosen groups (the scores llama.cpp compares too)."""
+    s = logits.detach().float().sigmoid() + gate.e_score_correction_bias.float()
+    n, groups = s.shape[0], gate.num_group
+    per = s.view(n, groups, -1)
+    gap = torch.full((n,), float("inf"))
+    if gate.topk_group < groups:
+        gs = per.topk(2, dim=-1).values.sum(-1).sort(-1, descending=True).values
+        gap = gs[:, gate.topk_group - 1] - gs[:, gate.topk_group]
+    chosen = per.topk(2, dim=-1).values.sum(-1).topk(gate.topk_group, dim=-1).indices
+    mask = torch.zeros(n, groups, dtype=torch.bool).scatter_(1, chosen, True)
+    allowed = s.masked_fill(~mask.repeat_interleave(per.shape[-1], 1), float("-inf"))
+    top = allowed.sort(-1, descending=True).values
+    k = gate.top_k
+    within = top[:, k - 1] - top[:, k] if top.shape[1] > k else torch.full((n,), float("inf"))
+    return torch.minimum(
+        gap, torch.where(torch.isfinite(within), within, torch.full_like(within, float("inf")))
+    )
 
 
 def compare_with_torch(

@@ -55,9 +55,15 @@ def _spread_router(model_dir: Path, factor: float = 4.0) -> None:
     path = model_dir / "model.safetensors"
     sd = load_file(path)
     g = torch.Generator().manual_seed(1)
+    gc = torch.Generator().manual_seed(0)
     for name in sd:
-        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
-            sd[name] = sd[name] * factor
+        if name.endswith("mlp.gate.e_score_correction_bias"):
+            # sigmoid routers (DeepSeek, GLM): scores already spread over (0, 1), ×4 would saturate
+            # them into ties at 1.0; a bias of std 0.1 makes the correction term change choices
+            sd[name] = 0.1 * torch.randn(sd[name].shape, generator=gc)
+        elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
+            if name.replace(".weight", ".e_score_correction_bias") not in sd:
+                sd[name] = sd[name] * factor
         elif name.endswith(("_proj_bias", ".sinks")):  # gpt-oss: expert biases, attention sinks
             sd[name] = 0.5 * torch.randn(sd[name].shape, generator=g)
     save_file(sd, path, metadata={"format": "pt"})

@@ -71,6 +71,14 @@ def hf_model_from_gguf(path, model_dir, row):
                 else t[f"{b}.ffn_down_exps.weight"]
             )
             continue
+        if hname.endswith("mlp.gate.e_score_correction_bias"):
+            sd[hname] = t[f"blk.{hname.split('.')[2]}.exp_probs_b.bias"]
+            continue
+        if hname.endswith("self_attn.kv_b_proj.weight"):  # MLA: per-head k_b (transposed) and v_b
+            b = f"blk.{hname.split('.')[2]}"
+            k_b, v_b = t[f"{b}.attn_k_b.weight"], t[f"{b}.attn_v_b.weight"]
+            sd[hname] = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, k_b.shape[1])
+            continue
         g = names.get_name(hname, try_suffixes=(".weight", ".bias"))
         if hname == "lm_head.weight" and "output.weight" not in t:
             g = "token_embd.weight"
@@ -124,6 +132,10 @@ def hf_model_from_mlx(mlx_dir, model_dir):
         )
         sd[f"{p}.down_proj"] = sd.pop(f"{p}.down_proj.weight").transpose(0, 2, 1)
         sd[f"{p}.down_proj_bias"] = sd.pop(f"{p}.down_proj.bias")
+    for name in [n for n in sd if n.endswith("self_attn.embed_q.weight")]:  # DeepSeek MLA, split
+        wk, wv = sd.pop(name), sd.pop(name.replace("embed_q", "unembed_out"))
+        kv_b = np.concatenate([wk.transpose(0, 2, 1), wv], axis=1)
+        sd[name.replace("embed_q", "kv_b_proj")] = kv_b.reshape(-1, kv_b.shape[-1])
     for name in [n for n in sd if ".switch_mlp.gate_proj." in n]:
         moe = name.split(".switch_mlp.")[0]
         p = moe.rsplit(".", 1)[0]

@@ -182,4 +182,57 @@ ROWS.append(
         q_atol=0.5,
     )
 )
+
+
+def _deepseek_v3(v, i, h, f):
+    """Multi-head latent attention (q_a/q_b, kv_a_proj_with_mqa, kv_b_proj), a sigmoid router
+    with correction bias choosing 2 of 4 experts within the best of 2 groups, one shared
+    expert, first layer dense; every matrix input a whole number of Q4_K blocks."""
+    kw = _common(v, i, h, f, head_dim=False, layers=3)
+    kw["num_key_value_heads"] = 4
+    return tf.DeepseekV3Config(
+        **kw,
+        moe_intermediate_size=f,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        q_lora_rank=h,
+        kv_lora_rank=h,
+        qk_nope_head_dim=64,  # mlx-lm re-quantises the k half of kv_b_proj along it: one 64-group
+        qk_rope_head_dim=32,
+        v_head_dim=h // 4,
+    )
+
+
+def _glm4_moe(v, i, h, f):
+    """GLM-4.5's layout: q/k/v biases, per-head q/k norms, half-rotary heads, a sigmoid router with
+    correction bias (one group, as GLM-4.5), one shared expert, first layer dense."""
+    kw = _common(v, i, h, f, layers=3)
+    return tf.Glm4MoeConfig(
+        **kw,
+        moe_intermediate_size=f,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        attention_bias=True,
+        use_qk_norm=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    )
+
+
+# DeepSeek-V3-style families (sigmoid, bias-corrected, group-limited routers)
+ROWS += [
+    Row("deepseek_v3", _deepseek_v3, "deepseek2", moe=True, q_atol=0.5),
+    Row("glm4_moe", _glm4_moe, "glm4moe", moe=True, q_atol=0.5),
+]
 BY_TYPE = {r.model_type: r for r in ROWS}

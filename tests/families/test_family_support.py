@@ -18,8 +18,6 @@ from greentune.cli import main
 from greentune.models.support import NOT_YET, TRAINED
 
 NOT_YET_CONFIGS = {
-    "deepseek_v3": tf.DeepseekV3Config,
-    "glm4_moe": tf.Glm4MoeConfig,
     "granitemoe": tf.GraniteMoeConfig,
     "phimoe": tf.PhimoeConfig,
     "ernie4_5_moe": tf.Ernie4_5_MoeConfig,

@@ -223,3 +223,31 @@ def test_config_json_missing_keys_take_class_defaults():
     d.pop("qkv_bias")
     real = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
     assert arch_facts(d).total_params == real
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_glm4_moe_counts_match_transformers(qk_norm):
+    """GLM-4.5: q/k/v biases, optional per-head q/k norms, shared expert, first layer dense."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    cfg = tf.Glm4MoeConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=48,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        attention_bias=True,
+        use_qk_norm=qk_norm,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    f = arch_facts(cfg)
+    assert f.total_params == sum(p.numel() for p in model.parameters())
+    assert (f.head_dim, f.moe_layers, f.shared_intermediate, f.experts) == (16, 2, 16, 4)

@@ -29,9 +29,20 @@ from greentune.recipe import LORA_DROPOUT
 MASTER_DTYPE = torch.float32
 
 # Leaf module names per recipe target. Covers Llama/Mistral/Mixtral/Qwen2/Qwen3/OLMoE
-# naming; dense MLP names also match a Qwen2-MoE shared expert.
+# naming, and DeepSeek-V3's multi-head latent attention (q_a/q_b, kv_a_proj_with_mqa, kv_b_proj;
+# q_proj where q_lora_rank is null); dense MLP names also match a Qwen2-MoE shared expert and
+# DeepSeek-V3 / GLM-4.5's `shared_experts`.
 TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "attn": (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+    ),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
 

@@ -320,7 +320,7 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
     w.add_head_count_kv(a.n_head_kv)
     w.add_layer_norm_rms_eps(a.eps)
     w.add_rope_freq_base(a.rope_theta)
-    if a.head_dim != a.n_embd // a.n_head or a.family.name != "llama":
+    if a.family.head_lengths and (a.head_dim != a.n_embd // a.n_head or a.family.name != "llama"):
         w.add_key_length(a.head_dim)
         w.add_value_length(a.head_dim)
     rtype = a.rope_scaling.get("rope_type", a.rope_scaling.get("type"))
@@ -329,7 +329,7 @@ def _add_hparams(w: GGUFWriter, a: Arch, n_vocab: int) -> None:
         w.add_rope_scaling_factor(float(a.rope_scaling["factor"]))
     elif rtype == "yarn" and a.family.name == "gpt-oss":
         pass  # its keys come with the family (`gguf_gpt_oss.keys`)
-    elif rtype not in (None, "llama3"):
+    elif rtype not in (None, "llama3", *a.family.rope_scaling):
         raise UserError(
             f"GGUF export does not support rope scaling {rtype!r} yet (default, linear, llama3 are)"
         )

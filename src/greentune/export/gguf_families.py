@@ -12,7 +12,10 @@ row only states what differs between families:
 - `keys`: architecture keys beyond the common ones (`gguf._add_hparams`), e.g. Granite's
   multipliers, Gemma's sliding window and soft-capping, the MoE expert sizes;
 - `check`: refuses, in one line, a configuration whose computation llama.cpp's graph for
-  that architecture does not reproduce (rather than writing a file that runs differently).
+  that architecture does not reproduce (rather than writing a file that runs differently);
+- `overrides`, `split`, `head_lengths`, `rope_scaling`: for families whose hyper-parameters
+  or tensors llama.cpp reads otherwise (DeepSeek-V3's latent attention and YaRN, the
+  DeepSeek/GLM router bias and leading dense layers; see `gguf_deepseek`).
 
 llama / mistral / qwen2 / mixtral run as `general.architecture = "llama"` (the graph adds
 Qwen2's q/k/v biases; Mixtral's experts are stacked), the rest under their own names.
@@ -27,6 +30,7 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
 from greentune.errors import UserError
 from greentune.export import gguf_gpt_oss
+from greentune.export import gguf_deepseek
 
 
 def _head_dim(cfg: dict) -> int:
@@ -157,6 +161,12 @@ class Family:
     #: (tensors, source, arch, layer) → appends a layer's expert tensors, for a family whose
     #: experts are not the stacked gate/up/down of `gguf_tensors._experts` (gpt-oss)
     experts: Callable | None = None
+    # Arch fields read otherwise than the common way (config → {field: value}); see gguf_deepseek
+    overrides: Callable[[dict], dict] | None = None
+    # HF tensors stored otherwise: (cfg, hname, layer, shape, load) → [(gguf name, shape, load)] | None
+    split: Callable | None = None
+    head_lengths: bool = True  # the common attention.{key,value}_length keys (MLA writes its own)
+    rope_scaling: tuple[str, ...] = ()  # rope scaling types beyond linear/llama3 that `keys` writes
 
     @property
     def name(self) -> str:
@@ -178,6 +188,25 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family(MODEL_ARCH.QWEN2MOE, moe=True, keys=_qwen2moe_keys, check=_qwen2moe_check),
     "qwen3_moe": Family(MODEL_ARCH.QWEN3MOE, moe=True, keys=_qwen3moe_keys, check=_qwen3moe_check),
     "olmoe": Family(MODEL_ARCH.OLMOE, moe=True, check=_olmoe_check),
+    # DeepSeek-V3-style: sigmoid, bias-corrected, group-limited routers (gguf_deepseek)
+    "deepseek_v3": Family(
+        MODEL_ARCH.DEEPSEEK2,
+        moe=True,
+        keys=gguf_deepseek.deepseek_keys,
+        check=gguf_deepseek.deepseek_check,
+        overrides=gguf_deepseek.arch_overrides,
+        split=gguf_deepseek.split,
+        head_lengths=False,
+        rope_scaling=("yarn",),
+    ),
+    "glm4_moe": Family(
+        MODEL_ARCH.GLM4_MOE,
+        moe=True,
+        keys=gguf_deepseek.glm4moe_keys,
+        check=gguf_deepseek.glm4moe_check,
+        overrides=gguf_deepseek.arch_overrides,
+        split=gguf_deepseek.split,
+    ),
 }
 FAMILIES["gpt_oss"] = Family(
     MODEL_ARCH.GPT_OSS,

@@ -12,6 +12,9 @@ rotates halves (x_i, x_{i+d/2}): per head the rows are reordered with
 `reshape(n_head, 2, d/2, …).swapaxes(1, 2)` (n_head_kv heads for k). The same index
 permutation applies to prequantized block bytes since blocks never cross rows. Gemma's
 norms are stored as 1 + w (`Family.norm_offset`).
+A family's `split` stores some HF tensors under other names and shapes (DeepSeek's
+`kv_b_proj` as per-head `attn_k_b` / `attn_v_b`, the router bias as `exp_probs_b.bias`);
+layers below `first_k_dense_replace` are dense and get no expert tensors.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class Arch:
         n_ff = cfg["intermediate_size"]
         if n_expert:  # the experts' width (Qwen-MoE families give it separately)
             n_ff = int(cfg.get("moe_intermediate_size") or n_ff)
-        return cls(
+        arch = cls(
             model_type=mt,
             family=fam,
             n_layer=cfg["num_hidden_layers"],
@@ -89,6 +92,10 @@ class Arch:
             ),
             config=cfg,
         )
+        if fam.overrides is not None:
+            for k, v in fam.overrides(cfg).items():
+                setattr(arch, k, v)
+        return arch
 
 
 def qk_permutation(rows: int, n_head: int) -> np.ndarray:
@@ -142,6 +149,16 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
     for hname in src.names():
         if "rotary_emb" in hname or _EXPERT.search(hname) or (hname == "lm_head.weight" and arch.tied):
             continue
+        m = _LAYER.match(hname)
+        layer = int(m.group(1)) if m else None
+        parts = (
+            None
+            if fam.split is None
+            else fam.split(arch.config, hname, layer, src.torch_shape(hname), _loader(src, hname, None, 0.0))
+        )
+        if parts is not None:  # stored otherwise (gguf_deepseek); type planned, never the HF bytes
+            layers[layer] += [PlannedTensor(n, tuple(shp), load, layer) for n, shp, load in parts]
+            continue
         gname = names.get_name(hname, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise UserError(
@@ -150,8 +167,6 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
             )
         if not gname.endswith((".weight", ".bias")):  # a bare parameter (gpt-oss's sinks) is a weight
             gname += ".weight"
-        m = _LAYER.match(hname)
-        layer = int(m.group(1)) if m else None
         heads = None
         if fam.interleaved_rope and layer is not None:
             heads = {"attn_q": arch.n_head, "attn_k": arch.n_head_kv}.get(gname.split(".")[2])
@@ -171,7 +186,7 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
     out = head
     for i in range(arch.n_layer):
         out += sorted(layers[i], key=lambda t: t.name)  # by GGUF name: the same file from any HF layout
-        if arch.n_expert:
+        if arch.n_expert and i >= int(arch.config.get("first_k_dense_replace") or 0):
             (fam.experts or _experts)(out, src, arch, i)
     return out + sorted(tail, key=lambda t: t.name != "output_norm.weight")
 
@@ -209,7 +224,7 @@ def _experts(out, src: ModelSource, arch: Arch, i: int) -> None:
 
         return load
 
-    E, ff, h = arch.n_expert, arch.n_ff, arch.n_embd
+    E, ff, h = arch.n_expert, int(arch.config.get("moe_intermediate_size") or arch.n_ff), arch.n_embd
     names = src.expert_sources(i, arch.n_expert)
     tensors = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP, MODEL_TENSOR.FFN_DOWN_EXP)
     for kind, tensor, shape, srcs in zip(kinds, tensors, ((E, ff, h), (E, ff, h), (E, h, ff)), names):

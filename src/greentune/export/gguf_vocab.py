@@ -19,7 +19,9 @@ ids of a test string, which only recognises published tokenizers, never one trai
 user. greentune reads tokenizer.json's `pre_tokenizer`:
   - `ByteLevel(use_regex=true)` alone → "gpt-2" (llama.cpp applies the same GPT-2 regex);
   - `Sequence[Split(regex R), ByteLevel(use_regex=false)]` → looked up in `PRE_BY_REGEX`
-    (Llama-3's regex → "llama-bpe", Qwen2's → "qwen2", gpt-oss's o200k → "gpt-4o").
+    (Llama-3's regex → "llama-bpe", Qwen2's → "qwen2", gpt-oss's o200k → "gpt-4o");
+  - `Sequence[Split(R1), Split(R2), Split(R3), ByteLevel(use_regex=false)]` with DeepSeek-V3's
+    three regexes → "deepseek-v3" (`PRE_BY_SPLITS`).
 Anything else raises `UserError` naming the fix (pass `tokenizer_pre=`), because a wrong
 name silently tokenizes differently in llama.cpp, Ollama and LM Studio.
 
@@ -58,6 +60,15 @@ O200K_REGEX = (
     "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2", O200K_REGEX: "gpt-4o"}
+# DeepSeek-V3's three isolating splits (digits in threes, CJK runs, then words/punctuation), the
+# regexes of llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM ("deepseek-v3")
+DEEPSEEK3_REGEXES = (
+    "\\p{N}{1,3}",
+    "[一-龥぀-ゟ゠-ヿ]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+PRE_BY_SPLITS = {DEEPSEEK3_REGEXES: "deepseek-v3"}
 
 
 def tokenizer_json(tokenizer) -> dict:
@@ -87,10 +98,25 @@ def detect_pre(tj: dict) -> str:
             regex = pattern.get("Regex", pattern.get("String"))
             if regex in PRE_BY_REGEX:
                 return PRE_BY_REGEX[regex]
+        splits = tuple(_split_regex(p) for p in items[:-1])
+        if (
+            len(items) > 2
+            and items[-1].get("type") == "ByteLevel"
+            and not items[-1].get("use_regex", True)
+            and splits in PRE_BY_SPLITS
+        ):
+            return PRE_BY_SPLITS[splits]
     raise UserError(
         "cannot tell which llama.cpp pre-tokenizer matches this tokenizer's pre_tokenizer "
         f"({json.dumps(pre)[:120]}...); pass tokenizer_pre=NAME (e.g. 'gpt-2', 'llama-bpe', 'qwen2')"
     )
+
+
+def _split_regex(item: dict) -> str | None:
+    """The regex of an isolating, non-inverted `Split` pre-tokenizer, else None."""
+    if item.get("type") != "Split" or item.get("invert") or item.get("behavior", "Isolated") != "Isolated":
+        return None
+    return item.get("pattern", {}).get("Regex")
 
 
 def _is_spm(tj: dict) -> bool:

@@ -23,10 +23,12 @@ when `<module>.scales` is present, so this choice loads as written.
 MoE: experts are stacked as `<moe>.switch_mlp.{gate,up,down}_proj.*` ([E, out, in]) and the
 router stays `<moe>.gate.weight`, where `<moe>` is `model.layers.N.block_sparse_moe` for
 Mixtral and `model.layers.N.mlp` for Qwen2-MoE, Qwen3-MoE and OLMoE (mlx-lm's module
-paths); Qwen2-MoE's shared expert and its gate keep their HF names. Every other tensor keeps
-its HF name (phi3's fused qkv_proj / gate_up_proj included), which is what mlx-lm's models
-read. Gemma-3's per-layer-type rope thetas become mlx-lm's `rope_theta` (full layers) and
-`rope_local_base_freq` (sliding layers).
+paths, also for DeepSeek-V3 and GLM-4.5, whose leading dense layers, shared experts and
+router bias keep their HF names); Qwen2-MoE's shared expert and its gate keep their HF names.
+DeepSeek's `kv_b_proj` is written as mlx-lm's `embed_q` / `unembed_out` (`_mla_split`).
+Every other tensor keeps its HF name (phi3's fused qkv_proj / gate_up_proj included), which
+is what mlx-lm's models read. Gemma-3's per-layer-type rope thetas become mlx-lm's
+`rope_theta` (full layers) and `rope_local_base_freq` (sliding layers).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ SUPPORTED = {
     "qwen3_moe": "mlp",
     "olmoe": "mlp",
     "gpt_oss": "mlp.experts",  # its own tensor list: `mlx_gpt_oss`
+    "deepseek_v3": "mlp",  # mlx-lm splits kv_b_proj into embed_q / unembed_out itself
+    "glm4_moe": "mlp",
 }
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -111,10 +115,10 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
         return mlx_gpt_oss.tensors(src, _float)
     out = []
     moe = SUPPORTED.get(cfg.get("model_type"), "")
-    n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
     skip = set()
     for i in range(cfg["num_hidden_layers"]):
-        if not moe:
+        if not moe or i < int(cfg.get("first_k_dense_replace") or 0):  # DeepSeek/GLM: dense first layers
             continue
         p = f"model.layers.{i}"
         for kind, t in zip(("gate_proj", "up_proj", "down_proj"), range(3)):
@@ -133,8 +137,29 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
             continue
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
+        if cfg.get("model_type") == "deepseek_v3" and name.endswith("self_attn.kv_b_proj.weight"):
+            out += _mla_split(cfg, name, lambda n=name: _float(src.get(n)))
+            continue
         out.append((name, lambda n=name: _float(src.get(n))))
     return sorted(out, key=lambda x: x[0])
+
+
+def _mla_split(cfg: dict, name: str, load) -> list[tuple[str, callable]]:
+    """DeepSeek's kv_b_proj [n_head·(nope + v), rank] as mlx-lm's model holds it: `embed_q`
+    [n_head, rank, nope] (the k rows, transposed) and `unembed_out` [n_head, v, rank]. Written
+    split, each quantised along its own input axis, because mlx-lm's loader would otherwise
+    dequantise a quantised kv_b_proj and quantise the halves again (a second rounding)."""
+    heads, nope = int(cfg["num_attention_heads"]), int(cfg["qk_nope_head_dim"])
+    base = name[: -len("kv_b_proj.weight")]
+
+    def per_head():
+        w = load()
+        return w.reshape(heads, -1, w.shape[-1])
+
+    return [
+        (f"{base}embed_q.weight", lambda: np.ascontiguousarray(per_head()[:, :nope].transpose(0, 2, 1))),
+        (f"{base}unembed_out.weight", lambda: np.ascontiguousarray(per_head()[:, nope:])),
+    ]
 
 
 def _float(t) -> np.ndarray:
@@ -220,6 +245,10 @@ def _mlx_config(cfg: dict, bits: int | None, group_size: int, dtype: str) -> dic
         config["rope_local_base_freq"] = float(local)
     if scaling:
         config["rope_scaling"] = scaling
+    partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if cfg.get("model_type") == "glm4_moe":  # mlx-lm's glm4_moe args have no defaults for these
+        config["partial_rotary_factor"] = float(partial or cfg.get("partial_rotary_factor") or 1.0)
+        config.setdefault("rope_scaling", None)
     config.pop("rope_parameters", None)
     if SUPPORTED.get(cfg.get("model_type")) == "mlp" and "num_local_experts" in config:
         config.setdefault(

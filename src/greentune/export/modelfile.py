@@ -35,8 +35,14 @@ For greentune's tiny tokenizer (`<|role|>\ncontent<|end|>\n` per message, then
 No `{{-` follows literal text, since Go's left trim would also eat the newline a piece
 ends with.
 
+A template that opens the conversation once with special tokens (DeepSeek-V3's BOS,
+GLM-4.5's `[gMASK]<sop>`) gets that opening before the `range` (the BOS is left to
+llama.cpp when the tokenizer adds it itself); the same check applies.
+
 `PARAMETER stop` lists the EOS token and the special token the template closes a message
-with (`gguf_vocab.end_tokens`). gpt-oss's harmony format has its own (`modelfile_harmony`).
+with (`gguf_vocab.end_tokens`); where it closes none (DeepSeek-V3, GLM-4.5), the special
+token that opens a user turn (`<｜User｜>`, `<|user|>`), with which such a model ends its own.
+gpt-oss's harmony format has its own (`modelfile_harmony`).
 """
 
 from __future__ import annotations
@@ -58,15 +64,33 @@ def _render(tokenizer, messages, gen: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
 
-def _pieces(tokenizer) -> tuple[dict[str, tuple[str, str]], str] | None:
-    """Per role (text before content, text after content) and the generation prompt, or None."""
+def _specials(tokenizer) -> list[str]:
+    names = {str(v) for v in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    return sorted(names | set(tokenizer.all_special_tokens), key=len, reverse=True)
+
+
+def _special_prefix(tokenizer, texts: list[str]) -> str:
+    """The longest run of whole special tokens every text starts with (DeepSeek-V3's BOS,
+    GLM-4.5's "[gMASK]<sop>"): the conversation's opening, written once."""
+    out, specials = "", _specials(tokenizer)
+    while True:
+        rest = [t[len(out) :] for t in texts]
+        tok = next((s for s in specials if s and all(r.startswith(s) for r in rest)), None)
+        if tok is None:
+            return out
+        out += tok
+
+
+def _pieces(tokenizer, prefix: str = "") -> tuple[dict[str, tuple[str, str]], str] | None:
+    """Per role (text before content, text after content) and the generation prompt, or None.
+    With `prefix`, every rendering starts with it once (it is not part of a message)."""
     pieces = {}
     try:
         for role in ROLES:
             text = _render(tokenizer, [{"role": role, "content": _MARK}], False)
-            if text.count(_MARK) != 1:
+            if text.count(_MARK) != 1 or not text.startswith(prefix):
                 return None
-            pieces[role] = tuple(text.split(_MARK))
+            pieces[role] = tuple(text[len(prefix) :].split(_MARK))
         convo = [{"role": r, "content": f"{r} says hi"} for r in ROLES[:2]]
         gen = _render(tokenizer, convo, True)
         plain = _render(tokenizer, convo, False)
@@ -76,7 +100,7 @@ def _pieces(tokenizer) -> tuple[dict[str, tuple[str, str]], str] | None:
         # the check: concatenating per-message pieces reproduces Jinja exactly
         convo3 = [{"role": r, "content": f"{r} says hi"} for r in ROLES]
         want = _render(tokenizer, convo3, False)
-        got = "".join(pieces[m["role"]][0] + m["content"] + pieces[m["role"]][1] for m in convo3)
+        got = prefix + "".join(pieces[m["role"]][0] + m["content"] + pieces[m["role"]][1] for m in convo3)
         if got != want or plain + gen_prompt != gen:
             return None
     except Exception as e:  # noqa: BLE001 — any template failure means "use the plain one"
@@ -89,13 +113,19 @@ def go_template(tokenizer) -> str:
     """An Ollama (Go) TEMPLATE equivalent to the tokenizer's chat template, or PLAIN_TEMPLATE."""
     if not getattr(tokenizer, "chat_template", None):
         return PLAIN_TEMPLATE
-    found = _pieces(tokenizer)
+    found, prefix = _pieces(tokenizer), ""
+    if found is None:  # an opening written once (BOS, "[gMASK]<sop>") before the messages?
+        alone = [_safe_render(tokenizer, [{"role": r, "content": _MARK}]) for r in ROLES]
+        prefix = _special_prefix(tokenizer, alone) if all(alone) else ""
+        found = _pieces(tokenizer, prefix) if prefix else None
     if found is None or any("{{" in s for p in found[0].values() for s in p) or "{{" in found[1]:
         log.warning("chat template is not a per-message template; writing Ollama's plain template")
         return PLAIN_TEMPLATE
     pieces, gen_prompt = found
+    if prefix and prefix == tokenizer.bos_token and _adds_bos(tokenizer):
+        prefix = ""  # the BOS llama.cpp (and so Ollama) adds itself when tokenizing
     # No "{{-" after literal text: Go's left trim would eat the newline a piece ends with.
-    out = "{{- range $i, $_ := .Messages }}"
+    out = prefix + ("{{ range $i, $_ := .Messages }}" if prefix else "{{- range $i, $_ := .Messages }}")
     for k, role in enumerate(ROLES):
         kw = "if" if k == 0 else "else if"
         before, after = pieces[role]
@@ -107,6 +137,38 @@ def go_template(tokenizer) -> str:
     return out + "{{ end }}"
 
 
+def _safe_render(tokenizer, messages) -> str | None:
+    try:
+        return _render(tokenizer, messages, False)
+    except Exception:  # noqa: BLE001 — a template that fails here simply gives no prefix
+        return None
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
+def stop_tokens(tokenizer) -> list[str]:
+    """`gguf_vocab.end_tokens`, and, for templates that close no message with a special token
+    (DeepSeek-V3, GLM-4.5: a turn ends where the next one opens), the special token that opens
+    a user turn, which such models emit to end theirs."""
+    out = end_tokens(tokenizer)
+    if len(out) > 1 or not getattr(tokenizer, "chat_template", None):
+        return out
+    found = _pieces(tokenizer)
+    if found is None:
+        alone = [_safe_render(tokenizer, [{"role": r, "content": _MARK}]) for r in ROLES]
+        prefix = _special_prefix(tokenizer, alone) if all(alone) else ""
+        found = _pieces(tokenizer, prefix) if prefix else None
+    if found is not None:
+        before_user = found[0]["user"][0]
+        opener = next((s for s in _specials(tokenizer) if s and before_user.startswith(s)), None)
+        if opener and opener not in out:
+            out.append(opener)
+    return out
+
+
 def modelfile_text(gguf_path: str | Path, tokenizer) -> str:
     """The Modelfile for `gguf_path` (referenced relative to the Modelfile's folder)."""
     from greentune.export import modelfile_harmony
@@ -115,7 +177,7 @@ def modelfile_text(gguf_path: str | Path, tokenizer) -> str:
     harmony = modelfile_harmony.is_harmony(tokenizer)  # gpt-oss: its own template and stops
     template = modelfile_harmony.TEMPLATE if harmony else go_template(tokenizer)
     parts = [f"FROM ./{name}", f'TEMPLATE """{template}"""']
-    for s in modelfile_harmony.STOPS if harmony else end_tokens(tokenizer):
+    for s in modelfile_harmony.STOPS if harmony else stop_tokens(tokenizer):
         parts.append(f'PARAMETER stop "{_quote(s)}"')
     return "\n".join(parts) + "\n"
 

@@ -91,6 +91,7 @@ class Family:
     defaults: dict = field(default_factory=dict)  # transformers' class defaults that matter here
     expert_bias: bool = False  # gpt-oss: a bias on every expert's gate_up and down, and on the router
     sinks: bool = False  # gpt-oss: one attention-sink logit per head and layer
+    qk_norm_flag: str | None = None  # config key that switches qk_norm on (GLM-4.5's use_qk_norm)
 
 
 FAMILIES: dict[str, Family] = {
@@ -125,6 +126,9 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(mlp_bias=False, moe="deepseek", attention="mla"),
     "gpt_oss": Family(
         mlp_bias=False, moe="mixtral", expert_bias=True, sinks=True, defaults={"attention_bias": True}
+    ),
+    "glm4_moe": Family(
+        o_bias=False, mlp_bias=False, qk_norm="head", qk_norm_flag="use_qk_norm", moe="deepseek"
     ),
 }
 
@@ -378,7 +382,8 @@ def _attention(cfg: _Cfg, fam: Family, h: int, heads: int, kv: int, hd: int) -> 
         ("o_proj", heads * hd, h),
     ]
     extra = ((heads + 2 * kv) * hd if qkv_b else 0) + (h if o_b else 0)
-    extra += {"none": 0, "head": 2 * hd, "full": (heads + kv) * hd}[fam.qk_norm]
+    qk_norm = fam.qk_norm if fam.qk_norm_flag is None or cfg.get(fam.qk_norm_flag, default=False) else "none"
+    extra += {"none": 0, "head": 2 * hd, "full": (heads + kv) * hd}[qk_norm]
     return lin, extra, hd, hd
 
 

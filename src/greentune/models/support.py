@@ -32,13 +32,12 @@ TRAINED = (
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
 )
 TRAINED += ("gpt_oss",)  # issue 17: expert biases, clamped SwiGLU, sinks, MXFP4 experts
 
 NOT_YET = {
-    "deepseek_v3": "multi-head latent attention and its sigmoid, group-limited router are not in greentune's "
-    "expert and LoRA paths",
-    "glm4_moe": "its sigmoid, group-limited router and shared experts are not in greentune's expert path",
     "granitemoe": "its fused expert layout is not in greentune's expert path",
     "granitemoehybrid": "its Mamba layers and fused experts are not in greentune's paths",
     "phimoe": "its sparsemixer router is not in greentune's expert path",

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from greentune.errors import UserError
+from greentune.moe.router_grouped import is_sigmoid_router, sigmoid_balancing_loss
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -163,10 +164,12 @@ class RouterMonitor:
         self.routers = find_routers(model)
         self.keys = [_layer_key(n, i) for i, (n, _) in enumerate(self.routers)]
         self.num_experts = self.top_k = 0
+        self.sigmoid = False  # DeepSeek-V3 / GLM-4.5 routers: their own balance loss (router_grouped)
         if self.routers:
             r = self.routers[0][1]
             self.num_experts = int(getattr(r, "num_experts", 0) or r.weight.shape[0])
             self.top_k = int(getattr(r, "top_k", 0))
+            self.sigmoid = is_sigmoid_router(r)
         self._logits: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self._indices: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self._counts: list[torch.Tensor | None] = [None for _ in self.routers]
@@ -193,6 +196,7 @@ class RouterMonitor:
 
         With several forwards captured, pass no mask (rows of every forward count)."""
         logits = [t for per_layer in self._logits for t in per_layer]
+        chosen = [t for per_layer in self._indices for t in per_layer]
         if attention_mask is not None and any(len(x) > 1 for x in self._logits):
             raise ValueError(
                 "pop_aux_loss got an attention mask but several forwards were captured; "
@@ -210,7 +214,11 @@ class RouterMonitor:
                 )
                 c = torch.bincount(flat, weights=w, minlength=self.num_experts).float()
                 self._counts[i] = c if self._counts[i] is None else self._counts[i] + c
-        if self.aux_loss_coef > 0 and logits:
+        if self.aux_loss_coef > 0 and logits and self.sigmoid:
+            loss = self.aux_loss_coef * sigmoid_balancing_loss(
+                logits, chosen, self.num_experts, attention_mask
+            )
+        elif self.aux_loss_coef > 0 and logits:
             loss = self.aux_loss_coef * load_balancing_loss(
                 logits, self.num_experts, self.top_k, attention_mask
             )
