@@ -55,7 +55,7 @@ def _spread_router(model_dir: Path, factor: float = 4.0) -> None:
     path = model_dir / "model.safetensors"
     sd = load_file(path)
     for name in sd:
-        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.layer.weight")):
             sd[name] = sd[name] * factor
     save_file(sd, path, metadata={"format": "pt"})
 

@@ -156,4 +156,54 @@ ROWS = [
         q_atol=0.5,
     ),
 ]
+# issue 17, more MoE routers: granite's fused input/output experts and multipliers, phimoe's
+# sparsemixer (top-2 in eval) with LayerNorm and biases, ernie's dense first layer, shared
+# experts and correction-biased selection
+ROWS += [
+    Row(
+        "granitemoe",
+        lambda v, i, h, f: tf.GraniteMoeConfig(
+            **_common(v, i, h, f, head_dim=False),
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            embedding_multiplier=4.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.1,
+            logits_scaling=2.0,
+        ),
+        "granitemoe",
+        moe=True,
+        interleaved=True,
+        q_atol=0.5,
+    ),
+    Row(
+        "phimoe",
+        lambda v, i, h, f: tf.PhimoeConfig(
+            **_common(v, i, h, f, head_dim=False),
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            lm_head_bias=True,
+            sliding_window=None,
+        ),
+        None,  # llama.cpp's phimoe graph is not Phi-3.5-MoE's (gguf_families_moe): refused in one line
+        moe=True,
+    ),
+    Row(
+        "ernie4_5_moe",
+        lambda v, i, h, f: tf.Ernie4_5_MoeConfig(
+            **_common(v, i, h, f, head_dim=False, layers=3),
+            moe_num_experts=4,
+            moe_k=2,
+            moe_intermediate_size=f,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            moe_layer_end_index=2,
+            moe_layer_interval=1,
+        ),
+        "ernie4_5-moe",
+        moe=True,
+        q_atol=0.5,
+    ),
+]
 BY_TYPE = {r.model_type: r for r in ROWS}

@@ -153,6 +153,7 @@ class Family:
     moe: bool = False
     keys: Callable[[GGUFWriter, dict], None] | None = None
     check: Callable[[dict], None] | None = None
+    moe_layers: Callable[[dict], list[int]] | None = None  # layers with experts (None: all)
 
     @property
     def name(self) -> str:
@@ -175,6 +176,12 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(MODEL_ARCH.QWEN3MOE, moe=True, keys=_qwen3moe_keys, check=_qwen3moe_check),
     "olmoe": Family(MODEL_ARCH.OLMOE, moe=True, check=_olmoe_check),
 }
+
+
+# issue 17: GraniteMoE, PhiMoE, ERNIE-4.5-MoE (their rows live in gguf_families_moe)
+from greentune.export.gguf_families_moe import MOE_FAMILIES  # noqa: E402
+
+FAMILIES.update(MOE_FAMILIES)
 
 
 def family_of(cfg: dict) -> Family:

@@ -76,7 +76,9 @@ class Family:
     qk_norm: "none" | "head" (RMSNorm over head_dim, q and k) | "full" (over heads·head_dim
     and kv_heads·head_dim, OLMo-style). moe: "none" | "mixtral" (routed experts only) |
     "qwen" (decoder_sparse_step, mlp_only_layers, optional shared expert + its gate) |
-    "deepseek" (first_k_dense_replace, moe_layer_freq, n_shared_experts).
+    "deepseek" (first_k_dense_replace, moe_layer_freq, n_shared_experts) | "ernie"
+    (moe_layer_interval / start / end index, moe_num_shared_experts, a correction bias per expert).
+    norm_bias: LayerNorms with a bias (phimoe); head_bias: the LM head's bias (config key).
     attention: "gqa" (q/k/v/o) | "mla" (DeepSeek multi-head latent attention).
     """
 
@@ -88,6 +90,8 @@ class Family:
     moe: str = "none"
     attention: str = "gqa"
     tied_default: bool = False
+    norm_bias: bool = False
+    head_bias: str | bool = False
     defaults: dict = field(default_factory=dict)  # transformers' class defaults that matter here
 
 
@@ -121,6 +125,23 @@ FAMILIES: dict[str, Family] = {
     "deepseek": Family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, moe="deepseek"),
     "deepseek_v2": Family(mlp_bias="mlp_bias", moe="deepseek", attention="mla"),
     "deepseek_v3": Family(mlp_bias=False, moe="deepseek", attention="mla"),
+    # issue 17: granite's MoE, Phi-3.5-MoE, ERNIE-4.5 MoE
+    "granitemoe": Family(mlp_bias=False, moe="mixtral"),
+    "phimoe": Family(
+        mlp_bias=False,
+        moe="mixtral",
+        norm_bias=True,
+        head_bias="lm_head_bias",
+        defaults={"num_local_experts": 16, "num_experts_per_tok": 2},
+    ),
+    "ernie4_5_moe": Family(
+        qkv_bias="use_bias",
+        o_bias="use_bias",
+        mlp_bias="use_bias",
+        moe="ernie",
+        tied_default=True,
+        defaults={"moe_layer_start_index": 1, "moe_num_shared_experts": 2, "moe_layer_interval": 1},
+    ),
 }
 
 NOT_CAUSAL = "is not a decoder-only causal LM"
@@ -340,6 +361,13 @@ def _moe_layer_ids(cfg: _Cfg, fam: Family, layers: int, experts: int) -> list[in
         step = int(cfg.get("decoder_sparse_step", default=1) or 1)
         only = set(cfg.get("mlp_only_layers", default=[]) or [])
         return [i for i in range(layers) if i not in only and (i + 1) % step == 0]
+    if fam.moe == "ernie":
+        start = cfg.get("moe_layer_start_index", default=0)
+        end = cfg.get("moe_layer_end_index", default=layers - 1)
+        start = min(start) if isinstance(start, (list, tuple)) else int(start)
+        end = max(end) if isinstance(end, (list, tuple)) else int(end)
+        every = int(cfg.get("moe_layer_interval", default=1) or 1)
+        return [i for i in range(layers) if (i + 1) % every == 0 and start <= i <= end]
     first = int(cfg.get("first_k_dense_replace", default=0) or 0)
     freq = int(cfg.get("moe_layer_freq", default=1) or 1)
     return [i for i in range(layers) if i >= first and i % freq == 0]
@@ -392,8 +420,10 @@ def arch_facts(config: Any) -> ArchFacts:
     inter, vocab = _int(cfg, "intermediate_size"), _int(cfg, "vocab_size")
     tied = bool(cfg.get("tie_word_embeddings", default=fam.tied_default))
 
-    experts = int(cfg.get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
-    top_k = int(cfg.get("num_experts_per_tok", default=0) or 0) if experts else 0
+    experts = int(
+        cfg.get("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", default=0) or 0
+    )
+    top_k = int(cfg.get("num_experts_per_tok", "moe_k", default=0) or 0) if experts else 0
     moe_ids = _moe_layer_ids(cfg, fam, layers, experts)
     n_moe, n_dense = len(moe_ids), layers - len(moe_ids)
     moe_inter = int(cfg.get("moe_intermediate_size", default=inter)) if n_moe else 0
@@ -405,6 +435,8 @@ def arch_facts(config: Any) -> ArchFacts:
         shared_gate = shared > 0
     elif n_moe and fam.moe == "deepseek":
         shared = moe_inter * int(cfg.get("n_shared_experts", default=0) or 0)
+    elif n_moe and fam.moe == "ernie":
+        shared = moe_inter * int(cfg.get("moe_num_shared_experts", default=0) or 0)
 
     attn, attn_extra, dqk, dv = _attention(cfg, fam, h, heads, kv, hd)
     mlp_b = _flag(cfg, fam.mlp_bias)
@@ -432,12 +464,16 @@ def arch_facts(config: Any) -> ArchFacts:
     groups.append(LinearGroup("lm_head", "head", h, vocab, 1, 1))
 
     mlp_bias_per_dense = (2 * inter + h) if mlp_b else 0
-    shared_bias = (2 * shared + h) if (mlp_b and fam.moe == "deepseek" and shared) else 0
+    shared_bias = (2 * shared + h) if (mlp_b and fam.moe in ("deepseek", "ernie") and shared) else 0
+    norm_scalars = (layers * fam.norms_per_layer + 1) * h
+    extra = (norm_scalars if fam.norm_bias else 0) + (vocab if _flag(cfg, fam.head_bias) else 0)
+    extra += n_moe * experts if fam.moe == "ernie" else 0  # moe_statics.e_score_correction_bias
     scalars = (
         layers * (attn_extra + fam.norms_per_layer * h)
         + n_dense * mlp_bias_per_dense
         + n_moe * shared_bias
         + h
+        + extra
     )
     embed = vocab * h
     weights = sum(g.params for g in groups)

@@ -37,12 +37,17 @@ from greentune.errors import UserError
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, router) of every MoE router: the `gate` sibling of an `experts` module."""
+    """(name, router) of every MoE router: the `gate` sibling of an `experts` module, or its
+    `router` sibling (GraniteMoE, PhiMoE)."""
     found = []
     for name, module in model.named_modules():
-        gate = getattr(module, "gate", None)
-        if isinstance(gate, nn.Module) and isinstance(getattr(module, "experts", None), nn.Module):
-            found.append((f"{name}.gate" if name else "gate", gate))
+        if not isinstance(getattr(module, "experts", None), nn.Module):
+            continue
+        for attr in ("gate", "router"):
+            gate = getattr(module, attr, None)
+            if isinstance(gate, nn.Module):
+                found.append((f"{name}.{attr}" if name else attr, gate))
+                break
     return found
 
 
