@@ -142,6 +142,17 @@ _EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.|\.block_sparse_moe\
 # ERNIE-4.5's selection bias `mlp.moe_statics.e_score_correction_bias` [1, E]: llama.cpp's
 # `blk.N.exp_probs_b.bias` [E] (the name the gguf map knows without the `_bias`)
 _CORRECTION = "moe_statics.e_score_correction_bias"
+# in-memory (transformers v5) names the gguf map knows only by their on-disk spelling
+_ON_DISK = (
+    (".block_sparse_moe.router.weight", ".block_sparse_moe.router.layer.weight"),  # GraniteMoE
+    (".mlp.gate.moe_statics.", ".mlp.moe_statics."),  # ERNIE-4.5
+)
+
+
+def _on_disk(name: str) -> str:
+    for mem, disk in _ON_DISK:
+        name = name.replace(mem, disk)
+    return name
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -155,10 +166,11 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
     for hname in src.names():
         if "rotary_emb" in hname or _EXPERT.search(hname) or (hname == "lm_head.weight" and arch.tied):
             continue
-        gname = names.get_name(hname, try_suffixes=(".weight", ".bias"))
-        flat = hname.endswith(_CORRECTION)
-        if flat and names.get_name(hname[: -len("_bias")]):
-            gname = names.get_name(hname[: -len("_bias")]) + ".bias"
+        disk = _on_disk(hname)
+        gname = names.get_name(disk, try_suffixes=(".weight", ".bias"))
+        flat = disk.endswith(_CORRECTION)
+        if flat and names.get_name(disk[: -len("_bias")]):
+            gname = names.get_name(disk[: -len("_bias")]) + ".bias"
         if gname is None:
             raise UserError(
                 f"{src.origin}: tensor {hname!r} has no GGUF {fam.name!r} counterpart; "

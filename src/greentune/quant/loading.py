@@ -246,7 +246,11 @@ class _Loader:
             target = self.targets[target_key]
             if target_key in self.shapes and not self._shape_ok(target_key, tensor):
                 return
-            if target.kind != "tied_head":  # a tied head's bytes are its embedding's
+            if target.kind == "experts":  # a fused [E, out, in] on disk (GraniteMoE's input_linear)
+                store = getattr(self.model.get_submodule(target.module_name), target.attr)
+                for e in range(tensor.shape[0]):
+                    store.load_expert_(e, tensor[e])
+            elif target.kind != "tied_head":  # a tied head's bytes are its embedding's
                 self.model.get_submodule(target.module_name).load_weight_(tensor)
             self.loaded.add(target_key)
         elif target_key in self.shapes:
