@@ -28,6 +28,7 @@ class Row:
     norm_offset: float = 0.0
     f32_atol: float = 1e-4
     q_atol: float = 0.3
+    mlx: bool = True  # False: `greentune export --format mlx` refuses it in one line
 
     @property
     def targets(self) -> list[str]:
@@ -204,6 +205,34 @@ ROWS += [
         "ernie4_5-moe",
         moe=True,
         q_atol=0.5,
+    ),
+]
+
+def _hybrid(cls, v, i, h, f):
+    """Three gated-delta-net layers and one full-attention layer (Qwen3-Next's 3:1 pattern)."""
+    kw = {**_common(v, i, h, f, layers=4), "num_key_value_heads": 2}
+    return cls(
+        **kw,
+        **_moe(f, shared_expert_intermediate_size=f, norm_topk_prob=True),
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=h // 4,
+        linear_value_head_dim=h // 4,
+    )
+
+
+# issue 17, hybrid attention: trained (LoRA on q/k/v/o, the delta-net projections, experts);
+# GGUF and MLX export are refused in one line (gguf_families_moe.NOT_EXPORTED, mlx.NOT_EXPORTED)
+ROWS += [
+    Row("qwen3_next", lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f), None, moe=True, mlx=False),
+    Row(
+        "qwen3_5_moe_text",
+        lambda v, i, h, f: _hybrid(tf.Qwen3_5MoeTextConfig, v, i, h, f),
+        None,
+        moe=True,
+        mlx=False,
     ),
 ]
 BY_TYPE = {r.model_type: r for r in ROWS}

@@ -21,7 +21,6 @@ NOT_YET_CONFIGS = {
     "deepseek_v3": tf.DeepseekV3Config,
     "glm4_moe": tf.Glm4MoeConfig,
     "gpt_oss": tf.GptOssConfig,
-    "qwen3_next": tf.Qwen3NextConfig,
     "qwen3_5_moe": tf.Qwen3_5MoeConfig,
 }
 

@@ -179,7 +179,7 @@ FAMILIES: dict[str, Family] = {
 
 
 # issue 17: GraniteMoE, PhiMoE, ERNIE-4.5-MoE (their rows live in gguf_families_moe)
-from greentune.export.gguf_families_moe import MOE_FAMILIES  # noqa: E402
+from greentune.export.gguf_families_moe import MOE_FAMILIES, NOT_EXPORTED  # noqa: E402
 
 FAMILIES.update(MOE_FAMILIES)
 
@@ -188,6 +188,8 @@ def family_of(cfg: dict) -> Family:
     """The row for `cfg["model_type"]`; UserError naming the supported model types otherwise."""
     mt = cfg.get("model_type")
     fam = FAMILIES.get(mt)
+    if mt in NOT_EXPORTED:
+        raise UserError(f"GGUF export of {mt}: {NOT_EXPORTED[mt]}")
     if fam is None:
         raise UserError(f"GGUF export supports model types {sorted(FAMILIES)}; this model is {mt!r}")
     if fam.check is not None:

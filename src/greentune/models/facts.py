@@ -79,7 +79,9 @@ class Family:
     "deepseek" (first_k_dense_replace, moe_layer_freq, n_shared_experts) | "ernie"
     (moe_layer_interval / start / end index, moe_num_shared_experts, a correction bias per expert).
     norm_bias: LayerNorms with a bias (phimoe); head_bias: the LM head's bias (config key).
-    attention: "gqa" (q/k/v/o) | "mla" (DeepSeek multi-head latent attention).
+    attention: "gqa" (q/k/v/o) | "mla" (DeepSeek multi-head latent attention) | "hybrid"
+    (Qwen3-Next / Qwen3.5: `layer_types` full_attention layers with a gated q_proj of 2·heads·head_dim
+    rows, the others gated delta-net linear attention; see `_linear_attention`).
     """
 
     qkv_bias: str | bool = "attention_bias"
@@ -134,6 +136,12 @@ FAMILIES: dict[str, Family] = {
         head_bias="lm_head_bias",
         defaults={"num_local_experts": 16, "num_experts_per_tok": 2},
     ),
+    "qwen3_next": Family(
+        mlp_bias=False, qk_norm="head", moe="qwen", attention="hybrid", defaults={"use_sliding_window": False}
+    ),
+    "qwen3_5_moe_text": Family(
+        mlp_bias=False, qk_norm="head", moe="qwen", attention="hybrid", defaults={"use_sliding_window": False}
+    ),
     "ernie4_5_moe": Family(
         qkv_bias="use_bias",
         o_bias="use_bias",
@@ -172,6 +180,7 @@ class ArchFacts:
     moe_layers: int = 0
     sliding_window: int | None = None
     sliding_layers: int = 0
+    linear_layers: int = 0  # linear-attention layers (hybrids): no attention over past keys
     max_position_embeddings: int | None = None
     attention: str = "gqa"  # "gqa" | "mla" (keys/values expanded per head from a latent)
     linears: tuple[LinearGroup, ...] = field(default=(), repr=False)
@@ -201,7 +210,7 @@ class ArchFacts:
     def attention_flops_per_token(self, context: int, causal: bool = True) -> float:
         """Σ_layers 2·n_heads·(d_qk + d_v)·A_l(T): score and value FLOPs of one token's forward."""
         per_key = 2 * self.heads * (self.head_dim + self.v_head_dim)
-        full = self.layers - self.sliding_layers
+        full = self.layers - self.sliding_layers - self.linear_layers
         total = full * per_key * self.mean_attended(context, causal)
         if self.sliding_layers:
             total += self.sliding_layers * per_key * self.mean_attended(context, causal, self.sliding_window)
@@ -405,6 +414,22 @@ def _attention(cfg: _Cfg, fam: Family, h: int, heads: int, kv: int, hd: int) -> 
     return lin, extra, hd, hd
 
 
+def _linear_attention(cfg: _Cfg, model_type: str, h: int) -> tuple[list, int]:
+    """Per-layer linears and other scalars of one gated delta-net layer (Qwen3-Next: fused
+    in_proj_qkvz / in_proj_ba; Qwen3.5: in_proj_qkv, _z, _b, _a), plus conv1d over q·k·v
+    channels, A_log, dt_bias (one per value head) and the gated norm (value head dim)."""
+    nk, nv = _int(cfg, "linear_num_key_heads"), _int(cfg, "linear_num_value_heads")
+    dk, dv = _int(cfg, "linear_key_head_dim"), _int(cfg, "linear_value_head_dim")
+    kd, vd = nk * dk, nv * dv
+    if model_type == "qwen3_next":
+        lin = [("in_proj_qkvz", h, 2 * kd + 2 * vd), ("in_proj_ba", h, 2 * nv)]
+    else:
+        lin = [("in_proj_qkv", h, 2 * kd + vd), ("in_proj_z", h, vd), ("in_proj_b", h, nv), ("in_proj_a", h, nv)]
+    lin.append(("out_proj", vd, h))
+    kernel = _int(cfg, "linear_conv_kernel_dim", default=4)
+    return lin, (2 * kd + vd) * kernel + 2 * nv + dv
+
+
 def arch_facts(config: Any) -> ArchFacts:
     """Architecture facts of a causal LM config (PretrainedConfig | config.json path/dir | dict).
 
@@ -440,7 +465,20 @@ def arch_facts(config: Any) -> ArchFacts:
 
     attn, attn_extra, dqk, dv = _attention(cfg, fam, h, heads, kv, hd)
     mlp_b = _flag(cfg, fam.mlp_bias)
-    groups: list[LinearGroup] = [LinearGroup(n, "attn", i, o, layers, layers) for n, i, o in attn]
+    n_lin, lin_extra = 0, 0
+    n_attn = layers
+    if fam.attention == "hybrid":
+        types = list(cfg.get("layer_types", default=None) or [])
+        if not types:  # transformers' default: every full_attention_interval-th layer is full attention
+            every = int(cfg.get("full_attention_interval", default=4) or 4)
+            types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(layers)]
+        n_attn = sum(1 for t in types if t == "full_attention")
+        n_lin = layers - n_attn
+        attn = [(n, i, 2 * o if n == "q_proj" else o) for n, i, o in attn]  # the gated q_proj
+    groups: list[LinearGroup] = [LinearGroup(n, "attn", i, o, n_attn, n_attn) for n, i, o in attn]
+    if n_lin:
+        lin, lin_extra = _linear_attention(cfg, model_type, h)
+        groups += [LinearGroup(n, "attn", i, o, n_lin, n_lin) for n, i, o in lin]
     for name, (i, o) in {"gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}.items():
         if n_dense:
             groups.append(LinearGroup(name, "mlp", i, o, n_dense, n_dense))
@@ -469,7 +507,9 @@ def arch_facts(config: Any) -> ArchFacts:
     extra = (norm_scalars if fam.norm_bias else 0) + (vocab if _flag(cfg, fam.head_bias) else 0)
     extra += n_moe * experts if fam.moe == "ernie" else 0  # moe_statics.e_score_correction_bias
     scalars = (
-        layers * (attn_extra + fam.norms_per_layer * h)
+        n_attn * attn_extra
+        + n_lin * lin_extra
+        + layers * fam.norms_per_layer * h
         + n_dense * mlp_bias_per_dense
         + n_moe * shared_bias
         + h
@@ -512,6 +552,7 @@ def arch_facts(config: Any) -> ArchFacts:
         moe_layers=n_moe,
         sliding_window=int(sliding_window) if sliding_window else None,
         sliding_layers=n_sw,
+        linear_layers=n_lin,
         max_position_embeddings=cfg.get("max_position_embeddings"),
         attention=fam.attention,
         linears=tuple(groups),

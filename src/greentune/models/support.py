@@ -37,6 +37,9 @@ TRAINED = (
     "granitemoe",
     "phimoe",
     "ernie4_5_moe",
+    # issue 17: hybrid gated linear attention + MoE (LoRA on attention, delta-net projections, experts)
+    "qwen3_next",
+    "qwen3_5_moe_text",
 )
 
 NOT_YET = {
@@ -45,9 +48,7 @@ NOT_YET = {
     "glm4_moe": "its sigmoid, group-limited router and shared experts are not in greentune's expert path",
     "gpt_oss": "its expert biases, clamped SwiGLU and attention sinks are not in greentune's expert path",
     "granitemoehybrid": "its Mamba layers and fused experts are not in greentune's paths",
-    "qwen3_next": "its gated linear-attention layers get no LoRA targets yet",
-    "qwen3_5_moe": "its gated linear-attention layers get no LoRA targets yet",
-    "qwen3_5_moe_text": "its gated linear-attention layers get no LoRA targets yet",
+    "qwen3_5_moe": "it is the vision-language checkpoint; train its text model (model_type qwen3_5_moe_text)",
 }
 
 
@@ -73,8 +74,10 @@ def check_family(config: dict, exports=()) -> None:
 
             family_of(config)  # unsupported type or configuration: one line
         elif item.format == "mlx":
-            from greentune.export.mlx import SUPPORTED
+            from greentune.export.mlx import NOT_EXPORTED, SUPPORTED
 
+            if mt in NOT_EXPORTED:
+                raise UserError(f"MLX export of {mt}: {NOT_EXPORTED[mt]} (drop the mlx export: entry)")
             if mt not in SUPPORTED:
                 raise UserError(
                     f"MLX export supports {sorted(SUPPORTED)}; this model is {mt!r} "
