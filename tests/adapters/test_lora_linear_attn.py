@@ -22,7 +22,9 @@ def test_attn_covers_the_linear_attention_projections(model_type):
     wrapped = apply_lora(model, ["attn"], rank=2, alpha=4.0)
     linear = {n.rsplit(".", 1)[1] for n in wrapped if ".linear_attn." in n}
     full = {n.rsplit(".", 1)[1] for n in wrapped if ".self_attn." in n}
-    have = {n.rsplit(".", 1)[1] for n, m in model.named_modules() if ".linear_attn." in n and n.count(".") == 4}
+    have = {
+        n.rsplit(".", 1)[1] for n, m in model.named_modules() if ".linear_attn." in n and n.count(".") == 4
+    }
     assert linear == have & set(LINEAR_ATTN) and "out_proj" in linear and len(linear) >= 3
     assert full == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert not any(".experts." in n or "shared_expert" in n for n in wrapped)

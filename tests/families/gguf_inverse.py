@@ -49,7 +49,9 @@ def hf_model_from_gguf(path, model_dir, row):
     names = TensorNameMap(_arch(row.arch), cfg.num_hidden_layers)
     sd = {}
     for hname in model.state_dict():
-        m = re.match(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$", hname)
+        m = re.match(
+            r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$", hname
+        )
         if m:
             b = f"blk.{m.group(1)}"
             sd[hname] = (
@@ -60,7 +62,10 @@ def hf_model_from_gguf(path, model_dir, row):
             continue
         g = names.get_name(_hub_name(hname), try_suffixes=(".weight", ".bias"))
         if g is None and hname.endswith("e_score_correction_bias"):  # ERNIE: blk.N.exp_probs_b.bias [E]
-            g = names.get_name(hname.replace(".gate.moe_statics.", ".moe_statics.")[: -len("_bias")]) + ".bias"
+            g = (
+                names.get_name(hname.replace(".gate.moe_statics.", ".moe_statics.")[: -len("_bias")])
+                + ".bias"
+            )
         if hname == "lm_head.weight" and "output.weight" not in t:
             g = "token_embd.weight"
         assert g in t, (hname, g)
@@ -107,12 +112,14 @@ def hf_model_from_mlx(mlx_dir, model_dir):
         moe = name.split(".switch_mlp.")[0]
         p = moe.rsplit(".", 1)[0]
         up = sd.pop(f"{moe}.switch_mlp.up_proj.weight")
-        # the in-memory module: `mlp` (Mixtral, Qwen-MoE, OLMoE, PhiMoE, ERNIE) or `block_sparse_moe` (Granite)
+        # the in-memory module: `mlp` (Mixtral, Qwen-MoE, OLMoE, PhiMoE, ERNIE), `block_sparse_moe` (Granite)
         hf = next(f"{p}.{m}" for m in ("mlp", "block_sparse_moe") if f"{p}.{m}.experts.gate_up_proj" in have)
         sd[f"{hf}.experts.gate_up_proj"] = np.concatenate([sd.pop(name), up], 1)
         sd[f"{hf}.experts.down_proj"] = sd.pop(f"{moe}.switch_mlp.down_proj.weight")
         router = next(r for r in ("gate", "router") if f"{hf}.{r}.weight" in have)
-        sd[f"{hf}.{router}.weight"] = sd.pop(next(f"{moe}.{r}.weight" for r in ("gate", "router.layer") if f"{moe}.{r}.weight" in sd))
+        sd[f"{hf}.{router}.weight"] = sd.pop(
+            next(f"{moe}.{r}.weight" for r in ("gate", "router.layer") if f"{moe}.{r}.weight" in sd)
+        )
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(

@@ -208,6 +208,7 @@ ROWS += [
     ),
 ]
 
+
 def _hybrid(cls, v, i, h, f):
     """Three gated-delta-net layers and one full-attention layer (Qwen3-Next's 3:1 pattern)."""
     kw = {**_common(v, i, h, f, layers=4), "num_key_value_heads": 2}

@@ -23,7 +23,9 @@ def test_total_active_and_expert_params_match_the_real_model(model_type):
     model = tf.AutoModelForCausalLM.from_config(cfg)
     real = sum(p.numel() for p in model.parameters())
     experts = sum(
-        p.numel() for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
     )
     for given in (cfg, cfg.to_dict()):  # a PretrainedConfig and its config.json dict
         f = arch_facts(given)

@@ -79,7 +79,8 @@ def _ernie_keys(w: GGUFWriter, cfg: dict) -> None:
 
 # Trained but not exported: what the GGUF writer lacks for each (one line at export and at train time)
 NOT_EXPORTED = {
-    fam: "its gated delta-net (linear attention) layers need llama.cpp's ssm_* tensors (conv1d, A = -exp(A_log), "
+    fam: "its gated delta-net (linear attention) layers need llama.cpp's ssm_* tensors (conv1d, "
+    "A = -exp(A_log), "
     "dt bias, gated norm, the grouped qkvz/ba split), which greentune's GGUF writer does not produce yet"
     for fam in ("qwen3_next", "qwen3_5_moe_text")
 }

@@ -153,6 +153,8 @@ def _on_disk(name: str) -> str:
     for mem, disk in _ON_DISK:
         name = name.replace(mem, disk)
     return name
+
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 

@@ -158,7 +158,12 @@ def _quantisable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
         return False
     # routers (and Qwen2-MoE's shared-expert gate) stay in float: their errors change which experts run
     return "norm" not in name and not name.endswith(
-        ("block_sparse_moe.gate.weight", "mlp.gate.weight", "shared_expert_gate.weight", "router.layer.weight")
+        (
+            "block_sparse_moe.gate.weight",
+            "mlp.gate.weight",
+            "shared_expert_gate.weight",
+            "router.layer.weight",
+        )
     )
 
 

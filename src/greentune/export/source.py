@@ -12,7 +12,8 @@ ship"). Rows of either kind can be selected, permuted and stacked the same way
 Experts exist in three layouts and all are read:
 - Mixtral on disk (`save_pretrained` in transformers v5 reverts to the hub names):
   `model.layers.N.block_sparse_moe.experts.E.{w1,w2,w3}.weight` (gate, down, up);
-- Qwen2-MoE / Qwen3-MoE / OLMoE / ERNIE-4.5 on disk: `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`;
+- Qwen2-MoE / Qwen3-MoE / OLMoE / ERNIE-4.5 on disk:
+  `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`;
 - GraniteMoE on disk, fused: `model.layers.N.block_sparse_moe.input_linear.weight [E, 2I, H]` (gate rows
   first) and `output_linear.weight [E, H, I]`, router `block_sparse_moe.router.layer.weight`;
 - in memory (transformers v5 fused parameters):
@@ -223,7 +224,10 @@ class ModelSource:
     def has_experts(self, layer: int) -> bool:
         """Whether `layer` holds routed experts (ERNIE's first layers are dense)."""
         p = f"model.layers.{layer}."
-        return any(n.startswith(p) and (".experts." in n or ".block_sparse_moe.input_linear." in n) for n in self._names)
+        return any(
+            n.startswith(p) and (".experts." in n or ".block_sparse_moe.input_linear." in n)
+            for n in self._names
+        )
 
     def expert_sources(self, layer: int, n_experts: int) -> tuple[tuple[str, ...], ...]:
         """HF names that `expert_weights(layer)` reads for (gate, up, down)."""

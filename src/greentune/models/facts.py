@@ -424,7 +424,12 @@ def _linear_attention(cfg: _Cfg, model_type: str, h: int) -> tuple[list, int]:
     if model_type == "qwen3_next":
         lin = [("in_proj_qkvz", h, 2 * kd + 2 * vd), ("in_proj_ba", h, 2 * nv)]
     else:
-        lin = [("in_proj_qkv", h, 2 * kd + vd), ("in_proj_z", h, vd), ("in_proj_b", h, nv), ("in_proj_a", h, nv)]
+        lin = [
+            ("in_proj_qkv", h, 2 * kd + vd),
+            ("in_proj_z", h, vd),
+            ("in_proj_b", h, nv),
+            ("in_proj_a", h, nv),
+        ]
     lin.append(("out_proj", vd, h))
     kernel = _int(cfg, "linear_conv_kernel_dim", default=4)
     return lin, (2 * kd + vd) * kernel + 2 * nv + dv
