@@ -22,6 +22,8 @@ REQUIRED = [
     "qwen1.5-moe-a2.7b",
     "olmoe-1b-7b",
     "deepseek-moe-16b",
+    "granite-3.1-3b-a800m",  # issue 17
+    "phi-3.5-moe",
 ]
 
 
