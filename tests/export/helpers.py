@@ -193,7 +193,8 @@ def first_routing_tie(model, ids: list[int], margin: float) -> int | None:
     """
     gaps, hooks = [], []
     for layer in model.model.layers:
-        gate = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)  # gpt-oss: router
+        moe = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        gate = getattr(moe, "gate", None) or getattr(moe, "router", None)  # GraniteMoE/PhiMoE: router
         if gate is None or not hasattr(gate, "top_k"):
             continue
         k = gate.top_k

@@ -61,7 +61,9 @@ def _spread_router(model_dir: Path, factor: float = 4.0) -> None:
             # sigmoid routers (DeepSeek, GLM): scores already spread over (0, 1), ×4 would saturate
             # them into ties at 1.0; a bias of std 0.1 makes the correction term change choices
             sd[name] = 0.1 * torch.randn(sd[name].shape, generator=gc)
-        elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
+        elif name.endswith(
+            ("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight", "router.layer.weight")
+        ):
             if name.replace(".weight", ".e_score_correction_bias") not in sd:
                 sd[name] = sd[name] * factor
         elif name.endswith(("_proj_bias", ".sinks")):  # gpt-oss: expert biases, attention sinks

@@ -43,6 +43,18 @@ def _gpt_oss_expert(hname: str, t: dict):
     if bias:
         return _interleave(gate, up, 1)
     return _interleave(gate, up, 1).transpose(0, 2, 1)
+# in-memory router names the gguf map does not know, and their on-disk (hub) names
+_ROUTERS = {
+    "block_sparse_moe.router.weight": "block_sparse_moe.router.layer.weight",  # GraniteMoE
+    "mlp.router.weight": "block_sparse_moe.gate.weight",  # PhiMoE
+}
+
+
+def _hub_name(name: str) -> str:
+    for mem, hub in _ROUTERS.items():
+        if name.endswith(mem):
+            return name[: -len(mem)] + hub
+    return name
 
 
 def hf_model_from_gguf(path, model_dir, row):
@@ -62,7 +74,9 @@ def hf_model_from_gguf(path, model_dir, row):
         if g is not None:
             sd[hname] = g
             continue
-        m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", hname)
+        m = re.match(
+            r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$", hname
+        )
         if m:
             b = f"blk.{m.group(1)}"
             sd[hname] = (
@@ -79,7 +93,12 @@ def hf_model_from_gguf(path, model_dir, row):
             k_b, v_b = t[f"{b}.attn_k_b.weight"], t[f"{b}.attn_v_b.weight"]
             sd[hname] = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, k_b.shape[1])
             continue
-        g = names.get_name(hname, try_suffixes=(".weight", ".bias"))
+        g = names.get_name(_hub_name(hname), try_suffixes=(".weight", ".bias"))
+        if g is None and hname.endswith("e_score_correction_bias"):  # ERNIE: blk.N.exp_probs_b.bias [E]
+            g = (
+                names.get_name(hname.replace(".gate.moe_statics.", ".moe_statics.")[: -len("_bias")])
+                + ".bias"
+            )
         if hname == "lm_head.weight" and "output.weight" not in t:
             g = "token_embd.weight"
         if g not in t and f"{g}.weight" in t:  # a bare parameter (gpt-oss's sinks)
@@ -93,7 +112,7 @@ def hf_model_from_gguf(path, model_dir, row):
             )
         if row.norm_offset and "norm" in g:
             v = v - np.float32(row.norm_offset)
-        sd[hname] = v
+        sd[hname] = v.reshape(model.state_dict()[hname].shape)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
     return model
 
@@ -136,17 +155,25 @@ def hf_model_from_mlx(mlx_dir, model_dir):
         wk, wv = sd.pop(name), sd.pop(name.replace("embed_q", "unembed_out"))
         kv_b = np.concatenate([wk.transpose(0, 2, 1), wv], axis=1)
         sd[name.replace("embed_q", "kv_b_proj")] = kv_b.reshape(-1, kv_b.shape[-1])
+    have = model.state_dict()
     for name in [n for n in sd if ".switch_mlp.gate_proj." in n]:
         moe = name.split(".switch_mlp.")[0]
         p = moe.rsplit(".", 1)[0]
         up = sd.pop(f"{moe}.switch_mlp.up_proj.weight")
-        sd[f"{p}.mlp.experts.gate_up_proj"] = np.concatenate([sd.pop(name), up], 1)
-        sd[f"{p}.mlp.experts.down_proj"] = sd.pop(f"{moe}.switch_mlp.down_proj.weight")
-        sd[f"{p}.mlp.gate.weight"] = sd.pop(f"{moe}.gate.weight")
+        # the in-memory module: `mlp` (Mixtral, Qwen-MoE, OLMoE, PhiMoE, ERNIE), `block_sparse_moe` (Granite)
+        hf = next(f"{p}.{m}" for m in ("mlp", "block_sparse_moe") if f"{p}.{m}.experts.gate_up_proj" in have)
+        sd[f"{hf}.experts.gate_up_proj"] = np.concatenate([sd.pop(name), up], 1)
+        sd[f"{hf}.experts.down_proj"] = sd.pop(f"{moe}.switch_mlp.down_proj.weight")
+        router = next(r for r in ("gate", "router") if f"{hf}.{r}.weight" in have)
+        sd[f"{hf}.{router}.weight"] = sd.pop(
+            next(f"{moe}.{r}.weight" for r in ("gate", "router.layer") if f"{moe}.{r}.weight" in sd)
+        )
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(
         {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=False
     )
-    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+    # mlx_lm has no ERNIE selection bias (the exporter refuses a nonzero one): the model's own stays
+    kept = ("rotary", "e_score_correction_bias")
+    assert not unexpected and not [m for m in missing if not any(k in m for k in kept)], (missing, unexpected)
     return model

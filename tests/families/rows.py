@@ -28,6 +28,7 @@ class Row:
     norm_offset: float = 0.0
     f32_atol: float = 1e-4
     q_atol: float = 0.3
+    mlx: bool = True  # False: `greentune export --format mlx` refuses it in one line
 
     @property
     def targets(self) -> list[str]:
@@ -234,5 +235,84 @@ def _glm4_moe(v, i, h, f):
 ROWS += [
     Row("deepseek_v3", _deepseek_v3, "deepseek2", moe=True, q_atol=0.5),
     Row("glm4_moe", _glm4_moe, "glm4moe", moe=True, q_atol=0.5),
+]
+# issue 17, more MoE routers: granite's fused input/output experts and multipliers, phimoe's
+# sparsemixer (top-2 in eval) with LayerNorm and biases, ernie's dense first layer, shared
+# experts and correction-biased selection
+ROWS += [
+    Row(
+        "granitemoe",
+        lambda v, i, h, f: tf.GraniteMoeConfig(
+            **_common(v, i, h, f, head_dim=False),
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            embedding_multiplier=4.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.1,
+            logits_scaling=2.0,
+        ),
+        "granitemoe",
+        moe=True,
+        interleaved=True,
+        q_atol=0.5,
+    ),
+    Row(
+        "phimoe",
+        lambda v, i, h, f: tf.PhimoeConfig(
+            **_common(v, i, h, f, head_dim=False),
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            lm_head_bias=True,
+            sliding_window=None,
+        ),
+        None,  # llama.cpp's phimoe graph is not Phi-3.5-MoE's (gguf_families_moe): refused in one line
+        moe=True,
+    ),
+    Row(
+        "ernie4_5_moe",
+        lambda v, i, h, f: tf.Ernie4_5_MoeConfig(
+            **_common(v, i, h, f, head_dim=False, layers=3),
+            moe_num_experts=4,
+            moe_k=2,
+            moe_intermediate_size=f,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            moe_layer_end_index=2,
+            moe_layer_interval=1,
+        ),
+        "ernie4_5-moe",
+        moe=True,
+        q_atol=0.5,
+    ),
+]
+
+
+def _hybrid(cls, v, i, h, f):
+    """Three gated-delta-net layers and one full-attention layer (Qwen3-Next's 3:1 pattern)."""
+    kw = {**_common(v, i, h, f, layers=4), "num_key_value_heads": 2}
+    return cls(
+        **kw,
+        **_moe(f, shared_expert_intermediate_size=f, norm_topk_prob=True),
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=h // 4,
+        linear_value_head_dim=h // 4,
+    )
+
+
+# issue 17, hybrid attention: trained (LoRA on q/k/v/o, the delta-net projections, experts);
+# GGUF and MLX export are refused in one line (gguf_families_moe.NOT_EXPORTED, mlx.NOT_EXPORTED)
+ROWS += [
+    Row("qwen3_next", lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f), None, moe=True, mlx=False),
+    Row(
+        "qwen3_5_moe_text",
+        lambda v, i, h, f: _hybrid(tf.Qwen3_5MoeTextConfig, v, i, h, f),
+        None,
+        moe=True,
+        mlx=False,
+    ),
 ]
 BY_TYPE = {r.model_type: r for r in ROWS}

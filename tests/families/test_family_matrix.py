@@ -189,7 +189,14 @@ def _gguf_refused(run, tmp_path):
 
 
 def _check_mlx(run, merged, row, tmp_path):
+    from greentune.cli import main
     from greentune.export import write_mlx
+
+    if not row.mlx:
+        out = tmp_path / "m"
+        assert main(["export", str(run), "--format", "mlx", "--quant", "4bit", "--out", str(out)]) == 2
+        assert not out.exists() or not list(out.iterdir())
+        return
 
     out = _export(run, "mlx", "4bit", tmp_path / "m") / "model-mlx-4bit"
     exact = write_mlx(run / "merged", tmp_path / "mlx-f32", bits=None, dtype="float32")

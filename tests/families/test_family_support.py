@@ -18,10 +18,6 @@ from greentune.cli import main
 from greentune.models.support import NOT_YET, TRAINED
 
 NOT_YET_CONFIGS = {
-    "granitemoe": tf.GraniteMoeConfig,
-    "phimoe": tf.PhimoeConfig,
-    "ernie4_5_moe": tf.Ernie4_5_MoeConfig,
-    "qwen3_next": tf.Qwen3NextConfig,
     "qwen3_5_moe": tf.Qwen3_5MoeConfig,
 }
 

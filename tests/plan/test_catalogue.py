@@ -24,6 +24,8 @@ REQUIRED = [
     "deepseek-moe-16b",
     "deepseek-v3",
     "glm-4.5-air",
+    "granite-3.1-3b-a800m",  # issue 17
+    "phi-3.5-moe",
 ]
 
 

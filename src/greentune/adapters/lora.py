@@ -45,6 +45,9 @@ TARGET_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
+# The gated linear-attention (delta-net) projections of Qwen3-Next / Qwen3.5 hybrids: adapted
+# under "attn" too, where they sit in a `linear_attn` block ("out_proj" is a common name elsewhere)
+LINEAR_ATTN = ("in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
 
 class LoRALinear(nn.Module):
@@ -155,8 +158,9 @@ def apply_lora(
     leaves = target_names(targets)
     wrapped: list[str] = []
     for name, module in list(model.named_modules()):
+        linear_attn = "attn" in targets and _leaf(name) in LINEAR_ATTN and ".linear_attn." in name
         if (
-            _leaf(name) in leaves
+            (_leaf(name) in leaves or linear_attn)
             and not isinstance(module, LoRALinear)
             and hasattr(module, "in_features")
             and ".experts." not in name

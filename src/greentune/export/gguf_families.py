@@ -167,6 +167,7 @@ class Family:
     split: Callable | None = None
     head_lengths: bool = True  # the common attention.{key,value}_length keys (MLA writes its own)
     rope_scaling: tuple[str, ...] = ()  # rope scaling types beyond linear/llama3 that `keys` writes
+    moe_layers: Callable[[dict], list[int]] | None = None  # layers with experts (None: all)
 
     @property
     def name(self) -> str:
@@ -217,10 +218,18 @@ FAMILIES["gpt_oss"] = Family(
 )
 
 
+# issue 17: GraniteMoE, PhiMoE, ERNIE-4.5-MoE (their rows live in gguf_families_moe)
+from greentune.export.gguf_families_moe import MOE_FAMILIES, NOT_EXPORTED  # noqa: E402
+
+FAMILIES.update(MOE_FAMILIES)
+
+
 def family_of(cfg: dict) -> Family:
     """The row for `cfg["model_type"]`; UserError naming the supported model types otherwise."""
     mt = cfg.get("model_type")
     fam = FAMILIES.get(mt)
+    if mt in NOT_EXPORTED:
+        raise UserError(f"GGUF export of {mt}: {NOT_EXPORTED[mt]}")
     if fam is None:
         raise UserError(f"GGUF export supports model types {sorted(FAMILIES)}; this model is {mt!r}")
     if fam.check is not None:

@@ -53,6 +53,8 @@ class Arch:
     tied: bool = False
     n_rot: int = 0  # rotary dimensions (phi3's partial_rotary_factor); 0: head_dim
     config: dict = field(default_factory=dict)
+    n_ff_exp: int = 0  # the experts' width (0: n_ff)
+    moe_layers: tuple[int, ...] | None = None  # layers with experts (None: all)
 
     @classmethod
     def from_config(cls, cfg: dict, has_lm_head: bool) -> Arch:
@@ -62,10 +64,22 @@ class Arch:
         hidden = cfg["hidden_size"]
         theta, scaling = rope_settings(cfg)
         head_dim = cfg.get("head_dim") or hidden // n_head
-        n_expert = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
-        n_ff = cfg["intermediate_size"]
+        n_expert = (
+            int(
+                cfg.get("num_local_experts")
+                or cfg.get("num_experts")
+                or cfg.get("moe_num_experts")
+                or cfg.get("n_routed_experts")
+                or 0
+            )
+            if fam.moe
+            else 0
+        )
+        n_ff = n_ff_exp = cfg["intermediate_size"]
         if n_expert:  # the experts' width (Qwen-MoE families give it separately)
-            n_ff = int(cfg.get("moe_intermediate_size") or n_ff)
+            n_ff_exp = int(cfg.get("moe_intermediate_size") or n_ff)
+            if fam.moe_layers is None:  # every layer MoE: feed_forward_length is the experts'
+                n_ff = n_ff_exp
         arch = cls(
             model_type=mt,
             family=fam,
@@ -80,7 +94,7 @@ class Arch:
             rope_theta=theta,
             rope_scaling=scaling,
             n_expert=n_expert,
-            n_expert_used=int(cfg.get("num_experts_per_tok") or 0) if n_expert else 0,
+            n_expert_used=int(cfg.get("num_experts_per_tok") or cfg.get("moe_k") or 0) if n_expert else 0,
             tied=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
             n_rot=int(
                 head_dim
@@ -91,11 +105,20 @@ class Arch:
                 )
             ),
             config=cfg,
+            n_ff_exp=n_ff_exp,
+            moe_layers=tuple(fam.moe_layers(cfg)) if n_expert and fam.moe_layers else None,
         )
         if fam.overrides is not None:
             for k, v in fam.overrides(cfg).items():
                 setattr(arch, k, v)
         return arch
+
+    def has_experts(self, i: int) -> bool:
+        """Whether layer `i` holds experts: not a dense layer among them (ERNIE's `moe_layers`) nor
+        one of DeepSeek/GLM's leading dense layers (`first_k_dense_replace`)."""
+        if not self.n_expert or (self.moe_layers is not None and i not in self.moe_layers):
+            return False
+        return i >= int(self.config.get("first_k_dense_replace") or 0)
 
 
 def qk_permutation(rows: int, n_head: int) -> np.ndarray:
@@ -135,7 +158,23 @@ def llama3_rope_factors(arch: Arch) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-_EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.")
+_EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
+# ERNIE-4.5's selection bias `mlp.moe_statics.e_score_correction_bias` [1, E]: llama.cpp's
+# `blk.N.exp_probs_b.bias` [E] (the name the gguf map knows without the `_bias`)
+_CORRECTION = "moe_statics.e_score_correction_bias"
+# in-memory (transformers v5) names the gguf map knows only by their on-disk spelling
+_ON_DISK = (
+    (".block_sparse_moe.router.weight", ".block_sparse_moe.router.layer.weight"),  # GraniteMoE
+    (".mlp.gate.moe_statics.", ".mlp.moe_statics."),  # ERNIE-4.5
+)
+
+
+def _on_disk(name: str) -> str:
+    for mem, disk in _ON_DISK:
+        name = name.replace(mem, disk)
+    return name
+
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -159,7 +198,11 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
         if parts is not None:  # stored otherwise (gguf_deepseek); type planned, never the HF bytes
             layers[layer] += [PlannedTensor(n, tuple(shp), load, layer) for n, shp, load in parts]
             continue
-        gname = names.get_name(hname, try_suffixes=(".weight", ".bias"))
+        disk = _on_disk(hname)
+        gname = names.get_name(disk, try_suffixes=(".weight", ".bias"))
+        flat = disk.endswith(_CORRECTION)
+        if flat and names.get_name(disk[: -len("_bias")]):
+            gname = names.get_name(disk[: -len("_bias")]) + ".bias"
         if gname is None:
             raise UserError(
                 f"{src.origin}: tensor {hname!r} has no GGUF {fam.name!r} counterpart; "
@@ -171,7 +214,11 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
         if fam.interleaved_rope and layer is not None:
             heads = {"attn_q": arch.n_head, "attn_k": arch.n_head_kv}.get(gname.split(".")[2])
         offset = fam.norm_offset if "norm" in gname else 0.0
-        t = PlannedTensor(gname, src.torch_shape(hname), _loader(src, hname, heads, offset), layer, (hname,))
+        shape = src.torch_shape(hname)
+        load = _loader(src, hname, heads, offset)
+        if flat:
+            shape, load = (int(np.prod(shape)),), (lambda f=load: f().reshape(-1))
+        t = PlannedTensor(gname, shape, load, layer, (hname,))
         if layer is not None:
             layers[layer].append(t)
         elif gname.startswith("token_embd"):
@@ -186,7 +233,7 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
     out = head
     for i in range(arch.n_layer):
         out += sorted(layers[i], key=lambda t: t.name)  # by GGUF name: the same file from any HF layout
-        if arch.n_expert and i >= int(arch.config.get("first_k_dense_replace") or 0):
+        if arch.has_experts(i):
             (fam.experts or _experts)(out, src, arch, i)
     return out + sorted(tail, key=lambda t: t.name != "output_norm.weight")
 
@@ -224,7 +271,7 @@ def _experts(out, src: ModelSource, arch: Arch, i: int) -> None:
 
         return load
 
-    E, ff, h = arch.n_expert, int(arch.config.get("moe_intermediate_size") or arch.n_ff), arch.n_embd
+    E, ff, h = arch.n_expert, arch.n_ff_exp or arch.n_ff, arch.n_embd
     names = src.expert_sources(i, arch.n_expert)
     tensors = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP, MODEL_TENSOR.FFN_DOWN_EXP)
     for kind, tensor, shape, srcs in zip(kinds, tensors, ((E, ff, h), (E, ff, h), (E, h, ff)), names):

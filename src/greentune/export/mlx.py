@@ -64,7 +64,19 @@ SUPPORTED = {
     "gpt_oss": "mlp.experts",  # its own tensor list: `mlx_gpt_oss`
     "deepseek_v3": "mlp",  # mlx-lm splits kv_b_proj into embed_q / unembed_out itself
     "glm4_moe": "mlp",
+    # issue 17 (mlx_lm's granitemoe, phimoe, ernie4_5_moe)
+    "granitemoe": "block_sparse_moe",
+    "phimoe": "block_sparse_moe",
+    "ernie4_5_moe": "mlp",
 }
+# Trained but not exported to MLX: what the writer lacks (one line at export and at train time)
+NOT_EXPORTED = {
+    fam: "mlx_lm's model reads its norms as 1 + w and its conv1d as [C, K, 1] only through the hub's "
+    "per-expert layout, which greentune's MLX writer (stacked switch_mlp experts) does not produce yet"
+    for fam in ("qwen3_next", "qwen3_5_moe_text")
+}
+# mlx-lm's router module under `<moe>`, where it is not `gate`
+ROUTER = {"granitemoe": "router.layer"}
 BITS = (2, 3, 4, 5, 6, 8)
 
 
@@ -115,10 +127,17 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
         return mlx_gpt_oss.tensors(src, _float)
     out = []
     moe = SUPPORTED.get(cfg.get("model_type"), "")
-    n_exp = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
+    n_exp = int(
+        cfg.get("num_local_experts")
+        or cfg.get("num_experts")
+        or cfg.get("n_routed_experts")
+        or cfg.get("moe_num_experts")
+        or 0
+    )
     skip = set()
+    router_at = ROUTER.get(cfg.get("model_type"), "gate")
     for i in range(cfg["num_hidden_layers"]):
-        if not moe or i < int(cfg.get("first_k_dense_replace") or 0):  # DeepSeek/GLM: dense first layers
+        if not moe or not src.has_experts(i):  # DeepSeek/GLM's leading, ERNIE's dense layers
             continue
         p = f"model.layers.{i}"
         for kind, t in zip(("gate_proj", "up_proj", "down_proj"), range(3)):
@@ -131,9 +150,9 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
             skip.update(names)
         router = src.router_name(i)
         skip.add(router)
-        out.append((f"{p}.{moe}.gate.weight", lambda r=router: _float(src.get(r))))
+        out.append((f"{p}.{moe}.{router_at}.weight", lambda r=router: _float(src.get(r))))
     for name in src.names():
-        if name in skip or "rotary_emb" in name:
+        if name in skip or "rotary_emb" in name or name.endswith("e_score_correction_bias"):  # see above
             continue
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
@@ -175,7 +194,13 @@ def _quantisable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
         return False
     # routers (and Qwen2-MoE's shared-expert gate) stay in float: their errors change which experts run
     return "norm" not in name and not name.endswith(
-        ("block_sparse_moe.gate.weight", "mlp.gate.weight", "shared_expert_gate.weight", "mlp.router.weight")
+        (
+            "block_sparse_moe.gate.weight",
+            "mlp.gate.weight",
+            "shared_expert_gate.weight",
+            "mlp.router.weight",
+            "router.layer.weight",
+        )
     )
 
 
@@ -203,10 +228,14 @@ def write_mlx(
         raise UserError("exporting an in-memory model to MLX needs its tokenizer (tokenizer=...)")
     else:
         src = ModelSource.from_model(model_dir, tokenizer)
+    if src.config.get("model_type") in NOT_EXPORTED:
+        mt = src.config["model_type"]
+        raise UserError(f"MLX export of {mt}: {NOT_EXPORTED[mt]}")
     if src.config.get("model_type") not in SUPPORTED:
         raise UserError(
             f"MLX export supports {sorted(SUPPORTED)}; this model is {src.config.get('model_type')!r}"
         )
+    _check_mlx_runs_it(src)
 
     from safetensors.torch import save_file
 
@@ -234,6 +263,17 @@ def write_mlx(
         src.tokenizer.save_pretrained(tmp)
     log.info("wrote MLX model %s (%d tensors quantised to %s bits)", out_dir, n_quant, bits)
     return out_dir
+
+
+def _check_mlx_runs_it(src: ModelSource) -> None:
+    """UserError for weights mlx-lm's model would silently drop: its ernie4_5_moe removes the
+    experts' selection bias (`e_score_correction_bias`) and routes without it."""
+    for name in src.names():
+        if name.endswith("moe_statics.e_score_correction_bias") and np.any(src.get(name) != 0):
+            raise UserError(
+                f"MLX export of {src.config.get('model_type')}: mlx_lm drops {name} (nonzero), so it "
+                "would route tokens to other experts; export to GGUF instead (llama.cpp applies it)"
+            )
 
 
 def _mlx_config(cfg: dict, bits: int | None, group_size: int, dtype: str) -> dict:

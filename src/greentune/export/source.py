@@ -12,7 +12,10 @@ ship"). Rows of either kind can be selected, permuted and stacked the same way
 Experts exist in three layouts and all are read:
 - Mixtral on disk (`save_pretrained` in transformers v5 reverts to the hub names):
   `model.layers.N.block_sparse_moe.experts.E.{w1,w2,w3}.weight` (gate, down, up);
-- Qwen2-MoE / Qwen3-MoE / OLMoE on disk: `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`;
+- Qwen2-MoE / Qwen3-MoE / OLMoE / ERNIE-4.5 on disk:
+  `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`;
+- GraniteMoE on disk, fused: `model.layers.N.block_sparse_moe.input_linear.weight [E, 2I, H]` (gate rows
+  first) and `output_linear.weight [E, H, I]`, router `block_sparse_moe.router.layer.weight`;
 - in memory (transformers v5 fused parameters):
   `model.layers.N.mlp.experts.gate_up_proj [E, 2I, H]` (gate rows first, then up) and
   `model.layers.N.mlp.experts.down_proj [E, H, I]`, router `model.layers.N.mlp.gate.weight`.
@@ -211,15 +214,15 @@ class ModelSource:
     def expert_weights(self, layer: int, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) of one Mixtral-style layer."""
         p = f"model.layers.{layer}"
-        fused = f"{p}.mlp.experts.gate_up_proj"
-        if self.has(fused):
-            gu = self.get(fused)
-            inter = shape_of(gu)[-2] // 2
-            return (
-                take_rows(gu, slice(0, inter)),
-                take_rows(gu, slice(inter, 2 * inter)),
-                self.get(f"{p}.mlp.experts.down_proj"),
-            )
+        for fused, down in _FUSED:
+            if self.has(fused.format(p=p)):
+                gu = self.get(fused.format(p=p))
+                inter = shape_of(gu)[-2] // 2
+                return (
+                    take_rows(gu, slice(0, inter)),
+                    take_rows(gu, slice(inter, 2 * inter)),
+                    self.get(down.format(p=p)),
+                )
         gate, up, down = self.expert_sources(layer, n_experts)
         return (
             stack([self.get(n) for n in gate]),
@@ -227,12 +230,21 @@ class ModelSource:
             stack([self.get(n) for n in down]),
         )
 
+    def has_experts(self, layer: int) -> bool:
+        """Whether `layer` holds routed experts (ERNIE's first layers are dense)."""
+        p = f"model.layers.{layer}."
+        return any(
+            n.startswith(p) and (".experts." in n or ".block_sparse_moe.input_linear." in n)
+            for n in self._names
+        )
+
     def expert_sources(self, layer: int, n_experts: int) -> tuple[tuple[str, ...], ...]:
         """HF names that `expert_weights(layer)` reads for (gate, up, down)."""
         p = f"model.layers.{layer}"
-        if self.has(f"{p}.mlp.experts.gate_up_proj"):
-            gu = (f"{p}.mlp.experts.gate_up_proj",)
-            return gu, gu, (f"{p}.mlp.experts.down_proj",)
+        for fused, down in _FUSED:
+            if self.has(fused.format(p=p)):
+                gu = (fused.format(p=p),)
+                return gu, gu, (down.format(p=p),)
         for base, kinds in (
             (f"{p}.block_sparse_moe.experts", ("w1", "w3", "w2")),
             (f"{p}.mlp.experts", ("gate_proj", "up_proj", "down_proj")),
@@ -263,10 +275,20 @@ class ModelSource:
         for n in (
             f"model.layers.{layer}.block_sparse_moe.gate.weight",
             f"model.layers.{layer}.mlp.gate.weight",
+            f"model.layers.{layer}.block_sparse_moe.router.layer.weight",  # GraniteMoE
+            f"model.layers.{layer}.mlp.router.weight",  # PhiMoE in memory
         ):
             if self.has(n):
                 return n
         raise UserError(f"{self.origin}: layer {layer} has no router (block_sparse_moe.gate / mlp.gate)")
+
+
+# fused [E, 2I, H] gate|up and [E, H, I] down experts: transformers v5 in memory, GraniteMoE on disk
+_FUSED = (
+    ("{p}.mlp.experts.gate_up_proj", "{p}.mlp.experts.down_proj"),
+    ("{p}.block_sparse_moe.experts.gate_up_proj", "{p}.block_sparse_moe.experts.down_proj"),
+    ("{p}.block_sparse_moe.input_linear.weight", "{p}.block_sparse_moe.output_linear.weight"),
+)
 
 
 def _load_tokenizer(model_dir: Path):

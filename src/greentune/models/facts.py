@@ -76,8 +76,12 @@ class Family:
     qk_norm: "none" | "head" (RMSNorm over head_dim, q and k) | "full" (over heads·head_dim
     and kv_heads·head_dim, OLMo-style). moe: "none" | "mixtral" (routed experts only) |
     "qwen" (decoder_sparse_step, mlp_only_layers, optional shared expert + its gate) |
-    "deepseek" (first_k_dense_replace, moe_layer_freq, n_shared_experts).
-    attention: "gqa" (q/k/v/o) | "mla" (DeepSeek multi-head latent attention).
+    "deepseek" (first_k_dense_replace, moe_layer_freq, n_shared_experts) | "ernie"
+    (moe_layer_interval / start / end index, moe_num_shared_experts, a correction bias per expert).
+    norm_bias: LayerNorms with a bias (phimoe); head_bias: the LM head's bias (config key).
+    attention: "gqa" (q/k/v/o) | "mla" (DeepSeek multi-head latent attention) | "hybrid"
+    (Qwen3-Next / Qwen3.5: `layer_types` full_attention layers with a gated q_proj of 2·heads·head_dim
+    rows, the others gated delta-net linear attention; see `_linear_attention`).
     """
 
     qkv_bias: str | bool = "attention_bias"
@@ -88,6 +92,8 @@ class Family:
     moe: str = "none"
     attention: str = "gqa"
     tied_default: bool = False
+    norm_bias: bool = False
+    head_bias: str | bool = False
     defaults: dict = field(default_factory=dict)  # transformers' class defaults that matter here
     expert_bias: bool = False  # gpt-oss: a bias on every expert's gate_up and down, and on the router
     sinks: bool = False  # gpt-oss: one attention-sink logit per head and layer
@@ -130,6 +136,29 @@ FAMILIES: dict[str, Family] = {
     "glm4_moe": Family(
         o_bias=False, mlp_bias=False, qk_norm="head", qk_norm_flag="use_qk_norm", moe="deepseek"
     ),
+    # issue 17: granite's MoE, Phi-3.5-MoE, ERNIE-4.5 MoE
+    "granitemoe": Family(mlp_bias=False, moe="mixtral"),
+    "phimoe": Family(
+        mlp_bias=False,
+        moe="mixtral",
+        norm_bias=True,
+        head_bias="lm_head_bias",
+        defaults={"num_local_experts": 16, "num_experts_per_tok": 2},
+    ),
+    "qwen3_next": Family(
+        mlp_bias=False, qk_norm="head", moe="qwen", attention="hybrid", defaults={"use_sliding_window": False}
+    ),
+    "qwen3_5_moe_text": Family(
+        mlp_bias=False, qk_norm="head", moe="qwen", attention="hybrid", defaults={"use_sliding_window": False}
+    ),
+    "ernie4_5_moe": Family(
+        qkv_bias="use_bias",
+        o_bias="use_bias",
+        mlp_bias="use_bias",
+        moe="ernie",
+        tied_default=True,
+        defaults={"moe_layer_start_index": 1, "moe_num_shared_experts": 2, "moe_layer_interval": 1},
+    ),
 }
 
 NOT_CAUSAL = "is not a decoder-only causal LM"
@@ -160,6 +189,7 @@ class ArchFacts:
     moe_layers: int = 0
     sliding_window: int | None = None
     sliding_layers: int = 0
+    linear_layers: int = 0  # linear-attention layers (hybrids): no attention over past keys
     max_position_embeddings: int | None = None
     attention: str = "gqa"  # "gqa" | "mla" (keys/values expanded per head from a latent)
     linears: tuple[LinearGroup, ...] = field(default=(), repr=False)
@@ -189,7 +219,7 @@ class ArchFacts:
     def attention_flops_per_token(self, context: int, causal: bool = True) -> float:
         """Σ_layers 2·n_heads·(d_qk + d_v)·A_l(T): score and value FLOPs of one token's forward."""
         per_key = 2 * self.heads * (self.head_dim + self.v_head_dim)
-        full = self.layers - self.sliding_layers
+        full = self.layers - self.sliding_layers - self.linear_layers
         total = full * per_key * self.mean_attended(context, causal)
         if self.sliding_layers:
             total += self.sliding_layers * per_key * self.mean_attended(context, causal, self.sliding_window)
@@ -349,6 +379,13 @@ def _moe_layer_ids(cfg: _Cfg, fam: Family, layers: int, experts: int) -> list[in
         step = int(cfg.get("decoder_sparse_step", default=1) or 1)
         only = set(cfg.get("mlp_only_layers", default=[]) or [])
         return [i for i in range(layers) if i not in only and (i + 1) % step == 0]
+    if fam.moe == "ernie":
+        start = cfg.get("moe_layer_start_index", default=0)
+        end = cfg.get("moe_layer_end_index", default=layers - 1)
+        start = min(start) if isinstance(start, (list, tuple)) else int(start)
+        end = max(end) if isinstance(end, (list, tuple)) else int(end)
+        every = int(cfg.get("moe_layer_interval", default=1) or 1)
+        return [i for i in range(layers) if (i + 1) % every == 0 and start <= i <= end]
     first = int(cfg.get("first_k_dense_replace", default=0) or 0)
     freq = int(cfg.get("moe_layer_freq", default=1) or 1)
     return [i for i in range(layers) if i >= first and i % freq == 0]
@@ -387,6 +424,27 @@ def _attention(cfg: _Cfg, fam: Family, h: int, heads: int, kv: int, hd: int) -> 
     return lin, extra, hd, hd
 
 
+def _linear_attention(cfg: _Cfg, model_type: str, h: int) -> tuple[list, int]:
+    """Per-layer linears and other scalars of one gated delta-net layer (Qwen3-Next: fused
+    in_proj_qkvz / in_proj_ba; Qwen3.5: in_proj_qkv, _z, _b, _a), plus conv1d over q·k·v
+    channels, A_log, dt_bias (one per value head) and the gated norm (value head dim)."""
+    nk, nv = _int(cfg, "linear_num_key_heads"), _int(cfg, "linear_num_value_heads")
+    dk, dv = _int(cfg, "linear_key_head_dim"), _int(cfg, "linear_value_head_dim")
+    kd, vd = nk * dk, nv * dv
+    if model_type == "qwen3_next":
+        lin = [("in_proj_qkvz", h, 2 * kd + 2 * vd), ("in_proj_ba", h, 2 * nv)]
+    else:
+        lin = [
+            ("in_proj_qkv", h, 2 * kd + vd),
+            ("in_proj_z", h, vd),
+            ("in_proj_b", h, nv),
+            ("in_proj_a", h, nv),
+        ]
+    lin.append(("out_proj", vd, h))
+    kernel = _int(cfg, "linear_conv_kernel_dim", default=4)
+    return lin, (2 * kd + vd) * kernel + 2 * nv + dv
+
+
 def arch_facts(config: Any) -> ArchFacts:
     """Architecture facts of a causal LM config (PretrainedConfig | config.json path/dir | dict).
 
@@ -402,8 +460,10 @@ def arch_facts(config: Any) -> ArchFacts:
     inter, vocab = _int(cfg, "intermediate_size"), _int(cfg, "vocab_size")
     tied = bool(cfg.get("tie_word_embeddings", default=fam.tied_default))
 
-    experts = int(cfg.get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
-    top_k = int(cfg.get("num_experts_per_tok", default=0) or 0) if experts else 0
+    experts = int(
+        cfg.get("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", default=0) or 0
+    )
+    top_k = int(cfg.get("num_experts_per_tok", "moe_k", default=0) or 0) if experts else 0
     moe_ids = _moe_layer_ids(cfg, fam, layers, experts)
     n_moe, n_dense = len(moe_ids), layers - len(moe_ids)
     moe_inter = int(cfg.get("moe_intermediate_size", default=inter)) if n_moe else 0
@@ -415,10 +475,25 @@ def arch_facts(config: Any) -> ArchFacts:
         shared_gate = shared > 0
     elif n_moe and fam.moe == "deepseek":
         shared = moe_inter * int(cfg.get("n_shared_experts", default=0) or 0)
+    elif n_moe and fam.moe == "ernie":
+        shared = moe_inter * int(cfg.get("moe_num_shared_experts", default=0) or 0)
 
     attn, attn_extra, dqk, dv = _attention(cfg, fam, h, heads, kv, hd)
     mlp_b = _flag(cfg, fam.mlp_bias)
-    groups: list[LinearGroup] = [LinearGroup(n, "attn", i, o, layers, layers) for n, i, o in attn]
+    n_lin, lin_extra = 0, 0
+    n_attn = layers
+    if fam.attention == "hybrid":
+        types = list(cfg.get("layer_types", default=None) or [])
+        if not types:  # transformers' default: every full_attention_interval-th layer is full attention
+            every = int(cfg.get("full_attention_interval", default=4) or 4)
+            types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(layers)]
+        n_attn = sum(1 for t in types if t == "full_attention")
+        n_lin = layers - n_attn
+        attn = [(n, i, 2 * o if n == "q_proj" else o) for n, i, o in attn]  # the gated q_proj
+    groups: list[LinearGroup] = [LinearGroup(n, "attn", i, o, n_attn, n_attn) for n, i, o in attn]
+    if n_lin:
+        lin, lin_extra = _linear_attention(cfg, model_type, h)
+        groups += [LinearGroup(n, "attn", i, o, n_lin, n_lin) for n, i, o in lin]
     for name, (i, o) in {"gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}.items():
         if n_dense:
             groups.append(LinearGroup(name, "mlp", i, o, n_dense, n_dense))
@@ -442,12 +517,18 @@ def arch_facts(config: Any) -> ArchFacts:
     groups.append(LinearGroup("lm_head", "head", h, vocab, 1, 1))
 
     mlp_bias_per_dense = (2 * inter + h) if mlp_b else 0
-    shared_bias = (2 * shared + h) if (mlp_b and fam.moe == "deepseek" and shared) else 0
+    shared_bias = (2 * shared + h) if (mlp_b and fam.moe in ("deepseek", "ernie") and shared) else 0
+    norm_scalars = (layers * fam.norms_per_layer + 1) * h
+    extra = (norm_scalars if fam.norm_bias else 0) + (vocab if _flag(cfg, fam.head_bias) else 0)
+    extra += n_moe * experts if fam.moe == "ernie" else 0  # moe_statics.e_score_correction_bias
     scalars = (
-        layers * (attn_extra + fam.norms_per_layer * h)
+        n_attn * attn_extra
+        + n_lin * lin_extra
+        + layers * fam.norms_per_layer * h
         + n_dense * mlp_bias_per_dense
         + n_moe * shared_bias
         + h
+        + extra
     )
     if fam.expert_bias:  # per MoE layer: E·(2I + H) expert biases and the router's E
         scalars += n_moe * experts * (2 * moe_inter + h + 1)
@@ -490,6 +571,7 @@ def arch_facts(config: Any) -> ArchFacts:
         moe_layers=n_moe,
         sliding_window=int(sliding_window) if sliding_window else None,
         sliding_layers=n_sw,
+        linear_layers=n_lin,
         max_position_embeddings=cfg.get("max_position_embeddings"),
         attention=fam.attention,
         linears=tuple(groups),

@@ -34,17 +34,20 @@ TRAINED = (
     "olmoe",
     "deepseek_v3",
     "glm4_moe",
+) + (
+    # issue 17: the other softmax routers (tests/families rows of the same names)
+    "granitemoe",
+    "phimoe",
+    "ernie4_5_moe",
+    # issue 17: hybrid gated linear attention + MoE (LoRA on attention, delta-net projections, experts)
+    "qwen3_next",
+    "qwen3_5_moe_text",
 )
 TRAINED += ("gpt_oss",)  # issue 17: expert biases, clamped SwiGLU, sinks, MXFP4 experts
 
 NOT_YET = {
-    "granitemoe": "its fused expert layout is not in greentune's expert path",
     "granitemoehybrid": "its Mamba layers and fused experts are not in greentune's paths",
-    "phimoe": "its sparsemixer router is not in greentune's expert path",
-    "ernie4_5_moe": "its expert layout is not in greentune's expert path",
-    "qwen3_next": "its gated linear-attention layers get no LoRA targets yet",
-    "qwen3_5_moe": "its gated linear-attention layers get no LoRA targets yet",
-    "qwen3_5_moe_text": "its gated linear-attention layers get no LoRA targets yet",
+    "qwen3_5_moe": "it is the vision-language checkpoint; train its text model (model_type qwen3_5_moe_text)",
 }
 
 
@@ -70,8 +73,10 @@ def check_family(config: dict, exports=()) -> None:
 
             family_of(config)  # unsupported type or configuration: one line
         elif item.format == "mlx":
-            from greentune.export.mlx import SUPPORTED
+            from greentune.export.mlx import NOT_EXPORTED, SUPPORTED
 
+            if mt in NOT_EXPORTED:
+                raise UserError(f"MLX export of {mt}: {NOT_EXPORTED[mt]} (drop the mlx export: entry)")
             if mt not in SUPPORTED:
                 raise UserError(
                     f"MLX export supports {sorted(SUPPORTED)}; this model is {mt!r} "

@@ -38,8 +38,8 @@ from greentune.moe.router_grouped import is_sigmoid_router, sigmoid_balancing_lo
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, router) of every MoE router: the `gate` (gpt-oss: `router`) sibling of an
-    `experts` module."""
+    """(name, router) of every MoE router: the `gate` sibling of an `experts` module, or its
+    `router` sibling (gpt-oss, GraniteMoE, PhiMoE)."""
     found = []
     for name, module in model.named_modules():
         if not isinstance(getattr(module, "experts", None), nn.Module):

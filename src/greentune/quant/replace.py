@@ -162,6 +162,7 @@ def plan(model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT
         keep_head, emb_name, head_name = head_name, None, None
     targets: list[Target] = []
     tied_head: Target | None = None
+    routers = _router_names(model)
 
     def stored(f: BlockFormat, row: int) -> dict:
         used = fallback_format(f, row)
@@ -189,6 +190,7 @@ def plan(model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT
                 (tied and name in (head_name, keep_head))
                 or _skipped(name, skip)
                 or _shares_embedding(model, module, name)
+                or name in routers
             ):
                 continue
             f = head_fmt if name == head_name else linear_fmt
@@ -211,6 +213,16 @@ def plan(model: nn.Module, fmt: str | BlockFormat, skip: Iterable[str] = DEFAULT
     if tied_head is not None:
         targets.append(tied_head)
     return targets
+
+
+def _router_names(model: nn.Module) -> set[str]:
+    """MoE routers that are `nn.Linear`s (PhiMoE's): the `gate`/`router` beside an `experts`
+    module stays in full precision, as every router does (its errors change which experts run)."""
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "experts", None), nn.Module):
+            out |= {f"{name}.{a}" if name else a for a in ("gate", "router") if hasattr(module, a)}
+    return out
 
 
 def _shares_embedding(model: nn.Module, linear: nn.Linear, name: str) -> bool:
