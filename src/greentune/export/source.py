@@ -168,9 +168,10 @@ class ModelSource:
                 return h.get_tensor(name)
 
         from greentune.models import mxfp4_checkpoint
+        from greentune.quant.mxfp4 import float_view
 
         if mxfp4_checkpoint.is_mxfp4(config):  # a Hub gpt-oss folder: its experts read as floats
-            shapes, get = mxfp4_checkpoint.float_view(shapes, get)
+            shapes, get = float_view(shapes, get)
         tokenizer = _load_tokenizer(model_dir)
         return cls(config, tokenizer, shapes, get, str(model_dir), prequantized)
 

@@ -63,26 +63,3 @@ def float_shapes(headers: dict[str, tuple]) -> dict[str, tuple]:
         elif k.endswith("_scales") and f"{k[: -len('_scales')]}_blocks" not in headers:
             raise UserError(f"MXFP4 checkpoint has {k} but no {k[: -len('_scales')]}_blocks")
     return out
-
-
-def float_view(shapes: dict[str, tuple], get):
-    """(shapes, getter) of a checkpoint read as the float parameters its MXFP4 pairs encode
-    (`float_shapes`), each such tensor dequantised on request, one tensor at a time: what the
-    exporters of a Hub gpt-oss folder read. MXFP4 values re-quantise to themselves, so an
-    `--quant mxfp4` GGUF of such a folder holds the checkpoint's own expert values."""
-    import torch
-
-    from greentune.quant.formats import get_format
-    from greentune.quant.mxfp4 import hub_to_ggml
-
-    view = float_shapes(shapes)
-    encoded = {k for k in view if k not in shapes}
-
-    def get_float(name: str) -> torch.Tensor:
-        if name not in encoded:
-            return get(name)
-        E, inp, out = view[name]
-        packed = hub_to_ggml(get(f"{name}_blocks"), get(f"{name}_scales"))
-        return get_format("mxfp4").dequantize(packed, (E, out, inp)).transpose(1, 2).contiguous()
-
-    return view, get_float
