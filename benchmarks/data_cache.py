@@ -80,7 +80,8 @@ def main() -> int:
         t0 = time.perf_counter()
         docs = write_corpus(data, args.mb)
         print(
-            f"corpus: {data.stat().st_size / 1e6:,.1f} MB, {docs:,} documents ({time.perf_counter() - t0:.1f} s)"
+            f"corpus: {data.stat().st_size / 1e6:,.1f} MB, {docs:,} documents "
+            f"({time.perf_counter() - t0:.1f} s)"
         )
         tiny.build_tokenizer(corpus.docstrings(limit_chars=2_000_000), work / "tok", vocab_size=args.vocab)
         tok = AutoTokenizer.from_pretrained(work / "tok")

@@ -116,8 +116,16 @@ def part_dequant(device, smoke: bool) -> None:
             q = packed_weight(fmt, shape, device)
             n = shape[0] * shape[1]
             buf = torch.empty(n, dtype=dtype, device=device)
-            t_torch = timed(lambda: fmt.dequantize(q, shape).to(dtype), device, reps)
-            t_tri = timed(lambda: triton_dequant.dequantize(fmt, q, shape, dtype, out=buf), device, reps)
+            t_torch = timed(
+                lambda fmt=fmt, q=q, shape=shape: fmt.dequantize(q, shape).to(dtype), device, reps
+            )
+            t_tri = timed(
+                lambda fmt=fmt, q=q, shape=shape, buf=buf: triton_dequant.dequantize(
+                    fmt, q, shape, dtype, out=buf
+                ),
+                device,
+                reps,
+            )
             exact = torch.equal(
                 triton_dequant.dequantize(fmt, q, shape, dtype), fmt.dequantize(q, shape).to(dtype)
             )
@@ -136,12 +144,12 @@ def part_dequant(device, smoke: bool) -> None:
     best = []
     for M in (4, 32) if smoke else (16, 64, 256, 1024, 4096):
         x, g = torch.randn(M, K, device=device, dtype=dtype), torch.randn(M, N, device=device, dtype=dtype)
-        f = timed(lambda: triton_matmul.linear_forward(x, fmt, q, N, K), device, reps)
-        d = timed(lambda: x @ triton_dequant.dequantize(fmt, q, (N, K), dtype, out=buf).T, device, reps)
-        b = timed(lambda: x @ w.T, device, reps)
-        fg = timed(lambda: triton_matmul.linear_input_grad(g, fmt, q, N, K), device, reps)
-        dg = timed(lambda: g @ triton_dequant.dequantize(fmt, q, (N, K), dtype, out=buf), device, reps)
-        bg = timed(lambda: g @ w, device, reps)
+        f = timed(lambda x=x: triton_matmul.linear_forward(x, fmt, q, N, K), device, reps)
+        d = timed(lambda x=x: x @ triton_dequant.dequantize(fmt, q, (N, K), dtype, out=buf).T, device, reps)
+        b = timed(lambda x=x: x @ w.T, device, reps)
+        fg = timed(lambda g=g: triton_matmul.linear_input_grad(g, fmt, q, N, K), device, reps)
+        dg = timed(lambda g=g: g @ triton_dequant.dequantize(fmt, q, (N, K), dtype, out=buf), device, reps)
+        bg = timed(lambda g=g: g @ w, device, reps)
         best.append((M, "fused" if f + fg <= d + dg else "dequant"))
         print(
             f"  M={M:>5}: {f * 1e3:7.3f} | {d * 1e3:7.3f} | {b * 1e3:7.3f}   ;  "
@@ -164,9 +172,9 @@ def part_dequant(device, smoke: bool) -> None:
     for S in (8, 64) if smoke else (256, 1024, 4096):
         x = torch.randn(S, K, device=device, dtype=dtype)
         offs = (torch.arange(1, E + 1, device=device) * (S // E)).to(torch.int32)
-        f = timed(lambda: triton_matmul.grouped_forward(x, fmt, qe, offs, N, K), device, reps)
+        f = timed(lambda x=x, offs=offs: triton_matmul.grouped_forward(x, fmt, qe, offs, N, K), device, reps)
         d = timed(
-            lambda: F.grouped_mm(
+            lambda x=x, offs=offs: F.grouped_mm(
                 x,
                 triton_dequant.dequantize(fmt, qe.reshape(E * N, -1), (E * N, K), dtype, out=buf)
                 .view(E, N, K)
@@ -176,7 +184,7 @@ def part_dequant(device, smoke: bool) -> None:
             device,
             reps,
         )
-        b = timed(lambda: F.grouped_mm(x, we.transpose(-2, -1), offs=offs), device, reps)
+        b = timed(lambda x=x, offs=offs: F.grouped_mm(x, we.transpose(-2, -1), offs=offs), device, reps)
         print(
             f"  {S:>5} rows ({S // E} per expert): {f * 1e3:7.3f} | {d * 1e3:7.3f} | {b * 1e3:7.3f}",
             flush=True,
@@ -188,8 +196,8 @@ def part_dequant(device, smoke: bool) -> None:
 
 def greentune_adapt(model, fmt: str):
     """Quantise (unless bf16), LoRA on attention, SparseExperts with expert LoRA: the pipeline's order."""
-    from greentune.adapters.lora import apply_lora
     from greentune.adapters.expert_lora import add_expert_lora_
+    from greentune.adapters.lora import apply_lora
     from greentune.moe import prepare_moe_
     from greentune.quant import quantize_model_
 
@@ -339,15 +347,16 @@ def part_models(device, smoke: bool, steps: int, seq: int, batch: int) -> None:
             model = build()
         except Exception as exc:  # noqa: BLE001 - a missing or failing peer is reported, not fatal
             print(
-                f"  {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+                f"  {name}: skipped ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
             )
             continue
         model.train()
         step, opt = make_step(model, ids, objective=name.startswith("greentune"))
         variants[name] = (model, step, opt)
         print(f"  {name}: built in {time.perf_counter() - t:.1f} s", flush=True)
-    del base
-    for name, (_, step, _) in variants.items():  # warm-up: Triton compiles, optimiser state
+    base = None  # free it (the builders' closures share this binding)
+    for _name, (_, step, _) in variants.items():  # warm-up: Triton compiles, optimiser state
         step()
     times = {n: [] for n in variants}
     rise = {n: 0 for n in variants}
@@ -515,12 +524,14 @@ def part_reference(device, smoke: bool, steps: int, seq: int, batch: int, budget
         peak = torch.cuda.max_memory_allocated(device)
         print(
             f"  peak memory (torch.cuda.max_memory_allocated) training {peak / 1e9:.2f} GB, "
-            f"building {build_peak / 1e9:.2f} GB; reserved {torch.cuda.max_memory_reserved(device) / 1e9:.2f} GB"
+            f"building {build_peak / 1e9:.2f} GB; reserved "
+            f"{torch.cuda.max_memory_reserved(device) / 1e9:.2f} GB"
         )
     it_w = m.total_joules / m.seconds if m.seconds else 0.0
     parts = ", ".join(f"{k}={v:.0f} J ({m.source.get(k)})" for k, v in m.joules.items())
     print(
-        f"  {tps:.0f} tokens/s; energy {m.total_joules:.0f} J ({parts}): {m.total_joules / tokens:.3f} J/token IT, "
+        f"  {tps:.0f} tokens/s; energy {m.total_joules:.0f} J ({parts}): {m.total_joules / tokens:.3f} "
+        "J/token IT, "
         f"{gpu_j / tokens:.3f} J/token GPU; mean IT power {it_w:.0f} W"
     )
     plan = plan_prediction(smoke, seq, batch)
@@ -529,8 +540,10 @@ def part_reference(device, smoke: bool, steps: int, seq: int, batch: int, budget
     scale = min(1.0, cap / it_w) if it_w else 1.0  # throttled to the cap if it draws more
     hours = 10.0
     print(
-        f"  projection, {hours:.0f} h under a {cap:.0f} W cap: {tps * scale * hours * 3600 / 1e6:.1f} M tokens, "
-        f"{min(it_w, cap) * hours / 1e3:.2f} kWh IT, {min(it_w, cap) * hours / 1e3 * pue:.2f} kWh facility (PUE {pue})"
+        f"  projection, {hours:.0f} h under a {cap:.0f} W cap: {tps * scale * hours * 3600 / 1e6:.1f} M "
+        "tokens, "
+        f"{min(it_w, cap) * hours / 1e3:.2f} kWh IT, {min(it_w, cap) * hours / 1e3 * pue:.2f} kWh facility "
+        f"(PUE {pue})"
     )
     if plan:
         est = next((e for e in plan["estimates"] if e["technique"]["name"] == "qlora-q4_k"), None)
@@ -542,13 +555,16 @@ def part_reference(device, smoke: bool, steps: int, seq: int, batch: int, budget
                 else float("nan")
             )
             print(
-                f"  greentune plan (qlora-q4_k, {plan['hardware']['name']}): {est['tokens_per_second']:.0f} tokens/s, "
-                f"{est['memory_bytes'] / 1e9:.1f} GB, {est['power_w']:.0f} W, utilisation {est['utilisation']}; "
+                f"  greentune plan (qlora-q4_k, {plan['hardware']['name']}): {est['tokens_per_second']:.0f} "
+                "tokens/s, "
+                f"{est['memory_bytes'] / 1e9:.1f} GB, {est['power_w']:.0f} W, utilisation "
+                f"{est['utilisation']}; "
                 f"10 h: {est['tokens_per_second'] * hours * 3600 / 1e6:.1f} M tokens, "
                 f"{est['power_w'] * hours / 1e3:.2f} kWh IT"
             )
             print(
-                f"  measured utilisation (plan's model FLOPs/token {est['flops_per_token']:.3g} x tokens/s / peak bf16; "
+                f"  measured utilisation (plan's model FLOPs/token {est['flops_per_token']:.3g} x tokens/s / "
+                "peak bf16; "
                 f"checkpointing's recompute not counted): {util:.3f}"
             )
 

@@ -95,14 +95,16 @@ def _row(name: str, fmt: str, r: dict, total: int, active: int) -> dict:
 
 def _table(rows: list[dict]) -> str:
     out = [
-        "| model | format | engine | file MB | params total / active | held-out ppl | prompt tok/s (per CPU-s; wall) "
+        "| model | format | engine | file MB | params total / active | held-out ppl | prompt tok/s (per "
+        "CPU-s; wall) "
         "| prompt mJ/tok | gen tok/s (per CPU-s; wall) | gen mJ/tok |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
             f"| {r['model']} | {r['format']} | {r['engine']} | {r['mb']:.2f} | "
-            f"{r['total'] / 1e6:.2f} M / {r['active'] / 1e6:.2f} M | {r['ppl']:.2f} | {r['pp_cpu_tps']:,.0f}; "
+            f"{r['total'] / 1e6:.2f} M / {r['active'] / 1e6:.2f} M | {r['ppl']:.2f} | "
+            f"{r['pp_cpu_tps']:,.0f}; "
             f"{r['pp_tps']:,.0f} | {r['pp_j'] * 1e3:.3f} | {r['tg_cpu_tps']:,.0f}; {r['tg_tps']:,.0f} "
             f"| {r['tg_j'] * 1e3:.3f} |"
         )
@@ -140,7 +142,8 @@ def part_a(a, out: Path, data: Path) -> list[dict]:
             r = _eval(_export(model_dir, out, quant), data, a)
             rows.append(_row(name, quant, r, total, active))
             print(
-                f"  {name} {quant}: ppl {r['perplexity']:.2f}, gen {r['generate']['tokens_per_s']:,.0f} tok/s, "
+                f"  {name} {quant}: ppl {r['perplexity']:.2f}, gen {r['generate']['tokens_per_s']:,.0f} "
+                "tok/s, "
                 f"{r['generate']['j_per_token'] * 1e3:.3f} mJ/token",
                 file=sys.stderr,
             )
@@ -164,7 +167,8 @@ def _ratios(rows: list[dict]) -> list[str]:
         if f16 and q4:
             lines.append(
                 f"- 4-bit (q4_0) / 16-bit (f16), {name}: generation J/token {q4['tg_j'] / f16['tg_j']:.2f}x, "
-                f"tokens per CPU-s {q4['tg_cpu_tps'] / f16['tg_cpu_tps']:.2f}x, file {q4['mb'] / f16['mb']:.2f}x, "
+                f"tokens per CPU-s {q4['tg_cpu_tps'] / f16['tg_cpu_tps']:.2f}x, file "
+                f"{q4['mb'] / f16['mb']:.2f}x, "
                 f"perplexity {q4['ppl'] / f16['ppl']:.3f}x"
             )
     return lines
@@ -247,7 +251,8 @@ def part_b(a, out: Path, data: Path) -> tuple[list[dict], float]:
         )
         print(
             f"  calib {name} {quant}: decode predicted {p.decode_tokens_per_s:.1f}, measured "
-            f"{rows[-1]['meas_tg']:.1f} tok/s per CPU-second ({tg['tokens_per_s']:.1f} wall) at {bw:.1f} GB/s",
+            f"{rows[-1]['meas_tg']:.1f} tok/s per CPU-second ({tg['tokens_per_s']:.1f} wall) at {bw:.1f} "
+            "GB/s",
             file=sys.stderr,
         )
     _calibrate(rows, a, this, power, peak)
@@ -291,7 +296,8 @@ def _calib_table(rows: list[dict]) -> str:
         out.append(
             f"| {r['model']} | {r['format']}{l3} | {r['mb']:.0f} | {r['total'] / 1e6:.0f} M / "
             f"{r['active'] / 1e6:.0f} M | {r['bw']:.1f} | {r['pred_tg']:.1f} | {cal} | {r['meas_tg']:.1f}; "
-            f"{r['meas_tg_wall']:.1f} | {r['pred_tg'] / r['meas_tg']:.2f} | {ratio} | {r['pred_tg_j'] * 1e3:.1f} "
+            f"{r['meas_tg_wall']:.1f} | {r['pred_tg'] / r['meas_tg']:.2f} | {ratio} | "
+            f"{r['pred_tg_j'] * 1e3:.1f} "
             f"| {r['meas_tg_j'] * 1e3:.1f} | {r['pred_pp']:,.0f} | {r['meas_pp']:,.0f} |"
         )
     return "\n".join(out)

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(
-        f"\n{'recipe':<14}{'pred s':>9}{'meas s':>9}{'ratio':>7}{'pred Wh':>10}{'meas Wh':>10}{'ratio':>7}  within ±25 %"
+        f"\n{'recipe':<14}{'pred s':>9}{'meas s':>9}{'ratio':>7}{'pred Wh':>10}{'meas Wh':>10}{'ratio':>7}  "
+        "within ±25 %"
     )
     ok_all = True
     for r in rows:
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         r.update(time_ratio=rt, energy_ratio=re_, within_target=ok)
         print(
             f"{r['recipe']:<14}{r['predicted_s']:>9.1f}{r['measured_s']:>9.1f}{rt:>7.2f}"
-            f"{r['predicted_kwh'] * 1000:>10.3f}{r['measured_kwh'] * 1000:>10.3f}{re_:>7.2f}  {'yes' if ok else 'no'}"
+            f"{r['predicted_kwh'] * 1000:>10.3f}{r['measured_kwh'] * 1000:>10.3f}{re_:>7.2f}  "
+            f"{'yes' if ok else 'no'}"
         )
     print("\nmeasured by: " + "; ".join(sorted({r["measured_by"] for r in rows})))
     if ns.json:

@@ -247,7 +247,8 @@ def main() -> None:
             res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             r = res[variant]
             print(
-                f"  {variant}: baseline {r['baseline_mb']:.0f} MB (maxrss at start {r['baseline_maxrss_mb']:.0f} MB), "
+                f"  {variant}: baseline {r['baseline_mb']:.0f} MB (maxrss at start "
+                f"{r['baseline_maxrss_mb']:.0f} MB), "
                 f"load {r['load_s']:.1f} s, "
                 f"steps {[round(t, 2) for t in r['step_times']]}, load average {r['loadavg'][0]:.2f}",
                 flush=True,
@@ -284,10 +285,12 @@ def main() -> None:
         pf, pq = f["phases"][phase], q["phases"][phase]
         print(
             f"| {'sampled peak, ' + phase + ' phase':29} | {pf[0] - f['baseline_mb']:7.0f} MB | "
-            f"{pq[0] - q['baseline_mb']:7.0f} MB | {(pq[0] - q['baseline_mb']) / (pf[0] - f['baseline_mb']):6.3f} |        |"
+            f"{pq[0] - q['baseline_mb']:7.0f} MB | "
+            f"{(pq[0] - q['baseline_mb']) / (pf[0] - f['baseline_mb']):6.3f} |        |"
         )
         print(
-            f"|   {'of which anon / file-backed':27} | {pf[1] - f['baseline_anon_mb']:4.0f}/{pf[2] - f['baseline_file_mb']:<5.0f} | "
+            f"|   {'of which anon / file-backed':27} | "
+            f"{pf[1] - f['baseline_anon_mb']:4.0f}/{pf[2] - f['baseline_file_mb']:<5.0f} | "
             f"{pq[1] - q['baseline_anon_mb']:4.0f}/{pq[2] - q['baseline_file_mb']:<5.0f} |        |        |"
         )
     print(

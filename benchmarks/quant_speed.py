@@ -260,9 +260,12 @@ def main(argv=None) -> int:
         for clock in ("wall", "cpu"):
             w, q = s["weights_per_s_per_thread"][clock], s["ratio_vs_llamacpp"][clock]
             print(
-                f"{threads} thread(s), {s['params'] / 1e6:.1f} M params, {clock} clock: weights/s per thread: "
-                f"greentune CLI {w['greentune_cli'] / 1e6:.2f} M, export_gguf {w['greentune_export'] / 1e6:.2f} M, "
-                f"llama.cpp {w['llamacpp'] / 1e6:.2f} M -> greentune/llama.cpp {q['greentune_cli']:.2f}x (CLI), "
+                f"{threads} thread(s), {s['params'] / 1e6:.1f} M params, {clock} clock: weights/s per "
+                "thread: "
+                f"greentune CLI {w['greentune_cli'] / 1e6:.2f} M, export_gguf "
+                f"{w['greentune_export'] / 1e6:.2f} M, "
+                f"llama.cpp {w['llamacpp'] / 1e6:.2f} M -> greentune/llama.cpp {q['greentune_cli']:.2f}x "
+                "(CLI), "
                 f"{q['greentune_export']:.2f}x (export_gguf)",
                 flush=True,
             )

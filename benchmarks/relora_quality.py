@@ -204,7 +204,8 @@ def main() -> None:
     t0 = time.perf_counter()
     base = prepare(args.work, args.pretrain_steps, args.seed, args.pretrain_batch)
     print(
-        f"base ready ({time.perf_counter() - t0:.0f} s); adapting: {args.steps} steps x {args.batch} x {SEQ}, "
+        f"base ready ({time.perf_counter() - t0:.0f} s); adapting: {args.steps} steps x {args.batch} x "
+        f"{SEQ}, "
         f"rank {args.rank}, alpha {args.alpha}, warmup {args.warmup}; ReLoRA merge every {args.merge_every}, "
         f"prune {args.prune} (joint), re-warm {args.rewarm}",
         flush=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,12 @@ import torch
 
 from greentune.demo import corpus
 from greentune.models import tiny
+
+# Shared test helpers are imported by absolute module name (`from lora_helpers import ...`): the tests are
+# no package and run under --import-mode=importlib, so their directories go on the path here, once, for
+# every test module that uses them (tests/train uses the adapters' helpers too).
+for _helpers in ("adapters", "energy", "report"):
+    sys.path.insert(0, str(Path(__file__).parent / _helpers))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -29,7 +29,7 @@ def test_upcycle_then_expert_lora_round_trips_through_peft(tmp_path, tiny_llama_
     run = tmp_path / "run"
     train(recipe, run_dir=run, progress=False)
 
-    phases = [json.loads(l)["phase"] for l in (run / "ledger.jsonl").read_text().splitlines()]
+    phases = [json.loads(line)["phase"] for line in (run / "ledger.jsonl").read_text().splitlines()]
     assert phases[0] == "upcycle" and "train" in phases
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(last["expert_use"]["0"]) == 4 and abs(sum(last["expert_use"]["0"]) - 1) < 1e-4

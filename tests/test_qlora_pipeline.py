@@ -33,7 +33,7 @@ def _run(tmp_path, base, data, quant, targets, moe=None, steps=16):
 
 
 def _losses(run):
-    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_ships_training_bytes(run, quant):
@@ -55,7 +55,7 @@ def test_qlora_relora_dense_lowers_loss_and_ships_the_training_bytes(
     result, run = _run(tmp_path, pretrained_llama_dir, code_jsonl, quant, ["attn", "mlp"])
     losses = _losses(run)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
-    phases = [json.loads(l)["phase"] for l in (run / "ledger.jsonl").read_text().splitlines()]
+    phases = [json.loads(line)["phase"] for line in (run / "ledger.jsonl").read_text().splitlines()]
     assert phases.count("merge") == 2 + 1 and "quantise" in phases and "export" in phases
     _assert_ships_training_bytes(run, quant)
 

@@ -41,7 +41,8 @@ def _cmd_train(ns) -> int:
         return result
     if result.signal:
         print(
-            f"greentune: {result.stopped} after step {result.steps}, with a checkpoint; continue with --resume",
+            f"greentune: {result.stopped} after step {result.steps}, with a checkpoint; continue with "
+            "--resume",
             file=sys.stderr,
         )
         return exit_code(result.signal)

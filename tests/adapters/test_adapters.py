@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from lora_helpers import randomise_lora
 
 from greentune.adapters.lora import apply_lora, fuse_all_, trainable_parameters
 from greentune.adapters.peft_format import load_lora_state_dict, read_adapter, save_adapter
 from greentune.models.loader import load_model
-
-from .lora_helpers import randomise_lora
 
 
 def test_trainable_parameter_count_is_exact(tiny_llama_dir):

@@ -124,7 +124,8 @@ def test_resume_across_a_merge_is_bit_identical_and_merges_are_ledger_phases(
     )
     ref = _train(recipe, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
-    # killed while writing the step-12 checkpoint: resumes from step 6 (after the merge at 4, before the one at 8)
+    # killed while writing the step-12 checkpoint: resumes from step 6 (after the merge at 4, before the one
+    # at 8)
     r = _train(recipe, tmp_path / "run", env={"GREENTUNE_FAULT": "checkpoint-write:12"})
     assert r.returncode == -9
     r = _train(recipe, tmp_path / "run", "--resume")
@@ -132,8 +133,10 @@ def test_resume_across_a_merge_is_bit_identical_and_merges_are_ledger_phases(
     a = load_file(str(tmp_path / "ref" / "merged" / "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "merged" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    phases = [json.loads(l)["phase"] for l in (tmp_path / "ref" / "ledger.jsonl").read_text().splitlines()]
+    phases = [
+        json.loads(line)["phase"] for line in (tmp_path / "ref" / "ledger.jsonl").read_text().splitlines()
+    ]
     assert phases.count("merge") == 2 + 1  # two ReLoRA merges (steps 4 and 8) + the final merge
-    metrics = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "relora_merge" in m] == [4, 8]
     assert metrics[4]["lr"] == 0.0  # 0-based step 4 is the first after the merge

@@ -147,7 +147,8 @@ def test_every_shape_is_detected_per_row(tmp_path):
         ),
         (
             {"conversations": [{"from": "human", "value": "q"}, {"from": "chatgpt", "value": "a"}]},
-            "{p}:1: conversations[1] has unknown role 'chatgpt'; ShareGPT roles are system, human, user, gpt, assistant",
+            "{p}:1: conversations[1] has unknown role 'chatgpt'; ShareGPT roles are system, human, user, "
+            "gpt, assistant",
         ),
         (
             {"conversations": [{"role": "user", "content": "q"}]},
@@ -159,8 +160,8 @@ def test_every_shape_is_detected_per_row(tmp_path):
         ),
         (
             {"instruction": "x", "output": "y", "text": "z"},
-            "{p}:1: ambiguous record, has keys of several shapes (instruction/output and text); use exactly one of "
-            + SHAPES,
+            "{p}:1: ambiguous record, has keys of several shapes (instruction/output and text); use exactly "
+            "one of " + SHAPES,
         ),
         ({"body": "x"}, "{p}:1: no known keys (found: body); accepted shapes: " + SHAPES),
     ],

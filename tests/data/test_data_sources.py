@@ -100,8 +100,8 @@ def test_missing_path(tmp_path):
         (
             "d.jsonl",
             '{"text": "a", "prompt": "b", "completion": "c"}\n',
-            "{p}:1: ambiguous record, has keys of several shapes (prompt/completion and text); use exactly one of "
-            + SHAPES,
+            "{p}:1: ambiguous record, has keys of several shapes (prompt/completion and text); use exactly "
+            "one of " + SHAPES,
         ),
         (
             "d.jsonl",

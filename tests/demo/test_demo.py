@@ -41,7 +41,9 @@ def test_demo_quick(tmp_path):
         "export/model-q4_k_m.Modelfile",
     ):
         assert (run / name).exists(), name
-    phases = {json.loads(l)["phase"] for l in (run / "ledger.jsonl").read_text().splitlines()}
+    phases = {json.loads(line)["phase"] for line in (run / "ledger.jsonl").read_text().splitlines()}
     assert {"load", "train", "merge", "export", "generate"} <= phases
-    moe_phases = {json.loads(l)["phase"] for l in (out / "moe" / "ledger.jsonl").read_text().splitlines()}
+    moe_phases = {
+        json.loads(line)["phase"] for line in (out / "moe" / "ledger.jsonl").read_text().splitlines()
+    }
     assert {"upcycle", "quantise", "train", "merge"} <= moe_phases

@@ -24,7 +24,7 @@ def _train(recipe, run_dir, *extra):
 
 
 def _rows(run):
-    return [json.loads(l) for l in (run / "ledger.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
 
 
 def _recipe(tmp_path, base, data, **energy):
@@ -74,7 +74,7 @@ def test_budget_stops_with_a_checkpoint_and_resume_with_a_higher_budget_finishes
             "nvml-power",
             "apple",
         }
-    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13))
     joules = [m["joules"] for m in metrics]
     assert all(b >= a for a, b in zip(joules, joules[1:])) and all("j_per_token" in m for m in metrics)

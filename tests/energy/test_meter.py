@@ -57,7 +57,7 @@ def test_window_states_are_guarded():
     w = meter.start("load")
     assert w.state is WindowState.OPEN
     with pytest.raises(RuntimeError, match="expected state CLOSED, got OPEN"):
-        w.result
+        _ = w.result
     w.end()
     with pytest.raises(RuntimeError, match="expected state OPEN, got CLOSED"):
         w.end()

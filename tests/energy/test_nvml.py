@@ -1,10 +1,9 @@
 import logging
 
 import pytest
+from fakes import FakeClock, FakeNvml
 
 from greentune.energy.nvml import nvml_components
-
-from .fakes import FakeClock, FakeNvml
 
 
 def test_counter_path_reads_differences_in_millijoules():

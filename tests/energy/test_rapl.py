@@ -2,10 +2,9 @@ import logging
 import os
 
 import pytest
+from fakes import make_zone, set_energy
 
 from greentune.energy.rapl import rapl_components
-
-from .fakes import make_zone, set_energy
 
 
 def _by_name(comps):

@@ -43,6 +43,8 @@ def _gpt_oss_expert(hname: str, t: dict):
     if bias:
         return _interleave(gate, up, 1)
     return _interleave(gate, up, 1).transpose(0, 2, 1)
+
+
 # in-memory router names the gguf map does not know, and their on-disk (hub) names
 _ROUTERS = {
     "block_sparse_moe.router.weight": "block_sparse_moe.router.layer.weight",  # GraniteMoE

@@ -144,7 +144,7 @@ def _compare(path, model, banned, row, atol, quantised):
 @pytest.mark.parametrize("row", PARAMS)
 def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data, banned):
     run = _train(tmp_path, family_base(row.model_type), small_data, row, "none", steps=4, relora=True)
-    phases = [json.loads(l)["phase"] for l in (run / "ledger.jsonl").read_text().splitlines()]
+    phases = [json.loads(line)["phase"] for line in (run / "ledger.jsonl").read_text().splitlines()]
     assert phases.count("merge") >= 2, phases  # the ReLoRA merge and the final one
     merged = _merged(run)
     if row.arch is None:

@@ -370,7 +370,7 @@ def test_an_unwritable_cache_is_one_warning_not_a_failed_run(recipe, tmp_path, v
     run = tmp_path / "run"
     r = _train(recipe, run, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    warnings = [l for l in r.stderr.splitlines() if l.strip()]  # one warning per cache, no traceback
+    warnings = [line for line in r.stderr.splitlines() if line.strip()]  # one warning per cache, no traceback
     assert len(warnings) == 2 and "Traceback" not in r.stderr, r.stderr
     assert "token cache" in warnings[0] and "not recorded as a planner calibration" in warnings[1], warnings
     assert (run / "summary.json").is_file() and (run / "report.html").is_file()
@@ -423,8 +423,8 @@ def test_only_a_dead_greentune_writers_temps_are_removed(tmp_path):
 
 
 def test_resume_on_changed_data_is_refused(tmp_path, tiny_llama_dir, text_jsonl):
-    from greentune.train.claim import claim_run_dir as _claim_run_dir
     from greentune.recipe import load_recipe
+    from greentune.train.claim import claim_run_dir as _claim_run_dir
     from greentune.train.distributed import SINGLE
 
     data = tmp_path / "train.jsonl"
@@ -441,8 +441,8 @@ def test_resume_on_changed_data_is_refused(tmp_path, tiny_llama_dir, text_jsonl)
 
 
 def test_a_plain_rerun_is_refused_only_with_progress_to_lose(tmp_path, tiny_llama_dir, text_jsonl):
-    from greentune.train.claim import prepare_run_dir
     from greentune.recipe import load_recipe
+    from greentune.train.claim import prepare_run_dir
 
     recipe = load_recipe(_recipe(tmp_path / "r.yaml", tiny_llama_dir, text_jsonl))
     run = tmp_path / "run"

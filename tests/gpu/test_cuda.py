@@ -58,11 +58,11 @@ def _recipe(tmp_path, base, data, *, method, train, energy=None, name="r.yaml"):
 
 
 def _losses(run):
-    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _ledger(run):
-    return [json.loads(l) for l in (run / "ledger.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
 
 
 def test_lora_trains_in_bf16_with_fp32_masters_and_nvml_energy(tmp_path, pretrained_llama_dir, code_jsonl):

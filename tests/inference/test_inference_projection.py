@@ -22,7 +22,8 @@ def test_projection_arithmetic_apple_m2():
         file_bytes=1.2e9,
     )
     p = project(prof, find_hardware("M2"), prompt_tokens=256, gen_tokens=128)
-    # decode: bytes = 1e9 + 1e5 × (256 + 64) = 1.032e9 B; ÷ 100e9 B/s = 10.32 ms  (FLOPs: 4.0032e9 / 3.6e12 = 1.1 ms)
+    # decode: bytes = 1e9 + 1e5 × (256 + 64) = 1.032e9 B; ÷ 100e9 B/s = 10.32 ms  (FLOPs: 4.0032e9 / 3.6e12 =
+    # 1.1 ms)
     assert p.decode_bound == "memory"
     assert math.isclose(p.decode_tokens_per_s, 1 / 0.01032, rel_tol=1e-9)
     assert math.isclose(p.decode_j_per_token, 50 * 0.01032, rel_tol=1e-9)

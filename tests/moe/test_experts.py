@@ -47,8 +47,8 @@ def test_parameters_are_shared_not_copied(tiny_mixtral_dir):
     assert replace_experts_(model) == 0  # idempotent
 
 
-def _hf_experts(E=8, H=32, I=48):
-    cfg = tf.MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=2)
+def _hf_experts(E=8, H=32, FF=48):
+    cfg = tf.MixtralConfig(hidden_size=H, intermediate_size=FF, num_local_experts=E, num_experts_per_tok=2)
     cfg._experts_implementation = "eager"
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -144,7 +144,7 @@ def test_empty_batch():
 
 def test_bf16_matches_eager_within_bf16_rounding():
     """The GPU compute dtype: same routing, outputs within bf16 rounding of transformers' eager."""
-    hf = _hf_experts(E=4, H=32, I=48).to(torch.bfloat16)
+    hf = _hf_experts(E=4, H=32, FF=48).to(torch.bfloat16)
     ours = SparseExperts.from_hf(hf)
     x = torch.randn(16, 32, dtype=torch.bfloat16)
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(16)])
@@ -229,10 +229,10 @@ def test_fuse_into_quantised_store(tiny_mixtral_dir):
 def test_grouped_gemm_path_equals_the_per_expert_loop(monkeypatch, with_lora):
     """The GPU's grouped_mm path, forced on the CPU in fp32: same output and gradients as the
     loop, also with experts that get no tokens (3, 5, 6, 7) and with expert LoRA."""
-    from greentune.moe import experts as experts_mod
     from greentune.adapters.expert_lora import ExpertLoRA
+    from greentune.moe import experts as experts_mod
 
-    hf = _hf_experts(H=32, I=48)
+    hf = _hf_experts(H=32, FF=48)
     ours = SparseExperts.from_hf(hf)
     if with_lora:
         ours.lora = ExpertLoRA(8, 32, 48, r=4, alpha=8)

@@ -9,7 +9,7 @@ import pytest
 from greentune.plan.seed_claim import seed_claim
 
 # Mixtral 8x7B's real config
-L, H, I, E, K, HEADS, KV, HD, V = 32, 4096, 14336, 8, 2, 32, 8, 128, 32000
+L, H, FF, E, K, HEADS, KV, HD, V = 32, 4096, 14336, 8, 2, 32, 8, 128, 32000
 R, T, MB = 16, 512, 8  # LoRA rank, sequence length, micro-batch
 U = 0.35  # utilisation assumed for a GPU (not calibrated)
 
@@ -28,17 +28,17 @@ def claim():
 def test_parameter_counts(claim):
     f = claim.combinations.facts
     attn = 2 * H * H + 2 * H * KV * HD
-    expert = 3 * H * I
+    expert = 3 * H * FF
     assert f.total_params == L * (attn + E * expert + E * H + 2 * H) + 2 * V * H + H
     assert f.active_matmul_params == L * (attn + K * expert + E * H) + V * H
 
 
 def test_tokens_in_ten_hours_on_h100(claim):
-    n = L * (2 * H * H + 2 * H * KV * HD + K * 3 * H * I + E * H) + V * H  # active matmul weights
+    n = L * (2 * H * H + 2 * H * KV * HD + K * 3 * H * FF + E * H) + V * H  # active matmul weights
     a = L * 2 * HEADS * (HD + HD) * (T + 1) / 2  # causal attention FLOPs
-    p = L * R * (2 * (H + H) + 2 * (H + KV * HD) + K * 3 * (H + I))  # active LoRA params
+    p = L * R * (2 * (H + H) + 2 * (H + KV * HD) + K * 3 * (H + FF))  # active LoRA params
     fpt = 4 * n + 3 * a + 6 * p + (2 * (n - V * H) + a + 2 * p)  # LoRA + checkpoint recompute
-    n_q = L * (2 * H * H + 2 * H * KV * HD + E * 3 * H * I + E * H) + V * H  # quantised weights + head
+    n_q = L * (2 * H * H + 2 * H * KV * HD + E * 3 * H * FF + E * H) + V * H  # quantised weights + head
     dequant_per_token = 3 * n_q * (4.5 / 8 + 2 * 2) / (T * MB) / 3350e9  # 3 passes, Q4_K → bf16
     seconds_per_token = fpt / (989.4e12 * U) + dequant_per_token
     expected = math.floor(10 * 3600 / seconds_per_token / (T * MB)) * T * MB
@@ -55,7 +55,7 @@ def test_tokens_in_ten_hours_on_h100(claim):
 
 
 def test_which_gpus_fit(claim):
-    quantised = L * (2 * H * H + 2 * H * KV * HD + E * 3 * H * I + E * H) * 4.5 / 8
+    quantised = L * (2 * H * H + 2 * H * KV * HD + E * 3 * H * FF + E * H) * 4.5 / 8
     rest = V * H * (4.5 + 6.5625) / 8 + (L * 2 * H + H) * 2  # Q4_K embedding, Q6_K head
     for name in ("NVIDIA GeForce RTX 4090 24GB", "NVIDIA GeForce RTX 3090 24GB", "NVIDIA L4 24GB"):
         g = _by_name(claim, name)
@@ -73,7 +73,7 @@ def test_which_gpus_fit(claim):
 
 def test_technique_combinations(claim):
     c = claim.combinations
-    assert c.get("full").memory_bytes > L * E * 3 * H * I * 16 and not c.get("full").fits
+    assert c.get("full").memory_bytes > L * E * 3 * H * FF * 16 and not c.get("full").fits
     assert not c.get("lora").fits and not c.get("relora").fits  # bf16 base: 93 GB + activations, too slow
     assert c.get("qlora-q4_k").fits and c.recommended in ("qlora-nf4", "qlora-q4_k")
     md = claim.to_markdown()

@@ -14,8 +14,8 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_triton_kernels.py"
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from greentune.moe import experts as moe_experts  # noqa: E402
 from greentune.adapters.expert_lora import ExpertLoRA  # noqa: E402
+from greentune.moe import experts as moe_experts  # noqa: E402
 from greentune.moe.experts import SparseExperts  # noqa: E402
 from greentune.quant import triton_dequant, triton_dispatch, triton_matmul  # noqa: E402
 from greentune.quant.experts import QuantExperts3D  # noqa: E402
@@ -167,12 +167,12 @@ def _experts_run(se, hidden, idx, wts):
 @pytest.mark.parametrize("path", ["fused", "dequant"])
 def test_sparse_experts_grouped_path_with_quantised_experts(monkeypatch, path):
     torch.manual_seed(0)
-    E, H, I = 4, 64, 32
-    gate_up, down = torch.randn(E, 2 * I, H) * 0.1, torch.randn(E, H, I) * 0.1
+    E, H, FF = 4, 64, 32
+    gate_up, down = torch.randn(E, 2 * FF, H) * 0.1, torch.randn(E, H, FF) * 0.1
     se = SparseExperts(gate_up.clone(), down.clone(), torch.nn.SiLU())
     se.set_weight_store_("gate_up", QuantExperts3D.from_tensor(gate_up, "q8_0"))
     se.set_weight_store_("down", QuantExperts3D.from_tensor(down, "q8_0"))
-    se.lora = ExpertLoRA(E, H, I, r=4, alpha=8)
+    se.lora = ExpertLoRA(E, H, FF, r=4, alpha=8)
     with torch.no_grad():
         for p in se.lora.parameters():
             p.normal_(0, 0.1)  # B nonzero: the LoRA path counts

@@ -98,21 +98,21 @@ def make_qx_quants_rmse1(x, nmax):
         return f32(0), np.zeros(x.shape, np.int32)
     w = x * x
     iscale = f32(f32(-nmax) / mx)
-    l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
-    lf = l.astype(f32)
+    levels = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+    lf = levels.astype(f32)
     sumlx, suml2 = _sum(w * x * lf), _sum(w * lf * lf)
     scale = f32(sumlx / suml2) if suml2 else f32(0)
     best = f32(scale * sumlx)
-    L = l + nmax
+    L = levels + nmax
     for i in range(-9, 10):
         if i == 0:
             continue
         iscale = f32(-f32(f32(nmax) + f32(0.1) * f32(i)) / mx)
-        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = l.astype(f32)
+        levels = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        lf = levels.astype(f32)
         sumlx, suml2 = _sum(w * x * lf), _sum(w * lf * lf)
         if suml2 > 0 and f32(sumlx * sumlx) > f32(best * suml2):
-            L = l + nmax
+            L = levels + nmax
             scale = f32(sumlx / suml2)
             best = f32(scale * sumlx)
     return scale, L

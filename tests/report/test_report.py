@@ -5,12 +5,11 @@ import shutil
 import subprocess
 
 import pytest
+from runfixture import make_run
 
 from greentune.errors import UserError
 from greentune.report import build_report, write_report
 from greentune.report.svg import fmt
-
-from .runfixture import make_run
 
 
 def test_report_json_totals_series_and_labels(tmp_path):

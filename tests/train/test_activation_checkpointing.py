@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lora_helpers import randomise_lora
 
 from greentune.adapters.expert_lora import add_expert_lora_
 from greentune.adapters.lora import apply_lora
@@ -22,8 +23,6 @@ from greentune.moe import prepare_moe_
 from greentune.quant import load_quantized
 from greentune.train.activation_checkpointing import enable_, predicted_memory
 from greentune.train.loss import CausalLMLoss, count_targets
-
-from ..adapters.lora_helpers import randomise_lora
 
 PROBE = Path(__file__).with_name("_checkpointing_memory_probe.py")
 

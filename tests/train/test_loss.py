@@ -3,14 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_helpers import randomise_lora
 
 from greentune.adapters.lora import LoRALinear, apply_lora, trainable_parameters
 from greentune.models.loader import load_model
 from greentune.train import fused_head_ce
 from greentune.train.fused_head_ce import fused_head, linear_cross_entropy
 from greentune.train.loss import CausalLMLoss, count_targets
-
-from ..adapters.lora_helpers import randomise_lora
 
 TOL = 1e-5
 

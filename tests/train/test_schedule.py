@@ -23,7 +23,10 @@ def test_jagged_restarts_drop_to_zero_and_rewarm_onto_the_envelope():
     kw = dict(
         lr=1.0, total=100, warmup=5, schedule="cosine", min_lr_ratio=0.1, restart_every=20, restart_warmup=4
     )
-    env = lambda s: lr_at(s, 1.0, 100, 5, "cosine", 0.1)
+
+    def env(s):
+        return lr_at(s, 1.0, 100, 5, "cosine", 0.1)
+
     assert lr_at(19, **kw) == pytest.approx(env(19))
     assert lr_at(20, **kw) == 0.0
     assert lr_at(22, **kw) == pytest.approx(env(22) * 0.5)

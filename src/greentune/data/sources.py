@@ -18,7 +18,6 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
 
 from greentune.data.hf_datasets import DatasetSpec, iter_rows
 from greentune.data.samples import ChatSample, PromptSample, Sample, TextSample
@@ -41,7 +40,7 @@ __all__ = [
     "source_label",
 ]
 
-DataSource = Union[str, Path, DatasetSpec]
+DataSource = str | Path | DatasetSpec
 TABLE_SUFFIXES = (".parquet", ".csv")
 
 

@@ -167,9 +167,11 @@ def chat_template_segments(sample: ChatSample, tokenizer) -> list[Segment]:
         turn = _render(tokenizer, messages[: i + 1], False, sample.origin)
         if not (turn.startswith(context) and full.startswith(turn) and len(context) >= done):
             raise UserError(
-                f"{sample.origin}: the tokenizer's chat template is not prefix-stable (rendering messages[:{i}] "
+                f"{sample.origin}: the tokenizer's chat template is not prefix-stable (rendering "
+                f"messages[:{i}] "
                 "is not a prefix of the whole conversation), so assistant tokens cannot be masked exactly; "
-                "use prompt/completion records, or remove chat_template from the tokenizer to use the plain template"
+                "use prompt/completion records, or remove chat_template from the tokenizer to use the plain "
+                "template"
             )
         out += [
             Segment(full[done : len(context)], loss=False, markup=True),

@@ -85,7 +85,8 @@ def build_base(progress: bool = True, steps: int = 300) -> Path:
     if (target / "model.safetensors").exists():
         return target
     print(
-        f"[demo] building the base model once (pretraining {steps} steps on stdlib docstrings; cached in {target})"
+        f"[demo] building the base model once (pretraining {steps} steps on stdlib docstrings; cached in "
+        f"{target})"
     )
     work = cache_dir() / f".{BASE_VERSION}-work"
     texts = corpus.docstrings(limit_chars=3_000_000)
@@ -248,7 +249,8 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
         print(f"  {name:<72} {ppl:10.2f}")
     if sample is not None:
         print(
-            f"\nllama.cpp running {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB), 24 greedy tokens "
+            f"\nllama.cpp running {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.1f} MB), 24 greedy "
+            "tokens "
             f"(a 1.3 M-parameter model: expect repetition):\n  {prompt!r} -> {sample[:120]!r}"
         )
     _print_energy(lora_dir)
@@ -264,7 +266,8 @@ def run_demo(out_dir: Path = Path("runs/demo"), quick: bool = False, progress: b
     }
     atomic_write_text(out_dir / "demo.json", json.dumps(summary, indent=2) + "\n")
     print(
-        f"\n[demo] done in {summary['seconds']:.0f} s; reports: {lora_dir / 'report.html'}, {moe_dir / 'report.html'}"
+        f"\n[demo] done in {summary['seconds']:.0f} s; reports: {lora_dir / 'report.html'}, "
+        f"{moe_dir / 'report.html'}"
     )
     return summary
 

@@ -37,9 +37,11 @@ def format_bill(row: dict, factors: Factors, command: list[str]) -> str:
         [
             f"greentune meter: {' '.join(command)}",
             f"  time      {row['seconds']:.2f} s",
-            f"  energy    {_g(row['it_kwh'])} kWh IT{tag}; {_g(row['facility_kwh'])} kWh facility (PUE {row['pue']:g})",
+            f"  energy    {_g(row['it_kwh'])} kWh IT{tag}; {_g(row['facility_kwh'])} kWh facility (PUE "
+            f"{row['pue']:g})",
             f"            {joules}",
-            f"  carbon    {_g(row['kg_co2e'])} kgCO2e{tag} ({factors.region_name}, {row['grid_g_per_kwh']:g} gCO2e/kWh)",
+            f"  carbon    {_g(row['kg_co2e'])} kgCO2e{tag} ({factors.region_name}, {row['grid_g_per_kwh']:g} "
+            "gCO2e/kWh)",
             f"  water     {_g(row['water_l'])} L{tag} (on-site {row['wue_onsite_l_per_kwh']:g} L/kWh IT, "
             f"off-site {row['offsite_l_per_kwh']:g} L/kWh)",
             f"  grid      {factors.grid_source}",

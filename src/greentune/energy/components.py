@@ -39,9 +39,11 @@ class Component(ABC):
 
     def poll(self) -> None:
         """Sample between reads (only called when `needs_polling`)."""
+        return None  # a deliberate no-op by default: only polled components override it
 
     def close(self) -> None:
         """Release handles; `read()` must not be called afterwards."""
+        return None  # a deliberate no-op by default: components that hold handles override it
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, source={self.source!r})"

@@ -56,7 +56,8 @@ def cpu_power(model: str | None = None) -> CpuPower:
     if best is None:
         return CpuPower(
             DEFAULT_W_PER_THREAD,
-            f"{model or 'unknown CPU'} not in table: default {DEFAULT_W_PER_THREAD:g} W per thread (CodeCarbon)",
+            f"{model or 'unknown CPU'} not in table: default {DEFAULT_W_PER_THREAD:g} W per thread "
+            "(CodeCarbon)",
         )
     w = float(best["tdp_w"]) / float(best["threads"])
     return CpuPower(

@@ -38,6 +38,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -45,6 +46,9 @@ from greentune.energy.ledger import J_PER_KWH
 from greentune.energy.meter import Meter
 from greentune.fsutil import atomic_write_json
 from greentune.run_dir import RunDir
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ def measure_full_finetune(
             "method": f"full fine-tune estimated from {steps} measured steps",
         }
     finally:
-        del model
+        model = None  # drop the model (the `step` closure shares this binding) before collecting
         gc.collect()
         if own_meter:
             meter.close()

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
 from greentune.errors import UserError
-from greentune.export import gguf_gpt_oss
-from greentune.export import gguf_deepseek
+from greentune.export import gguf_deepseek, gguf_gpt_oss
 
 
 def _head_dim(cfg: dict) -> int:

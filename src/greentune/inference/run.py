@@ -355,7 +355,8 @@ def format_result(r: dict) -> str:
         laptop = next(v for k, v in m.items() if k not in ("this", "this_bandwidth_probe_gbs"))
         lines.append(
             f"  modelled (plan.inference): here {here['decode_tokens_per_s']:,.0f} tokens/s decode at "
-            f"{m['this_bandwidth_probe_gbs']:.1f} GB/s probed ({here['decode_tokens_per_s'] / max(r['generate']['tokens_per_s'], 1e-9):.2f}× "
+            f"{m['this_bandwidth_probe_gbs']:.1f} GB/s probed "
+            f"({here['decode_tokens_per_s'] / max(r['generate']['tokens_per_s'], 1e-9):.2f}× "
             f"the measured); {laptop['device']} {laptop['decode_tokens_per_s']:,.0f} tokens/s, "
             f"{laptop['j_per_1k_generated']:.3g} J per 1,000 generated tokens"
         )

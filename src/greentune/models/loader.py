@@ -83,8 +83,10 @@ def check_model_dir(path: str | Path) -> Path:
         pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise UserError(
-                f"{model_dir}: only pickled weights ({', '.join(sorted(pickles)[:3])}); greentune never unpickles "
-                "model files because loading a pickle can run arbitrary code: convert them to safetensors in a "
+                f"{model_dir}: only pickled weights ({', '.join(sorted(pickles)[:3])}); greentune never "
+                "unpickles "
+                "model files because loading a pickle can run arbitrary code: convert them to safetensors in "
+                "a "
                 "trusted environment (load, then model.save_pretrained(dir, safe_serialization=True))"
             )
         raise UserError(f"{model_dir}: no *.safetensors weights found")

@@ -322,8 +322,10 @@ def run_plan(ns: argparse.Namespace) -> int:
         if hw.catalogue_name:  # plans that name the catalogue row (--hardware H100) use it too
             store_calibration(replace(cal, hardware_key=find_hardware(hw.catalogue_name).key))
         print(
-            f"calibrated {hw.name}: utilisation {cal.utilisation:.3f} of {cal.peak_flops / 1e12:.3g} TFLOP/s, "
-            f"{cal.tokens_per_second:,.0f} tokens/s, power {cal.power_w:.1f} W ({cal.power_source}); saved to {path}"
+            f"calibrated {hw.name}: utilisation {cal.utilisation:.3f} of {cal.peak_flops / 1e12:.3g} "
+            "TFLOP/s, "
+            f"{cal.tokens_per_second:,.0f} tokens/s, power {cal.power_w:.1f} W ({cal.power_source}); saved "
+            f"to {path}"
         )
         return 0
     if ns.recipe and ns.model:

@@ -299,7 +299,8 @@ def format_serving(
 ) -> str:
     """The short table `greentune plan` prints after the training plan."""
     lines = [
-        f"serving the exported model ({profile.format}, {profile.file_bytes / 1e9:.2f} GB; modelled: decode = "
+        f"serving the exported model ({profile.format}, {profile.file_bytes / 1e9:.2f} GB; modelled: decode "
+        "= "
         f"active weight bytes ÷ bandwidth, prompt = FLOPs ÷ ({PROMPT_UTILISATION:g} × peak); "
         f"{prompt_tokens}-token prompt, {gen_tokens} generated):",
         f"  {'device':<28}{'decode tok/s':>13}{'J/token':>10}{'prompt tok/s':>14}{'J/1k gen':>10}  fits",

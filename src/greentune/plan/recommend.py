@@ -152,7 +152,8 @@ class PlanResult:
             if e.hours > self.deadline_h:
                 tokens = int(self.workload.tokens * self.deadline_h / e.hours)
                 parts.append(
-                    f"the fastest option ({e.technique.name}) needs {e.hours:,.1f} h > {self.deadline_h:g} h: "
+                    f"the fastest option ({e.technique.name}) needs {e.hours:,.1f} h > {self.deadline_h:g} "
+                    "h: "
                     f"extend --deadline-h to {math.ceil(e.hours * 10) / 10:g}, cut --tokens to {tokens:,}, "
                     f"or use faster or more hardware"
                 )
@@ -264,10 +265,11 @@ def plan(
             why[e.technique.name] = f"fits, but uses {ratio:.{2 if ratio >= 1.01 else 4}f}× the energy"
     u = util if util is not None else DEFAULT_UTILISATION[hw.kind]
     assumptions = [
-        f"tokens {w.tokens:,} = {w.steps:,} steps × {w.micro_batch} sequences × {w.seq_len} tokens × {w.grad_accum} accumulation"
-        + ("" if w.tokens != DEFAULT_TOKENS else " (default; set --tokens)"),
+        f"tokens {w.tokens:,} = {w.steps:,} steps × {w.micro_batch} sequences × {w.seq_len} tokens × "
+        f"{w.grad_accum} accumulation" + ("" if w.tokens != DEFAULT_TOKENS else " (default; set --tokens)"),
         f"hardware {gpus}× {hw.name}: {hw.memory_gb:g} GB ({hw.usable_fraction:.0%} usable), "
-        f"{hw.peak_flops / 1e12:,.3g} TFLOP/s {hw.compute_dtype} peak, {hw.bandwidth_gbs:g} GB/s; source: {hw.source}",
+        f"{hw.peak_flops / 1e12:,.3g} TFLOP/s {hw.compute_dtype} peak, {hw.bandwidth_gbs:g} GB/s; source: "
+        f"{hw.source}",
         (
             f"utilisation {u:.3f} (given)"
             if utilisation is not None
@@ -306,7 +308,8 @@ def plan(
             else f" (the recipe's row: {'on' if extra_checkpointing else 'off'}, as its train.activation_checkpointing says)"
         )
         + "; 1 GB runtime overhead + 5 % fragmentation",
-        "multi-GPU: FSDP-style sharding, communication time not modelled; data loading and evaluation not modelled",
+        "multi-GPU: FSDP-style sharding, communication time not modelled; data loading and evaluation not "
+        "modelled",
     ]
     return PlanResult(
         model=model,

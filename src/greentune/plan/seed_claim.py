@@ -89,7 +89,8 @@ class SeedClaim:
             out += [
                 "",
                 f"**Answer:** on one {b.hardware.name} ({b.hardware.power_w:,.0f} W board + "
-                f"{b.hardware.host_w:,.0f} W host = {e.peak_power_w:,.0f} W peak) the job fits in {self.hours:g} h "
+                f"{b.hardware.host_w:,.0f} W host = {e.peak_power_w:,.0f} W peak) the job fits in "
+                f"{self.hours:g} h "
                 f"up to **{b.tokens / 1e6:,.0f} M tokens** ({e.tokens_per_second:,.0f} tokens/s), using "
                 f"{e.it_kwh:.1f} kWh IT / {e.facility_kwh:.1f} kWh facility, {e.kg_co2e:.2f} kgCO2e and "
                 f"{e.water_l:.0f} L of water. Two such GPUs would draw up to "
@@ -132,23 +133,29 @@ class SeedClaim:
                 "### How to read this, and what it does not say",
                 "",
                 f'- Reproduce a row with `greentune plan --model mixtral-8x7b --hardware "{best.aliases[0]}" '
-                f"--power-cap-w {self.power_cap_w:g} --deadline-h {self.hours:g} --tokens {self.best.tokens}`; "
+                f"--power-cap-w {self.power_cap_w:g} --deadline-h {self.hours:g} --tokens "
+                f"{self.best.tokens}`; "
                 "`--json` gives every number.",
-                f"- The GPU utilisation ({c.estimates[0].utilisation:.2f} of the dense bf16 peak) is an assumption "
+                f"- The GPU utilisation ({c.estimates[0].utilisation:.2f} of the dense bf16 peak) is an "
+                "assumption "
                 "unless `greentune plan --calibrate` was run on that server: tokens scale with it.",
                 '- "Fits" is the memory model (weights by format, adapters, AdamW states, activations, '
                 "overhead), not a run; a smaller micro-batch would avoid activation checkpointing.",
-                f"- Server power is the board's rated power plus {best.host_w:g} W assumed for the rest of the "
+                f"- Server power is the board's rated power plus {best.host_w:g} W assumed for the rest of "
+                "the "
                 f"machine; two {best.name} would draw {2 * best.power_w + best.host_w:,.0f} W.",
-                "- Quality is not modelled: the 4-bit base costs a little accuracy (Q4_K_M ≈ +0.05 perplexity "
-                "on LLaMA-7B, llama.cpp); full fine-tuning and bf16 LoRA are the costlier alternatives above.",
+                "- Quality is not modelled: the 4-bit base costs a little accuracy (Q4_K_M ≈ +0.05 "
+                "perplexity "
+                "on LLaMA-7B, llama.cpp); full fine-tuning and bf16 LoRA are the costlier alternatives "
+                "above.",
             ]
         return "\n".join(out) + "\n"
 
     def _facts_line(self) -> str:
         f = find_model("mixtral-8x7b").facts()
         return (
-            f"{f.total_params / 1e9:.1f} B parameters, {f.active_params / 1e9:.1f} B active: {f.layers} layers, "
+            f"{f.total_params / 1e9:.1f} B parameters, {f.active_params / 1e9:.1f} B active: {f.layers} "
+            "layers, "
             f"hidden {f.hidden}, intermediate {f.intermediate}, {f.experts} experts top-{f.top_k}, "
             f"{f.heads} heads / {f.kv_heads} KV heads, vocab {f.vocab}"
         )

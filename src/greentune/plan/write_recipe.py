@@ -92,8 +92,10 @@ def recipe_text(result, base_model: str, estimate, note: str | None, command: st
     body = body.replace(
         marker,
         (
-            "  # FILL IN: your training data, then run `greentune train THIS_FILE`. One of: a .jsonl / .parquet /\n"
-            "  # .csv file (rows {text} | {prompt, completion} | {messages} | {conversations} | {instruction,\n"
+            "  # FILL IN: your training data, then run `greentune train THIS_FILE`. One of: a .jsonl / "
+            ".parquet /\n"
+            "  # .csv file (rows {text} | {prompt, completion} | {messages} | {conversations} | "
+            "{instruction,\n"
             "  # output}), a .txt file, a folder of .txt, or {dataset: ORG/NAME or PATH, split: train}.\n"
             f"{marker}"
             "  # eval: FILL-IN/eval.jsonl   # optional held-out data; default: a seeded 5% of train\n"

@@ -258,14 +258,16 @@ def quantize_blocks(fmt, blocks: torch.Tensor) -> torch.Tensor:
                 split(
                     c0,
                     c1,
-                    lambda lo, hi: lib.gt_q4_k_mean_square(xp + bx * lo, mp + 32 * lo, hi - lo, _lanes),
+                    lambda lo, hi, mp=mp: lib.gt_q4_k_mean_square(
+                        xp + bx * lo, mp + 32 * lo, hi - lo, _lanes
+                    ),
                 )
                 av = torch.sqrt(ms)
                 ap = av.data_ptr() - 32 * c0
                 split(
                     c0,
                     c1,
-                    lambda lo, hi: lib.gt_quant_q4_k(
+                    lambda lo, hi, ap=ap: lib.gt_quant_q4_k(
                         xp + bx * lo, ap + 32 * lo, qp + 144 * lo, hi - lo, _lanes
                     ),
                 )

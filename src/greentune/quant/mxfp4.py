@@ -93,7 +93,6 @@ def float_view(shapes: dict[str, tuple], get):
     (`float_shapes`), each such tensor dequantised on request, one tensor at a time: what the
     exporters of a Hub gpt-oss folder read. MXFP4 values re-quantise to themselves, so an
     `--quant mxfp4` GGUF of such a folder holds the checkpoint's own expert values."""
-    import torch
 
     from greentune.models.mxfp4_checkpoint import float_shapes
     from greentune.quant.formats import get_format

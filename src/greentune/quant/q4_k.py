@@ -73,11 +73,11 @@ def make_qkx2_quants(
     sw, sx, sxx = sum_w.to(acc), sum_x.to(acc), (wx * x).sum(dim=1, keepdim=True).to(acc)
 
     def sums(iscale: torch.Tensor, xm: torch.Tensor):
-        l = torch.round(xm * iscale).clamp_(0, nmax)  # nearest_int(iscale*(x - min))
-        wl = w * l
+        levels = torch.round(xm * iscale).clamp_(0, nmax)  # nearest_int(iscale*(x - min))
+        wl = w * levels
         return (
             wl.sum(dim=1, keepdim=True),
-            (wl * l).sum(dim=1, keepdim=True),
+            (wl * levels).sum(dim=1, keepdim=True),
             (wl * x).sum(dim=1, keepdim=True),
         )
 

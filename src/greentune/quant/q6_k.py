@@ -54,8 +54,8 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     wx = w * x
 
     def sums(iscale):
-        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-        return (wx * l).sum(dim=1, keepdim=True), ((w * l) * l).sum(dim=1, keepdim=True)
+        levels = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+        return (wx * levels).sum(dim=1, keepdim=True), ((w * levels) * levels).sum(dim=1, keepdim=True)
 
     best_iscale = -nmax / mx
     sumlx, suml2 = sums(best_iscale)

@@ -138,9 +138,9 @@ def dequant_tile(
         g = grp % 16
         half = g // 8
         a = (g // 2) % 4  # quarter (32 weights) within the half
-        l = (g % 2) * 16 + lane  # lane within the quarter
-        ql = _byte(base + 64 * half + 32 * (a % 2) + l, mask)
-        qh = _byte(base + 128 + 32 * half + l, mask)
+        qlane = (g % 2) * 16 + lane  # lane within the quarter
+        ql = _byte(base + 64 * half + 32 * (a % 2) + qlane, mask)
+        qh = _byte(base + 128 + 32 * half + qlane, mask)
         q = ((ql >> (4 * (a // 2))) & 15) | (((qh >> (2 * a)) & 3) << 4)
         sc = tl.load(base + 192 + g, mask=ms, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         d = _f16(_byte(base + 208, ms), _byte(base + 209, ms))

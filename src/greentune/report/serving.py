@@ -156,7 +156,8 @@ def render_serving(r: dict) -> str:
         for row in body
     )
     table = (
-        f'<table id="table-inference"><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr></thead>'
+        "<table "
+        f'id="table-inference"><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr></thead>'
         f"<tbody>{rows}</tbody></table>"
     )
     bars = [(f"{m['engine']} {m['format']}", float(m["generate"]["j_per_token"]) * 1000) for m in measured]

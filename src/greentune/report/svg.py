@@ -73,7 +73,8 @@ def _axes(xt: list[float], yt: list[float], sx, sy, x_label: str, y_label: str, 
     )
     out.append(f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{height - PAD_B}" class="axis"/>')
     out.append(
-        f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{height - 6}" text-anchor="middle" class="label">{escape(x_label)}</text>'
+        f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{height - 6}" text-anchor="middle" '
+        f'class="label">{escape(x_label)}</text>'
     )
     out.append(
         f'<text x="14" y="{(PAD_T + height - PAD_B) / 2}" text-anchor="middle" class="label" '
@@ -152,7 +153,8 @@ def bar_chart(chart_id: str, title: str, bars: list[tuple[str, float]], y_label:
             f'<text x="{x + w / 2:.1f}" y="{top - 4:.1f}" text-anchor="middle" class="value">{fmt(v)}</text>'
         )
         body.append(
-            f'<text x="{x + w / 2:.1f}" y="{H - PAD_B + 16}" text-anchor="middle" class="tick">{escape(name)}</text>'
+            f'<text x="{x + w / 2:.1f}" y="{H - PAD_B + 16}" text-anchor="middle" '
+            f'class="tick">{escape(name)}</text>'
         )
     return _frame(chart_id, title, body)
 
@@ -175,14 +177,16 @@ def heatmap(chart_id: str, title: str, rows: list[tuple[str, list[float]]], col_
     for i, (name, vals) in enumerate(rows):
         y = PAD_T + i * cell_h
         body.append(
-            f'<text x="{PAD_L - 6}" y="{y + cell_h / 2 + 4:.1f}" text-anchor="end" class="tick">{escape(name)}</text>'
+            f'<text x="{PAD_L - 6}" y="{y + cell_h / 2 + 4:.1f}" text-anchor="end" '
+            f'class="tick">{escape(name)}</text>'
         )
         for j, v in enumerate(vals):
             a = 0.08 + 0.92 * (v / vmax)
             body.append(
                 f'<rect x="{PAD_L + j * cell_w:.1f}" y="{y}" width="{cell_w - 2:.1f}" height="{cell_h - 2}" '
                 f'fill="{PALETTE[0]}" fill-opacity="{a:.2f}" class="cell"/>'
-                f'<text x="{PAD_L + (j + 0.5) * cell_w:.1f}" y="{y + cell_h / 2 + 3:.1f}" text-anchor="middle" '
+                f'<text x="{PAD_L + (j + 0.5) * cell_w:.1f}" y="{y + cell_h / 2 + 3:.1f}" '
+                'text-anchor="middle" '
                 f'class="cellv">{v:.2f}</text>'
             )
     return _frame(chart_id, title, body, height=height)

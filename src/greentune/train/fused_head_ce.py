@@ -77,12 +77,15 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
+CPU = torch.device("cpu")  # the default device of `chunk_rows` (one module-level object, B008)
+
+
 def _hooked(m: nn.Module) -> bool:
     """Forward hooks (or accelerate's dispatch hook) that calling the backbone alone would skip."""
     return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
 
 
-def chunk_rows(vocab: int, device: torch.device = torch.device("cpu")) -> int:
+def chunk_rows(vocab: int, device: torch.device = CPU) -> int:
     """Rows per chunk: about CHUNK_ELEMENTS logits on CPU (cache-sized), DEVICE_CHUNK_ELEMENTS
     elsewhere; at least 64 rows so each matmul stays efficient."""
     if device.type == "cpu":
