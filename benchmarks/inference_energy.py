@@ -1,6 +1,7 @@
 """What the shipped model costs to run: the demo's models in llama.cpp, f16 / q8_0 / q4_k_m / q4_0.
 
-    python benchmarks/inference_energy.py --demo /tmp/gt-demo          # after: greentune demo --out /tmp/gt-demo
+    # after: greentune demo --out /tmp/gt-demo
+    python benchmarks/inference_energy.py --demo /tmp/gt-demo
     python benchmarks/inference_energy.py --demo runs/demo --threads 1 --seconds 3
 
 Part A, the demo's models (`greentune demo` output; the base from `demo.run.build_base`):

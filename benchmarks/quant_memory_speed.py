@@ -1,4 +1,5 @@
-"""python benchmarks/quant_memory_speed.py [--layers 10] [--steps 3] [--seq 128] [--threads N] [--compile auto|0|1] [--fp32-io]
+"""python benchmarks/quant_memory_speed.py [--layers 10] [--steps 3] [--seq 128] [--threads N]
+    [--compile auto|0|1] [--fp32-io]
 
 Measures what a 4-bit frozen base buys for LoRA training on CPU: fp32-base LoRA vs
 q4_k-base LoRA (QLoRA) on the same ≥ 500 M-parameter dense Llama (hidden 2048, 16 heads /
@@ -17,8 +18,8 @@ safetensors and quantised as they arrive) for q4_k. The q4_k base stores the tok
 in Q4_K and lm_head in Q6_K, as llama.cpp's Q4_K_M does (`--fp32-io` keeps both fp32, the old
 behaviour: 524 MB, a floor of ~0.28× on its own). `--compile` sets GREENTUNE_QUANT_COMPILE in
 the children (auto/1: greentune's native C dequantise kernels, built once with the system
-compiler and cached, see `greentune.quant.kernels`; 0: plain torch). Targets: memory ≤ 0.35×, step time ≤ 1.25×.
-Both loaders (`load_model` and `load_quantized`) fix glibc's mmap threshold at 1 MB
+compiler and cached, see `greentune.quant.kernels`; 0: plain torch). Targets: memory ≤ 0.35×, step time ≤
+1.25×. Both loaders (`load_model` and `load_quantized`) fix glibc's mmap threshold at 1 MB
 (`greentune.heap.limit_heap_retention`), so both children return freed tensors to the OS
 instead of growing a fragmented heap: the comparison is like for like.
 The machine's load average is printed with the results: on a shared machine, step times
@@ -53,7 +54,8 @@ def maxrss_mb() -> float:
 
 
 def rss_parts_mb() -> tuple[float, float]:
-    """(anonymous, file-backed) resident MB from /proc/self/status; file-backed includes mmapped safetensors."""
+    """(anonymous, file-backed) resident MB from /proc/self/status; file-backed includes mmapped
+    safetensors."""
     anon = file = 0.0
     with open("/proc/self/status") as f:
         for line in f:

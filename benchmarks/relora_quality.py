@@ -194,7 +194,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads (1 by default: on a shared 2-core machine OpenMP spin-waits make 2 threads ~5x slower)",
+        help="torch threads (1 by default: on a shared 2-core machine OpenMP spin-waits make 2 threads "
+        "~5x slower)",
     )
     ap.add_argument("--variants", default="full,lora,relora,lora_q4k,relora_q4k")
     args = ap.parse_args()

@@ -3,13 +3,15 @@
 Two things are called "quant", and they get two names here:
 
 * a **base format** (`BaseFormat`, the recipe's `method.quant_base`): how the frozen base is stored while it
-  trains — `none` (the compute dtype), `q8_0`, `q4_0`, `q4_k` (GGUF block types) or `nf4` (QLoRA), `mxfp4` (gpt-oss's experts; the rest Q8_0);
+  trains — `none` (the compute dtype), `q8_0`, `q4_0`, `q4_k` (GGUF block types) or `nf4` (QLoRA), `mxfp4`
+  (gpt-oss's experts; the rest Q8_0);
 * an **export quantisation** (`GgufQuant`, `MlxQuant`, the recipe's `export[].quant`): the preset a finished
   model is written in — GGUF `f32 | f16 | q8_0 | q4_0 | q4_k_m | mxfp4`, MLX `4bit | none`.
 
 A GGUF export whose preset stores its matmuls in the base format the run trained in reuses the training
-bytes (`gguf_base_format`: q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k_m ↔ q4_k, mxfp4 ↔ mxfp4). The block-format implementations
-live in `greentune.quant`; the planner's bits per weight are here so that `plan` needs no torch.
+bytes (`gguf_base_format`: q8_0 ↔ q8_0, q4_0 ↔ q4_0, q4_k_m ↔ q4_k, mxfp4 ↔ mxfp4). The block-format
+implementations live in `greentune.quant`; the planner's bits per weight are here so that `plan` needs no
+torch.
 """
 
 from __future__ import annotations

@@ -68,8 +68,8 @@ _SOURCE_TAGS = {"file", "spec"}
 
 class DataConfig(_Strict):
     train: DataSource = Field(
-        description=".jsonl / .parquet / .csv (records of the shapes in greentune.data.shapes), .txt, a folder of "
-        ".txt, or {dataset: ORG/NAME or PATH, split, name, columns}"
+        description=".jsonl / .parquet / .csv (records of the shapes in greentune.data.shapes), .txt, "
+        "a folder of .txt, or {dataset: ORG/NAME or PATH, split, name, columns}"
     )
     eval: DataSource | None = Field(None, description="held-out data; default: a seeded split of `train`")
     max_seq_len: int = Field(
@@ -181,7 +181,8 @@ class Recipe(_Strict):
     base_model_commit: str | None = Field(
         None,
         pattern=r"^[0-9a-f]{40}$",
-        description="the Hub commit a run resolved base_model to (written into the run's recipe.yaml); set it to pin",
+        description="the Hub commit a run resolved base_model to (written into the run's recipe.yaml); "
+        "set it to pin",
     )
     name: str | None = Field(None, description="run name; default: the recipe file's stem")
     trust_remote_code: bool = False

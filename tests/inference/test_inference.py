@@ -37,7 +37,8 @@ def held_out(tmp_path_factory, corpus_texts):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_llama_dir):
-    """A finished run's layout: recipe.yaml, merged/ and export/model-f32.gguf (f32: PyTorch's exact weights)."""
+    """A finished run's layout: recipe.yaml, merged/ and export/model-f32.gguf (f32: PyTorch's exact
+    weights)."""
     from greentune.export.gguf import export_gguf
 
     d = tmp_path_factory.mktemp("run")
@@ -201,7 +202,8 @@ def test_bad_input_one_line(capsys, tmp_path, run_dir, held_out, monkeypatch):
 def test_llamacpp_eval_stores_the_streaming_rate_of_a_file_bigger_than_the_caches(
     capsys, run_dir, held_out, monkeypatch, tmp_path
 ):
-    """A file that streams from memory calibrates this machine's serving projection; a cache-sized one does not."""
+    """A file that streams from memory calibrates this machine's serving projection; a cache-sized one does
+    not."""
     from greentune.inference import run as inference_run
     from greentune.plan.calibrate import load_streaming_rate
     from greentune.plan.hardware import detect_this

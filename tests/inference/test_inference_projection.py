@@ -1,4 +1,5 @@
-"""The planner's serving projection: the arithmetic against hand-computed values, GGUF profiles, `plan` output."""
+"""The planner's serving projection: the arithmetic against hand-computed values, GGUF profiles, `plan`
+output."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def test_plan_json_has_serving(capsys):
 
 
 def test_a_stored_streaming_rate_calibrates_the_plan_for_that_device(capsys, monkeypatch, tmp_path):
-    """`greentune plan` projects a device with the rate a llama.cpp decode measured there, others from the catalogue."""
+    """`greentune plan` projects a device with the rate a llama.cpp decode measured there, others from the
+    catalogue."""
     import json
 
     monkeypatch.setenv("GREENTUNE_CACHE", str(tmp_path / "cache"))

@@ -1,4 +1,5 @@
-"""The seed's claim — Mixtral 8x7B, QLoRA 4-bit, one server under 1 kW, 10 h — recomputed from the formulas."""
+"""The seed's claim — Mixtral 8x7B, QLoRA 4-bit, one server under 1 kW, 10 h — recomputed from the
+formulas."""
 
 from __future__ import annotations
 

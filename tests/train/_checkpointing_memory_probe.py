@@ -6,8 +6,8 @@ usage: python _checkpointing_memory_probe.py MODEL_DIR BATCH SEQ
 Bytes. `before`: RSS just before the measured step (model loaded, a warm-up step done,
 AdamW state allocated). `peak`: the high-water RSS of the step's forward + backward (Linux
 VmHWM, reset just before it by writing 5 to /proc/self/clear_refs; where that is refused,
-the largest RSS a 1 ms sampler saw); `step_bytes` = peak − before. `predicted_activations[_checkpointed]`: the planner's activation bytes for
-the same step, so the caller can tell a real drop from noise.
+the largest RSS a 1 ms sampler saw); `step_bytes` = peak − before. `predicted_activations[_checkpointed]`: the
+planner's activation bytes for the same step, so the caller can tell a real drop from noise.
 """
 
 import json

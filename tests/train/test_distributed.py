@@ -187,7 +187,8 @@ def test_ranks_with_different_recipes_are_refused(tmp_path, tiny_llama_dir, text
         import os, sys
         from greentune.cli import main
         rank = os.environ["RANK"]
-        sys.exit(main(["train", r"{tmp_path}/recipe" + rank + ".yaml", "--run-dir", r"{tmp_path}/run", "--quiet"]))
+        recipe = r"{tmp_path}/recipe" + rank + ".yaml"
+        sys.exit(main(["train", recipe, "--run-dir", r"{tmp_path}/run", "--quiet"]))
     """)
     )
     proc = subprocess.run(

@@ -15,7 +15,7 @@ the joined string could merge a prompt's last characters with a completion's fir
 - messages, when it has none: the plain template below, headers out of the loss, each
   assistant reply followed by EOS in the loss so the model learns to stop:
 
-      ### System:\\n{content}\\n\\n### User:\\n{content}\\n\\n### Assistant:\\n{content}</s>\\n\\n### User:\\n...
+      ### System:\\n{content}\\n\\n### User:\\n{content}\\n\\n### Assistant:\\n{content}</s>\\n\\n...
 
   (the header is the role with its first letter capitalised). At inference, prompt with the
   turns so far followed by "### Assistant:\\n".

@@ -404,7 +404,8 @@ def savings_table(
 
 
 def save_savings(run_dir: str | Path, full: dict, rows: list[dict]) -> Path:
-    """Write `run_dir/savings.json` ({"full_fine_tune": full, "rows": rows}) atomically; the report reads it."""
+    """Write `run_dir/savings.json` ({"full_fine_tune": full, "rows": rows}) atomically; the report reads
+    it."""
     path = RunDir(run_dir).savings
     atomic_write_json(path, {"full_fine_tune": full, "rows": rows})
     return path

@@ -18,10 +18,11 @@ def export_model(
     export_quant: str | None,
     prequantized: dict | None = None,
 ) -> Path:
-    """One `export:` entry: `fmt` in `export_quant` (`greentune.formats`; None: its default). GGUF from the in-memory merged model, so that `prequantized` (the
-    base's training bytes, keyed by its state-dict names) is written byte for byte. A full disk
-    or read-only `out_dir` is a `UserError` naming it (the writers leave no temporary file). A GGUF `out_dir` whose
-    name ends in `.gguf` is the file itself; any other is a folder."""
+    """One `export:` entry: `fmt` in `export_quant` (`greentune.formats`; None: its default). GGUF from the
+    in-memory merged model, so that `prequantized` (the base's training bytes, keyed by its state-dict names)
+    is written byte for byte. A full disk or read-only `out_dir` is a `UserError` naming it (the writers leave
+    no temporary file). A GGUF `out_dir` whose name ends in `.gguf` is the file itself; any other is a
+    folder."""
     try:
         return _export_model(model, tokenizer, merged_dir, out_dir, fmt, export_quant, prequantized)
     except OSError as err:

@@ -2,7 +2,8 @@
 
 A base trained in a GGUF block format (q8_0, q4_0, q4_k) is exported in that format from
 these bytes, byte for byte, instead of being quantised a second time: "train on what you
-ship" (`formats.reuses_training_bytes`). The file (`RunDir.trained_bytes`) is safetensors of uint8 blocks with each tensor's GGML type in the metadata.
+ship" (`formats.reuses_training_bytes`). The file (`RunDir.trained_bytes`) is safetensors of uint8 blocks with
+each tensor's GGML type in the metadata.
 """
 
 from __future__ import annotations

@@ -317,7 +317,8 @@ def record_streaming_rate(
 
 
 def record_inference(run_dir: Path, measurement, result: dict) -> Path:
-    """Append the `inference` row (energy of the whole evaluation, `details` = `result`) to the run's ledger."""
+    """Append the `inference` row (energy of the whole evaluation, `details` = `result`) to the run's
+    ledger."""
     from greentune.energy import Factors, Ledger
     from greentune.fsutil import read_jsonl
 

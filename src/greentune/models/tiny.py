@@ -63,7 +63,8 @@ def tiny_config(
     max_positions: int = 256,
     tokenizer=None,
 ):
-    """A small config of a named architecture: llama | mistral | mixtral | qwen2 | qwen2_moe | qwen3 | qwen3_moe | olmoe."""
+    """A small config of a named architecture: llama | mistral | mixtral | qwen2 | qwen2_moe | qwen3 |
+    qwen3_moe | olmoe."""
     import transformers as tf
 
     ids = {}

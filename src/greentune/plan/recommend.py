@@ -127,7 +127,8 @@ class PlanResult:
         raise KeyError(name)
 
     def what_would_have_to_change(self) -> str:
-        """One line: the smallest change to hardware, power cap, deadline or tokens that lets something fit."""
+        """One line: the smallest change to hardware, power cap, deadline or tokens that lets something
+        fit."""
         es = self.estimates
         hw = f"{self.devices}× {self.hardware.name}" if self.devices > 1 else self.hardware.name
         parts = []
@@ -278,7 +279,10 @@ def plan(
             if notes
             else f"utilisation {u:.3f} calibrated on this hardware ({cal.method})"
             if cal
-            else f"utilisation {u:.2f} (default for a {hw.kind}; run `greentune plan --calibrate` on the machine to measure it)"
+            else (
+                f"utilisation {u:.2f} (default for a {hw.kind}; run `greentune plan --calibrate` "
+                "on the machine to measure it)"
+            )
         ),
         (
             f"power {power:,.1f} W measured ({cal.power_source})"
@@ -305,7 +309,10 @@ def plan(
         + (
             ""
             if extra_checkpointing is None
-            else f" (the recipe's row: {'on' if extra_checkpointing else 'off'}, as its train.activation_checkpointing says)"
+            else (
+                f" (the recipe's row: {'on' if extra_checkpointing else 'off'}, "
+                "as its train.activation_checkpointing says)"
+            )
         )
         + "; 1 GB runtime overhead + 5 % fragmentation",
         "multi-GPU: FSDP-style sharding, communication time not modelled; data loading and evaluation not "

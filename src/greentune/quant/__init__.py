@@ -1,7 +1,9 @@
 """Quantised frozen base: GGUF block formats (Q8_0, Q4_0, Q4_K, Q6_K), QLoRA's NF4, and the
 modules and loader that keep a model's frozen weights in them.
 
-    from greentune.quant import get_format, QuantLinear, QuantEmbedding, QuantExperts3D, quantize_model_, load_quantized
+    from greentune.quant import (
+        get_format, QuantLinear, QuantEmbedding, QuantExperts3D, quantize_model_, load_quantized
+    )
 """
 
 from greentune.quant.block import BlockFormat

@@ -58,8 +58,8 @@ def make_qkx2_quants(
 
     The candidate fit (scale, min) is computed from fp32 sums as in C. Its weighted squared
     error ``Σ w (s·l + m − x)²`` is expanded into those same sums (``s²Σwl² + 2smΣwl − 2sΣwlx +
-    m²Σw − 2mΣwx + Σwx²``) and combined in fp64 (fp32 on MPS, which lacks fp64), which saves a pass over the weights per
-    candidate; it agrees with C's direct sum to ~1e-6 relative, so only candidates whose
+    m²Σw − 2mΣwx + Σwx²``) and combined in fp64 (fp32 on MPS, which lacks fp64), which saves a pass over the
+    weights per candidate; it agrees with C's direct sum to ~1e-6 relative, so only candidates whose
     errors tie to that precision can be ranked differently.
     """
     mn = x.amin(dim=1, keepdim=True).clamp(max=0)  # min is never above 0

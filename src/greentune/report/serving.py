@@ -66,7 +66,8 @@ def _tag(on: bool, text: str = "estimate") -> str:
 
 
 def cost_cards(r: dict) -> list[tuple[str, str, str, bool]]:
-    """(id, label, value, estimate) cards for the summary: J per 1,000 generated tokens, here and on the laptop."""
+    """(id, label, value, estimate) cards for the summary: J per 1,000 generated tokens, here and on the
+    laptop."""
     c = (r.get("serving") or {}).get("cost_to_serve") or {}
     cards = []
     if c.get("measured_j_per_1k") is not None:

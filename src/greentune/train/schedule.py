@@ -31,7 +31,8 @@ def envelope(step: int, lr: float, total: int, warmup: int, schedule: str, min_l
 
 
 def restart_factor(step: int, restart_every: int | None, restart_warmup: int) -> float:
-    """ReLoRA's jagged multiplier for 0-based `step`: 0 right after each merge, back to 1 after `restart_warmup`."""
+    """ReLoRA's jagged multiplier for 0-based `step`: 0 right after each merge, back to 1 after
+    `restart_warmup`."""
     if not restart_every or step < restart_every or restart_warmup <= 0:
         return 1.0
     since = step - (step // restart_every) * restart_every
