@@ -14,6 +14,9 @@ _M_MMAP_THRESHOLD = -3
 #: Allocations from this size up get their own mapping, returned to the OS when freed.
 MMAP_THRESHOLD = 1 << 20
 
+#: The threshold this process fixed with `limit_heap_retention`, or None (glibc's own rule).
+fixed_threshold: int | None = None
+
 
 def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at `threshold` bytes for this process (``mallopt``); returns
@@ -57,4 +60,8 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    done = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    if done:
+        global fixed_threshold
+        fixed_threshold = int(threshold)
+    return done

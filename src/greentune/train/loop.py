@@ -28,12 +28,14 @@ from tqdm import tqdm
 
 from greentune.errors import UserError
 from greentune.faults import maybe_fault
-from greentune.fsutil import append_jsonl, atomic_write_text, read_jsonl
+from greentune.fsutil import atomic_write_text, read_jsonl
 from greentune.recipe import TrainConfig
 from greentune.train import checkpoint as ckpt
 from greentune.train.distributed import SINGLE, DistContext, rank_slice, wrap_objective
+from greentune.train.heap_policy import relax_after_first_step
 from greentune.train.hooks import TrainHook
 from greentune.train.loss import CausalLMLoss, count_targets
+from greentune.train.metrics import MetricsFile, training_flops_per_token
 from greentune.train.schedule import lr_at
 from greentune.train.signals import StopSignals
 
@@ -90,6 +92,22 @@ def _diverged(
     if step > 0 and not (ckpt_root / f"step-{step}").is_dir() and _all_finite(params, ctx):
         save()
     raise TrainingDiverged(f"non-finite {what} at step {step + 1}. {_last_finite(ckpt_root)}")
+
+
+def _flops_per_token(model, params: dict, seq_len: int) -> float | None:
+    """`metrics.training_flops_per_token` of `model` (None when `models.facts` cannot model it)."""
+    from greentune.models.facts import arch_facts
+
+    try:
+        facts = arch_facts(model.config)
+    except Exception as e:  # an architecture the facts do not cover: no FLOPs, still training
+        log.debug("no FLOPs per token for this model: %s", e)
+        return None
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params.values()]
+    trainable = sum(int(t.numel()) for t in local)
+    full = trainable >= 0.5 * facts.total_params
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    return training_flops_per_token(facts, trainable, seq_len, checkpointing, full)
 
 
 def _resume_point(ckpt_root: Path) -> str | None:
@@ -208,7 +226,11 @@ def run_training(
     )
     stopped, stop_signal, signals = None, None, StopSignals()
 
+    metrics = MetricsFile(metrics_path, enabled=ctx.is_main)
+    flops_at: dict[int, float | None] = {}  # FLOPs per token by sequence length
+
     def save(at_step: int, data_position: dict) -> None:
+        metrics.sync()  # the lines up to this checkpoint are on disk before it is
         if not _all_finite(params, ctx):  # never checkpoint a poisoned state (clipping off lets one through)
             raise TrainingDiverged(
                 f"the weights became non-finite by step {at_step}; stopped. {_last_finite(ckpt_root)}"
@@ -229,6 +251,7 @@ def run_training(
         )
 
     signals.install()
+    first = True
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -287,10 +310,17 @@ def run_training(
                 "loss": step_loss,
                 "lr": lr,
                 "tokens": tokens,
+                "step_tokens": step_tokens,
                 "seconds": round(seconds, 4),
                 "step_seconds": round(dt, 4),
                 "tokens_per_s": round(step_tokens / dt, 1),
             }
+            seq_len = int(batch["input_ids"].shape[1])
+            if seq_len not in flops_at:
+                flops_at[seq_len] = _flops_per_token(model, params, seq_len)
+            if flops_at[seq_len] is not None:
+                record["flops_per_token"] = flops_at[seq_len]
+                record["flops_per_s"] = round(step_tokens * flops_at[seq_len] / dt, 1)
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             for h in hooks:
@@ -301,8 +331,7 @@ def run_training(
                 record["eval_loss"], _ = evaluate_loss(
                     model, eval_data, stream.batch_size, eval_batches, device, ctx
                 )
-            if ctx.is_main:
-                append_jsonl(metrics_path, record)
+            metrics.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}")
             stopped = next(
@@ -315,8 +344,12 @@ def run_training(
                 save(step, stream.state())
             if stopped:
                 break
+            if first:  # one whole step is now in the peak: the host heap can be sized for speed
+                first = False
+                relax_after_first_step(device)
     finally:
         signals.restore()
+        metrics.close()
         bar.close()
         for h in hooks:
             h.on_end(step)
