@@ -25,7 +25,7 @@ from greentune.energy import Factors, Ledger, Meter, describe_hardware
 from greentune.energy.hook import EnergyHook
 from greentune.errors import UserError, user_os_error
 from greentune.faults import maybe_fault
-from greentune.fsutil import atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
+from greentune.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temps
 from greentune.models.loader import (
     check_model_dir,
     check_weights_match,
@@ -47,6 +47,7 @@ from greentune.train import checkpoint, distributed
 from greentune.train.activation_checkpointing import apply_activation_checkpointing
 from greentune.train.distributed import SINGLE, DistContext
 from greentune.train.loop import LoopResult, evaluate_loss, run_training
+from greentune.train.metrics import run_compute
 
 log = logging.getLogger(__name__)
 
@@ -589,6 +590,7 @@ def _train(
                 "ranks": ctx.world,
                 "parallel": tcfg.parallel if ctx.world > 1 else None,
                 "activation_checkpointing": checkpointing.to_dict(),
+                "compute": run_compute(read_jsonl(run_dir / "metrics.jsonl"), device),
                 "energy": {
                     k: out.energy[k] for k in ("it_kwh", "facility_kwh", "kg_co2e", "water_l", "estimate")
                 },

@@ -95,7 +95,8 @@ def _diverged(
 
 
 def _flops_per_token(model, params: dict, seq_len: int) -> float | None:
-    """`metrics.training_flops_per_token` of `model` (None when `models.facts` cannot model it)."""
+    """`metrics.training_flops_per_token` of `model` (None when `models.facts` cannot model it),
+    with the adapter parameters one token uses (expert LoRA: its top-k experts' factors)."""
     from greentune.models.facts import arch_facts
 
     try:
@@ -106,7 +107,17 @@ def _flops_per_token(model, params: dict, seq_len: int) -> float | None:
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params.values()]
     trainable = sum(int(t.numel()) for t in local)
     full = trainable >= 0.5 * facts.total_params
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    # Expert LoRA: one token passes through its top-k experts' factors only.
+    for m in model.modules():
+        if type(m).__name__ == "ExpertLoRA" and facts.top_k:  # by name: the module is moving (issue 14)
+            for p in m.parameters():
+                if p.requires_grad:
+                    trainable -= p.numel() - p.numel() * facts.top_k / p.shape[0]
+    checkpointing = bool(
+        getattr(model, "is_activation_checkpointing", None)
+        if hasattr(type(model), "is_activation_checkpointing")
+        else getattr(model, "is_gradient_checkpointing", False)
+    )
     return training_flops_per_token(facts, trainable, seq_len, checkpointing, full)
 
 
@@ -267,12 +278,13 @@ def run_training(
             batch = next(stream)
             # Normalise by the target tokens of the whole global step (see loss.py).
             num_items = torch.tensor(float(max(count_targets(batch["labels"]), 1)), device=device)
-            step_loss, step_tokens = 0.0, 0
+            micro_losses, step_tokens = [], 0
             micro = _micro_batches(batch, ctx, cfg.grad_accum)
             for k, mb in enumerate(micro):
                 weight = 1.0
                 if mb is None:  # no rows left for this micro-batch in a short last batch
                     mb, weight = {key: v[:1] for key, v in batch.items()}, 0.0
+                step_tokens += int(mb["attention_mask"].sum()) if weight else 0  # on the host batch
                 mb = {key: v.to(device) for key, v in mb.items()}
                 with _no_sync(objective, last=k == len(micro) - 1):
                     lm_loss = (
@@ -286,16 +298,26 @@ def run_training(
                     # DDP and FSDP average gradients over ranks; the loss is already a share of
                     # the global sum, so scale by the world size to get the sum's gradient.
                     (loss * ctx.world).backward()
-                step_loss += lm_loss.item()
-                step_tokens += int(mb["attention_mask"].sum()) if weight else 0
+                micro_losses.append(lm_loss.detach().float())
+            grad_norm, norm = None, None
+            if cfg.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+                norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
+            # One host sync a step for the loss and the norm together (the finiteness guard
+            # needs both before the optimiser step); summed in float64 in micro-batch order.
+            values = torch.stack(
+                micro_losses + ([norm.to(micro_losses[0].device)] if norm is not None else [])
+            )
+            values = values.tolist()
+            step_loss = 0.0
+            for v in values[: len(micro_losses)]:
+                step_loss += v
+            if norm is not None:
+                grad_norm = values[-1]
             stop_votes = (signals.signum == signal.SIGTERM, signals.signum == signal.SIGINT)
             if ctx.world > 1:  # the ranks agree on a signal stop through the sum they already make
                 step_loss, step_tokens, *stop_votes = ctx.sum(step_loss, step_tokens, *stop_votes)
                 step_tokens = int(step_tokens)
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not (math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)  # the step is not taken: weights stay finite
                 _diverged(step, step_loss, grad_norm, lambda: save(step, position), ckpt_root, params, ctx)

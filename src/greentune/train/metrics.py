@@ -95,3 +95,20 @@ def efficiency(records: list[dict], peak_flops: float | None = None) -> dict | N
         out["peak_flops"] = float(peak_flops)
         out["utilisation"] = out["mean_flops_per_s"] / float(peak_flops)
     return out
+
+
+def run_compute(records: list[dict], device="cpu") -> dict | None:
+    """`efficiency` of a run's metrics lines against this device's peak FLOP/s (the planner's
+    hardware catalogue entry for it, `plan.hardware.this_hardware_for`), named with its source;
+    None when no line carries FLOPs."""
+    try:
+        from greentune.plan.hardware import this_hardware_for
+
+        hw = this_hardware_for(device)
+        peak, source = hw.peak_flops, f"{hw.name} (greentune's hardware catalogue)"
+    except Exception as e:  # no catalogue entry: the achieved rate alone
+        peak, source = None, f"unknown ({e})"
+    out = efficiency(records, peak)
+    if out is not None and peak:
+        out["peak_source"] = source
+    return out
