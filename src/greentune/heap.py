@@ -52,6 +52,9 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     add no faults of their own: they dequantise into one buffer kept per thread
     (`greentune.quant.linear`); a fresh buffer per product had cost ~125 k more faults and put
     the q4_k step at 1.33–1.40× of fp32's, against 0.88–1.18× (five runs) with the kept buffer.
+
+    Training raises it again after its first step when the run's peak leaves memory to spare
+    (`greentune.train.heap_policy`): the faults cost ~30 % of a small model's step.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False

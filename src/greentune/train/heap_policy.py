@@ -16,13 +16,16 @@ measured for that setting (here and in `greentune.heap`), the run then still sta
 ~40 % of that memory. Otherwise the 1 MB setting stays. Numerics are untouched (resume stays
 bit-identical); only the host heap changes. Nothing happens when no loader fixed the
 threshold (a user's `MALLOC_MMAP_THRESHOLD_`, a non-glibc system) or on an accelerator (its
-activations are not in the host heap).
+activations are not in the host heap). `GREENTUNE_TRAIN_HEAP=flat` keeps the 1 MB setting
+whatever the memory (the smallest peak, e.g. to compare memory with
+`benchmarks/quant_memory_speed.py`); `fast` raises it whatever the memory.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import resource
 import sys
 
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RELAX_FRACTION = 0.25
 RELAXED_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+ENV = "GREENTUNE_TRAIN_HEAP"  # auto (default) | flat | fast
 
 
 def peak_rss_bytes() -> int:
@@ -45,13 +49,17 @@ def relax_after_first_step(device) -> str | None:
     logged reason when it did, else None."""
     from greentune.plan.hardware import device_type, run_memory_bytes
 
-    if heap.fixed_threshold is None or heap.fixed_threshold >= RELAXED_THRESHOLD:
+    mode = os.environ.get(ENV, "auto").strip().lower()
+    if mode not in ("auto", "flat", "fast"):
+        log.warning("%s=%r is not auto, flat or fast; using auto", ENV, mode)
+        mode = "auto"
+    if mode == "flat" or heap.fixed_threshold is None or heap.fixed_threshold >= RELAXED_THRESHOLD:
         return None
     if device_type(device) != "cpu":
         return None
     available, source = run_memory_bytes("cpu")
     peak = peak_rss_bytes()
-    if peak > RELAX_FRACTION * available:
+    if mode == "auto" and peak > RELAX_FRACTION * available:
         return None
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -61,9 +69,11 @@ def relax_after_first_step(device) -> str | None:
     if not mallopt(heap._M_MMAP_THRESHOLD, RELAXED_THRESHOLD):
         return None
     heap.fixed_threshold = RELAXED_THRESHOLD
-    reason = (
-        f"host heap: mmap threshold raised to {RELAXED_THRESHOLD >> 20} MB for training (peak RSS "
-        f"{peak / 2**30:.2f} GB <= {RELAX_FRACTION:g} × {available / 2**30:.1f} GB, {source})"
+    why = (
+        f"{ENV}=fast"
+        if mode == "fast"
+        else f"peak RSS {peak / 2**30:.2f} GB <= {RELAX_FRACTION:g} × {available / 2**30:.1f} GB, {source}"
     )
+    reason = f"host heap: mmap threshold raised to {RELAXED_THRESHOLD >> 20} MB for training ({why})"
     log.info(reason)
     return reason
