@@ -1,6 +1,6 @@
 """MoE training throughput: greentune vs transformers + PEFT (not a test; run on a quiet machine).
 
-    python benchmarks/moe_throughput.py                 # 5 timed steps per variant
+    python benchmarks/moe_throughput.py                 # 2 rounds of 3 timed steps per variant
     python benchmarks/moe_throughput.py --steps 2 --profile
 
 Model: Mixtral architecture, 4 layers, hidden 512, intermediate 1024, 8 experts top-2, 8 heads,
@@ -14,7 +14,14 @@ forward + backward + optimiser step. Variants, all in this one process and timed
 - ``hf_grouped_mm``: the same with experts_implementation="grouped_mm"
 - ``greentune``:     SparseExperts + expert LoRA on activations + greentune LoRA on q,k,v,o, the
                      loss through `CausalLMLoss` as greentune's training loop computes it
-                     (HF+PEFT use the model's own `.loss`, as a transformers loop would)
+                     (HF+PEFT use the model's own `.loss`, as a transformers loop would): the bare step
+- ``greentune train``: the same model through `run_training` itself, with the hooks `greentune
+                     train` gives it (energy meter + ledger, router monitor, clipping, metrics.jsonl,
+                     progress bar; `product_loop.py`), per-step wall clock between step starts
+
+HF+PEFT's steps are a minimal transformers-style loop: `.loss`, backward, clipping at 1.0
+(greentune's default), AdamW. The host heap is set as `greentune train` sets it before
+anything is timed (`product_loop.heap_as_the_product_sets_it`).
 
 Then one layer alone (forward + backward on the same 1024 tokens, frozen base): the MoE block
 (router + 8 experts, top-2) with expert LoRA as greentune and as transformers+PEFT run it, and
@@ -36,11 +43,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from greentune.recipe import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from product_loop import heap_as_the_product_sets_it, run_training_step_times  # noqa: E402
 
 H, I, E, K, LAYERS, HEADS, VOCAB, BATCH, SEQ, RANK, ALPHA = 512, 1024, 8, 2, 4, 8, 8192, 4, 256, 16, 32
 
@@ -127,9 +141,10 @@ def trainable(model):
 
 
 def make_step(model, ids, objective: bool = False):
-    """One optimiser step. With `objective`, the loss comes from greentune's `CausalLMLoss` (the
-    objective its training loop uses: fused lm_head + cross-entropy); otherwise from the model's
-    own `.loss`, as a transformers training loop computes it."""
+    """One optimiser step. With `objective`, greentune's bare step: the loss from `CausalLMLoss`
+    (the objective its training loop uses: fused lm_head + cross-entropy), no clipping;
+    otherwise a minimal transformers-style loop's step: the model's own `.loss`, clipping at
+    the same 1.0 as greentune's default, AdamW."""
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
     if objective:
         from greentune.train.loss import CausalLMLoss, count_targets
@@ -144,9 +159,14 @@ def make_step(model, ids, objective: bool = False):
         def loss_of():
             return model(input_ids=ids, labels=ids).loss
 
+    clip = 0.0 if objective else TrainConfig().max_grad_norm  # a transformers loop clips (Trainer's 1.0)
+    params = trainable(model)
+
     def step():
         loss = loss_of()
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -251,7 +271,9 @@ def layer_times(device, dtype, steps):
 def main():
     global CLOCK, BATCH, SEQ
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-layers", action="store_true", help="skip the one-layer comparison")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default="hf_eager,hf_grouped_mm,greentune")
     ap.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
@@ -290,22 +312,45 @@ def main():
     for n, m in models.items():
         print(f"  {n}: {sum(p.numel() for p in trainable(m)) / 1e6:.3f} M trainable")
     steps = {n: make_step(m, ids, objective=n == "greentune") for n, m in models.items()}
-    times = time_round_robin(steps, args.steps, device) if models else {}
-    tps = {n: BATCH * SEQ / pick(t) for n, t in times.items()}
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    if "greentune" in models and not args.cpu_time:
+        print(heap_as_the_product_sets_it(copy.deepcopy(models["greentune"]), batch, device))
+    times = {n: [] for n in steps}
+    product = "greentune" in models and not args.cpu_time
+    if product:
+        times["greentune train"] = []
+    for _ in range(args.rounds):  # each round: every contestant `--steps` steps, in turn
+        for n, t in time_round_robin(steps, args.steps, device).items():
+            times[n] += t
+        if product:  # `run_training` with its default hooks (energy, router monitor, clipping, metrics)
+            times["greentune train"] += run_training_step_times(
+                models["greentune"], batch, args.steps, device=device
+            )
+    tps = {n: BATCH * SEQ / pick(t) for n, t in times.items() if t}
     for n, t in times.items():
         print(
-            f"{n:>14}: {tps[n]:8.0f} tokens/s   step {pick(t):.3f} s   ({', '.join(f'{x:.2f}' for x in t)})"
+            f"{n:>16}: {tps[n]:8.0f} tokens/s   step {pick(t):.3f} s   ({', '.join(f'{x:.2f}' for x in t)})"
         )
     if "greentune" in tps:
         for n in tps:
-            if n != "greentune":
-                print(f"greentune / {n}: {tps['greentune'] / tps[n]:.2f}x")
+            if n.startswith("hf"):
+                print(f"greentune bare step / {n}: {tps['greentune'] / tps[n]:.2f}x")
+                if product:
+                    print(f"greentune train / {n}: {tps['greentune train'] / tps[n]:.2f}x")
+        hf = [n for n in tps if n.startswith("hf")]
+        if product and hf:
+            best = max(hf, key=tps.get)
+            print(f"greentune train / best HF+PEFT ({best}): {tps['greentune train'] / tps[best]:.2f}x")
+            over = tps["greentune"] / tps["greentune train"] - 1
+            print(f"loop overhead (greentune train / bare step - 1): {100 * over:+.1f} %")
     if args.profile and "greentune" in models:
         step = make_step(models["greentune"], ids, objective=True)
         with torch.profiler.profile() as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     del models
+    if args.no_layers:
+        return
     t = layer_times(device, dtype, args.steps)
     med = {n: pick(v) for n, v in t.items()}
     ms = {n: f"{v * 1e3:.0f} ms" for n, v in med.items()}

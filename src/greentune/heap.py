@@ -14,6 +14,9 @@ _M_MMAP_THRESHOLD = -3
 #: Allocations from this size up get their own mapping, returned to the OS when freed.
 MMAP_THRESHOLD = 1 << 20
 
+#: The threshold this process fixed with `limit_heap_retention`, or None (glibc's own rule).
+fixed_threshold: int | None = None
+
 
 def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at `threshold` bytes for this process (``mallopt``); returns
@@ -49,6 +52,9 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     add no faults of their own: they dequantise into one buffer kept per thread
     (`greentune.quant.linear`); a fresh buffer per product had cost ~125 k more faults and put
     the q4_k step at 1.33–1.40× of fp32's, against 0.88–1.18× (five runs) with the kept buffer.
+
+    Training raises it again after its first step when the run's peak leaves memory to spare
+    (`greentune.train.heap_policy`): the faults cost ~30 % of a small model's step.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
@@ -57,4 +63,8 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    done = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    if done:
+        global fixed_threshold
+        fixed_threshold = int(threshold)
+    return done

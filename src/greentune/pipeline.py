@@ -26,7 +26,7 @@ from greentune.energy.phases import Phases, measure_savings
 from greentune.export.model import export_model
 from greentune.export.trained_bytes import save_trained_bytes
 from greentune.formats import DEFAULT_BASE_FORMAT, reuses_training_bytes
-from greentune.fsutil import atomic_dir
+from greentune.fsutil import atomic_dir, read_jsonl
 from greentune.models.loader import load_tokenizer
 from greentune.models.recipe_base import check_base, pin_base_model
 from greentune.moe import upcycle
@@ -44,6 +44,7 @@ from greentune.train.claim import claimed
 from greentune.train.distributed import Job
 from greentune.train.energy_hook import EnergyHook
 from greentune.train.loop import evaluate_loss, run_training
+from greentune.train.metrics import run_compute
 from greentune.train.moe_hook import MoEHook
 
 log = logging.getLogger(__name__)
@@ -230,5 +231,6 @@ def account(r: _Run, dense_base: str, out: RunResult) -> None:
             r.run.path, r.recipe, dense_base, out, r.phases.ledger, r.checkpointing.enabled
         )
     model = {"trainable_parameters": r.adapters.trainable, "lora_modules": len(r.adapters.wrapped)}
-    out.write_summary(r.run.summary, r.recipe, model, r.job.summary(), r.checkpointing.to_dict())
+    compute = run_compute(read_jsonl(r.run.metrics), r.device)
+    out.write_summary(r.run.summary, r.recipe, model, r.job.summary(), r.checkpointing.to_dict(), compute)
     out.outputs.update(report=str(write_report(r.run.path)[1]))

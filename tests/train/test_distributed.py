@@ -286,8 +286,16 @@ def test_merged_ledger_totals_equal_the_sum_of_the_rank_meters(tmp_path):
     assert totals["joules"] == pytest.approx({"cpu": 50.0, "rank1/cpu": 100.0, "rank1/gpu:1": 35.0})
     assert totals["it_kwh"] == pytest.approx(185.0 / 3.6e6)
     assert totals["rows"] == 3  # one row per window (steps 1-2, 3-4, 5), not one per rank
-    # each step's joules in the metrics are the whole job's: 10 + 20 + 7 J
-    assert [m["step_joules"] for m in seen["metrics"]] == pytest.approx([37.0] * 5)
+    # the meter is read at the ledger interval (steps 2 and 4; step 5 at the end), and the joules
+    # per step there are the whole job's: 10 + 20 + 7 J
+    assert [m.get("step_joules") for m in seen["metrics"]] == [
+        None,
+        pytest.approx(37.0),
+        None,
+        pytest.approx(37.0),
+        None,
+    ]
+    assert seen["metrics"][3]["joules"] == pytest.approx(4 * 37.0)
 
 
 def test_rank_slices_cover_the_global_batch_once():

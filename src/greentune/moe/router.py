@@ -234,10 +234,15 @@ class RouterMonitor:
         if any(self._indices):
             self._drain()
         use, entropy = {}, {}
-        for key, c in zip(self.keys, self._counts):
-            if c is None or float(c.sum()) == 0:
+        present = [(key, c) for key, c in zip(self.keys, self._counts) if c is not None]
+        # one host read for all layers (a device sync on an accelerator), not two per layer
+        if present:
+            counts = torch.stack([c for _, c in present])
+            sums = counts.sum(1, keepdim=True)  # whole token counts: exact in float32
+            rows = torch.cat([sums, counts / sums], 1).tolist()
+        for (key, _), (total, *frac) in zip(present, rows if present else []):
+            if total == 0:
                 continue
-            frac = (c / c.sum()).tolist()
             use[key] = [round(f, 6) for f in frac]
             entropy[key] = round(-sum(f * math.log(f) for f in frac if f > 0), 6)
         self._counts = [None for _ in self.routers]

@@ -64,6 +64,7 @@ class Calibration:
     hidden: int = 0  # and at which width
     dequant_s_per_weight: dict = field(default_factory=dict)  # {format: seconds per weight}
     observations: list = field(default_factory=list)  # [Observation as dict], see below
+    achieved_flops: float = 0.0  # model FLOP/s the run achieved (tokens × flops_per_token / seconds)
 
 
 @dataclass(frozen=True)
@@ -490,6 +491,7 @@ def record_observation(
         observations=[
             asdict(Observation(family_of(facts, technique), facts.hidden, util, power, "run", time.time()))
         ],
+        achieved_flops=tps * fpt,
     )
     if store:
         store_calibration(cal, path)

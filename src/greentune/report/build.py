@@ -29,6 +29,7 @@ from greentune.errors import UserError
 from greentune.fsutil import atomic_write_json, atomic_write_text
 from greentune.report.serving import serving_section
 from greentune.run_dir import RunDir
+from greentune.train.metrics import efficiency
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ def build_report(run_dir: str | Path) -> dict:
         "joules": train_j,
         "j_per_token": (train_j / tokens) if train_j is not None and tokens else None,
     }
+    compute = summary.get("compute") if isinstance(summary.get("compute"), dict) else efficiency(metrics)
+    training["compute"] = compute  # model FLOPs per token, mean achieved FLOP/s, utilisation of the peak
     expert = next((m["expert_use"] for m in reversed(metrics) if m.get("expert_use")), None)
     if isinstance(summary.get("hardware"), dict) and summary["hardware"]:
         hardware = {**summary["hardware"], "recorded_by": "the run (summary.json)"}

@@ -84,18 +84,35 @@ def _td(x, num: bool = False) -> str:
     return f'<td class="n">{x}</td>' if num else f"<td>{x}</td>"
 
 
+def _compute_cards(c: dict | None) -> list[tuple]:
+    """Mean achieved model FLOP/s of the training steps, and its share of the device's peak."""
+    if not c:
+        return []
+    cards = [("train-flops", "Achieved compute", _n(c.get("mean_flops_per_s", 0) / 1e9, "GFLOP/s"), False)]
+    if c.get("utilisation") is not None:
+        peak = _n(c["peak_flops"] / 1e9, "GFLOP/s")
+        cards.append(
+            ("train-utilisation", f"Utilisation of {peak} peak", f"{100 * c['utilisation']:.1f} %", False)
+        )
+    return cards
+
+
 def _cards(r: dict) -> str:
     t, tr, est = r["totals"], r["training"], r["estimate"]
-    cards = [
-        ("total-it-kwh", "IT energy", _q(t["it_kwh"], "energy"), est),
-        ("total-facility-kwh", "Facility energy", _q(t["facility_kwh"], "energy"), est),
-        ("total-kg-co2e", "Carbon", _q(t["kg_co2e"], "carbon"), est),
-        ("total-water-l", "Water", _q(t["water_l"], "water"), est),
-        ("total-seconds", "Metered time", _n(t["seconds"], "s"), False),
-        ("train-tokens", "Tokens trained", _n(tr["tokens"]), False),
-        ("train-j-per-token", "Training energy / token", _n(tr["j_per_token"], "J"), est),
-        ("train-joules", "Training energy", _n(tr["joules"], "J"), est),
-    ] + cost_cards(r)
+    cards = (
+        [
+            ("total-it-kwh", "IT energy", _q(t["it_kwh"], "energy"), est),
+            ("total-facility-kwh", "Facility energy", _q(t["facility_kwh"], "energy"), est),
+            ("total-kg-co2e", "Carbon", _q(t["kg_co2e"], "carbon"), est),
+            ("total-water-l", "Water", _q(t["water_l"], "water"), est),
+            ("total-seconds", "Metered time", _n(t["seconds"], "s"), False),
+            ("train-tokens", "Tokens trained", _n(tr["tokens"]), False),
+            ("train-j-per-token", "Training energy / token", _n(tr["j_per_token"], "J"), est),
+            ("train-joules", "Training energy", _n(tr["joules"], "J"), est),
+        ]
+        + _compute_cards(tr.get("compute"))
+        + cost_cards(r)
+    )
     return (
         '<div class="cards">'
         + "".join(

@@ -34,9 +34,12 @@ class RunResult:
     def eval_ppl(self) -> float | None:
         return math.exp(self.eval_loss) if self.eval_loss is not None else None
 
-    def write_summary(self, path: Path, recipe, model: dict, job: dict, checkpointing: dict) -> None:
+    def write_summary(
+        self, path: Path, recipe, model: dict, job: dict, checkpointing: dict, compute: dict | None = None
+    ) -> None:
         """`summary.json` at `path`: `model` holds the trainable parameters and LoRA modules,
-        `job` the ranks and parallelism, `checkpointing` the activation checkpointing applied."""
+        `job` the ranks and parallelism, `checkpointing` the activation checkpointing applied,
+        `compute` the model FLOPs per token and achieved FLOP/s (`train.metrics.run_compute`)."""
         atomic_write_json(
             path,
             {
@@ -52,6 +55,7 @@ class RunResult:
                 "hardware": describe_hardware(),
                 **job,
                 "activation_checkpointing": checkpointing,
+                "compute": compute,
                 "energy": {k: self.energy[k] for k in ENERGY_KEYS},
             },
         )

@@ -8,10 +8,13 @@ Wiring (in the pipeline)::
 
 What it does:
 
-* every step adds to the metrics line ``joules`` (cumulative IT joules of training so
-  far, carried across `--resume` through the checkpoint) and ``step_joules`` (this
-  step's joules, including whatever the loop did since the previous step: eval,
-  checkpointing);
+* the meter is read every `interval_steps` steps (each read costs the estimate fallback a
+  scan of the process table, ~1 % of a small step), or every step when a budget is set, so
+  that the budget stops at the step that reaches it; the metrics line of each step that read
+  it gets ``joules`` (cumulative IT joules of training so far, carried across `--resume`
+  through the checkpoint), ``step_joules`` (the joules per step since the previous read,
+  including whatever the loop did in between: eval, checkpointing) and ``joules_steps``
+  (how many steps that read covers);
 * every `interval_steps` steps, and at the end or interruption, appends one ``train``
   row to the ledger for the interval;
 * when the ledger's IT kWh (all phases, all sessions) plus the open interval reach
@@ -67,6 +70,8 @@ class EnergyHook(TrainHook):
         self.window_steps = 0
         self.recorded_kwh = 0.0
         self.last_total = 0.0
+        self.read_every = 1 if budget_kwh is not None else interval_steps
+        self.unread_steps = 0
 
     def _total(self) -> float:
         return sum(self.meter.read().values())
@@ -91,14 +96,18 @@ class EnergyHook(TrainHook):
         self.window_steps = 0
 
     def after_step(self, step: int, optimizer) -> dict:
-        now = self._total()
-        step_j, self.last_total = self._job_sum(max(0.0, now - self.last_total)), now
-        self.train_joules += step_j
         self.window_steps += 1
+        self.unread_steps += 1
+        if step % self.read_every and step % self.interval_steps:
+            return {}  # every rank skips the same steps: the job sum stays a collective of all
+        now = self._total()
+        joules, self.last_total = self._job_sum(max(0.0, now - self.last_total)), now
+        self.train_joules += joules
+        n, self.unread_steps = self.unread_steps, 0
         if step % self.interval_steps == 0:
             self._flush()
             self.window = self.meter.start(self.phase)
-        return {"joules": self.train_joules, "step_joules": step_j}
+        return {"joules": self.train_joules, "step_joules": joules / n, "joules_steps": n}
 
     def should_stop(self) -> str | None:
         if self.budget_kwh is None or self.window is None:
@@ -119,6 +128,7 @@ class EnergyHook(TrainHook):
         The open training interval is closed first and a new one opened after, and the
         sub-phase's joules are kept out of the training joules, so nothing is counted twice.
         """
+        self._catch_up()
         self._flush()
         with self.meter.phase(name) as window:
             yield window
@@ -127,11 +137,20 @@ class EnergyHook(TrainHook):
         self.window = self.meter.start(self.phase)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        self._catch_up()  # the checkpoint's cumulative joules include every step before it
         return {_STATE_KEY: torch.tensor(self.train_joules, dtype=torch.float64)}
 
     def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if _STATE_KEY in tensors:
             self.train_joules = float(tensors[_STATE_KEY])
 
+    def _catch_up(self) -> None:
+        """Add the joules of steps since the last read to the training total (ranks alike)."""
+        if self.unread_steps:
+            now = self._total()
+            self.train_joules += self._job_sum(max(0.0, now - self.last_total))
+            self.last_total, self.unread_steps = now, 0
+
     def on_end(self, step: int) -> None:
+        self._catch_up()
         self._flush()

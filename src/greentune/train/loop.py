@@ -28,13 +28,15 @@ from tqdm import tqdm
 
 from greentune.errors import UserError
 from greentune.faults import maybe_fault
-from greentune.fsutil import append_jsonl, atomic_write_text, read_jsonl
+from greentune.fsutil import atomic_write_text, read_jsonl
 from greentune.recipe import TrainConfig
 from greentune.run_dir import RunDir
 from greentune.train import checkpoint as ckpt
 from greentune.train.distributed import SINGLE, DistContext, rank_slice, wrap_objective
+from greentune.train.heap_policy import relax_after_first_step
 from greentune.train.hooks import TrainHook
 from greentune.train.loss import CausalLMLoss, count_targets
+from greentune.train.metrics import MetricsFile, training_flops_per_token
 from greentune.train.schedule import lr_at
 from greentune.train.signals import StopSignals
 
@@ -91,6 +93,33 @@ def _diverged(
     if step > 0 and not (ckpt_root / f"step-{step}").is_dir() and _all_finite(params, ctx):
         save()
     raise TrainingDiverged(f"non-finite {what} at step {step + 1}. {_last_finite(ckpt_root)}")
+
+
+def _flops_per_token(model, params: dict, seq_len: int) -> float | None:
+    """`metrics.training_flops_per_token` of `model` (None when `models.facts` cannot model it),
+    with the adapter parameters one token uses (expert LoRA: its top-k experts' factors)."""
+    from greentune.models.facts import arch_facts
+
+    try:
+        facts = arch_facts(model.config)
+    except Exception as e:  # an architecture the facts do not cover: no FLOPs, still training
+        log.debug("no FLOPs per token for this model: %s", e)
+        return None
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params.values()]
+    trainable = sum(int(t.numel()) for t in local)
+    full = trainable >= 0.5 * facts.total_params
+    # Expert LoRA: one token passes through its top-k experts' factors only.
+    for m in model.modules():
+        if type(m).__name__ == "ExpertLoRA" and facts.top_k:  # by name: the module is moving (issue 14)
+            for p in m.parameters():
+                if p.requires_grad:
+                    trainable -= p.numel() - p.numel() * facts.top_k / p.shape[0]
+    checkpointing = bool(
+        getattr(model, "is_activation_checkpointing", None)
+        if hasattr(type(model), "is_activation_checkpointing")
+        else getattr(model, "is_gradient_checkpointing", False)
+    )
+    return training_flops_per_token(facts, trainable, seq_len, checkpointing, full)
 
 
 def _resume_point(ckpt_root: Path) -> str | None:
@@ -212,7 +241,11 @@ def run_training(
     )
     stopped, stop_signal, signals = None, None, StopSignals()
 
+    metrics = MetricsFile(metrics_path, enabled=ctx.is_main)
+    flops_at: dict[int, float | None] = {}  # FLOPs per token by sequence length
+
     def save(at_step: int, data_position: dict) -> None:
+        metrics.sync()  # the lines up to this checkpoint are on disk before it is
         if not _all_finite(params, ctx):  # never checkpoint a poisoned state (clipping off lets one through)
             raise TrainingDiverged(
                 f"the weights became non-finite by step {at_step}; stopped. {_last_finite(ckpt_root)}"
@@ -233,6 +266,7 @@ def run_training(
         )
 
     signals.install()
+    first = True
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -248,12 +282,13 @@ def run_training(
             batch = next(stream)
             # Normalise by the target tokens of the whole global step (see loss.py).
             num_items = torch.tensor(float(max(count_targets(batch["labels"]), 1)), device=device)
-            step_loss, step_tokens = 0.0, 0
+            micro_losses, step_tokens = [], 0
             micro = _micro_batches(batch, ctx, cfg.grad_accum)
             for k, mb in enumerate(micro):
                 weight = 1.0
                 if mb is None:  # no rows left for this micro-batch in a short last batch
                     mb, weight = {key: v[:1] for key, v in batch.items()}, 0.0
+                step_tokens += int(mb["attention_mask"].sum()) if weight else 0  # on the host batch
                 mb = {key: v.to(device) for key, v in mb.items()}
                 with _no_sync(objective, last=k == len(micro) - 1):
                     lm_loss = (
@@ -267,16 +302,26 @@ def run_training(
                     # DDP and FSDP average gradients over ranks; the loss is already a share of
                     # the global sum, so scale by the world size to get the sum's gradient.
                     (loss * ctx.world).backward()
-                step_loss += lm_loss.item()
-                step_tokens += int(mb["attention_mask"].sum()) if weight else 0
+                micro_losses.append(lm_loss.detach().float())
+            grad_norm, norm = None, None
+            if cfg.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+                norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
+            # One host sync a step for the loss and the norm together (the finiteness guard
+            # needs both before the optimiser step); summed in float64 in micro-batch order.
+            values = torch.stack(
+                micro_losses + ([norm.to(micro_losses[0].device)] if norm is not None else [])
+            )
+            values = values.tolist()
+            step_loss = 0.0
+            for v in values[: len(micro_losses)]:
+                step_loss += v
+            if norm is not None:
+                grad_norm = values[-1]
             stop_votes = (signals.signum == signal.SIGTERM, signals.signum == signal.SIGINT)
             if ctx.world > 1:  # the ranks agree on a signal stop through the sum they already make
                 step_loss, step_tokens, *stop_votes = ctx.sum(step_loss, step_tokens, *stop_votes)
                 step_tokens = int(step_tokens)
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not (math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)  # the step is not taken: weights stay finite
                 _diverged(step, step_loss, grad_norm, lambda: save(step, position), ckpt_root, params, ctx)
@@ -291,10 +336,17 @@ def run_training(
                 "loss": step_loss,
                 "lr": lr,
                 "tokens": tokens,
+                "step_tokens": step_tokens,
                 "seconds": round(seconds, 4),
                 "step_seconds": round(dt, 4),
                 "tokens_per_s": round(step_tokens / dt, 1),
             }
+            seq_len = int(batch["input_ids"].shape[1])
+            if seq_len not in flops_at:
+                flops_at[seq_len] = _flops_per_token(model, params, seq_len)
+            if flops_at[seq_len] is not None:
+                record["flops_per_token"] = flops_at[seq_len]
+                record["flops_per_s"] = round(step_tokens * flops_at[seq_len] / dt, 1)
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             for h in hooks:
@@ -305,8 +357,7 @@ def run_training(
                 record["eval_loss"], _ = evaluate_loss(
                     model, eval_data, stream.batch_size, eval_batches, device, ctx
                 )
-            if ctx.is_main:
-                append_jsonl(metrics_path, record)
+            metrics.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:,.0f}")
             stopped = next(
@@ -319,8 +370,12 @@ def run_training(
                 save(step, stream.state())
             if stopped:
                 break
+            if first:  # one whole step is now in the peak: the host heap can be sized for speed
+                first = False
+                relax_after_first_step(device)
     finally:
         signals.restore()
+        metrics.close()
         bar.close()
         for h in hooks:
             h.on_end(step)
