@@ -21,7 +21,7 @@ import torch
 
 from greentune.data.packing import BatchStream, PackedData
 from greentune.energy.factors import Factors
-from greentune.energy.hook import EnergyHook
+from greentune.train.energy_hook import EnergyHook
 from greentune.energy.ledger import Ledger
 from greentune.energy.meter import Meter
 from greentune.recipe import EnergyConfig, TrainConfig

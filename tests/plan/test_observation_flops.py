@@ -15,9 +15,8 @@ def test_observation_records_achieved_flops(tmp_path):
     hw = find_hardware("H100")
     facts = arch_facts(tiny_config("llama", vocab_size=300))
     t = Technique("lora")
-    cal = calibrate.record_observation(
-        hw, facts, t, 128, tokens=10_000, seconds=2.0, joules=1000.0, path=tmp_path / "cal.json"
-    )
+    run = calibrate.ObservedRun(tokens=10_000, seconds=2.0, joules=1000.0, seq_len=128)
+    cal = calibrate.record_observation(hw, facts, t, run, path=tmp_path / "cal.json")
     assert cal.achieved_flops == pytest.approx(5000 * flops_per_token(facts, t, 128, False))
     assert cal.utilisation == pytest.approx(cal.achieved_flops / hw.peak_flops)  # no dequantisation here
     assert calibrate.load_calibration(hw, tmp_path / "cal.json").achieved_flops == cal.achieved_flops

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 RELAX_FRACTION = 0.25
 RELAXED_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 ENV = "GREENTUNE_TRAIN_HEAP"  # auto (default) | flat | fast
+_M_TRIM_THRESHOLD = -1  # malloc.h
 
 
 def peak_rss_bytes() -> int:
@@ -68,6 +69,10 @@ def relax_after_first_step(device) -> str | None:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if not mallopt(heap._M_MMAP_THRESHOLD, RELAXED_THRESHOLD):
         return None
+    # A fixed mmap threshold switches off glibc's dynamic rule, which would also raise the trim
+    # threshold to twice it; without that, a freed temporary at the top of the heap is handed
+    # back to the OS (the 128 KB default) and faults in again, depending on the heap's layout.
+    mallopt(_M_TRIM_THRESHOLD, 2 * RELAXED_THRESHOLD)
     heap.fixed_threshold = RELAXED_THRESHOLD
     why = (
         f"{ENV}=fast"
