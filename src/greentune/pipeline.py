@@ -41,6 +41,7 @@ from greentune.moe.hook import MoEHook
 from greentune.ownership import RUN, check_run_dir, mark
 from greentune.quant import load_quantized
 from greentune.quant.dequantize import dequantize_model_
+from greentune.quant.save_merged import checkpoint_dtype, save_dequantized_
 from greentune.recipe import MoeConfig, Recipe, load_recipe
 from greentune.runlock import RunLock
 from greentune.train import checkpoint, distributed
@@ -172,13 +173,29 @@ TRAINED_BYTES = "trained-base.safetensors"
 
 
 def save_trained_bytes(path: Path, packed: dict[str, tuple]) -> None:
-    """The quantised base's block bytes (uint8) with their GGML types in the metadata."""
-    from safetensors.torch import save
+    """The quantised base's block bytes (uint8) with their GGML types in the metadata. Written
+    from the tensors to a temporary file and renamed (no in-memory copy of the whole file)."""
+    import os
 
-    from greentune.fsutil import atomic_write_bytes
+    from safetensors.torch import save_file
+
+    from greentune.errors import user_os_error
+    from greentune.fsutil import fsync_dir, temp_file_beside
 
     tensors = {k: v.contiguous() for k, (_, v) in packed.items()}
-    atomic_write_bytes(path, save(tensors, metadata={k: t.name for k, (t, _) in packed.items()}))
+    tmp = temp_file_beside(path)
+    try:
+        save_file(tensors, str(tmp), metadata={k: t.name for k, (t, _) in packed.items()})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        maybe_fault(f"write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise user_os_error(err, path) from None
+        raise
+    fsync_dir(path.parent)
 
 
 def load_trained_bytes(path: Path) -> dict[str, tuple]:
@@ -461,7 +478,7 @@ def _train(
         load_device = torch.device("cpu") if fsdp else device
         if quant != "none":
             with phases("quantise"):  # streams the checkpoint, quantising each weight as it arrives
-                model = load_quantized(base, quant).to(load_device)
+                model = load_quantized(base, quant, progress=progress and ctx.is_main).to(load_device)
         else:
             with phases("load"):
                 model = load_model(base, device=load_device, trust_remote_code=recipe.trust_remote_code)
@@ -488,7 +505,12 @@ def _train(
         if recipe.method.relora is not None:
             hooks.append(
                 ReLoRA(
-                    model, recipe.method.relora, tcfg.steps, phase=energy_hook.separate_phase, seed=tcfg.seed
+                    model,
+                    recipe.method.relora,
+                    tcfg.steps,
+                    phase=energy_hook.separate_phase,
+                    seed=tcfg.seed,
+                    progress=progress and ctx.is_main,
                 )
             )
         result = run_training(
@@ -542,13 +564,17 @@ def _train(
         with phases("merge"):
             fuse_all_(model)  # into a quantised base: dequantise → add → re-quantise
             fuse_expert_lora_(model)
-            trained_bytes = dequantize_model_(model)  # the block bytes the base was trained in
-            if trained_bytes:
-                save_trained_bytes(run_dir / TRAINED_BYTES, trained_bytes)
             merged_dir = run_dir / "merged"
             with atomic_dir(merged_dir) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                if quant != "none":  # one float layer at a time: the whole float model may not fit
+                    trained_bytes = save_dequantized_(model, tmp, checkpoint_dtype(base), progress=progress)
+                    model = None  # consumed (its layers are on the meta device): exports read merged/
+                else:
+                    trained_bytes = dequantize_model_(model)
+                    model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
+            if trained_bytes:  # the block bytes the base was trained in
+                save_trained_bytes(run_dir / TRAINED_BYTES, trained_bytes)
         out.outputs.update(adapter=str(adapter_dir), merged=str(merged_dir))
         for item in recipe.export:
             with phases("export"):

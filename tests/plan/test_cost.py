@@ -129,6 +129,8 @@ def test_memory_breakdown_lora_q4k_and_full(llama):
     assert f["weights"] + f["grads"] + f["optimizer"] == llama.total_params * 16  # 2 + 2 + 4 + 8
     c = memory_breakdown(llama, Technique("f", "full"), w, CPU)
     assert c["weights"] + c["grads"] + c["optimizer"] == llama.total_params * 16  # 4 + 4 + 8, fp32
+    # a CPU dequantises a block of rows at a time (quant.linear.CHUNK_WEIGHTS), never a whole matrix
+    assert memory_breakdown(llama, t, w, CPU)["dequant_transient"] == (1 << 20) * 4
 
 
 def test_estimate_time_energy_carbon_water(llama):
@@ -193,3 +195,10 @@ def test_upcycle_plans_the_moe_model(llama, mixtral):
 def test_bad_technique(kw, msg):
     with pytest.raises(UserError, match=msg):
         Technique("bad", **kw)
+
+
+def test_cpu_dequant_chunk_is_the_quantised_linears_own():
+    from greentune.plan.cost import CPU_DEQUANT_CHUNK_WEIGHTS
+    from greentune.quant.linear import CHUNK_WEIGHTS
+
+    assert CPU_DEQUANT_CHUNK_WEIGHTS == CHUNK_WEIGHTS

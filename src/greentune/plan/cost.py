@@ -75,6 +75,7 @@ TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
 OVERHEAD_BYTES = 1.0 * GB
+CPU_DEQUANT_CHUNK_WEIGHTS = 1 << 20  # greentune.quant.linear.CHUNK_WEIGHTS (plan/ imports no torch)
 FRAGMENTATION = 0.05
 SECONDS_PER_KWH = 3.6e6
 
@@ -275,7 +276,12 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
     act = toks * per_tok * b + logits
     act_ckpt = toks * (facts.layers * facts.hidden + largest) * b + logits
     transient = 0.0
-    if t.method != "full" and BPW[t.quant_base] is not None:
+    if t.method != "full" and BPW[t.quant_base] is not None and hw.kind == "cpu":
+        # a CPU rebuilds a quantised weight a block of rows at a time into one buffer per thread
+        # (greentune.quant.linear.CHUNK_WEIGHTS fp32 values), never a whole matrix: modelling a
+        # whole layer's fused experts here overstated a Mixtral-shaped run by 3.76 GB
+        transient = CPU_DEQUANT_CHUNK_WEIGHTS * 4.0  # 4 MB a thread: within the overhead
+    elif t.method != "full" and BPW[t.quant_base] is not None:
         per_tensor = [
             g.d_in * g.d_out * (2 * g.count // max(1, facts.moe_layers) if g.kind == "experts" else 1)
             for g in facts.linears
