@@ -57,7 +57,7 @@ SHAPES = dict(
     max_position_embeddings=32768,
     rms_norm_eps=1e-5,
 )
-VERSION = 1  # of the checkpoint writer: a change makes old checkpoints stale
+VERSION = 2  # of the checkpoint writer: a change makes old checkpoints stale
 
 
 # ---- the checkpoint ------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def _marker(layers: int, seed: int) -> dict:
     return {**spec, "hash": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]}
 
 
-def _layer_tensors(i: int, gen, std: float):
+def _layer_tensors(i: int):
     """(name, shape) of decoder layer `i` in HF's Mixtral layout."""
     h, inter, e = SHAPES["hidden_size"], SHAPES["intermediate_size"], SHAPES["num_local_experts"]
     hd = h // SHAPES["num_attention_heads"]
@@ -88,7 +88,32 @@ def _layer_tensors(i: int, gen, std: float):
         yield f"{q}.w3.weight", (inter, h), "randn"
 
 
-def _write_shard(path: Path, specs, gen, std: float) -> dict:
+POOL = 1 << 26  # normal values drawn once; every weight tensor is cut from it at random offsets
+
+
+def _pool(gen, std: float):
+    import torch
+
+    t = torch.empty(POOL + (1 << 20), dtype=torch.float32)
+    t.normal_(0.0, std, generator=gen)
+    return t.to(torch.bfloat16)
+
+
+def _fill(t, pool, gen) -> None:
+    """`t` (bf16) from `pool` in 1 M-value pieces at seeded random offsets: N(0, std) values, not
+    independent across pieces (irrelevant to what is measured), at disk speed, not at the ~10 M
+    values/s per core of drawing normals, so a 30 GB checkpoint takes minutes."""
+    import torch
+
+    flat = t.view(-1)
+    piece = 1 << 20
+    starts = torch.randint(0, POOL, ((flat.numel() + piece - 1) // piece,), generator=gen).tolist()
+    for i, s in enumerate(starts):
+        n = min(piece, flat.numel() - i * piece)
+        flat[i * piece : i * piece + n].copy_(pool[s : s + n])
+
+
+def _write_shard(path: Path, specs, gen, pool) -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -98,7 +123,7 @@ def _write_shard(path: Path, specs, gen, std: float) -> dict:
             tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
         else:
             t = torch.empty(shape, dtype=torch.bfloat16)
-            t.normal_(0.0, std, generator=gen)
+            _fill(t, pool, gen)
             tensors[name] = t
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -133,7 +158,7 @@ def build_checkpoint(model_dir: Path, layers: int, seed: int, force: bool) -> di
     )
     config.save_pretrained(model_dir)
     gen = torch.Generator().manual_seed(seed)
-    std = 0.02
+    pool = _pool(gen, 0.02)
     h, v = SHAPES["hidden_size"], SHAPES["vocab_size"]
     n = layers + 1
     weight_map, total = {}, 0
@@ -141,14 +166,14 @@ def build_checkpoint(model_dir: Path, layers: int, seed: int, force: bool) -> di
     for i in range(n):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         if i < layers:
-            specs = list(_layer_tensors(i, gen, std))
+            specs = list(_layer_tensors(i))
         else:
             specs = [
                 ("model.embed_tokens.weight", (v, h), "randn"),
                 ("model.norm.weight", (h,), "ones"),
                 ("lm_head.weight", (v, h), "randn"),
             ]
-        shapes = _write_shard(model_dir / name, specs, gen, std)
+        shapes = _write_shard(model_dir / name, specs, gen, pool)
         for k, s in shapes.items():
             weight_map[k] = name
             total += 2 * int(torch.Size(s).numel())
@@ -166,6 +191,13 @@ def build_checkpoint(model_dir: Path, layers: int, seed: int, force: bool) -> di
 def build_tokenizer(model_dir: Path):
     from greentune.demo import corpus
     from greentune.models import tiny
+
+    if (model_dir / "tokenizer.json").is_file():  # deterministic: the same texts, the same merges
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        if len(tok) == SHAPES["vocab_size"]:
+            return tok
 
     # docstrings alone give ~23.5 k merges; the stdlib's source code gives the rest
     texts = corpus.docstrings(limit_chars=12_000_000, part=None) + corpus.source_snippets(20_000_000)
@@ -259,9 +291,13 @@ class TreeRSS:
         return max((b for t, b in self.timeline if start <= t <= end), default=0)
 
 
+CACHE: Path | None = None  # GREENTUNE_CACHE of every command (set in main)
+
+
 def _env() -> dict:
     return {
         **os.environ,
+        **({"GREENTUNE_CACHE": str(CACHE)} if CACHE else {}),
         "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "PYTHONUNBUFFERED": "1",
     }
@@ -381,66 +417,80 @@ def planner_prediction(plan_stdout: str) -> dict:
 
 
 def table(report: dict) -> str:
-    """The markdown table: one row per phase (the train command's ledger phases indented)."""
+    """The markdown table: one row per phase (the train command's ledger phases indented), the
+    planner's memory and time (its own model, and after `plan --calibrate`) beside the measured."""
     res = report["results"]
-    plan = res.get("plan", {}).get("plan")
+    model = res.get("plan", {}).get("plan")
+    cal = res.get("plan_calibrated", {}).get("plan")
     lines = [
-        "| phase | wall | peak RSS | energy (ledger / meter) | planner predicted | measured |",
-        "|---|---:|---:|---:|---|---|",
+        "| phase | wall | peak RSS | energy (ledger / meter) | planner: model | planner: calibrated "
+        "| planner vs measured |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
 
     def j(x):
-        return f"{x / 3600:.2f} Wh ({x:,.0f} J)" if x is not None else "n/a"
+        return f"{x / 3600:.3f} Wh" if x is not None else "n/a"
 
-    if "plan" in res:
-        r = res["plan"]
-        lines.append(f"| `greentune plan` | {r['wall_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB | – | | |")
+    def row(label, wall, rss, joules, pm="", pc="", meas=""):
+        lines.append(f"| {label} | {wall:.1f} s | {rss:.2f} GiB | {j(joules)} | {pm} | {pc} | {meas} |")
+
+    for key, label in (("plan", "`greentune plan`"), ("calibrate", "`greentune plan --calibrate`")):
+        if key in res:
+            row(label, res[key]["wall_s"], res[key]["peak_rss_gib"], None)
+    if "plan_calibrated" in res:
+        row(
+            "`greentune plan` (calibrated)",
+            res["plan_calibrated"]["wall_s"],
+            res["plan_calibrated"]["peak_rss_gib"],
+            None,
+        )
     if "train" in res:
         r = res["train"]
         total = sum(d["joules"] for d in r["ledger"])
-        pm = pt = ""
-        if plan:
-            pm = f"peak {plan['memory_gb'] / GiB * 1e9:.2f} GiB"
-        lines.append(
-            f"| `greentune train` (whole command) | {r['wall_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB | "
-            f"{j(total)} | {pm} | peak {r['peak_rss_gib']:.2f} GiB "
-            f"({_pct(r['peak_rss_gib'], plan['memory_gb'] * 1e9 / GiB) if plan else ''}) |"
+        mem = [p["memory_gb"] * 1e9 / GiB if p else None for p in (model, cal)]
+        meas = " / ".join(_pct(r["peak_rss_gib"], m) for m in mem if m)
+        row(
+            "`greentune train` (whole command): peak memory",
+            r["wall_s"],
+            r["peak_rss_gib"],
+            total,
+            f"{mem[0]:.2f} GiB" if mem[0] else "",
+            f"{mem[1]:.2f} GiB" if mem[1] else "",
+            meas,
         )
         merges = 0
+        steps_s = sum(d["seconds"] for d in r["ledger"] if d["phase"] == "train")
         for d in r["ledger"]:
             name = d["phase"]
             if name == "merge":
                 merges += 1
-                name = (
-                    f"merge (ReLoRA, step {report['merge_every']})"
-                    if merges == 1
-                    else "merge (final → merged/)"
-                )
-            if d["phase"] == "train" and plan:
-                pt = f"{plan['train_seconds']:.0f} s"
-                meas = f"{d['seconds']:.0f} s ({_pct(d['seconds'], plan['train_seconds'])})"
-            else:
-                pt, meas = "", ""
-            lines.append(
-                f"| &nbsp;&nbsp;{name} | {d['seconds']:.1f} s | {d.get('peak_rss_gib', 0):.2f} GiB | "
-                f"{j(d['joules'])} | {pt} | {meas} |"
-            )
+                name = "merge (ReLoRA, in training)" if merges == 1 else "merge (final, writes merged/)"
+            row(f"&nbsp;&nbsp;{name}", d["seconds"], d.get("peak_rss_gib", 0.0), d["joules"])
+        relora = next((d["seconds"] for d in r["ledger"] if d["phase"] == "merge"), 0.0)
+        t = [p["train_seconds"] if p else None for p in (model, cal)]
+        train_rss = max((d.get("peak_rss_gib", 0.0) for d in r["ledger"] if d["phase"] == "train"), default=0)
+        lines.append(
+            f"| **training time** (steps + ReLoRA merge) | {steps_s + relora:.1f} s | {train_rss:.2f} GiB "
+            "| | "
+            + " | ".join(f"{x:.0f} s" if x else "" for x in t)
+            + " | "
+            + " / ".join(_pct(steps_s + relora, x) for x in t if x)
+            + " |"
+        )
     for key, label in (
         ("export", "`greentune export` (GGUF q4_k_m)"),
         ("llamacpp", "llama.cpp load + generate"),
     ):
         if key in res:
             r = res[key]
-            lines.append(
-                f"| {label} | {r['wall_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB | {j(r.get('joules'))} | | |"
-            )
+            row(label, r["wall_s"], r["peak_rss_gib"], r.get("joules"))
     return "\n".join(lines)
 
 
 def _pct(measured: float, predicted: float) -> str:
     if not predicted:
         return "n/a"
-    return f"planner {100 * (predicted - measured) / measured:+.0f} %"
+    return f"{100 * (predicted - measured) / measured:+.0f} %"
 
 
 # ---- the rehearsal -------------------------------------------------------------------------
@@ -470,6 +520,9 @@ def main() -> int:
     sys.path.insert(0, str(SRC))
 
     data_dir = args.data_dir.resolve()
+    global CACHE
+    CACHE = data_dir / "cache"  # kernels compiled once for all reruns; calibrations of its own
+    CACHE.mkdir(parents=True, exist_ok=True)
     model_dir = data_dir / f"mixtral-shaped-{args.layers}L"
     work = data_dir / f"work-{args.layers}L"
     work.mkdir(parents=True, exist_ok=True)
@@ -494,10 +547,21 @@ def main() -> int:
     results: dict[str, dict] = {}
 
     if "plan" not in skip:
-        r = run_phase("plan", [py, "-m", "greentune", "plan", str(recipe), "--json"], work / "plan.log", True)
+        # the planner's own model first (no calibration of this machine in the rehearsal's cache),
+        # then after `plan --calibrate` (what a user who calibrated gets)
+        (CACHE / "calibration.json").unlink(missing_ok=True)
+        plan_cmd = [py, "-m", "greentune", "plan", str(recipe), "--json"]
+        r = run_phase("plan", plan_cmd, work / "plan.log", True)
         if r["rc"] == 0:
             r["plan"] = planner_prediction(r.pop("stdout"))
         results["plan"] = r
+        if "calibrate" not in skip:
+            cal = [py, "-m", "greentune", "plan", "--calibrate"]
+            results["calibrate"] = run_phase("calibrate", cal, work / "calibrate.log")
+            r = run_phase("plan (calibrated)", plan_cmd, work / "plan-calibrated.log", True)
+            if r["rc"] == 0:
+                r["plan"] = planner_prediction(r.pop("stdout"))
+            results["plan_calibrated"] = r
     if "train" not in skip:
         if run_dir.exists():
             shutil.rmtree(run_dir)

@@ -443,7 +443,7 @@ def record_observation(
     a model of this family and width on this machine starts from what was measured.
     `store=False` only computes it.
     """
-    from greentune.plan.cost import Workload, dequant_seconds, flops_per_token
+    from greentune.plan.cost import Workload, dequant_seconds, flops_per_token, requant_seconds
 
     if seconds <= 0 or tokens <= 0:
         raise ValueError(f"need positive seconds and tokens, got {seconds}, {tokens}")
@@ -453,7 +453,8 @@ def record_observation(
     old = load_calibration(hw, path)
     rates = old.dequant_s_per_weight if old else {}
     w = Workload(tokens=int(tokens), seq_len=seq_len, micro_batch=max(1, micro_batch))
-    dq = min(dequant_seconds(facts, technique, w, hw, checkpointing, rates), 0.9 * seconds)
+    dq = dequant_seconds(facts, technique, w, hw, checkpointing, rates)
+    dq = min(dq + requant_seconds(facts, technique, w, hw), 0.9 * seconds)
     tps = tokens / seconds
     util = tokens * fpt / ((seconds - dq) * hw.peak_flops)
     power = (joules / seconds) if joules is not None else hw.power_w + hw.host_w

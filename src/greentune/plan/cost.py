@@ -75,6 +75,12 @@ TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
 OVERHEAD_BYTES = 1.0 * GB
+#: CPU-seconds per weight of greentune's native quantisers, one core (2-core AMD EPYC, 2026-12-02,
+#: `fmt.quantize` of a 2048×4096 fp32 weight, process time): Q4_K 57 M weights per CPU-second
+#: (its scale search), Q8_0 960 M, Q4_0 610 M, NF4 740 M. A ReLoRA merge into a quantised base
+#: re-quantises every adapted weight; the rehearsal at Mixtral 8x7B's shapes measured that merge at
+#: a third of the training time, which the 2·r·N merge FLOPs had put at nothing.
+QUANTISE_CPU_S_PER_WEIGHT = {"q4_k": 1 / 57e6, "q8_0": 1 / 960e6, "q4_0": 1 / 610e6, "nf4": 1 / 740e6}
 CPU_DEQUANT_CHUNK_WEIGHTS = 1 << 20  # greentune.quant.linear.CHUNK_WEIGHTS (plan/ imports no torch)
 FRAGMENTATION = 0.05
 SECONDS_PER_KWH = 3.6e6
@@ -178,6 +184,7 @@ class Estimate:
     kg_co2e: float
     water_l: float
     reasons: list[str] = field(default_factory=list)  # why it does not fit (empty: fits)
+    requant_seconds: float = 0.0  # ReLoRA merges re-quantising a quantised base (in `seconds`)
 
     @property
     def fits(self) -> bool:
@@ -365,6 +372,19 @@ def dequant_bytes(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, che
     )
 
 
+def requant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware) -> float:
+    """ReLoRA into a quantised base: each merge re-quantises every adapted weight (dequantise →
+    add → quantise); the quantiser's CPU-seconds per weight (`QUANTISE_CPU_S_PER_WEIGHT`) over
+    the CPU's cores. Not modelled on GPUs (the batched K-quant search there is not measured)."""
+    if t.method != "relora" or BPW[t.quant_base] is None or hw.kind != "cpu":
+        return 0.0
+    rate = QUANTISE_CPU_S_PER_WEIGHT.get(t.quant_base)
+    if rate is None:
+        return 0.0
+    _, _, n_targeted = lora_params(facts, t)
+    return (w.steps // t.merge_every) * n_targeted * rate / max(1, hw.cores or 1)
+
+
 def dequant_seconds(
     facts: ArchFacts,
     t: Technique,
@@ -419,7 +439,8 @@ def estimate(
     total_flops = fpt * w.tokens + merge_flops(facts, t, w)
     compute_s = total_flops / (devices * hw.peak_flops * u)
     dq_s = dequant_seconds(facts, t, w, hw, ckpt, dequant_s_per_weight) / devices
-    seconds = compute_s + dq_s
+    rq_s = requant_seconds(facts, t, w, hw) / devices
+    seconds = compute_s + dq_s + rq_s
     if measured_power_w is not None and devices == 1:
         power = float(measured_power_w)
     else:
@@ -451,6 +472,7 @@ def estimate(
         utilisation=u,
         compute_seconds=compute_s,
         dequant_seconds=dq_s,
+        requant_seconds=rq_s,
         seconds=seconds,
         power_w=power,
         peak_power_w=peak_power,

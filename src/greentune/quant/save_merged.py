@@ -35,15 +35,78 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 def _hub_names(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from transformers.core_model_loading import revert_weight_conversion
 
-    out = revert_weight_conversion(model, sd)
-    # reverted experts are views of one fused tensor: safetensors wants each its own storage
-    return {k: v if k in sd else v.detach().contiguous().clone() for k, v in out.items()}
+    return revert_weight_conversion(model, sd)
+
+
+_ST_DTYPE = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def _save_shard(sd: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+    """A safetensors file written tensor by tensor from `sd` as it is: the reverted experts are
+    views of one fused tensor, which `safetensors.torch.save_file` refuses (shared storage) and a
+    copy of each would double the layer in memory. Each expert's rows are contiguous already."""
+    names = sorted(sd)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for k in names:
+        t = sd[k]
+        n = t.numel() * t.element_size()
+        header[k] = {
+            "dtype": _ST_DTYPE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in names:
+            t = sd[k].detach().contiguous().reshape(-1)
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))
 
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+
+def _dequantize_experts_(layer: nn.Module, dtype: torch.dtype) -> dict[str, tuple]:
+    """`dequantize_model_`'s step for every `QuantExperts3D` of `layer`, one expert at a time into
+    the `dtype` result (not all experts in float32 first, 3.76 GB for one Mixtral layer's gate_up),
+    keeping the packed bytes themselves (the layer is dropped after it is written)."""
+    from greentune.quant.experts import QuantExperts3D
+
+    packed = {}
+    for name, module in list(layer.named_modules()):
+        if not isinstance(module, QuantExperts3D):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        weight = torch.empty(
+            (module.num_experts, module.out_features, module.in_features),
+            dtype=dtype,
+            device=module.qweight.device,
+        )
+        for e in range(module.num_experts):
+            weight[e].copy_(module.dequantize_expert(e))
+        if module.fmt.ggml_type is not None:
+            packed[name] = (module.fmt.ggml_type, module.qweight.detach())
+        del parent._modules[leaf]
+        weight = nn.Parameter(weight, requires_grad=False)
+        if hasattr(parent, "_set"):  # greentune.moe.SparseExperts
+            parent._set(leaf, weight)
+        else:
+            parent.register_parameter(leaf, weight)
+    return packed
 
 
 @torch.no_grad()
@@ -69,11 +132,12 @@ def save_dequantized_(
     bar = tqdm(total=n, desc="merged/ (dequantise, write)", unit="shard", disable=not progress)
     for i, layer in enumerate(layers):
         p = f"{prefix}{i}."
+        packed.update({p + k: v for k, v in _dequantize_experts_(layer, dtype).items()})
         packed.update({p + k: v for k, v in dequantize_model_(layer, dtype).items()})
         sd = {p + k: v.to(dtype) if v.is_floating_point() else v for k, v in layer.state_dict().items()}
+        layer.to("meta")  # its float tensors live on in `sd` alone until written; the model is consumed
         total += _write(model, sd, out_dir, i + 1, n, weight_map)
         del sd
-        layer.to("meta")  # its float tensors are freed; the model is consumed
         bar.update()
     packed.update(dequantize_model_(model, dtype))  # embedding, head: the layers are done
     layer_keys = f"{prefix}"
