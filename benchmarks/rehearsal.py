@@ -484,6 +484,21 @@ def table(report: dict) -> str:
         if key in res:
             r = res[key]
             row(label, r["wall_s"], r["peak_rss_gib"], r.get("joules"))
+    ram = report.get("machine", {}).get("ram_gib")
+    peak = max((r.get("peak_rss_gib", 0.0) for r in res.values()), default=0.0)
+    if ram:
+        lines.append("")
+        lines.append(
+            f"Peak RSS of any phase {peak:.2f} GiB = {100 * peak / ram:.0f} % of this machine's {ram:.1f} GiB "
+            f"(target ≤ 80 %); checkpoint {report['checkpoint']['bytes'] / 1e9:.1f} GB of bf16 "
+            f"({report['checkpoint']['bytes'] / GiB / ram:.2f}× the RAM)."
+        )
+    gen = res.get("llamacpp", {}).get("generated")
+    if gen:
+        lines.append(f"llama.cpp: `{gen}`")
+    src = {d.get("source") for d in res.get("train", {}).get("ledger", [])}
+    if src:
+        lines.append(f"Energy source: {', '.join(sorted(x for x in src if x))}.")
     return "\n".join(lines)
 
 
@@ -516,7 +531,13 @@ def main() -> int:
         help="delete the checkpoint once quantised (default: only when the disk cannot hold it and the run)",
     )
     ap.add_argument("--skip", default="", help="comma-separated phases to skip (plan,train,export,llamacpp)")
+    ap.add_argument(
+        "--table-from", type=Path, default=None, help="print the table of a results JSON, run nothing"
+    )
     args = ap.parse_args()
+    if args.table_from:
+        print(table(json.loads(args.table_from.read_text())))
+        return 0
     sys.path.insert(0, str(SRC))
 
     data_dir = args.data_dir.resolve()

@@ -36,7 +36,7 @@ from greentune.models.loader import (
     max_positions,
 )
 from greentune.models.support import check_family
-from greentune.moe import fuse_expert_lora_, prepare_moe_, upcycle
+from greentune.moe import prepare_moe_, upcycle
 from greentune.moe.hook import MoEHook
 from greentune.ownership import RUN, check_run_dir, mark
 from greentune.quant import load_quantized
@@ -398,6 +398,18 @@ def _rebuild_for_merge(base: str, recipe: Recipe, trained: dict[str, torch.Tenso
     return model
 
 
+def _fuse_experts_with_progress(model, progress: bool) -> None:
+    """`fuse_expert_lora_(model)` with a bar: into a quantised base each experts module is
+    dequantise → add → re-quantise, minutes for a Mixtral-sized model."""
+    from tqdm import tqdm
+
+    from greentune.moe.experts import sparse_experts
+
+    mods = [m for _, m in sparse_experts(model) if m.lora is not None]
+    for m in tqdm(mods, desc="merge expert LoRA", unit="layer", disable=not progress or not mods):
+        m.fuse(restart=False)
+
+
 def pin_base_model(recipe: Recipe) -> tuple[Recipe, str]:
     """(recipe with `base_model_commit` set for a Hub id, the local folder to load from)."""
     from greentune.models.hub import resolve_model
@@ -563,7 +575,7 @@ def _train(
         adapter_dir = save_adapter(model, run_dir / "adapter", lora.rank, lora.alpha, lora.dropout, base)
         with phases("merge"):
             fuse_all_(model)  # into a quantised base: dequantise → add → re-quantise
-            fuse_expert_lora_(model)
+            _fuse_experts_with_progress(model, progress)
             merged_dir = run_dir / "merged"
             with atomic_dir(merged_dir) as tmp:
                 if quant != "none":  # one float layer at a time: the whole float model may not fit
