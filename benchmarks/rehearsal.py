@@ -489,7 +489,7 @@ def table(report: dict) -> str:
     if ram:
         lines.append("")
         lines.append(
-            f"Peak RSS of any phase {peak:.2f} GiB = {100 * peak / ram:.0f} % of this machine's {ram:.1f} GiB "
+            f"Peak RSS of any phase {peak:.2f} GiB = {100 * peak / ram:.0f} % of the {ram:.1f} GiB RAM "
             f"(target ≤ 80 %); checkpoint {report['checkpoint']['bytes'] / 1e9:.1f} GB of bf16 "
             f"({report['checkpoint']['bytes'] / GiB / ram:.2f}× the RAM)."
         )
