@@ -29,7 +29,7 @@ def test_layer_by_layer_equals_whole_model_save(tmp_path, tiny_mixtral_dir):
     model = load_quantized(tiny_mixtral_dir, "q8_0")
     n_layers = model.config.num_hidden_layers
     (tmp_path / "new").mkdir()
-    packed = save_dequantized_(model, tmp_path / "new", torch.float32)
+    packed = save_dequantized_(model, tmp_path / "new", torch.float32, whole_bytes=0)
 
     assert packed.keys() == ref_packed.keys()
     for k, (t, data) in packed.items():
@@ -57,7 +57,7 @@ def test_gguf_from_the_folder_writes_the_fused_expert_training_bytes(tmp_path, t
     model = load_quantized(tiny_mixtral_dir, "q8_0")
     merged = tmp_path / "merged"
     merged.mkdir()
-    packed = save_dequantized_(model, merged, torch.float32)
+    packed = save_dequantized_(model, merged, torch.float32, whole_bytes=0)
     AutoTokenizer.from_pretrained(tiny_mixtral_dir).save_pretrained(merged)
     assert "model.layers.0.mlp.experts.gate_up_proj" in packed  # in-memory names, fused
 
@@ -75,3 +75,17 @@ def test_gguf_from_the_folder_writes_the_fused_expert_training_bytes(tmp_path, t
     down = packed["model.layers.0.mlp.experts.down_proj"][1].numpy()
     got = np.asarray(tensors["blk.0.ffn_down_exps.weight"].data).view(np.uint8).reshape(down.shape)
     assert np.array_equal(got, down)
+
+
+def test_a_small_model_is_written_whole(tmp_path, tiny_mixtral_dir):
+    from greentune.quant import load_quantized
+    from greentune.quant.save_merged import float_bytes, save_dequantized_
+
+    from transformers import AutoModelForCausalLM
+
+    model = load_quantized(tiny_mixtral_dir, "q8_0")
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.float32)
+    assert float_bytes(model, torch.float32) == 4 * sum(p.numel() for p in ref.parameters())
+    (tmp_path / "m").mkdir()
+    save_dequantized_(model, tmp_path / "m", torch.float32)
+    assert [p.name for p in (tmp_path / "m").glob("*.safetensors")] == ["model.safetensors"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -109,20 +110,45 @@ def _dequantize_experts_(layer: nn.Module, dtype: torch.dtype) -> dict[str, tupl
     return packed
 
 
+WHOLE_BYTES = 4 * 1024**3  # a float model up to this size is written whole, as save_pretrained does
+
+
+def float_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of `model`'s weights as `dtype` floats (quantised modules counted by their logical shape)."""
+    from greentune.quant.experts import QuantExperts3D
+    from greentune.quant.linear import PackedMatrix
+
+    size = torch.empty(0, dtype=dtype).element_size()
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedMatrix):
+            n += math.prod(m.weight_shape)
+        elif isinstance(m, QuantExperts3D):
+            n += m.num_experts * m.out_features * m.in_features
+        n += sum(p.numel() for p in m.parameters(recurse=False))
+    return n * size
+
+
 @torch.no_grad()
 def save_dequantized_(
-    model: nn.Module, out_dir: Path, dtype: torch.dtype, progress: bool = False
+    model: nn.Module,
+    out_dir: Path,
+    dtype: torch.dtype,
+    progress: bool = False,
+    whole_bytes: int = WHOLE_BYTES,
 ) -> dict[str, tuple]:
     """Write `model` (quantised modules and all) to `out_dir` as float `dtype` safetensors shards,
     one per decoder layer plus one for the rest, with config and index; return the block bytes as
-    `dequantize_model_` does (keyed by the in-memory state-dict names). Consumes the model."""
+    `dequantize_model_` does (keyed by the in-memory state-dict names). Consumes the model.
+    A model of at most `whole_bytes` as floats is dequantised whole and written by `save_pretrained`
+    (one `model.safetensors`, as before)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     layers = decoder_layers(model)
-    if layers is None:  # not a standard decoder stack: the whole model at once
+    if layers is None or float_bytes(model, dtype) <= whole_bytes:  # small, or not a decoder stack
         packed = dequantize_model_(model, dtype)
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
         return packed
     prefix = _prefix_of(model, layers)
     n = len(layers) + 1
