@@ -165,7 +165,8 @@ def test_relora_merges_and_multi_gpu(llama):
     lora = estimate(llama, Technique("l", "lora"), w, GPU, SITE, utilisation=0.5)
     relora = estimate(llama, Technique("r", "relora", merge_every=100), w, GPU, SITE, utilisation=0.5)
     adapted = lora_params(llama, Technique("r", "relora"))[2]
-    assert relora.total_flops - lora.total_flops == pytest.approx(2 * 16 * adapted * 10)
+    # 1000 steps, a merge after steps 100 … 900 (none after the last: the trainer's rule)
+    assert relora.total_flops - lora.total_flops == pytest.approx(2 * 16 * adapted * 9)
     two = estimate(llama, Technique("l", "lora"), w, GPU, SITE, devices=2, utilisation=0.5)
     assert two.seconds == pytest.approx(lora.seconds / 2)
     assert two.memory["weights"] == pytest.approx(lora.memory["weights"] / 2)
@@ -215,7 +216,7 @@ def test_relora_into_a_quantised_base_pays_the_quantiser_on_a_cpu(llama):
     cpu2 = replace(CPU, cores=2)
     e = estimate(llama, t, w, cpu2, SITE, utilisation=0.5)
     adapted = lora_params(llama, t)[2]
-    assert e.requant_seconds == pytest.approx(10 * adapted * QUANTISE_CPU_S_PER_WEIGHT["q4_k"] / 2)
+    assert e.requant_seconds == pytest.approx(9 * adapted * QUANTISE_CPU_S_PER_WEIGHT["q4_k"] / 2)
     assert e.seconds == pytest.approx(e.compute_seconds + e.dequant_seconds + e.requant_seconds)
     assert estimate(llama, t, w, GPU, SITE, utilisation=0.5).requant_seconds == 0.0
     assert (

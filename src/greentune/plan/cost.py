@@ -340,12 +340,18 @@ def flops_per_token(facts: ArchFacts, t: Technique, seq_len: int, checkpointing:
     return f
 
 
+def relora_merges(w: Workload, t: Technique) -> int:
+    """Merges in a run of `w.steps` steps: after every `merge_every`-th step but the last (the
+    trainer's own rule, `adapters.relora.ReLoRA.after_step`; the final merge is the export's)."""
+    return max(0, (w.steps - 1) // t.merge_every)
+
+
 def merge_flops(facts: ArchFacts, t: Technique, w: Workload) -> float:
-    """ReLoRA: 2·r·N_targeted FLOPs per merge (W += B·A for every adapted matrix), merges = steps // merge_every."""
+    """ReLoRA: 2·r·N_targeted FLOPs per merge (W += B·A for every adapted matrix), `relora_merges` merges."""
     if t.method != "relora":
         return 0.0
     _, _, n_targeted = lora_params(facts, t)
-    return 2.0 * t.rank * n_targeted * (w.steps // t.merge_every)
+    return 2.0 * t.rank * n_targeted * relora_merges(w, t)
 
 
 def dequant_weights(facts: ArchFacts, t: Technique, w: Workload, checkpointing: bool) -> float:
@@ -358,7 +364,7 @@ def dequant_weights(facts: ArchFacts, t: Technique, w: Workload, checkpointing: 
     total = w.micro_steps * passes * n_q
     if t.method == "relora":
         _, _, n_targeted = lora_params(facts, t)
-        total += (w.steps // t.merge_every) * 2 * n_targeted
+        total += relora_merges(w, t) * 2 * n_targeted
     return float(total)
 
 
@@ -382,7 +388,7 @@ def requant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware) -
     if rate is None:
         return 0.0
     _, _, n_targeted = lora_params(facts, t)
-    return (w.steps // t.merge_every) * n_targeted * rate / max(1, hw.cores or 1)
+    return relora_merges(w, t) * n_targeted * rate / max(1, hw.cores or 1)
 
 
 def dequant_seconds(
