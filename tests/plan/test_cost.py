@@ -209,14 +209,15 @@ def test_relora_into_a_quantised_base_pays_the_quantiser_on_a_cpu(llama):
     """Each merge re-quantises every adapted weight: the quantiser's CPU-seconds over the cores."""
     from dataclasses import replace
 
-    from greentune.plan.cost import QUANTISE_CPU_S_PER_WEIGHT
+    from greentune.plan.cost import MERGE_CPU_S_PER_WEIGHT, QUANTISE_CPU_S_PER_WEIGHT
 
     w = Workload(tokens=64 * 4 * 1000, seq_len=64, micro_batch=4)
     t = Technique("r", "relora", "q4_k", merge_every=100)
     cpu2 = replace(CPU, cores=2)
     e = estimate(llama, t, w, cpu2, SITE, utilisation=0.5)
     adapted = lora_params(llama, t)[2]
-    assert e.requant_seconds == pytest.approx(9 * adapted * QUANTISE_CPU_S_PER_WEIGHT["q4_k"] / 2)
+    rate = QUANTISE_CPU_S_PER_WEIGHT["q4_k"] + MERGE_CPU_S_PER_WEIGHT
+    assert e.requant_seconds == pytest.approx(9 * adapted * rate / 2)
     assert e.seconds == pytest.approx(e.compute_seconds + e.dequant_seconds + e.requant_seconds)
     assert estimate(llama, t, w, GPU, SITE, utilisation=0.5).requant_seconds == 0.0
     assert (

@@ -78,9 +78,12 @@ OVERHEAD_BYTES = 1.0 * GB
 #: CPU-seconds per weight of greentune's native quantisers, one core (2-core AMD EPYC, 2026-12-02,
 #: `fmt.quantize` of a 2048×4096 fp32 weight, process time): Q4_K 57 M weights per CPU-second
 #: (its scale search), Q8_0 960 M, Q4_0 610 M, NF4 740 M. A ReLoRA merge into a quantised base
-#: re-quantises every adapted weight; the rehearsal at Mixtral 8x7B's shapes measured that merge at
-#: a third of the training time, which the 2·r·N merge FLOPs had put at nothing.
+#: re-quantises every adapted weight, which the 2·r·N merge FLOPs had put at nothing.
 QUANTISE_CPU_S_PER_WEIGHT = {"q4_k": 1 / 57e6, "q8_0": 1 / 960e6, "q4_0": 1 / 610e6, "nf4": 1 / 740e6}
+#: The rest of a merge, per weight and CPU-second: dequantise, build each expert's B·A, add
+#: (`benchmarks/rehearsal.py`, 2026-12-02, quiet: one merge of 14.51 B Q4_K weights of a
+#: Mixtral-8x7B-shaped model took 285.5 s on 2 cores, 3.93e-8 CPU-s a weight, minus the quantiser's).
+MERGE_CPU_S_PER_WEIGHT = 2 * 285.5 / 14.512e9 - QUANTISE_CPU_S_PER_WEIGHT["q4_k"]
 CPU_DEQUANT_CHUNK_WEIGHTS = 1 << 20  # greentune.quant.linear.CHUNK_WEIGHTS (plan/ imports no torch)
 FRAGMENTATION = 0.05
 SECONDS_PER_KWH = 3.6e6
@@ -380,13 +383,14 @@ def dequant_bytes(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, che
 
 def requant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware) -> float:
     """ReLoRA into a quantised base: each merge re-quantises every adapted weight (dequantise →
-    add → quantise); the quantiser's CPU-seconds per weight (`QUANTISE_CPU_S_PER_WEIGHT`) over
-    the CPU's cores. Not modelled on GPUs (the batched K-quant search there is not measured)."""
+    add → quantise); the quantiser's CPU-seconds per weight (`QUANTISE_CPU_S_PER_WEIGHT`) plus
+    the rest of the merge (`MERGE_CPU_S_PER_WEIGHT`), over the CPU's cores. Not modelled on GPUs (the batched K-quant search there is not measured)."""
     if t.method != "relora" or BPW[t.quant_base] is None or hw.kind != "cpu":
         return 0.0
     rate = QUANTISE_CPU_S_PER_WEIGHT.get(t.quant_base)
     if rate is None:
         return 0.0
+    rate += MERGE_CPU_S_PER_WEIGHT
     _, _, n_targeted = lora_params(facts, t)
     return relora_merges(w, t) * n_targeted * rate / max(1, hw.cores or 1)
 
