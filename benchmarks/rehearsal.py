@@ -220,7 +220,15 @@ def write_data(work: Path, rows_train: int, rows_eval: int) -> tuple[Path, Path]
     return train, held
 
 
-def write_recipe(work: Path, model_dir: Path, train: Path, held: Path, steps: int, merge_every: int) -> Path:
+def write_recipe(
+    work: Path,
+    model_dir: Path,
+    train: Path,
+    held: Path,
+    steps: int,
+    merge_every: int,
+    no_savings: bool = False,
+) -> Path:
     import yaml
 
     recipe = {
@@ -241,6 +249,8 @@ def write_recipe(work: Path, model_dir: Path, train: Path, held: Path, steps: in
             "activation_checkpointing": True,
         },
     }
+    if no_savings:  # the source is deleted once quantised; the savings step re-checks it
+        recipe["energy"] = {"measure_savings": False}
     path = work / "rehearsal.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -528,7 +538,8 @@ def main() -> int:
     ap.add_argument(
         "--drop-source",
         action="store_true",
-        help="delete the checkpoint once quantised (default: only when the disk cannot hold it and the run)",
+        help="delete the checkpoint once quantised (for a disk that cannot hold it beside the run; "
+        "turns the savings step off)",
     )
     ap.add_argument("--skip", default="", help="comma-separated phases to skip (plan,train,export,llamacpp)")
     ap.add_argument(
@@ -558,7 +569,9 @@ def main() -> int:
 
     ram = psutil.virtual_memory().total
     train_txt, eval_txt = write_data(work, args.steps, 2)
-    recipe = write_recipe(work, model_dir, train_txt, eval_txt, args.steps, args.merge_every)
+    recipe = write_recipe(
+        work, model_dir, train_txt, eval_txt, args.steps, args.merge_every, args.drop_source
+    )
     run_dir = work / "run"
     gguf = work / "model-q4_k_m.gguf"
     skip = set(filter(None, args.skip.split(",")))
@@ -588,9 +601,14 @@ def main() -> int:
             shutil.rmtree(run_dir)
         free = shutil.disk_usage(data_dir).free
         need = int(ckpt_bytes * (1.0 + 0.30 * 2 + 0.30) * 1.05)  # merged/ + training bytes + checkpoint
-        if args.drop_source or free < need:
-            print(f"free disk {free / 1e9:.1f} GB < {need / 1e9:.1f} GB: the source goes after quantising")
+        if args.drop_source:
             drop_source_after_quantise(run_dir, model_dir)
+        elif free < need:
+            print(
+                f"warning: free disk {free / 1e9:.1f} GB < the run's {need / 1e9:.1f} GB; --drop-source "
+                "deletes "
+                "the source once quantised (and turns the savings step off: it re-checks the base folder)"
+            )
         results["train"] = run_phase(
             "train",
             [py, "-m", "greentune", "train", str(recipe), "--run-dir", str(run_dir)],
