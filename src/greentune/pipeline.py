@@ -34,6 +34,7 @@ from greentune.ownership import check_run_dir
 from greentune.plan.observed import record_for_planner_optional
 from greentune.quant.base import load_base
 from greentune.quant.dequantize import dequantize_model_
+from greentune.quant.save_merged import checkpoint_dtype, save_dequantized_
 from greentune.recipe import Recipe, load_recipe
 from greentune.report import write_report
 from greentune.report.summary import RunResult
@@ -63,6 +64,7 @@ class _Run:
     adapters: Adapters | None = None
     checkpointing: object = None  # activation checkpointing as applied
     first_batch: dict | None = None  # what the savings counterfactual trains on
+    progress: bool = True  # bars on the long phases (rank 0 only)
 
 
 def train(
@@ -78,7 +80,7 @@ def train(
         recipe, base = check_inputs(recipe, run_dir, resume, job)
         tokenizer, train_data, eval_data = load_data(recipe, base, progress)
         with claimed(run_dir, recipe, resume, ctx), Phases(run_dir, recipe, ctx) as phases:
-            r = _Run(recipe, RunDir(run_dir), job, phases, base, job.device())
+            r = _Run(recipe, RunDir(run_dir), job, phases, base, job.device(), progress=progress and job.is_main)
             model = attach_to(r, load_frozen_base(r, upcycle_base(r)))
             out = fit(r, model, train_data, eval_data, resume, progress)
             if out.stopped:
@@ -89,7 +91,10 @@ def train(
             if trained is not None:  # FSDP sharded the model: rank 0 rebuilds its own copy
                 del model
                 model = rebuild_for_merge(r, trained)
-            export(r, model, tokenizer, merge(r, model, tokenizer, out), out)
+            trained_bytes = merge(r, model, tokenizer, out)
+            if trained_bytes:  # `merge` wrote it out layer by layer: the exports read merged/
+                model = None
+            export(r, model, tokenizer, trained_bytes, out)
             del model
             account(r, base, out)
             return out
@@ -137,7 +142,7 @@ def load_frozen_base(r: _Run, base: str) -> torch.nn.Module:
     r.base, fmt = base, r.recipe.method.quant_base
     torch.manual_seed(r.recipe.train.seed)  # the same adapter initialisation on every rank
     with r.phases("quantise" if fmt != DEFAULT_BASE_FORMAT else "load"):
-        return load_base(base, fmt, r.job.load_device(r.device), r.recipe.trust_remote_code)
+        return load_base(base, fmt, r.job.load_device(r.device), r.recipe.trust_remote_code, r.progress)
 
 
 def attach_to(r: _Run, model: torch.nn.Module) -> torch.nn.Module:
@@ -161,7 +166,8 @@ def fit(r: _Run, model, train_data, eval_data, resume: bool, progress: bool) -> 
     energy = EnergyHook(r.phases.meter, r.phases.ledger, e.interval_steps, e.budget_kwh, ctx=ctx)
     hooks = [energy] + ([MoEHook(monitor)] if monitor is not None else [])
     if r.recipe.method.relora is not None:
-        hooks.append(ReLoRA(model, r.recipe.method.relora, tcfg.steps, energy.separate_phase, tcfg.seed))
+        relora = r.recipe.method.relora
+        hooks.append(ReLoRA(model, relora, tcfg.steps, energy.separate_phase, tcfg.seed, progress=r.progress))
     result = run_training(
         model, stream, tcfg, r.run.path, hooks=hooks, eval_data=eval_data, device=r.device, ctx=ctx,
         resume=resume, progress=progress,
@@ -197,13 +203,16 @@ def merge(r: _Run, model, tokenizer, out: RunResult) -> dict:
     lora = r.recipe.method.lora
     adapter_dir = save_adapter(model, r.run.adapter, lora.rank, lora.alpha, lora.dropout, r.base)
     with r.phases("merge"):
-        fuse_adapters_(model)  # into a quantised base: dequantise → add → re-quantise
-        trained_bytes = dequantize_model_(model)
-        if trained_bytes:
-            save_trained_bytes(r.run.trained_bytes, trained_bytes)
+        fuse_adapters_(model, progress=r.progress)  # into a quantised base: dequantise → add → re-quantise
         with atomic_dir(r.run.merged) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if r.recipe.method.quant_base != DEFAULT_BASE_FORMAT:  # one float layer at a time
+                trained_bytes = save_dequantized_(model, tmp, checkpoint_dtype(r.base), progress=r.progress)
+            else:
+                trained_bytes = dequantize_model_(model)
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+        if trained_bytes:  # the block bytes the base was trained in
+            save_trained_bytes(r.run.trained_bytes, trained_bytes)
     out.outputs.update(adapter=str(adapter_dir), merged=str(r.run.merged))
     return trained_bytes
 

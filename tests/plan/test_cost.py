@@ -129,6 +129,8 @@ def test_memory_breakdown_lora_q4k_and_full(llama):
     assert f["weights"] + f["grads"] + f["optimizer"] == llama.total_params * 16  # 2 + 2 + 4 + 8
     c = memory_breakdown(llama, Technique("f", "full"), w, CPU)
     assert c["weights"] + c["grads"] + c["optimizer"] == llama.total_params * 16  # 4 + 4 + 8, fp32
+    # a CPU dequantises a block of rows at a time (quant.linear.CHUNK_WEIGHTS), never a whole matrix
+    assert memory_breakdown(llama, t, w, CPU)["dequant_transient"] == (1 << 20) * 4
 
 
 def test_estimate_time_energy_carbon_water(llama):
@@ -163,7 +165,8 @@ def test_relora_merges_and_multi_gpu(llama):
     lora = estimate(llama, Technique("l", "lora"), w, GPU, SITE, utilisation=0.5)
     relora = estimate(llama, Technique("r", "relora", merge_every=100), w, GPU, SITE, utilisation=0.5)
     adapted = lora_params(llama, Technique("r", "relora"))[2]
-    assert relora.total_flops - lora.total_flops == pytest.approx(2 * 16 * adapted * 10)
+    # 1000 steps, a merge after steps 100 … 900 (none after the last: the trainer's rule)
+    assert relora.total_flops - lora.total_flops == pytest.approx(2 * 16 * adapted * 9)
     two = estimate(llama, Technique("l", "lora"), w, GPU, SITE, devices=2, utilisation=0.5)
     assert two.seconds == pytest.approx(lora.seconds / 2)
     assert two.memory["weights"] == pytest.approx(lora.memory["weights"] / 2)
@@ -193,3 +196,30 @@ def test_upcycle_plans_the_moe_model(llama, mixtral):
 def test_bad_technique(kw, msg):
     with pytest.raises(UserError, match=msg):
         Technique("bad", **kw)
+
+
+def test_cpu_dequant_chunk_is_the_quantised_linears_own():
+    from greentune.plan.cost import CPU_DEQUANT_CHUNK_WEIGHTS
+    from greentune.quant.linear import CHUNK_WEIGHTS
+
+    assert CPU_DEQUANT_CHUNK_WEIGHTS == CHUNK_WEIGHTS
+
+
+def test_relora_into_a_quantised_base_pays_the_quantiser_on_a_cpu(llama):
+    """Each merge re-quantises every adapted weight: the quantiser's CPU-seconds over the cores."""
+    from dataclasses import replace
+
+    from greentune.plan.cost import MERGE_CPU_S_PER_WEIGHT, QUANTISE_CPU_S_PER_WEIGHT
+
+    w = Workload(tokens=64 * 4 * 1000, seq_len=64, micro_batch=4)
+    t = Technique("r", "relora", "q4_k", merge_every=100)
+    cpu2 = replace(CPU, cores=2)
+    e = estimate(llama, t, w, cpu2, SITE, utilisation=0.5)
+    adapted = lora_params(llama, t)[2]
+    rate = QUANTISE_CPU_S_PER_WEIGHT["q4_k"] + MERGE_CPU_S_PER_WEIGHT
+    assert e.requant_seconds == pytest.approx(9 * adapted * rate / 2)
+    assert e.seconds == pytest.approx(e.compute_seconds + e.dequant_seconds + e.requant_seconds)
+    assert estimate(llama, t, w, GPU, SITE, utilisation=0.5).requant_seconds == 0.0
+    assert (
+        estimate(llama, Technique("l", "lora", "q4_k"), w, cpu2, SITE, utilisation=0.5).requant_seconds == 0.0
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from greentune.adapters.expert_lora import add_expert_lora_, fuse_expert_lora_
+from greentune.adapters.expert_lora import add_expert_lora_
 from greentune.adapters.lora import apply_lora, fuse_all_
 from greentune.moe.prepare import prepare_moe_
 from greentune.moe.router import RouterMonitor
@@ -44,7 +44,16 @@ def attach_adapters(model: nn.Module, lora: LoraConfig, moe: MoeConfig | None = 
     return Adapters(wrapped, monitor)
 
 
-def fuse_adapters_(model: nn.Module) -> int:
+def fuse_adapters_(model: nn.Module, progress: bool = False) -> int:
     """Merge every LoRA update (dense and expert) into its base and drop the adapters; for a
-    quantised base that is dequantise → add → re-quantise. Returns the modules fused."""
-    return fuse_all_(model) + fuse_expert_lora_(model)
+    quantised base that is dequantise → add → re-quantise (minutes for a Mixtral-sized model's
+    experts, so with a bar per layer). Returns the modules fused."""
+    from tqdm import tqdm
+
+    from greentune.moe.experts import sparse_experts
+
+    fused = fuse_all_(model)
+    mods = [m for _, m in sparse_experts(model) if m.lora is not None]
+    for m in tqdm(mods, desc="merge expert LoRA", unit="layer", disable=not progress or not mods):
+        m.fuse(restart=False)
+    return fused + len(mods)

@@ -23,11 +23,12 @@ import logging
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 from torch import nn
 
-from greentune.adapters.expert_lora import ExpertLoRA, fuse_expert_lora_
+from greentune.adapters.expert_lora import ExpertLoRA
 from greentune.adapters.lora import LoRALinear, lora_modules
-from greentune.moe.experts import SparseExperts
+from greentune.moe.experts import SparseExperts, sparse_experts
 from greentune.recipe import ReloraConfig
 from greentune.train.hooks import TrainHook
 from greentune.train.schedule import restart_factor
@@ -74,9 +75,17 @@ def prune_adam_moments_(optimizer: torch.optim.Optimizer, params: list[nn.Parame
 class ReLoRA(TrainHook):
     """The merge-and-restart hook; `phase` (optional) wraps each merge as its own energy phase."""
 
-    def __init__(self, model: nn.Module, config: ReloraConfig, total_steps: int, phase=None, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ReloraConfig,
+        total_steps: int,
+        phase=None,
+        seed: int = 0,
+        progress: bool = False,
+    ):
         self.model, self.config, self.total_steps = model, config, total_steps
-        self.phase, self.seed = phase, seed
+        self.phase, self.seed, self.progress = phase, seed, progress
         self.merges = 0
 
     def lr_factor(self, step: int) -> float:
@@ -91,7 +100,7 @@ class ReLoRA(TrainHook):
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed * 1_000_003 + step)
-                merged = merge_and_restart_(self.model)
+                merged = merge_and_restart_(self.model, progress=self.progress)
             zeroed = prune_adam_moments_(optimizer, lora_parameters(self.model), self.config.optimizer_prune)
         self.merges += 1
         log.info(
@@ -154,12 +163,19 @@ class _ExpertWeights(nn.Module):
 
 
 @torch.no_grad()
-def merge_and_restart_(model: nn.Module) -> int:
-    """Fuse every LoRA update into its base and re-initialise the factors; returns modules merged."""
-    count = 0
-    for m in lora_modules(model).values():
+def merge_and_restart_(model: nn.Module, progress: bool = False) -> int:
+    """Fuse every LoRA update into its base and re-initialise the factors; returns modules merged.
+    `progress`: a bar over the modules (into a quantised base each is dequantise → add →
+    re-quantise: minutes for a large model)."""
+    modules = list(lora_modules(model).values())
+    experts = [m for _, m in sparse_experts(model) if m.lora is not None]
+    bar = tqdm(total=len(modules) + len(experts), desc="ReLoRA merge", unit="module", disable=not progress)
+    for m in modules:
         m.fuse_()
         m.reset_lora_()
-        count += 1
-    count += fuse_expert_lora_(model, restart=True)
-    return count
+        bar.update()
+    for m in experts:  # as fuse_expert_lora_(model, restart=True), one experts module at a time
+        m.fuse(restart=True)
+        bar.update()
+    bar.close()
+    return len(modules) + len(experts)

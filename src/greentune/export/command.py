@@ -25,7 +25,6 @@ from greentune.models.loader import (
     check_model_dir,
     check_weights_match,
     load_config,
-    load_model,
     load_tokenizer,
     resolve_model_dir,
 )
@@ -67,8 +66,9 @@ def export_target(target: Path, fmt: str, quant: str | None, out: Path | None) -
         family_of(config.to_dict())
     check_weights_match(model_dir, config)  # the writers stream tensors: check them first
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir) if prequantized else None  # else the writer streams the folder
-    return [export_model(model, tokenizer, model_dir, out, item.format, item.quant, prequantized)]
+    # the writer streams the folder (the training bytes matched to its tensor names): a whole
+    # float model in memory may not fit (a 14.8 B model is 59 GB in float32)
+    return [export_model(None, tokenizer, model_dir, out, item.format, item.quant, prequantized)]
 
 
 def _check_out(out: Path, fmt: str) -> None:

@@ -263,7 +263,10 @@ def _write_all(
     state = State.HEADER
     n_params = 0
     n_bytes = 0
-    for t in tensors:
+    from tqdm import tqdm
+
+    # a bar on a terminal only (disable=None): a 14.8 B model's GGUF is minutes of reading and writing
+    for t in tqdm(tensors, desc=f"write {path.name}", unit="tensor", disable=None, leave=False):
         assert state in (State.HEADER, State.TENSORS), f"expected header or tensors, got {state}"
         gtype = types[t.name]
         value = t.load()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -137,7 +138,7 @@ class ModelSource:
         self._names = set(shapes)
         self._get = getter
         self.origin = origin
-        self._pre: dict[str, tuple] = dict(prequantized or {})
+        self._pre: dict[str, tuple] = _on_disk_names(dict(prequantized or {}), self._shapes)
         unknown = sorted(set(self._pre) - self._names)
         if unknown:
             raise UserError(f"prequantized tensor {unknown[0]!r} is not a tensor of {origin}")
@@ -290,6 +291,47 @@ _FUSED = (
     ("{p}.block_sparse_moe.experts.gate_up_proj", "{p}.block_sparse_moe.experts.down_proj"),
     ("{p}.block_sparse_moe.input_linear.weight", "{p}.block_sparse_moe.output_linear.weight"),
 )
+
+
+_FUSED_IN_MEMORY = re.compile(r"^(?P<p>.+\.layers\.\d+)\.mlp\.experts\.(?P<w>gate_up_proj|down_proj)$")
+# per-expert names on disk of (gate, up, down), as `expert_sources` reads them
+_PER_EXPERT = (
+    ("{p}.block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
+    ("{p}.mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+)
+
+
+def _on_disk_names(pre: dict[str, tuple], shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """`pre` with in-memory fused expert names (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj``)
+    split into the per-expert names a folder written by `save_pretrained` holds instead (gate rows
+    first, then up; a block never crosses a row), so block bytes kept from training match a model
+    folder without loading the model. Names the folder has, or that are not fused experts, stay."""
+    out = {}
+    for name, (gtype, data) in pre.items():
+        m = _FUSED_IN_MEMORY.match(name)
+        if name in shapes or m is None:
+            out[name] = (gtype, data)
+            continue
+        for base, kinds in _PER_EXPERT:
+            first = base.format(p=m["p"], e=0) + kinds[0] + ".weight"
+            if first in shapes:
+                break
+        else:
+            out[name] = (gtype, data)  # reported as unknown below
+            continue
+        data = data.detach().cpu() if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
+        n_exp = data.shape[0]
+        per = data.reshape(n_exp, -1)
+        for e in range(n_exp):
+            prefix = base.format(p=m["p"], e=e)
+            if m["w"] == "down_proj":
+                out[prefix + kinds[2] + ".weight"] = (gtype, per[e])
+                continue
+            rows = shapes[prefix + kinds[0] + ".weight"][0] * 2
+            halves = per[e].reshape(rows, -1)
+            out[prefix + kinds[0] + ".weight"] = (gtype, halves[: rows // 2])
+            out[prefix + kinds[1] + ".weight"] = (gtype, halves[rows // 2 :])
+    return out
 
 
 def _load_tokenizer(model_dir: Path):

@@ -11,18 +11,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-from safetensors import safe_open
-from safetensors.torch import save
+import os
 
-from greentune.errors import UserError
-from greentune.fsutil import atomic_write_bytes
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from greentune.errors import UserError, user_os_error
+from greentune.faults import maybe_fault
+from greentune.fsutil import fsync_dir, temp_file_beside
 from greentune.models.safetensors_header import read_header
 
 
 def save_trained_bytes(path: Path, packed: dict[str, tuple]) -> None:
-    """The quantised base's block bytes (uint8) with their GGML types in the metadata."""
+    """The quantised base's block bytes (uint8) with their GGML types in the metadata. Written
+    from the tensors to a temporary file and renamed (no in-memory copy of the whole file)."""
     tensors = {k: v.contiguous() for k, (_, v) in packed.items()}
-    atomic_write_bytes(path, save(tensors, metadata={k: t.name for k, (t, _) in packed.items()}))
+    tmp = temp_file_beside(path)
+    try:
+        save_file(tensors, str(tmp), metadata={k: t.name for k, (t, _) in packed.items()})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        maybe_fault(f"write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise user_os_error(err, path) from None
+        raise
+    fsync_dir(path.parent)
 
 
 def load_trained_bytes(path: Path) -> dict[str, tuple]:

@@ -456,7 +456,7 @@ def record_observation(
     a model of this family and width on this machine starts from what was measured.
     `store=False` only computes it.
     """
-    from greentune.plan.cost import Workload, dequant_seconds, flops_per_token
+    from greentune.plan.cost import Workload, dequant_seconds, flops_per_token, requant_seconds
 
     tokens, seconds, joules, seq_len = run.tokens, run.seconds, run.joules, run.seq_len
     power_source, micro_batch = run.power_source, run.micro_batch
@@ -468,7 +468,8 @@ def record_observation(
     old = load_calibration(hw, path)
     rates = old.dequant_s_per_weight if old else {}
     w = Workload(tokens=int(tokens), seq_len=seq_len, micro_batch=max(1, micro_batch))
-    dq = min(dequant_seconds(facts, technique, w, hw, checkpointing, rates), 0.9 * seconds)
+    dq = dequant_seconds(facts, technique, w, hw, checkpointing, rates)
+    dq = min(dq + requant_seconds(facts, technique, w, hw), 0.9 * seconds)
     tps = tokens / seconds
     util = tokens * fpt / ((seconds - dq) * hw.peak_flops)
     power = (joules / seconds) if joules is not None else hw.power_w + hw.host_w

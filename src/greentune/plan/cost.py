@@ -70,6 +70,16 @@ TARGET_KINDS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("experts",)}
 DEFAULT_UTILISATION = {"gpu": 0.35, "apple": 0.25, "cpu": 0.30}
 DEFAULT_LOAD = {"gpu": 0.8, "apple": 0.8, "cpu": 1.0}
 OVERHEAD_BYTES = 1.0 * GB
+#: CPU-seconds per weight of greentune's native quantisers, one core (2-core AMD EPYC, 2026-12-02,
+#: `fmt.quantize` of a 2048×4096 fp32 weight, process time): Q4_K 57 M weights per CPU-second
+#: (its scale search), Q8_0 960 M, Q4_0 610 M, NF4 740 M. A ReLoRA merge into a quantised base
+#: re-quantises every adapted weight, which the 2·r·N merge FLOPs had put at nothing.
+QUANTISE_CPU_S_PER_WEIGHT = {"q4_k": 1 / 57e6, "q8_0": 1 / 960e6, "q4_0": 1 / 610e6, "nf4": 1 / 740e6}
+#: The rest of a merge, per weight and CPU-second: dequantise, build each expert's B·A, add
+#: (`benchmarks/rehearsal.py`, 2026-12-02, quiet: one merge of 14.51 B Q4_K weights of a
+#: Mixtral-8x7B-shaped model took 285.5 s on 2 cores, 3.93e-8 CPU-s a weight, minus the quantiser's).
+MERGE_CPU_S_PER_WEIGHT = 2 * 285.5 / 14.512e9 - QUANTISE_CPU_S_PER_WEIGHT["q4_k"]
+CPU_DEQUANT_CHUNK_WEIGHTS = 1 << 20  # greentune.quant.linear.CHUNK_WEIGHTS (plan/ imports no torch)
 FRAGMENTATION = 0.05
 SECONDS_PER_KWH = 3.6e6
 
@@ -217,6 +227,7 @@ class Estimate:
     kg_co2e: float
     water_l: float
     reasons: list[str] = field(default_factory=list)  # why it does not fit (empty: fits)
+    requant_seconds: float = 0.0  # ReLoRA merges re-quantising a quantised base (in `seconds`)
 
     @property
     def fits(self) -> bool:
@@ -319,7 +330,12 @@ def memory_breakdown(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, 
     act = toks * per_tok * b + logits
     act_ckpt = toks * (facts.layers * facts.hidden + largest) * b + logits
     transient = 0.0
-    if t.method != "full" and BPW[t.quant_base] is not None:
+    if t.method != "full" and BPW[t.quant_base] is not None and hw.kind == "cpu":
+        # a CPU rebuilds a quantised weight a block of rows at a time into one buffer per thread
+        # (greentune.quant.linear.CHUNK_WEIGHTS fp32 values), never a whole matrix: modelling a
+        # whole layer's fused experts here overstated a Mixtral-shaped run by 3.76 GB
+        transient = CPU_DEQUANT_CHUNK_WEIGHTS * 4.0  # 4 MB a thread: within the overhead
+    elif t.method != "full" and BPW[t.quant_base] is not None:
         per_tensor = [
             g.d_in * g.d_out * (2 * g.count // max(1, facts.moe_layers) if g.kind == "experts" else 1)
             for g in facts.linears
@@ -371,12 +387,18 @@ def flops_per_token(facts: ArchFacts, t: Technique, seq_len: int, checkpointing:
     return f
 
 
+def relora_merges(w: Workload, t: Technique) -> int:
+    """Merges in a run of `w.steps` steps: after every `merge_every`-th step but the last (the
+    trainer's own rule, `adapters.relora.ReLoRA.after_step`; the final merge is the export's)."""
+    return max(0, (w.steps - 1) // t.merge_every)
+
+
 def merge_flops(facts: ArchFacts, t: Technique, w: Workload) -> float:
-    """ReLoRA: 2·r·N_targeted FLOPs per merge (W += B·A for every adapted matrix), merges = steps // merge_every."""
+    """ReLoRA: 2·r·N_targeted FLOPs per merge (W += B·A for every adapted matrix), `relora_merges` merges."""
     if t.method != "relora":
         return 0.0
     _, _, n_targeted = lora_params(facts, t)
-    return 2.0 * t.rank * n_targeted * (w.steps // t.merge_every)
+    return 2.0 * t.rank * n_targeted * relora_merges(w, t)
 
 
 def dequant_weights(facts: ArchFacts, t: Technique, w: Workload, checkpointing: bool) -> float:
@@ -389,7 +411,7 @@ def dequant_weights(facts: ArchFacts, t: Technique, w: Workload, checkpointing: 
     total = w.micro_steps * passes * n_q
     if t.method == "relora":
         _, _, n_targeted = lora_params(facts, t)
-        total += (w.steps // t.merge_every) * 2 * n_targeted
+        total += relora_merges(w, t) * 2 * n_targeted
     return float(total)
 
 
@@ -401,6 +423,20 @@ def dequant_bytes(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, che
     return dequant_weights(facts, t, w, checkpointing) * (
         BPW[t.quant_base] / 8 + 2 * DTYPE_BYTES[hw.compute_dtype]
     )
+
+
+def requant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware) -> float:
+    """ReLoRA into a quantised base: each merge re-quantises every adapted weight (dequantise →
+    add → quantise); the quantiser's CPU-seconds per weight (`QUANTISE_CPU_S_PER_WEIGHT`) plus
+    the rest of the merge (`MERGE_CPU_S_PER_WEIGHT`), over the CPU's cores. Not modelled on GPUs (the batched K-quant search there is not measured)."""
+    if t.method != "relora" or BPW[t.quant_base] is None or hw.kind != "cpu":
+        return 0.0
+    rate = QUANTISE_CPU_S_PER_WEIGHT.get(t.quant_base)
+    if rate is None:
+        return 0.0
+    rate += MERGE_CPU_S_PER_WEIGHT
+    _, _, n_targeted = lora_params(facts, t)
+    return relora_merges(w, t) * n_targeted * rate / max(1, hw.cores or 1)
 
 
 def dequant_seconds(
@@ -457,7 +493,8 @@ def estimate(
     total_flops = fpt * w.tokens + merge_flops(facts, t, w)
     compute_s = total_flops / (devices * hw.peak_flops * u)
     dq_s = dequant_seconds(facts, t, w, hw, ckpt, dequant_s_per_weight) / devices
-    seconds = compute_s + dq_s
+    rq_s = requant_seconds(facts, t, w, hw) / devices
+    seconds = compute_s + dq_s + rq_s
     if measured_power_w is not None and devices == 1:
         power = float(measured_power_w)
     else:
@@ -489,6 +526,7 @@ def estimate(
         utilisation=u,
         compute_seconds=compute_s,
         dequant_seconds=dq_s,
+        requant_seconds=rq_s,
         seconds=seconds,
         power_w=power,
         peak_power_w=peak_power,

@@ -53,6 +53,7 @@ class Hardware:
     aliases: tuple[str, ...] = field(default=(), repr=False)
     note: str = ""
     catalogue_name: str = ""  # for `this`: the catalogue row it was matched to, if any
+    cores: int = 0  # a CPU's cores (`this`; 0: not known), for work that scales with cores only
 
     @property
     def key(self) -> str:
@@ -235,6 +236,7 @@ def detect_this(pynvml=None) -> Hardware:
         power_w=watts,
         host_w=0.375 * mem,
         site="desk",
+        cores=cores,
         source=(
             f"psutil: {cores} cores × {ghz:.2f} GHz × {fpc} FLOPs/cycle; power {basis}; "
             f"rest: 0.375 W/GB of RAM; bandwidth 20 GB/s per core (assumed)"

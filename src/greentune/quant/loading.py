@@ -397,6 +397,7 @@ def load_quantized(
     dtype: torch.dtype = torch.float32,
     skip: Iterable[str] = DEFAULT_SKIP,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Build a causal LM from `model_dir` with its Linear/expert weights stored in `fmt`.
 
@@ -408,6 +409,7 @@ def load_quantized(
         device: where tensors are quantised and the model lives (default CPU). On a GPU the
             K-quant searches run as large batched kernels (not measured here), and host
             memory only ever holds one checkpoint tensor.
+        progress: a progress bar over the checkpoint's bytes (minutes for a 30 GB checkpoint).
     Returns:
         the model, in eval mode.
     Raises:
@@ -430,10 +432,17 @@ def load_quantized(
     for t in targets:  # a tied head comes after its embedding
         install(model, t, empty_quantized_module(t, device=device, model=model, dtype=dtype))
     loader = _Loader(model, targets, shapes, dtype, device)
+    from tqdm import tqdm
+
+    total = sum(p.stat().st_size for p in files)
+    bar = tqdm(total=total, desc=f"quantise to {fmt.name}", unit="B", unit_scale=True, disable=not progress)
     for path in files:
         for key, tensor in iter_safetensors(path):
+            n = tensor.numel() * tensor.element_size()
             loader.put(key, tensor)
             del tensor
+            bar.update(n)
+    bar.close()
     quantised_ties = {t.key for t in targets if t.kind == "tied_head"}
     loader.loaded |= quantised_ties  # tied checkpoints usually omit the head
     missing = set(shapes) - loader.loaded

@@ -148,11 +148,8 @@ def save_checkpoint(
                 save_file(optimizer_tensors(optimizer, names), str(tmp / "optimizer.safetensors"))
             maybe_fault(f"checkpoint-write:{step}")
             save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-            if extra:
-                save_file(
-                    {k: v.detach().contiguous().clone() for k, v in extra.items()},
-                    str(tmp / "extra.safetensors"),
-                )
+            if extra:  # ReLoRA's merged bases: the whole base, so no copy of it (see _own_storage)
+                save_file(_own_storage(extra), str(tmp / "extra.safetensors"))
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             (tmp / "state.json").write_text(
                 json.dumps(
@@ -165,6 +162,21 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
     return target
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors`, contiguous, each on a storage of its own as safetensors requires: a tensor that
+    shares its storage with an earlier one (or is a view into a larger one) is copied, the others
+    are written as they are (a clone of every one would double a ReLoRA base in memory)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach()
+        storage = v.untyped_storage()
+        key = storage.data_ptr()
+        whole = v.is_contiguous() and v.storage_offset() == 0 and v.nbytes == storage.nbytes()
+        out[k] = v if whole and key not in seen else v.contiguous().clone()
+        seen.add(key)
+    return out
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
