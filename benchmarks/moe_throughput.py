@@ -56,7 +56,7 @@ from greentune.recipe import TrainConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from product_loop import heap_as_the_product_sets_it, run_training_step_times  # noqa: E402
 
-H, I, E, K, LAYERS, HEADS, VOCAB, BATCH, SEQ, RANK, ALPHA = 512, 1024, 8, 2, 4, 8, 8192, 4, 256, 16, 32
+H, FF, E, K, LAYERS, HEADS, VOCAB, BATCH, SEQ, RANK, ALPHA = 512, 1024, 8, 2, 4, 8, 8192, 4, 256, 16, 32
 
 
 def config():
@@ -65,7 +65,7 @@ def config():
     return tf.MixtralConfig(
         vocab_size=VOCAB,
         hidden_size=H,
-        intermediate_size=I,
+        intermediate_size=FF,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         num_key_value_heads=HEADS,
@@ -184,7 +184,7 @@ CLOCK = time.perf_counter  # --cpu-time switches to process CPU seconds (a share
 
 def time_round_robin(fns: dict, steps: int, device) -> dict[str, list[float]]:
     times = {n: [] for n in fns}
-    for n, f in fns.items():  # warm-up
+    for f in fns.values():  # warm-up
         f()
     for _ in range(steps):
         for n, f in fns.items():
@@ -229,7 +229,7 @@ def layer_times(device, dtype, steps):
     )
     hf = {impl: inject_adapter_in_model(peft_cfg, block(impl)) for impl in ("eager", "grouped_mm")}
     dense = nn.ModuleDict(
-        {"gate_up": nn.Linear(H, 4 * I, bias=False), "down": nn.Linear(2 * I, H, bias=False)}
+        {"gate_up": nn.Linear(H, 4 * FF, bias=False), "down": nn.Linear(2 * FF, H, bias=False)}
     )
     dense = dense.to(device, dtype).requires_grad_(False)
     dense_lora = {
@@ -360,9 +360,10 @@ def main():
         f"grouped_mm {ms['hf_grouped_mm_lora']} ({med['hf_grouped_mm_lora'] / med['moe_lora']:.2f}x)"
     )
     print(
-        f"active-compute ratio (MoE block top-{K} of {E} / dense MLP intermediate {K * I}), fwd+bwd: "
+        f"active-compute ratio (MoE block top-{K} of {E} / dense MLP intermediate {K * FF}), fwd+bwd: "
         f"{med['moe'] / med['dense']:.2f}x without LoRA ({ms['moe']} / {ms['dense']}), "
-        f"{med['moe_lora'] / med['dense_lora']:.2f}x with LoRA r{RANK} ({ms['moe_lora']} / {ms['dense_lora']})"
+        f"{med['moe_lora'] / med['dense_lora']:.2f}x with LoRA r{RANK} "
+        f"({ms['moe_lora']} / {ms['dense_lora']})"
     )
 
 

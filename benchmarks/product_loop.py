@@ -21,10 +21,10 @@ import torch
 
 from greentune.data.packing import BatchStream, PackedData
 from greentune.energy.factors import Factors
-from greentune.train.energy_hook import EnergyHook
 from greentune.energy.ledger import Ledger
 from greentune.energy.meter import Meter
 from greentune.recipe import EnergyConfig, TrainConfig
+from greentune.train.energy_hook import EnergyHook
 from greentune.train.hooks import TrainHook
 from greentune.train.loop import run_training
 
@@ -64,6 +64,7 @@ def run_training_step_times(
     hooks. `monitor`: the model's `RouterMonitor`; by default one is hooked on a model with
     MoE routers for the run and removed after, as `greentune train` hooks it."""
     from greentune.moe.hook import MoEHook
+
     from greentune.moe.router import RouterMonitor, find_routers
 
     own_monitor = monitor is None and bool(find_routers(model))

@@ -80,7 +80,9 @@ def train(
         recipe, base = check_inputs(recipe, run_dir, resume, job)
         tokenizer, train_data, eval_data = load_data(recipe, base, progress)
         with claimed(run_dir, recipe, resume, ctx), Phases(run_dir, recipe, ctx) as phases:
-            r = _Run(recipe, RunDir(run_dir), job, phases, base, job.device(), progress=progress and job.is_main)
+            r = _Run(
+                recipe, RunDir(run_dir), job, phases, base, job.device(), progress=progress and job.is_main
+            )
             model = attach_to(r, load_frozen_base(r, upcycle_base(r)))
             out = fit(r, model, train_data, eval_data, resume, progress)
             if out.stopped:

@@ -20,7 +20,7 @@ from greentune.plan.cost import (
 )
 from greentune.plan.hardware import GB, Hardware
 
-H, L, HEADS, KV, HD, I, V = 64, 2, 4, 2, 16, 128, 517
+H, L, HEADS, KV, HD, FF, V = 64, 2, 4, 2, 16, 128, 517
 GPU = Hardware(
     name="test gpu",
     kind="gpu",
@@ -59,7 +59,7 @@ def mixtral():
 
 
 def _n_mm():
-    return L * (H * H + 2 * H * KV * HD + H * H + 3 * H * I) + V * H
+    return L * (H * H + 2 * H * KV * HD + H * H + 3 * H * FF) + V * H
 
 
 def test_bits_per_weight():
@@ -77,13 +77,13 @@ def test_lora_params_match_peft(llama):
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=mods))
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     total, active, adapted = lora_params(llama, Technique("t", rank=8, targets=("attn", "mlp")))
-    assert total == active == trainable == L * 8 * ((H + H) * 2 + (H + KV * HD) * 2 + (H + I) * 3)
-    assert adapted == L * (2 * H * H + 2 * H * KV * HD + 3 * H * I)
+    assert total == active == trainable == L * 8 * ((H + H) * 2 + (H + KV * HD) * 2 + (H + FF) * 3)
+    assert adapted == L * (2 * H * H + 2 * H * KV * HD + 3 * H * FF)
 
 
 def test_expert_lora_is_active_for_top_k_only(mixtral):
     total, active, _ = lora_params(mixtral, Technique("t", rank=4, targets=("experts",)))
-    per_expert = 4 * ((H + I) * 2 + (I + H))
+    per_expert = 4 * ((H + FF) * 2 + (FF + H))
     assert total == L * 4 * per_expert and active == L * 2 * per_expert
 
 
@@ -101,9 +101,9 @@ def test_training_flops_per_token(llama):
 
 
 def test_activation_elements(llama, mixtral):
-    dense = 4 * H + (HEADS + KV) * HD * 2 + 4 * I
+    dense = 4 * H + (HEADS + KV) * HD * 2 + 4 * FF
     assert activation_elements(llama) == (L * dense + H, dense)
-    moe = 4 * H + (HEADS + KV) * HD * 2 + 2 * (H + 4 * I) + 4
+    moe = 4 * H + (HEADS + KV) * HD * 2 + 2 * (H + 4 * FF) + 4
     assert activation_elements(mixtral) == (L * moe + H, moe)
 
 
@@ -111,7 +111,7 @@ def test_memory_breakdown_lora_q4k_and_full(llama):
     w = Workload(tokens=10_000, seq_len=32, micro_batch=2)
     t = Technique("q", "lora", "q4_k", rank=8, targets=("attn", "mlp"))
     m = memory_breakdown(llama, t, w, GPU)
-    matmul = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I)
+    matmul = L * (2 * H * H + 2 * H * KV * HD + 3 * H * FF)
     table = V * H * (6.5625 / 8 if llama.tied_embeddings else (4.5 + 6.5625) / 8)  # Q4_K embedding, Q6_K head
     norms = llama.total_params - matmul - llama.embedding_params
     assert m["weights"] == pytest.approx(matmul * 4.5 / 8 + table + norms * 2)
@@ -122,7 +122,7 @@ def test_memory_breakdown_lora_q4k_and_full(llama):
     logits = toks * V * (2 + 8)
     assert m["activations"] == toks * per_tok * 2 + logits
     assert m["activations_checkpointed"] == toks * (L * H + largest) * 2 + logits
-    assert m["dequant_transient"] == H * I * 2  # the largest single matrix, in bf16
+    assert m["dequant_transient"] == H * FF * 2  # the largest single matrix, in bf16
     states = m["weights"] + m["trainable"] + m["grads"] + m["optimizer"]
     assert m["total"] == pytest.approx(1 * GB + (states + m["dequant_transient"] + m["activations"]) * 1.05)
     f = memory_breakdown(llama, Technique("f", "full"), w, GPU)
@@ -140,7 +140,7 @@ def test_estimate_time_energy_carbon_water(llama):
     assert not e.checkpointing
     fpt = flops_per_token(llama, t, 64, False)
     assert e.total_flops == fpt * 1_000_000
-    n_q = L * (2 * H * H + 2 * H * KV * HD + 3 * H * I) + V * H  # the quantised head is dequantised too
+    n_q = L * (2 * H * H + 2 * H * KV * HD + 3 * H * FF) + V * H  # the quantised head is dequantised too
     dq = w.micro_steps * 2 * n_q * (4.127 / 8 + 2 * 2)
     assert e.seconds == pytest.approx(e.total_flops / (1e12 * 0.5) + dq / 100e9)
     assert e.power_w == 100 * 0.8 + 50 and e.peak_power_w == 150

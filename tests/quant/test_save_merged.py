@@ -78,10 +78,10 @@ def test_gguf_from_the_folder_writes_the_fused_expert_training_bytes(tmp_path, t
 
 
 def test_a_small_model_is_written_whole(tmp_path, tiny_mixtral_dir):
+    from transformers import AutoModelForCausalLM
+
     from greentune.quant import load_quantized
     from greentune.quant.save_merged import float_bytes, save_dequantized_
-
-    from transformers import AutoModelForCausalLM
 
     model = load_quantized(tiny_mixtral_dir, "q8_0")
     ref = AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, dtype=torch.float32)

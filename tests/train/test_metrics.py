@@ -12,13 +12,13 @@ from greentune.adapters.lora import apply_lora
 from greentune.data.packing import BatchStream, PackedData
 from greentune.energy.components import Component
 from greentune.energy.factors import Factors
-from greentune.train.energy_hook import EnergyHook
 from greentune.energy.ledger import Ledger
 from greentune.energy.meter import Meter
 from greentune.models.facts import arch_facts
 from greentune.models.tiny import tiny_config
 from greentune.plan.cost import Technique, flops_per_token
 from greentune.recipe import TrainConfig
+from greentune.train.energy_hook import EnergyHook
 from greentune.train.hooks import TrainHook
 from greentune.train.loop import run_training
 from greentune.train.metrics import efficiency, run_compute, training_flops_per_token

@@ -23,8 +23,8 @@ import logging
 from contextlib import nullcontext
 
 import torch
-from tqdm import tqdm
 from torch import nn
+from tqdm import tqdm
 
 from greentune.adapters.expert_lora import ExpertLoRA
 from greentune.adapters.lora import LoRALinear, lora_modules
@@ -51,7 +51,8 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def prune_adam_moments_(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ratio: float) -> int:
-    """Zero the `ratio` smallest-|exp_avg| entries of both Adam moments of `params`; returns entries zeroed."""
+    """Zero the `ratio` smallest-|exp_avg| entries of both Adam moments of `params`; returns the
+    entries zeroed."""
     zeroed = 0
     for p in params:
         state = optimizer.state.get(p)

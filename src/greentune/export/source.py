@@ -29,7 +29,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class Packed:
         return tuple(quant_shape_from_byte_shape(self.data.shape, self.ggml_type))
 
 
-Tensor = Union[np.ndarray, Packed]
+Tensor = np.ndarray | Packed
 
 
 def as_packed(ggml_type, data, shape: tuple[int, ...]) -> Packed:

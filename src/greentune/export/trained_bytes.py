@@ -8,11 +8,10 @@ each tensor's GGML type in the metadata.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gguf
-import os
-
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -414,7 +414,8 @@ def run_calibration(
         tokens=tokens,
         measured_at=time.time(),
         method=(
-            f"greentune LoRA r{LoraConfig().rank}, llama h{s['hidden'] // 2}/h{s['hidden']} and mixtral h{s['hidden'] // 2} "
+            f"greentune LoRA r{LoraConfig().rank}, llama h{s['hidden'] // 2}/h{s['hidden']} "
+            f"and mixtral h{s['hidden'] // 2} "
             f"(4 experts top-2) L{s['layers']} V{s['vocab']}, {s['batch']}×{s['seq']} tokens/step, "
             f"{device} {hw.compute_dtype}, AdamW"
         ),

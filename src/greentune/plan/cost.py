@@ -428,7 +428,8 @@ def dequant_bytes(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware, che
 def requant_seconds(facts: ArchFacts, t: Technique, w: Workload, hw: Hardware) -> float:
     """ReLoRA into a quantised base: each merge re-quantises every adapted weight (dequantise →
     add → quantise); the quantiser's CPU-seconds per weight (`QUANTISE_CPU_S_PER_WEIGHT`) plus
-    the rest of the merge (`MERGE_CPU_S_PER_WEIGHT`), over the CPU's cores. Not modelled on GPUs (the batched K-quant search there is not measured)."""
+    the rest of the merge (`MERGE_CPU_S_PER_WEIGHT`), over the CPU's cores. Not modelled on GPUs
+    (the batched K-quant search there is not measured)."""
     if t.method != "relora" or BPW[t.quant_base] is None or hw.kind != "cpu":
         return 0.0
     rate = QUANTISE_CPU_S_PER_WEIGHT.get(t.quant_base)

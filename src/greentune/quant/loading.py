@@ -257,7 +257,9 @@ class _Loader:
             if target_key in self.shapes and not self._shape_ok(target_key, tensor):
                 return
             owner = self.model.get_submodule(target.module_name)
-            if target.kind == "experts":  # a fused [E, out, in] tensor (gpt-oss: [E, in, out]; Granite's input_linear)
+            if (
+                target.kind == "experts"
+            ):  # a fused [E, out, in] tensor (gpt-oss: [E, in, out]; Granite's input_linear)
                 getattr(owner, target.attr).load_(expert_tensor(owner, tensor))
             elif target.kind != "tied_head":  # a tied head's bytes are its embedding's
                 owner.load_weight_(tensor)

@@ -324,7 +324,9 @@ def run_training(
                 step_tokens = int(step_tokens)
             if not (math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))):
                 optimizer.zero_grad(set_to_none=True)  # the step is not taken: weights stay finite
-                _diverged(step, step_loss, grad_norm, lambda: save(step, position), ckpt_root, params, ctx)
+                _diverged(
+                    step, step_loss, grad_norm, lambda s=step, p=position: save(s, p), ckpt_root, params, ctx
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
