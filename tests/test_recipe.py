@@ -26,7 +26,7 @@ def test_defaults_fill_every_section():
         ({**BASE, "colour": 1}, "unknown key 'colour'"),
         (
             {**BASE, "method": {"quant_base": "q3"}},
-            "method.quant_base: Input should be 'none', 'q8_0', 'q4_0', 'q4_k' or 'nf4'",
+            "method.quant_base: Input should be 'none', 'q8_0', 'q4_0', 'q4_k', 'nf4' or 'mxfp4'",
         ),
         (
             {**BASE, "method": {"lora": {"targets": ["attention"]}}},

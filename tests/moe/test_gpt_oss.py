@@ -12,6 +12,17 @@ import torch
 tf = pytest.importorskip("transformers")
 
 
+def _prepare(model, lora, **kw):
+    """`prepare_moe_` and, given `lora` = (rank, alpha, dropout), expert LoRA (as attach_adapters does)."""
+    from greentune.adapters.expert_lora import add_expert_lora_
+    from greentune.moe.prepare import prepare_moe_
+
+    monitor = prepare_moe_(model, lora_on_experts=lora is not None, **kw)
+    if lora is not None:
+        add_expert_lora_(model, *lora)
+    return monitor
+
+
 def _close(got, want, rel=1e-5):
     """Equal within fp32 rounding of their magnitude: max |Δ| ≤ rel · max |want|."""
     assert (got - want).abs().max() <= rel * want.abs().max(), ((got - want).abs().max(), want.abs().max())
@@ -46,11 +57,10 @@ def _tiny(seed=0):
 
 def test_forward_and_gradients_match_transformers():
     from greentune.moe.gpt_oss import GptOssSparseExperts
-    from greentune.moe.prepare import prepare_moe_
 
     ours = _tiny()
     ref = copy.deepcopy(ours)
-    monitor = prepare_moe_(ours, (4, 8.0, 0.0))
+    monitor = _prepare(ours, (4, 8.0, 0.0))
     experts = [m for m in ours.modules() if isinstance(m, GptOssSparseExperts)]
     assert len(experts) == 2 and len(monitor.routers) == 2
     torch.manual_seed(1)
@@ -92,7 +102,6 @@ def test_forward_and_gradients_match_transformers():
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "q8_0"])
 def test_quantised_experts_store_runs_and_dequantises_to_hf_layout(fmt):
-    from greentune.moe.prepare import prepare_moe_
     from greentune.quant.dequantize import dequantize_model_
     from greentune.quant.experts import QuantExperts3D
     from greentune.quant.replace import quantize_model_
@@ -104,7 +113,7 @@ def test_quantised_experts_store_runs_and_dequantises_to_hf_layout(fmt):
     assert isinstance(store, QuantExperts3D) and store.shape == (4, 64, 32) and store.fmt.name == fmt
     if fmt == "mxfp4":  # experts only: the attention stays in Q8_0
         assert ours.model.layers[0].self_attn.q_proj.fmt.name == "q8_0"
-    prepare_moe_(ours, (4, 8.0, 0.0))
+    _prepare(ours, (4, 8.0, 0.0))
     ids = torch.randint(0, 64, (1, 9))
     with torch.no_grad():
         got = ours(ids).logits
@@ -126,8 +135,11 @@ def test_expert_lora_is_peft_target_parameters_layout():
     same tensors (PEFT's saved state dict), compute the same logits."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from greentune.moe import expert_lora_state_dict, load_expert_lora_state_dict, target_parameters
-    from greentune.moe.prepare import prepare_moe_
+    from greentune.adapters.expert_lora import (
+        expert_lora_state_dict,
+        load_expert_lora_state_dict,
+        target_parameters,
+    )
 
     ours = _tiny()
     peft_model = get_peft_model(
@@ -138,7 +150,7 @@ def test_expert_lora_is_peft_target_parameters_layout():
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
                 p.normal_(0, 0.2)
-    prepare_moe_(ours, (2, 6.0, 0.0))
+    _prepare(ours, (2, 6.0, 0.0))
     assert target_parameters(ours) == EXPERT_PARAMS
     sd = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(peft_model).items()}
     sd = {k.replace("base_model.model.base_model.model.", "base_model.model."): v for k, v in sd.items()}
@@ -155,11 +167,10 @@ def test_router_monitor_aux_loss_equals_transformers():
     monitor's load-balancing loss is transformers' own `load_balancing_loss_func`."""
     from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
 
-    from greentune.moe.prepare import prepare_moe_
 
     ours = _tiny()
     ref = copy.deepcopy(ours)
-    monitor = prepare_moe_(ours, None, router="full", aux_loss_coef=1.0)
+    monitor = _prepare(ours, None, router="full", aux_loss_coef=1.0)
     assert [n for n, _ in monitor.routers] == ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
     assert ours.model.layers[0].mlp.router.bias.requires_grad
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))

@@ -25,6 +25,15 @@ from greentune.moe.router_grouped import is_sigmoid_router, sigmoid_balancing_lo
 V, H = 128, 64
 
 
+def _prepare_with_expert_lora(model, **kw):
+    """`prepare_moe_` with expert LoRA r4 alpha 8 on every experts module (as attach_adapters does)."""
+    from greentune.adapters.expert_lora import add_expert_lora_
+
+    monitor = prepare_moe_(model, lora_on_experts=True, **kw)
+    add_expert_lora_(model, 4, 8.0, 0.0)
+    return monitor
+
+
 def _config(model_type: str):
     common = dict(
         vocab_size=V,
@@ -85,7 +94,7 @@ def _load(path):
 def _ours(path):
     model = _load(path)
     wrapped = apply_lora(model, ["attn"], rank=4, alpha=8)
-    monitor = prepare_moe_(model, expert_lora=(4, 8.0, 0.0), router="frozen")
+    monitor = _prepare_with_expert_lora(model, router="frozen")
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():

@@ -152,7 +152,9 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
         skip.add(router)
         out.append((f"{p}.{moe}.{router_at}.weight", lambda r=router: _float(src.get(r))))
     for name in src.names():
-        if name in skip or "rotary_emb" in name or name.endswith("e_score_correction_bias"):  # see above
+        if (
+            name in skip or "rotary_emb" in name or name.endswith("moe_statics.e_score_correction_bias")
+        ):  # see above
             continue
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue

@@ -293,7 +293,9 @@ _FUSED = (
 )
 
 
-_FUSED_IN_MEMORY = re.compile(r"^(?P<p>.+\.layers\.\d+)\.mlp\.experts\.(?P<w>gate_up_proj|down_proj)$")
+_FUSED_IN_MEMORY = re.compile(
+    r"^(?P<p>.+\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<w>gate_up_proj|down_proj)$"
+)
 # per-expert names on disk of (gate, up, down), as `expert_sources` reads them
 _PER_EXPERT = (
     ("{p}.block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
@@ -311,6 +313,17 @@ def _on_disk_names(pre: dict[str, tuple], shapes: dict[str, tuple]) -> dict[str,
         m = _FUSED_IN_MEMORY.match(name)
         if name in shapes or m is None:
             out[name] = (gtype, data)
+            continue
+        fused = next(  # the same fused tensor under its on-disk name (GraniteMoE's input/output_linear)
+            (
+                pair[m["w"] == "down_proj"].format(p=m["p"])
+                for pair in _FUSED
+                if pair[0].format(p=m["p"]) in shapes
+            ),
+            None,
+        )
+        if fused is not None:
+            out[fused] = (gtype, data)
             continue
         for base, kinds in _PER_EXPERT:
             first = base.format(p=m["p"], e=0) + kinds[0] + ".weight"
