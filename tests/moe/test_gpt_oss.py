@@ -167,7 +167,6 @@ def test_router_monitor_aux_loss_equals_transformers():
     monitor's load-balancing loss is transformers' own `load_balancing_loss_func`."""
     from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
 
-
     ours = _tiny()
     ref = copy.deepcopy(ours)
     monitor = _prepare(ours, None, router="full", aux_loss_coef=1.0)
