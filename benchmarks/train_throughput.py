@@ -45,6 +45,7 @@ from greentune.train.metrics import training_flops_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from product_loop import (  # noqa: E402 - benchmarks/ is not a package
+    StepTimes,
     heap_as_the_product_sets_it,
     hf_loop_step,
     median,
@@ -94,8 +95,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(model, batch, steps: int) -> float:
-    """Seconds per optimiser step (forward, backward, AdamW).
+def time_steps(model, batch, steps: int) -> list[float]:
+    """Seconds of each of `steps` optimiser steps (forward, backward, AdamW), after one
+    untimed warm-up step (allocator, AdamW state).
 
     greentune's step runs through `CausalLMLoss`, the objective its training loop uses; HF+PEFT's
     through the model's own `.loss`, as a transformers training loop would."""
@@ -119,13 +121,14 @@ def time_steps(model, batch, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
 
     device = batch["input_ids"].device
-    step()  # warm-up: allocator, AdamW state
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    times = []
+    for _ in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
         step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
 
 
 def matmul_gflops(device, dtype, n: int = 2048, reps: int = 10) -> float:
@@ -146,14 +149,20 @@ def greentune_flops_per_token(model, seq: int) -> float:
     return training_flops_per_token(arch_facts(model.config), params, seq)
 
 
-def product_vs_bare(name, model, batch, steps, rounds, device, extra: dict | None = None) -> dict:
-    """Median seconds per step of `run_training` and of the bare step, `rounds` alternating
-    rounds of `steps` each (plus the `extra` contestants: name -> step function)."""
+def product_vs_bare(name, model, batch, steps, rounds, device, extra: dict | None = None):
+    """Median seconds per step of `run_training` and of the bare step over `rounds` alternating
+    rounds of `steps` each (plus the `extra` contestants: name -> step function), after one
+    untimed round of every contestant: the first steps of a process (the heap growing to its
+    working size, allocator and thread-pool caches) are slower than the rest, and whichever
+    contestant ran first would pay for them. Also returns `run_training`'s `StepTimes` (its
+    paired loop overhead)."""
     objective = CausalLMLoss(model)
     times = {"greentune train": [], "greentune bare step": []}
     for n in extra or {}:
         times[n] = []
-    for _ in range(rounds):
+    paired = StepTimes()
+    for r in range(rounds + 1):
+        keep = r > 0
         for n, f in (extra or {}).items():
             f()  # warm-up
             sync(device)
@@ -161,18 +170,27 @@ def product_vs_bare(name, model, batch, steps, rounds, device, extra: dict | Non
                 t0 = time.perf_counter()
                 f()
                 sync(device)
-                times[n].append(time.perf_counter() - t0)
-        times["greentune bare step"].append(time_steps(objective, batch, steps))
-        times["greentune train"].extend(run_training_step_times(model, batch, steps, device=device))
-    return {n: median(t) for n, t in times.items()}
+                if keep:
+                    times[n].append(time.perf_counter() - t0)
+        bare = time_steps(objective, batch, steps)
+        product = run_training_step_times(model, batch, steps, device=device)
+        if keep:
+            times["greentune bare step"].extend(bare)
+            times["greentune train"].extend(product.total)
+            paired.extend(product)
+    return {n: median(t) for n, t in times.items()}, paired
 
 
-def report(title, sec: dict, tokens: int) -> None:
+def report(title, sec: dict, tokens: int, paired: StepTimes) -> None:
     print(title)
     for n, s in sec.items():
         print(f"  {n:<24} {tokens / s:8.0f} tokens/s   (step {s * 1000:.0f} ms)")
     over = sec["greentune train"] / sec["greentune bare step"] - 1
     print(f"  loop overhead (greentune train / bare step - 1): {100 * over:+.1f} %")
+    print(
+        f"  loop overhead paired within greentune train's steps (step / its forward + backward + "
+        f"optimiser step - 1, median of {len(paired.total)}): {100 * paired.loop_overhead:+.1f} %"
+    )
 
 
 def main() -> None:
@@ -222,7 +240,7 @@ def main() -> None:
         tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: the two compute in a different order
         assert abs(ref - ours) < tol, f"models disagree before training: {ref} vs {ours}"
         facts = arch_facts(config)
-        sec = product_vs_bare(
+        sec, paired = product_vs_bare(
             "attn",
             gt,
             batch,
@@ -236,6 +254,7 @@ def main() -> None:
             f"{facts.active_params / 1e6:.1f} M active), batch {b}x{t}:",
             sec,
             b * t,
+            paired,
         )
         best = min((n for n in sec if n.startswith("HF")), key=sec.get)
         print(f"  ratio greentune train / best HF+PEFT ({best}): {sec[best] / sec['greentune train']:.2f}x")
@@ -255,8 +274,8 @@ def main() -> None:
         from greentune.moe import replace_experts_
 
         replace_experts_(q)
-        sec = product_vs_bare("q4k", q, batch, args.steps, args.rounds, device)
-        report(f"q4_k base, attention LoRA r{RANK}, bench Mixtral, batch {b}x{t}:", sec, b * t)
+        sec, paired = product_vs_bare("q4k", q, batch, args.steps, args.rounds, device)
+        report(f"q4_k base, attention LoRA r{RANK}, bench Mixtral, batch {b}x{t}:", sec, b * t, paired)
         del q
     if "dense" in cases:
         torch.manual_seed(0)
@@ -268,13 +287,14 @@ def main() -> None:
         db = 2
         dids = torch.randint(0, dcfg.vocab_size, (db, t), device=device)
         dbatch = {"input_ids": dids, "labels": dids, "attention_mask": torch.ones_like(dids)}
-        sec = product_vs_bare("dense", dense, dbatch, max(2, args.steps - 1), args.rounds, device)
+        sec, paired = product_vs_bare("dense", dense, dbatch, max(2, args.steps - 1), args.rounds, device)
         facts = arch_facts(dcfg)
         report(
             f"dense llama h2048 ff5632 x4 ({facts.total_params / 1e6:.0f} M parameters), LoRA r{RANK} "
             f"attention + mlp, batch {db}x{t}:",
             sec,
             db * t,
+            paired,
         )
         fpt = greentune_flops_per_token(dense, t)
         achieved = fpt * db * t / sec["greentune train"] / 1e9
