@@ -251,3 +251,25 @@ def test_glm4_moe_counts_match_transformers(qk_norm):
     f = arch_facts(cfg)
     assert f.total_params == sum(p.numel() for p in model.parameters())
     assert (f.head_dim, f.moe_layers, f.shared_intermediate, f.experts) == (16, 2, 16, 4)
+
+
+def test_an_all_moe_config_needs_no_dense_intermediate_size():
+    """Qwen3.5-MoE's config (every layer routed) has no `intermediate_size`; a dense layer needs one."""
+    import transformers as tf
+
+    cfg = tf.Qwen3_5MoeTextConfig(
+        vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    ).to_dict()
+    assert "intermediate_size" not in cfg
+    model = tf.AutoModelForCausalLM.from_config(tf.Qwen3_5MoeTextConfig(**cfg))
+    assert arch_facts(cfg).total_params == sum(p.numel() for p in model.parameters())
+    with pytest.raises(UserError, match="intermediate_size"):
+        arch_facts(
+            {
+                "model_type": "llama",
+                "vocab_size": 300,
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+            }
+        )

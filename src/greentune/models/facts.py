@@ -457,7 +457,8 @@ def arch_facts(config: Any) -> ArchFacts:
     heads = _int(cfg, "num_attention_heads")
     kv = _int(cfg, "num_key_value_heads", default=heads)
     hd = int(cfg.get("head_dim") or h // heads)
-    inter, vocab = _int(cfg, "intermediate_size"), _int(cfg, "vocab_size")
+    vocab = _int(cfg, "vocab_size")
+    inter = int(cfg.get("intermediate_size", default=0) or 0)  # Qwen3.5-MoE, all layers routed, has none
     tied = bool(cfg.get("tie_word_embeddings", default=fam.tied_default))
 
     experts = int(
@@ -466,7 +467,9 @@ def arch_facts(config: Any) -> ArchFacts:
     top_k = int(cfg.get("num_experts_per_tok", "moe_k", default=0) or 0) if experts else 0
     moe_ids = _moe_layer_ids(cfg, fam, layers, experts)
     n_moe, n_dense = len(moe_ids), layers - len(moe_ids)
-    moe_inter = int(cfg.get("moe_intermediate_size", default=inter)) if n_moe else 0
+    moe_inter = int(cfg.get("moe_intermediate_size", default=inter) or 0) if n_moe else 0
+    if (n_dense and not inter) or (n_moe and not moe_inter):
+        raise UserError("model config lacks 'intermediate_size'")
     if n_moe and not 0 < top_k <= experts:
         raise UserError(f"config has {experts} experts but num_experts_per_tok={top_k}")
     shared, shared_gate = 0, False

@@ -31,6 +31,9 @@ class CatalogueModel:
     config: dict = field(repr=False)
     active_b: float | None = None
     aliases: tuple[str, ...] = ()
+    # the unit (billions) the publisher rounded `active_b` to, where it gives only a rounded
+    # figure (Baidu's "A3B"); None: `active_b` is stated to its digits
+    active_rounding_b: float | None = None
 
     def facts(self) -> ArchFacts:
         return arch_facts(dict(self.config))
@@ -54,6 +57,7 @@ def models() -> tuple[CatalogueModel, ...]:
             config=dict(r["config"]),
             active_b=float(r["active_b"]) if r.get("active_b") is not None else None,
             aliases=tuple(str(a) for a in r.get("aliases", [])),
+            active_rounding_b=float(r["active_rounding_b"]) if r.get("active_rounding_b") else None,
         )
         for r in yaml.safe_load(text)
     )
