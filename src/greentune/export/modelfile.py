@@ -36,8 +36,10 @@ No `{{-` follows literal text, since Go's left trim would also eat the newline a
 ends with.
 
 A template that opens the conversation once with special tokens (DeepSeek-V3's BOS,
-GLM-4.5's `[gMASK]<sop>`) gets that opening before the `range` (the BOS is left to
-llama.cpp when the tokenizer adds it itself); the same check applies.
+GLM-4.5's `[gMASK]<sop>`, Llama-3's BOS on its first message) gets that opening before the
+`range` (the BOS is left to llama.cpp when the tokenizer adds it itself); the same check
+applies. The tests execute every TEMPLATE with Go's own text/template (Ollama's engine) and
+compare with the Jinja rendering (tests/export/test_modelfile_go.py).
 
 `PARAMETER stop` lists the EOS token and the special token the template closes a message
 with (`gguf_vocab.end_tokens`); where it closes none (DeepSeek-V3, GLM-4.5), the special
@@ -69,16 +71,32 @@ def _specials(tokenizer) -> list[str]:
     return sorted(names | set(tokenizer.all_special_tokens), key=len, reverse=True)
 
 
-def _special_prefix(tokenizer, texts: list[str]) -> str:
-    """The longest run of whole special tokens every text starts with (DeepSeek-V3's BOS,
-    GLM-4.5's "[gMASK]<sop>"): the conversation's opening, written once."""
-    out, specials = "", _specials(tokenizer)
+def _special_prefixes(tokenizer, texts: list[str]) -> list[str]:
+    """The runs of whole special tokens every text starts with, longest first: candidates for
+    the conversation's opening, written once (DeepSeek-V3's BOS, GLM-4.5's "[gMASK]<sop>").
+    Longest first but not only the longest: Llama-3's texts all start with
+    "<|begin_of_text|><|start_header_id|>", of which only the BOS opens the conversation."""
+    out, specials = [""], _specials(tokenizer)
     while True:
-        rest = [t[len(out) :] for t in texts]
+        rest = [t[len(out[-1]) :] for t in texts]
         tok = next((s for s in specials if s and all(r.startswith(s) for r in rest)), None)
         if tok is None:
-            return out
-        out += tok
+            return out[:0:-1]
+        out.append(out[-1] + tok)
+
+
+def _per_message(tokenizer) -> tuple[tuple[dict[str, tuple[str, str]], str] | None, str]:
+    """(`_pieces`, the opening written once) for the tokenizer's chat template; (None, "") when
+    it is not a per-message template."""
+    found = _pieces(tokenizer)
+    if found is not None:
+        return found, ""
+    alone = [_safe_render(tokenizer, [{"role": r, "content": _MARK}]) for r in ROLES]
+    for prefix in _special_prefixes(tokenizer, alone) if all(alone) else []:
+        found = _pieces(tokenizer, prefix)
+        if found is not None:
+            return found, prefix
+    return None, ""
 
 
 def _pieces(tokenizer, prefix: str = "") -> tuple[dict[str, tuple[str, str]], str] | None:
@@ -113,11 +131,7 @@ def go_template(tokenizer) -> str:
     """An Ollama (Go) TEMPLATE equivalent to the tokenizer's chat template, or PLAIN_TEMPLATE."""
     if not getattr(tokenizer, "chat_template", None):
         return PLAIN_TEMPLATE
-    found, prefix = _pieces(tokenizer), ""
-    if found is None:  # an opening written once (BOS, "[gMASK]<sop>") before the messages?
-        alone = [_safe_render(tokenizer, [{"role": r, "content": _MARK}]) for r in ROLES]
-        prefix = _special_prefix(tokenizer, alone) if all(alone) else ""
-        found = _pieces(tokenizer, prefix) if prefix else None
+    found, prefix = _per_message(tokenizer)
     if found is None or any("{{" in s for p in found[0].values() for s in p) or "{{" in found[1]:
         log.warning("chat template is not a per-message template; writing Ollama's plain template")
         return PLAIN_TEMPLATE
@@ -156,11 +170,7 @@ def stop_tokens(tokenizer) -> list[str]:
     out = end_tokens(tokenizer)
     if len(out) > 1 or not getattr(tokenizer, "chat_template", None):
         return out
-    found = _pieces(tokenizer)
-    if found is None:
-        alone = [_safe_render(tokenizer, [{"role": r, "content": _MARK}]) for r in ROLES]
-        prefix = _special_prefix(tokenizer, alone) if all(alone) else ""
-        found = _pieces(tokenizer, prefix) if prefix else None
+    found, _ = _per_message(tokenizer)
     if found is not None:
         before_user = found[0]["user"][0]
         opener = next((s for s in _specials(tokenizer) if s and before_user.startswith(s)), None)
