@@ -20,7 +20,10 @@ Cases (``--cases``, default all three):
     python benchmarks/train_throughput.py [--cases attn,q4k,dense] [--steps 4] [--rounds 3]
 
 AdamW, fp32 on CPU (bf16 on a GPU). Timed rounds alternate between the contestants so that
-drift in machine load hits all alike; per-step medians. The host heap is set as
+drift in machine load hits all alike, after one untimed round; per-step medians. Each case
+also prints the loop's overhead paired within `run_training`'s own steps (a step against its
+forward + backward + optimiser step: `product_loop.StepTimes`), which separate runs cannot
+resolve below the few per cent a shared VM drifts between rounds. The host heap is set as
 `greentune train` sets it (the loaders' fixed 1 MB mmap threshold, then `train.heap_policy`
 after the first step), once, before anything is timed: every contestant runs under it.
 Run it on a quiet machine.
