@@ -304,15 +304,14 @@ def _hybrid(cls, v, i, h, f):
 
 
 # issue 17, hybrid attention: trained (LoRA on q/k/v/o, the delta-net projections, experts);
-# GGUF and MLX export are refused in one line (gguf_families_moe.NOT_EXPORTED, mlx.NOT_EXPORTED)
+# exported to MLX (mlx_hybrid); GGUF export is refused in one line (gguf_families_moe.NOT_EXPORTED)
 ROWS += [
-    Row("qwen3_next", lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f), None, moe=True, mlx=False),
+    Row("qwen3_next", lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f), None, moe=True),
     Row(
         "qwen3_5_moe_text",
         lambda v, i, h, f: _hybrid(tf.Qwen3_5MoeTextConfig, v, i, h, f),
         None,
         moe=True,
-        mlx=False,
     ),
 ]
 BY_TYPE = {r.model_type: r for r in ROWS}
