@@ -17,6 +17,10 @@ Config: mlx-lm places full attention on every n-th layer (``full_attention_inter
 ``layer_types`` must be that pattern; Qwen3-Next's args read ``partial_rotary_factor`` at the
 top level, Qwen3.5's read θ and the rotary fraction from ``rope_parameters`` (kept) inside
 ``text_config`` of a ``qwen3_5_moe`` config, the module mlx-lm serves Qwen3.5-MoE with.
+
+mlx-lm computes in the dtype the tensors are stored in; these models are more sensitive to
+float16 than the attention-only families (tests/families/rows.py, `_hybrid`), and
+``write_mlx(..., dtype="float32")`` keeps quantised weights while computing in float32.
 """
 
 from __future__ import annotations
