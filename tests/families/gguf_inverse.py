@@ -119,6 +119,24 @@ def hf_model_from_gguf(path, model_dir, row):
     return model
 
 
+# Qwen3-Next / Qwen3.5's RMSNorms that HF computes as x̂·(1 + w) (not the delta-net's gated `norm`)
+_ZERO_CENTRED = re.compile(r"(input_layernorm|post_attention_layernorm|model\.norm|q_norm|k_norm)\.weight$")
+
+
+def _undo_hybrid(sd: dict) -> dict:
+    """HF names and layouts of a hybrid model's MLX tensors: no `language_model.` prefix (Qwen3.5),
+    conv1d [C, K, 1] → [C, 1, K], zero-centred norms 1 + w → w."""
+    out = {}
+    for name, t in sd.items():
+        name = name.removeprefix("language_model.")
+        if name.endswith("linear_attn.conv1d.weight"):
+            t = t.transpose(0, 2, 1)
+        elif _ZERO_CENTRED.search(name):
+            t = t - np.float32(1.0)
+        out[name] = t
+    return out
+
+
 def hf_model_from_mlx(mlx_dir, model_dir):
     """The HF model of `model_dir` with the MLX folder's weights, dequantised by MLX's formula."""
     from safetensors.numpy import load_file
@@ -144,6 +162,8 @@ def hf_model_from_mlx(mlx_dir, model_dir):
                 q["group_size"],
             )
         sd[name] = t.astype(np.float32)
+    if any(n.endswith("linear_attn.conv1d.weight") for n in sd):
+        sd = _undo_hybrid(sd)
     for name in [n for n in sd if n.endswith(".mlp.experts.gate_proj.weight")]:  # gpt-oss
         p = name[: -len(".gate_proj.weight")]
         gate, up = sd.pop(name), sd.pop(f"{p}.up_proj.weight")

@@ -29,6 +29,12 @@ DeepSeek's `kv_b_proj` is written as mlx-lm's `embed_q` / `unembed_out` (`_mla_s
 Every other tensor keeps its HF name (phi3's fused qkv_proj / gate_up_proj included), which
 is what mlx-lm's models read. Gemma-3's per-layer-type rope thetas become mlx-lm's
 `rope_theta` (full layers) and `rope_local_base_freq` (sliding layers).
+
+Hybrid linear attention (Qwen3-Next, Qwen3.5-MoE text): experts stacked under `mlp` as above,
+the shared expert and its gate under their HF names. mlx-lm converts norms and conv1d only for
+the hub's layout, so `mlx_hybrid` writes what its model holds after `sanitize`: the
+zero-centred norms as 1 + w (the delta-net's gated `linear_attn.norm` as is), conv1d as
+[C, K, 1], Qwen3.5 under `language_model.` with a `qwen3_5_moe` config nesting `text_config`.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import numpy as np
 import torch
 
 from greentune.errors import UserError
+from greentune.export import mlx_hybrid
 from greentune.export.source import ModelSource, Packed, rope_settings
 from greentune.fsutil import atomic_dir
 
@@ -68,13 +75,12 @@ SUPPORTED = {
     "granitemoe": "block_sparse_moe",
     "phimoe": "block_sparse_moe",
     "ernie4_5_moe": "mlp",
+    # issue 17, hybrid linear attention: norms, conv1d and names adapted in `mlx_hybrid`
+    "qwen3_next": "mlp",
+    "qwen3_5_moe_text": "mlp",
 }
 # Trained but not exported to MLX: what the writer lacks (one line at export and at train time)
-NOT_EXPORTED = {
-    fam: "mlx_lm's model reads its norms as 1 + w and its conv1d as [C, K, 1] only through the hub's "
-    "per-expert layout, which greentune's MLX writer (stacked switch_mlp experts) does not produce yet"
-    for fam in ("qwen3_next", "qwen3_5_moe_text")
-}
+NOT_EXPORTED: dict[str, str] = {}
 # mlx-lm's router module under `<moe>`, where it is not `gate`
 ROUTER = {"granitemoe": "router.layer"}
 BITS = (2, 3, 4, 5, 6, 8)
@@ -162,6 +168,8 @@ def _mlx_tensors(src: ModelSource) -> list[tuple[str, callable]]:
             out += _mla_split(cfg, name, lambda n=name: _float(src.get(n)))
             continue
         out.append((name, lambda n=name: _float(src.get(n))))
+    if cfg.get("model_type") in mlx_hybrid.FAMILIES:
+        out = mlx_hybrid.adapt(cfg, out)
     return sorted(out, key=lambda x: x[0])
 
 
@@ -301,4 +309,6 @@ def _mlx_config(cfg: dict, bits: int | None, group_size: int, dtype: str) -> dic
     if bits is not None:
         config["quantization"] = {"group_size": group_size, "bits": bits}
         config["quantization_config"] = dict(config["quantization"])
+    if cfg.get("model_type") in mlx_hybrid.FAMILIES:
+        config = mlx_hybrid.config(cfg, config)
     return config
