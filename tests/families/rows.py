@@ -29,6 +29,7 @@ class Row:
     f32_atol: float = 1e-4
     q_atol: float = 0.3
     mlx: bool = True  # False: `greentune export --format mlx` refuses it in one line
+    v_tiled: bool = False  # hybrids: the GGUF holds value heads tiled over key heads (gguf_inverse)
 
     @property
     def targets(self) -> list[str]:
@@ -304,15 +305,27 @@ def _hybrid(cls, v, i, h, f):
 
 
 # issue 17, hybrid attention: trained (LoRA on q/k/v/o, the delta-net projections, experts);
-# GGUF and MLX export are refused in one line (gguf_families_moe.NOT_EXPORTED, mlx.NOT_EXPORTED)
+# GGUF through llama.cpp's qwen3next / qwen35moe (zero-centred norms stored as 1 + w; Qwen3.5's
+# value heads tiled, gguf_hybrid); MLX export is refused in one line (mlx.NOT_EXPORTED)
 ROWS += [
-    Row("qwen3_next", lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f), None, moe=True, mlx=False),
+    Row(
+        "qwen3_next",
+        lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f),
+        "qwen3next",
+        moe=True,
+        norm_offset=1.0,
+        q_atol=0.5,
+        mlx=False,
+    ),
     Row(
         "qwen3_5_moe_text",
         lambda v, i, h, f: _hybrid(tf.Qwen3_5MoeTextConfig, v, i, h, f),
-        None,
+        "qwen35moe",
         moe=True,
+        norm_offset=1.0,
+        q_atol=0.5,
         mlx=False,
+        v_tiled=True,
     ),
 ]
 BY_TYPE = {r.model_type: r for r in ROWS}

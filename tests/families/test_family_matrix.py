@@ -156,8 +156,9 @@ def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data
     f32 = _export(run, "gguf", "f32", tmp_path / "x") / "model-f32.gguf"
     meta, _, types = helpers.read_gguf(f32)
     assert meta["general.architecture"] == row.arch
-    # transformers v5 loads the saved tokenizer as the family's class (Qwen2's sets its own regex)
-    assert meta["tokenizer.ggml.pre"] in ("gpt-2", "qwen2") and meta["tokenizer.chat_template"]
+    # transformers v5 loads the saved tokenizer as the family's class (Qwen2's and Qwen3.5's set
+    # their own regex)
+    assert meta["tokenizer.ggml.pre"] in ("gpt-2", "qwen2", "qwen35") and meta["tokenizer.chat_template"]
     assert meta["tokenizer.ggml.eos_token_id"] == merged.config.eos_token_id
     if row.moe:
         assert meta[f"{row.arch}.expert_count"] == 4 and meta[f"{row.arch}.expert_used_count"] == 2
@@ -168,7 +169,7 @@ def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data
     for quant in ("q8_0", "q4_k_m"):
         path = _export(run, "gguf", quant, tmp_path / "x") / f"model-{quant}.gguf"
         _, _, types = helpers.read_gguf(path)
-        assert types["blk.0.attn_output.weight"] == {"q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
+        assert types[_first_attn_output(types)] == {"q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
         _compare(
             path,
             gguf_inverse.hf_model_from_gguf(path, run / "merged", row),
@@ -179,6 +180,14 @@ def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data
         )
 
     _check_mlx(run, merged, row, tmp_path)
+
+
+def _first_attn_output(names, start: int = 0) -> str:
+    """`blk.N.attn_output.weight` of the first full-attention layer from `start` (the hybrids'
+    first layers are delta nets, without one)."""
+    return next(
+        f"blk.{i}.attn_output.weight" for i in range(start, 64) if f"blk.{i}.attn_output.weight" in names
+    )
 
 
 def _gguf_refused(run, tmp_path):
@@ -232,11 +241,12 @@ def test_q4_k_base_ships_its_training_bytes(tmp_path, row, family_base, small_da
         return
     path = _export(run, "gguf", "q4_k_m", tmp_path / "x") / "model-q4_k_m.gguf"
     tensors = {t.name: t for t in GGUFReader(path).tensors}
+    gname = _first_attn_output(tensors, start=1)
     with safe_open(str(run / "trained-base.safetensors"), "pt") as f:
-        name = "model.layers.1.self_attn.o_proj.weight"
+        name = f"model.layers.{gname.split('.')[1]}.self_attn.o_proj.weight"
         assert f.metadata()[name] == "Q4_K"
         trained = f.get_tensor(name).numpy()
-    written = np.asarray(tensors["blk.1.attn_output.weight"].data).view(np.uint8).reshape(trained.shape)
+    written = np.asarray(tensors[gname].data).view(np.uint8).reshape(trained.shape)
     assert np.array_equal(written, trained)
     _compare(
         path,
