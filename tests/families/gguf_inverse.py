@@ -6,6 +6,8 @@ with `gguf.quants.dequantize`; the row's `interleaved` and `norm_offset` are und
 experts become transformers v5's fused `gate_up_proj` / `down_proj`. The hybrids' delta-net
 tensors are rebuilt from llama.cpp's layout as its graph reads it (`_delta_net`: A = −exp(A_log),
 the per-key-head qkvz, value heads tiled where `row.v_tiled`, the gated norm without offset).
+With `row.ggml_activations` the model also rounds its matmul inputs as llama.cpp does for each
+tensor's type (`ggml_activations`).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def hf_model_from_gguf(path, model_dir, row):
     from gguf import TensorNameMap
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    meta, t, _ = helpers.read_gguf(path)
+    meta, t, types = helpers.read_gguf(path)
     assert meta["general.architecture"] == row.arch
     cfg = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -177,6 +179,10 @@ def hf_model_from_gguf(path, model_dir, row):
             v = v - np.float32(row.norm_offset)
         sd[hname] = v.reshape(model.state_dict()[hname].shape)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
+    if row.ggml_activations:
+        import ggml_activations
+
+        ggml_activations.round_activations(model, types)
     return model
 
 

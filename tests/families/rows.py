@@ -30,6 +30,9 @@ class Row:
     q_atol: float = 0.3
     mlx: bool = True  # False: `greentune export --format mlx` refuses it in one line
     v_tiled: bool = False  # hybrids: the GGUF holds value heads tiled over key heads (gguf_inverse)
+    # quantised files: PyTorch rounds matmul inputs as llama.cpp does (`ggml_activations`; the
+    # hybrids' delta net turns that rounding alone into ~1 in log-probability)
+    ggml_activations: bool = False
 
     @property
     def targets(self) -> list[str]:
@@ -316,6 +319,7 @@ ROWS += [
         norm_offset=1.0,
         q_atol=0.5,
         mlx=False,
+        ggml_activations=True,
     ),
     Row(
         "qwen3_5_moe_text",
@@ -326,6 +330,7 @@ ROWS += [
         q_atol=0.5,
         mlx=False,
         v_tiled=True,
+        ggml_activations=True,
     ),
 ]
 BY_TYPE = {r.model_type: r for r in ROWS}
