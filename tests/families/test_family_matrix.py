@@ -18,7 +18,9 @@ log-probabilities by ~2e-3; for those rows PyTorch evaluates GELU the same way
 (`ggml_gelu`), which brings an untrained hidden-64 Gemma to 5e-5 and these hidden-256 ones
 to ~3.5e-4 (row.f32_atol 5e-4; 2e-3 for the 6-layer Gemma-3, ~1e-3 measured). Gemma's ×sqrt(hidden) embedding
 scale and soft-capping also magnify llama.cpp's 8-bit activation rounding in quantised files (row.q_atol
-0.75).
+0.75). The Qwen3-Next / Qwen3.5 hybrids' delta net magnifies it far more (~1 in log-probability
+from rounding alone: q·k of unit vectors that nearly cancel, per-head RMS-normalised after), so
+for them PyTorch rounds its matmul inputs as llama.cpp does (`ggml_activations`, row.ggml_activations).
 
 A row with `arch = None` has no GGUF export yet: `greentune export` says so in one line,
 and the rest (training, MLX) is checked.

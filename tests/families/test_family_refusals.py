@@ -44,11 +44,11 @@ def test_a_hybrid_layer_pattern_llama_cpp_does_not_read_is_one_line(tmp_path, ca
     from safetensors.torch import save_file
 
     base = tmp_path / "qwen3_next"
-    layers = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    layers = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
     tf.Qwen3NextConfig(num_hidden_layers=4, layer_types=layers).save_pretrained(base)
     save_file({"placeholder": torch.zeros(1)}, str(base / "model.safetensors"))
     tokenizer.save_pretrained(base)
     recipe = _recipe(tmp_path, base, small_data[0], export=[{"format": "gguf", "quant": "q8_0"}])
     assert main(["train", str(recipe), "--run-dir", str(tmp_path / "run")]) == 2
-    assert "not one full-attention layer every 4 (full_attention_interval)" in _one_line(capsys)
+    assert "not one full-attention layer every 2 (full_attention_interval)" in _one_line(capsys)
     assert not (tmp_path / "run").exists()

@@ -2,7 +2,7 @@
 `qwen3_5_moe_text` → `qwen35moe` (issue 17).
 
 Both stack gated-delta-net layers with a full-attention layer every `full_attention_interval`
-(HF's `layer_types`, checked against that pattern), and every layer's MLP is Qwen-MoE's
+(read from HF's `layer_types`, which must follow that pattern), and every layer's MLP is Qwen-MoE's
 (softmax top-k renormalised, one sigmoid-gated shared expert). What llama.cpp reads, as its
 converter writes it:
 
@@ -54,6 +54,11 @@ _MROPE_DEFAULT = [11, 11, 10, 0]
 
 
 def _interval(cfg: dict) -> int:
+    """One full-attention layer every this many: from layer_types (its first full layer), else
+    full_attention_interval (default 4)."""
+    types = list(cfg.get("layer_types") or [])
+    if "full_attention" in types:
+        return types.index("full_attention") + 1
     return int(cfg.get("full_attention_interval") or 4)
 
 
