@@ -3,7 +3,11 @@
 Independent of the exporter's code path: names come from the `gguf` package's
 `TensorNameMap` applied to the HF model's own state-dict names; every tensor is dequantised
 with `gguf.quants.dequantize`; the row's `interleaved` and `norm_offset` are undone; stacked
-experts become transformers v5's fused `gate_up_proj` / `down_proj`.
+experts become transformers v5's fused `gate_up_proj` / `down_proj`. The hybrids' delta-net
+tensors are rebuilt from llama.cpp's layout as its graph reads it (`_delta_net`: A = −exp(A_log),
+the per-key-head qkvz, value heads tiled where `row.v_tiled`, the gated norm without offset).
+With `row.ggml_activations` the model also rounds its matmul inputs as llama.cpp does for each
+tensor's type (`ggml_activations`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,61 @@ def _gpt_oss_expert(hname: str, t: dict):
     return _interleave(gate, up, 1).transpose(0, 2, 1)
 
 
+def _grouped(heads: np.ndarray, r: int, nk: int, dim: int, axis: int) -> np.ndarray:
+    """Value heads of `dim` rows along `axis` from llama.cpp's tiled order (head j·nk + g) back to
+    HF's grouped one (head g·r + j)."""
+    index = np.arange(nk * r).reshape(r, nk).T.reshape(-1)  # grouped head h sits at index[h]
+    blocks = np.split(heads, nk * r, axis=axis)
+    assert blocks[0].shape[axis] == dim
+    return np.concatenate([blocks[i] for i in index], axis=axis)
+
+
+def _delta_net(hname: str, t: dict, cfg, row):
+    """A Qwen3-Next / Qwen3.5 gated-delta-net tensor from the GGUF's (None for any other name)."""
+    m = re.match(r"model\.layers\.(\d+)\.linear_attn\.(.+)$", hname)
+    if not m:
+        return None
+    b, leaf = f"blk.{m.group(1)}", m.group(2)
+    nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, r = cfg.linear_key_head_dim, cfg.linear_value_head_dim, nv // nk
+
+    def heads(x, dim, axis=0):
+        return _grouped(x, r, nk, dim, axis) if row.v_tiled else x
+
+    qk = 2 * nk * dk
+    if leaf == "A_log":
+        return np.log(-heads(t[f"{b}.ssm_a"], 1))
+    if leaf == "dt_bias":
+        return heads(t[f"{b}.ssm_dt.bias"], 1)
+    if leaf == "norm.weight":
+        return t[f"{b}.ssm_norm.weight"]  # the gated norm: stored as is, no 1 + w
+    if leaf == "conv1d.weight":
+        c = t[f"{b}.ssm_conv1d.weight"]
+        return np.concatenate([c[:qk], heads(c[qk:], dv)])[:, None, :]
+    if leaf == "out_proj.weight":
+        return heads(t[f"{b}.ssm_out.weight"], dv, axis=1)
+    if leaf == "in_proj_qkvz.weight":  # per key head: its q, k, then its value heads' v and z rows
+        qkv, z = t[f"{b}.attn_qkv.weight"], t[f"{b}.attn_gate.weight"]
+        q, k, v = qkv[: nk * dk], qkv[nk * dk : qk], heads(qkv[qk:], dv)
+        z = heads(z, dv)
+        per = [
+            part[g * n : (g + 1) * n]
+            for g in range(nk)
+            for part, n in ((q, dk), (k, dk), (v, r * dv), (z, r * dv))
+        ]
+        return np.concatenate(per)
+    if leaf == "in_proj_ba.weight":
+        return t[f"{b}.ssm_ba.weight"]
+    if leaf == "in_proj_qkv.weight":
+        qkv = t[f"{b}.attn_qkv.weight"]
+        return np.concatenate([qkv[:qk], heads(qkv[qk:], dv)])
+    if leaf == "in_proj_z.weight":
+        return heads(t[f"{b}.attn_gate.weight"], dv)
+    if leaf in ("in_proj_b.weight", "in_proj_a.weight"):
+        return heads(t[f"{b}.ssm_{'beta' if leaf == 'in_proj_b.weight' else 'alpha'}.weight"], 1)
+    raise AssertionError(f"unknown delta-net tensor {hname}")
+
+
 # in-memory router names the gguf map does not know, and their on-disk (hub) names
 _ROUTERS = {
     "block_sparse_moe.router.weight": "block_sparse_moe.router.layer.weight",  # GraniteMoE
@@ -65,7 +124,7 @@ def hf_model_from_gguf(path, model_dir, row):
     from gguf import TensorNameMap
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    meta, t, _ = helpers.read_gguf(path)
+    meta, t, types = helpers.read_gguf(path)
     assert meta["general.architecture"] == row.arch
     cfg = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -86,6 +145,10 @@ def hf_model_from_gguf(path, model_dir, row):
                 if m.group(2) == "gate_up_proj"
                 else t[f"{b}.ffn_down_exps.weight"]
             )
+            continue
+        g = _delta_net(hname, t, cfg, row)
+        if g is not None:
+            sd[hname] = g
             continue
         if hname.endswith("mlp.gate.e_score_correction_bias"):
             sd[hname] = t[f"blk.{hname.split('.')[2]}.exp_probs_b.bias"]
@@ -116,6 +179,10 @@ def hf_model_from_gguf(path, model_dir, row):
             v = v - np.float32(row.norm_offset)
         sd[hname] = v.reshape(model.state_dict()[hname].shape)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
+    if row.ggml_activations:
+        import ggml_activations
+
+        ggml_activations.round_activations(model, types)
     return model
 
 

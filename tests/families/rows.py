@@ -34,6 +34,10 @@ class Row:
     mlx: bool = True  # False: `greentune export --format mlx` refuses it in one line
     mlx_atol: float = 1e-4
     mlx_q_frac: float = 0.05
+    v_tiled: bool = False  # hybrids: the GGUF holds value heads tiled over key heads (gguf_inverse)
+    # quantised files: PyTorch rounds matmul inputs as llama.cpp does (`ggml_activations`; the
+    # hybrids' delta net turns that rounding alone into ~1 in log-probability)
+    ggml_activations: bool = False
 
     @property
     def targets(self) -> list[str]:
@@ -320,21 +324,29 @@ def _hybrid(cls, v, i, h, f):
 
 
 # issue 17, hybrid attention: trained (LoRA on q/k/v/o, the delta-net projections, experts);
-# exported to MLX (mlx_hybrid); GGUF export is refused in one line (gguf_families_moe.NOT_EXPORTED)
+# GGUF through llama.cpp's qwen3next / qwen35moe (zero-centred norms stored as 1 + w; Qwen3.5's
+# value heads tiled, gguf_hybrid); MLX through mlx_hybrid
 ROWS += [
     Row(
         "qwen3_next",
         lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f),
-        None,
+        "qwen3next",
         moe=True,
+        norm_offset=1.0,
+        q_atol=0.5,
+        ggml_activations=True,
         mlx_atol=3e-4,
         mlx_q_frac=0.3,
     ),
     Row(
         "qwen3_5_moe_text",
         lambda v, i, h, f: _hybrid(tf.Qwen3_5MoeTextConfig, v, i, h, f),
-        None,
+        "qwen35moe",
         moe=True,
+        norm_offset=1.0,
+        q_atol=0.5,
+        v_tiled=True,
+        ggml_activations=True,
         mlx_atol=3e-4,
         mlx_q_frac=0.3,
     ),

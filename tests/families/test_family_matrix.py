@@ -20,7 +20,9 @@ log-probabilities by ~2e-3; for those rows PyTorch evaluates GELU the same way
 (`ggml_gelu`), which brings an untrained hidden-64 Gemma to 5e-5 and these hidden-256 ones
 to ~3.5e-4 (row.f32_atol 5e-4; 2e-3 for the 6-layer Gemma-3, ~1e-3 measured). Gemma's ×sqrt(hidden) embedding
 scale and soft-capping also magnify llama.cpp's 8-bit activation rounding in quantised files (row.q_atol
-0.75).
+0.75). The Qwen3-Next / Qwen3.5 hybrids' delta net magnifies it far more (~1 in log-probability
+from rounding alone: q·k of unit vectors that nearly cancel, per-head RMS-normalised after), so
+for them PyTorch rounds its matmul inputs as llama.cpp does (`ggml_activations`, row.ggml_activations).
 
 A row with `arch = None` has no GGUF export yet: `greentune export` says so in one line,
 and the rest (training, MLX) is checked.
@@ -158,8 +160,9 @@ def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data
     f32 = _export(run, "gguf", "f32", tmp_path / "x") / "model-f32.gguf"
     meta, _, types = helpers.read_gguf(f32)
     assert meta["general.architecture"] == row.arch
-    # transformers v5 loads the saved tokenizer as the family's class (Qwen2's sets its own regex)
-    assert meta["tokenizer.ggml.pre"] in ("gpt-2", "qwen2") and meta["tokenizer.chat_template"]
+    # transformers v5 loads the saved tokenizer as the family's class (Qwen2's and Qwen3.5's set
+    # their own regex)
+    assert meta["tokenizer.ggml.pre"] in ("gpt-2", "qwen2", "qwen35") and meta["tokenizer.chat_template"]
     assert meta["tokenizer.ggml.eos_token_id"] == merged.config.eos_token_id
     if row.moe:
         assert meta[f"{row.arch}.expert_count"] == 4 and meta[f"{row.arch}.expert_used_count"] == 2
@@ -170,7 +173,7 @@ def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data
     for quant in ("q8_0", "q4_k_m"):
         path = _export(run, "gguf", quant, tmp_path / "x") / f"model-{quant}.gguf"
         _, _, types = helpers.read_gguf(path)
-        assert types["blk.0.attn_output.weight"] == {"q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
+        assert types[_first_attn_output(types)] == {"q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]
         _compare(
             path,
             gguf_inverse.hf_model_from_gguf(path, run / "merged", row),
@@ -181,6 +184,14 @@ def test_fp32_base_relora_to_gguf_and_mlx(tmp_path, row, family_base, small_data
         )
 
     _check_mlx(run, merged, row, tmp_path)
+
+
+def _first_attn_output(names, start: int = 0) -> str:
+    """`blk.N.attn_output.weight` of the first full-attention layer from `start` (the hybrids'
+    first layers are delta nets, without one)."""
+    return next(
+        f"blk.{i}.attn_output.weight" for i in range(start, 64) if f"blk.{i}.attn_output.weight" in names
+    )
 
 
 def _gguf_refused(run, tmp_path):
@@ -236,11 +247,12 @@ def test_q4_k_base_ships_its_training_bytes(tmp_path, row, family_base, small_da
         return
     path = _export(run, "gguf", "q4_k_m", tmp_path / "x") / "model-q4_k_m.gguf"
     tensors = {t.name: t for t in GGUFReader(path).tensors}
+    gname = _first_attn_output(tensors, start=1)
     with safe_open(str(run / "trained-base.safetensors"), "pt") as f:
-        name = "model.layers.1.self_attn.o_proj.weight"
+        name = f"model.layers.{gname.split('.')[1]}.self_attn.o_proj.weight"
         assert f.metadata()[name] == "Q4_K"
         trained = f.get_tensor(name).numpy()
-    written = np.asarray(tensors["blk.1.attn_output.weight"].data).view(np.uint8).reshape(trained.shape)
+    written = np.asarray(tensors[gname].data).view(np.uint8).reshape(trained.shape)
     assert np.array_equal(written, trained)
     _compare(
         path,

@@ -7,15 +7,16 @@ row only states what differs between families:
 - `interleaved_rope`: llama.cpp's "llama"-style graphs (llama, granite) rotate interleaved
   pairs, so q/k rows are permuted (`gguf_tensors.qk_permutation`); the other architectures
   use NeoX rotation, which is HF's half-rotation, and take q/k unchanged;
-- `norm_offset`: Gemma's RMSNorm computes x·(1 + w); llama.cpp multiplies by the stored
-  weight, so 1 + w is stored (as llama.cpp's converter does);
+- `norm_offset`: Gemma's (and the Qwen3-Next / Qwen3.5 hybrids') RMSNorm computes x·(1 + w);
+  llama.cpp multiplies by the stored weight, so 1 + w is stored (as llama.cpp's converter does);
 - `keys`: architecture keys beyond the common ones (`gguf._add_hparams`), e.g. Granite's
   multipliers, Gemma's sliding window and soft-capping, the MoE expert sizes;
 - `check`: refuses, in one line, a configuration whose computation llama.cpp's graph for
   that architecture does not reproduce (rather than writing a file that runs differently);
 - `overrides`, `split`, `head_lengths`, `rope_scaling`: for families whose hyper-parameters
   or tensors llama.cpp reads otherwise (DeepSeek-V3's latent attention and YaRN, the
-  DeepSeek/GLM router bias and leading dense layers; see `gguf_deepseek`).
+  DeepSeek/GLM router bias and leading dense layers, see `gguf_deepseek`; the hybrids'
+  gated delta-net tensors, see `gguf_hybrid`).
 
 llama / mistral / qwen2 / mixtral run as `general.architecture = "llama"` (the graph adds
 Qwen2's q/k/v biases; Mixtral's experts are stacked), the rest under their own names.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
 from greentune.errors import UserError
-from greentune.export import gguf_deepseek, gguf_gpt_oss
+from greentune.export import gguf_deepseek, gguf_gpt_oss, gguf_hybrid
 
 
 def _head_dim(cfg: dict) -> int:
@@ -218,17 +219,25 @@ FAMILIES["gpt_oss"] = Family(
 
 
 # issue 17: GraniteMoE, PhiMoE, ERNIE-4.5-MoE (their rows live in gguf_families_moe)
-from greentune.export.gguf_families_moe import MOE_FAMILIES, NOT_EXPORTED  # noqa: E402
+from greentune.export.gguf_families_moe import MOE_FAMILIES  # noqa: E402
 
 FAMILIES.update(MOE_FAMILIES)
+# issue 17: the hybrid linear-attention MoE families (gated delta net + full attention, gguf_hybrid)
+for _mt, _arch in (("qwen3_next", MODEL_ARCH.QWEN3NEXT), ("qwen3_5_moe_text", MODEL_ARCH.QWEN35MOE)):
+    FAMILIES[_mt] = Family(
+        _arch,
+        norm_offset=1.0,
+        moe=True,
+        keys=gguf_hybrid.keys,
+        check=gguf_hybrid.check,
+        split=gguf_hybrid.split,
+    )
 
 
 def family_of(cfg: dict) -> Family:
     """The row for `cfg["model_type"]`; UserError naming the supported model types otherwise."""
     mt = cfg.get("model_type")
     fam = FAMILIES.get(mt)
-    if mt in NOT_EXPORTED:
-        raise UserError(f"GGUF export of {mt}: {NOT_EXPORTED[mt]}")
     if fam is None:
         raise UserError(f"GGUF export supports model types {sorted(FAMILIES)}; this model is {mt!r}")
     if fam.check is not None:

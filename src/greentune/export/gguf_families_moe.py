@@ -77,14 +77,6 @@ def _ernie_keys(w: GGUFWriter, cfg: dict) -> None:
         w.add_expert_shared_feed_forward_length(inter * shared)
 
 
-# Trained but not exported: what the GGUF writer lacks for each (one line at export and at train time)
-NOT_EXPORTED = {
-    fam: "its gated delta-net (linear attention) layers need llama.cpp's ssm_* tensors (conv1d, "
-    "A = -exp(A_log), "
-    "dt bias, gated norm, the grouped qkvz/ba split), which greentune's GGUF writer does not produce yet"
-    for fam in ("qwen3_next", "qwen3_5_moe_text")
-}
-
 MOE_FAMILIES: dict[str, Family] = {
     "granitemoe": Family(MODEL_ARCH.GRANITE_MOE, interleaved_rope=True, moe=True, keys=_granitemoe_keys),
     "phimoe": Family(MODEL_ARCH.PHIMOE, moe=True, check=_phimoe_check),

@@ -26,7 +26,8 @@ mxfp4     llama.cpp's MXFP4_MOE (gpt-oss's published GGUFs): expert tensors (`*_
 ========  ==============================================================================
 
 Never quantised (as in llama.cpp): 1-D tensors (norms, biases), the router
-`ffn_gate_inp` (routing decisions are sensitive and the tensor is tiny), rope factors.
+`ffn_gate_inp` (routing decisions are sensitive and the tensor is tiny), rope factors, the
+delta net's `ssm_conv1d` kernel (F32 in every preset: ggml's ssm_conv reads no other type).
 
 Quantisers: Q8_0/Q4_0/Q4_K/Q6_K come from `greentune.quant.formats` (imported lazily), whose
 `quantize` runs the native multi-threaded kernels (`greentune.quant.kernels`; Q8_0/Q4_0 bytes
@@ -76,8 +77,15 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
 
 
 def is_quantisable(name: str, shape: tuple[int, ...]) -> bool:
-    """2-D/3-D `.weight` tensors except norms and the router, as llama.cpp decides."""
-    return len(shape) >= 2 and name.endswith(".weight") and "_norm" not in name and "ffn_gate_inp" not in name
+    """2-D/3-D `.weight` tensors except norms, the router and the delta net's convolution kernel
+    (ggml's ssm_conv reads F32 only), as llama.cpp decides."""
+    return (
+        len(shape) >= 2
+        and name.endswith(".weight")
+        and "_norm" not in name
+        and "ffn_gate_inp" not in name
+        and ".ssm_conv1d." not in name
+    )
 
 
 def _fallback(t: T, row: int) -> T:

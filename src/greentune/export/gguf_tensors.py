@@ -13,7 +13,8 @@ rotates halves (x_i, x_{i+d/2}): per head the rows are reordered with
 permutation applies to prequantized block bytes since blocks never cross rows. Gemma's
 norms are stored as 1 + w (`Family.norm_offset`).
 A family's `split` stores some HF tensors under other names and shapes (DeepSeek's
-`kv_b_proj` as per-head `attn_k_b` / `attn_v_b`, the router bias as `exp_probs_b.bias`);
+`kv_b_proj` as per-head `attn_k_b` / `attn_v_b`, the router bias as `exp_probs_b.bias`;
+the hybrids' delta-net tensors, `gguf_hybrid`), or drops them (their `mtp.*` head);
 layers below `first_k_dense_replace` are dense and get no expert tensors.
 """
 
@@ -195,8 +196,13 @@ def plan(src: ModelSource, arch: Arch) -> list[PlannedTensor]:
             if fam.split is None
             else fam.split(arch.config, hname, layer, src.torch_shape(hname), _loader(src, hname, None, 0.0))
         )
-        if parts is not None:  # stored otherwise (gguf_deepseek); type planned, never the HF bytes
-            layers[layer] += [PlannedTensor(n, tuple(shp), load, layer) for n, shp, load in parts]
+        if parts is not None:  # stored otherwise (gguf_deepseek, gguf_hybrid); [] drops the tensor
+            # a part naming its HF sources may carry their prequantized blocks (row reorders);
+            # without, its type is the preset's and it loads as float
+            for n, shp, load, *srcs in parts:
+                layers[layer].append(
+                    PlannedTensor(n, tuple(shp), load, layer, tuple(srcs[0]) if srcs else ())
+                )
             continue
         disk = _on_disk(hname)
         gname = names.get_name(disk, try_suffixes=(".weight", ".bias"))

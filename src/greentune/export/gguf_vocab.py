@@ -19,7 +19,8 @@ ids of a test string, which only recognises published tokenizers, never one trai
 user. greentune reads tokenizer.json's `pre_tokenizer`:
   - `ByteLevel(use_regex=true)` alone → "gpt-2" (llama.cpp applies the same GPT-2 regex);
   - `Sequence[Split(regex R), ByteLevel(use_regex=false)]` → looked up in `PRE_BY_REGEX`
-    (Llama-3's regex → "llama-bpe", Qwen2's → "qwen2", gpt-oss's o200k → "gpt-4o");
+    (Llama-3's regex → "llama-bpe", Qwen2's → "qwen2", Qwen3.5's → "qwen35", gpt-oss's
+    o200k → "gpt-4o");
   - `Sequence[Split(R1), Split(R2), Split(R3), ByteLevel(use_regex=false)]` with DeepSeek-V3's
     three regexes → "deepseek-v3" (`PRE_BY_SPLITS`).
 Anything else raises `UserError` naming the fix (pass `tokenizer_pre=`), because a wrong
@@ -50,6 +51,11 @@ QWEN2_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+# Qwen3.5's: Qwen2's with marks (\p{M}) kept inside words; llama.cpp "qwen35"
+QWEN35_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}"
+    "| ?[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
 # gpt-oss's o200k_harmony (tiktoken's o200k_base split, as its tokenizer.json spells it): llama.cpp "gpt-4o"
 O200K_REGEX = (
@@ -59,7 +65,13 @@ O200K_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
-PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2", O200K_REGEX: "gpt-4o"}
+PRE_BY_REGEX = {
+    LLAMA3_REGEX: "llama-bpe",
+    QWEN2_REGEX: "qwen2",
+    QWEN35_REGEX: "qwen35",
+    GPT2_REGEX: "gpt-2",
+    O200K_REGEX: "gpt-4o",
+}
 # DeepSeek-V3's three isolating splits (digits in threes, CJK runs, then words/punctuation), the
 # regexes of llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM ("deepseek-v3")
 DEEPSEEK3_REGEXES = (
