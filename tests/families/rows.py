@@ -326,29 +326,18 @@ def _hybrid(cls, v, i, h, f):
 # issue 17, hybrid attention: trained (LoRA on q/k/v/o, the delta-net projections, experts);
 # GGUF through llama.cpp's qwen3next / qwen35moe (zero-centred norms stored as 1 + w; Qwen3.5's
 # value heads tiled, gguf_hybrid); MLX through mlx_hybrid
+# what both hybrid rows share: MoE, 1 + w norms, llama.cpp's activation rounding, looser MLX bounds
+_HYBRID_ROW = dict(
+    moe=True, norm_offset=1.0, q_atol=0.5, ggml_activations=True, mlx_atol=3e-4, mlx_q_frac=0.3
+)
 ROWS += [
-    Row(
-        "qwen3_next",
-        lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f),
-        "qwen3next",
-        moe=True,
-        norm_offset=1.0,
-        q_atol=0.5,
-        ggml_activations=True,
-        mlx_atol=3e-4,
-        mlx_q_frac=0.3,
-    ),
+    Row("qwen3_next", lambda v, i, h, f: _hybrid(tf.Qwen3NextConfig, v, i, h, f), "qwen3next", **_HYBRID_ROW),
     Row(
         "qwen3_5_moe_text",
         lambda v, i, h, f: _hybrid(tf.Qwen3_5MoeTextConfig, v, i, h, f),
         "qwen35moe",
-        moe=True,
-        norm_offset=1.0,
-        q_atol=0.5,
         v_tiled=True,
-        ggml_activations=True,
-        mlx_atol=3e-4,
-        mlx_q_frac=0.3,
+        **_HYBRID_ROW,
     ),
 ]
 BY_TYPE = {r.model_type: r for r in ROWS}
