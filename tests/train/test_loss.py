@@ -48,7 +48,7 @@ def _assert_same(a, b):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force several chunks per batch so chunk boundaries are exercised."""
-    monkeypatch.setattr(fused_head_ce, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(fused_head_ce, "CHUNK_ROWS", 1)  # -> MIN_CHUNK_ROWS
 
 
 @pytest.mark.parametrize("arch_fixture", ["tiny_llama_dir", "tiny_mixtral_dir", "tiny_qwen2_moe_dir"])
@@ -175,3 +175,13 @@ def test_fallback_to_the_hf_path(tiny_mixtral_dir, change):
     ours = CausalLMLoss(model)(ids, mask, labels, n)
     theirs = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n).loss
     assert torch.equal(ours, theirs)
+
+
+def test_chunk_rows_on_cpu_and_elsewhere():
+    """512 rows on CPU while their logits fit 256 MiB (fewer for large vocabularies, never
+    under 64); on an accelerator about 2^26 logits a chunk."""
+    cpu, gpu = torch.device("cpu"), torch.device("meta")  # any non-CPU device takes the device rule
+    assert fused_head_ce.chunk_rows(8192, cpu) == fused_head_ce.chunk_rows(32000, cpu) == 512
+    assert fused_head_ce.chunk_rows(151936, cpu) == (1 << 26) // 151936 == 441
+    assert fused_head_ce.chunk_rows(10**7, cpu) == 64
+    assert fused_head_ce.chunk_rows(8192, gpu) == 8192

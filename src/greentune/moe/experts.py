@@ -40,10 +40,14 @@ quantised stores and per-expert LoRA without stacking anything, and its Python c
 stores take the grouped path too where they have grouped kernels (`QuantExperts3D` on CUDA:
 Triton, see `greentune.quant.triton_dispatch`); the LoRA factors still go to `F.grouped_mm`.
 
-Three custom autograd functions keep the backward lean: `_GatherTokens` and
-`_Permute` turn the index_select backwards (slow scatter-adds) into gathers, and `_SwiGLU`
-writes d[gate | up] into one buffer (no chunk/cat); per-expert weights are taken with one
-`unbind` per forward (whose backward is one stack, not E full-size zero gradients).
+Custom autograd functions keep the backward lean: `_GatherTokens` and `_Permute` turn the
+index_select backwards (slow scatter-adds) into gathers, and on the CPU the per-expert loop
+itself is one function with a hand-written backward (`greentune.moe.expert_loop.ExpertLoop`:
+every expert's rows written into shared buffers, no concatenation, no per-expert graph). Where
+it does not apply (another activation, LoRA dropout, trainable base weights, gpt-oss) the loop
+runs through autograd: `_SwiGLU` writes d[gate | up] into one buffer (no chunk/cat), and
+per-expert weights are taken with one `unbind` per forward (whose backward is one stack, not
+E full-size zero gradients).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from greentune.moe.expert_loop import ExpertLoop
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +273,20 @@ class SparseExperts(nn.Module):
         dims = [self.hidden_dim, self.intermediate_dim] + ([self.lora.r] if self.lora is not None else [])
         return all(d * x.element_size() % 16 == 0 for d in dims)
 
+    def _loop_ok(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes `ExpertLoop` (the hand-written per-expert backward): SiLU
+        gating, frozen base weights, and any LoRA in x's dtype without dropout."""
+        if not self._silu:
+            return False
+        for attr in _ATTR.values():
+            w = getattr(self, attr)
+            if isinstance(w, torch.Tensor) and (w.requires_grad or w.dtype != x.dtype):
+                return False
+        lora = self.lora
+        return lora is None or (
+            isinstance(lora.dropout, nn.Identity) and all(p.dtype == x.dtype for p in lora.parameters())
+        )
+
     def _grouped(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """All experts on their rows x [S, H] (grouped by expert) with grouped GEMMs -> [S, H]."""
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device)
@@ -302,6 +322,25 @@ class SparseExperts(nn.Module):
             plus_low_rank if lora is not None else None,
         )
 
+    def _expert_loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every expert on its rows of x [S, H] (grouped by expert) through `ExpertLoop`."""
+        lora, dtype = self.lora, x.dtype
+        factors = (None,) * 4 if lora is None else (*lora.factors("gate_up"), *lora.factors("down"))
+
+        def weight(name, e):  # a view of a plain tensor; a store dequantises (again in backward)
+            return self.weight(name, e).to(dtype)
+
+        scale = 0.0 if lora is None else lora.scale
+        return ExpertLoop.apply(x, *factors, weight, counts, scale, self.intermediate_dim)
+
+    def _autograd_loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The same through autograd, one `_expert` per expert (any activation, LoRA dropout,
+        trainable base weights, gpt-oss' biases)."""
+        w1, w2 = self._per_expert("gate_up_proj"), self._per_expert("down_proj")
+        lora = None if self.lora is None else self.lora.per_expert(x.dtype)
+        outs = [self._expert(e, xe, w1, w2, lora) for e, xe in enumerate(x.split(counts)) if counts[e]]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
     def _mlp(self, x: torch.Tensor, gate_up, down, plus_low_rank) -> torch.Tensor:
         """down(act(gate) ⊙ up) for rows x, given the two projections and, with a LoRA, the
         function that adds its low-rank term to a projection's output (name, input, output)."""
@@ -334,10 +373,8 @@ class SparseExperts(nn.Module):
             y = self._grouped(x, flat)
         else:
             counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
-            w1, w2 = self._per_expert("gate_up_proj"), self._per_expert("down_proj")
-            lora = None if self.lora is None else self.lora.per_expert(hidden_states.dtype)
-            outs = [self._expert(e, xe, w1, w2, lora) for e, xe in enumerate(x.split(counts)) if counts[e]]
-            y = torch.cat(outs) if len(outs) > 1 else outs[0]  # [S, H], grouped order
+            loop = self._expert_loop if self._loop_ok(hidden_states) else self._autograd_loop
+            y = loop(x, counts)  # [S, H], grouped order
         y = _Permute.apply(y, inverse, order).view(n, k, -1)  # [N, k, H], slot order
         out = torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # Σ_k w·y  [N, H]
         return out.to(hidden_states.dtype)

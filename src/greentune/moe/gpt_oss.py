@@ -103,6 +103,9 @@ class GptOssSparseExperts(SparseExperts):
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         return False
 
+    def _loop_ok(self, x: torch.Tensor) -> bool:  # biases and the clamped SwiGLU: the autograd loop
+        return False
+
     # ---- compute -------------------------------------------------------------------------
     def _expert(self, e: int, x: torch.Tensor, w1, w2, lora) -> torch.Tensor:
         h = self._linear(w1, e, x) + self.gate_up_proj_bias[e].to(x.dtype)  # [n, 2I]
