@@ -15,7 +15,8 @@ Cases (``--cases``, default all three):
 - ``dense``: a matmul-dominated dense llama (hidden 2048, intermediate 5632, 4 layers, 16 heads,
   vocab 8192), LoRA r16 on attention + MLP, batch 2 × 256: bare step vs `run_training`, and
   the achieved model FLOP/s (`train.metrics.training_flops_per_token`) against this machine's
-  fp32 matmul rate measured in the same run (2048² square matmuls).
+  fp32 matmul rate measured in the same run (2048² square matmuls, the faster of torch's
+  and oneDNN's, which greentune's frozen GEMMs use on AMD CPUs: `greentune.cpu_gemm`).
 
     python benchmarks/train_throughput.py [--cases attn,q4k,dense] [--steps 4] [--rounds 3]
 
@@ -135,16 +136,28 @@ def time_steps(model, batch, steps: int) -> list[float]:
 
 
 def matmul_gflops(device, dtype, n: int = 2048, reps: int = 10) -> float:
+    """This machine's fp32 (GPU: bf16) square-matmul rate, GFLOP/s: the faster of torch's own
+    `a @ b` and, on the CPU, oneDNN's (`greentune.cpu_gemm`, which greentune's frozen GEMMs use),
+    so the achieved-compute ratio is against the best GEMM this machine offers."""
+    from greentune import cpu_gemm
+
     if device.type == "cuda":
         n, reps = 8192, 20
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    rates = {}
+    gemms = {"torch": lambda: a @ b}
+    if device.type == "cpu" and dtype == torch.float32 and cpu_gemm._onednn_linear() is not None:
+        gemms["oneDNN"] = lambda: cpu_gemm._onednn_linear()(a, b.t(), None, "none", [], "")
+    for name, mm in gemms.items():
+        mm()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            mm()
+        sync(device)
+        rates[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    print("  matmul " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()))
+    return max(rates.values())
 
 
 def greentune_flops_per_token(model, seq: int) -> float:

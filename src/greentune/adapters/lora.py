@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from greentune.cpu_gemm import frozen_linear
 from greentune.errors import UserError
 from greentune.recipe import LORA_DROPOUT
 
@@ -80,7 +81,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) + scale · (dropout(x) Aᵀ) Bᵀ as one addmm: the scale and the sum ride in the GEMM
         instead of two extra passes over the [tokens, out] output (and one more in backward)."""
-        y = self.base(x)
+        base = self.base
+        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
+            y = frozen_linear(x, base.weight, base.bias)  # oneDNN on the CPU (see greentune.cpu_gemm)
+        else:
+            y = base(x)
         a, b = self.lora_A, self.lora_B
         if a.dtype != x.dtype:  # fp32 masters, bf16 compute: the casts' backward gives fp32 grads
             a, b = a.to(x.dtype), b.to(x.dtype)

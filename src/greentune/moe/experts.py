@@ -331,7 +331,7 @@ class SparseExperts(nn.Module):
             return self.weight(name, e).to(dtype)
 
         scale = 0.0 if lora is None else lora.scale
-        return ExpertLoop.apply(x, *factors, weight, counts, scale, self.intermediate_dim)
+        return ExpertLoop.apply(x, *factors, weight, counts, scale)
 
     def _autograd_loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The same through autograd, one `_expert` per expert (any activation, LoRA dropout,

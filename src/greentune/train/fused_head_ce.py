@@ -19,8 +19,9 @@ The weight (and bias) must be frozen: a trainable head takes the plain path (`fu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from greentune.cpu_gemm import linear, matmul
 
 IGNORE = -100
 # Causal-LM classes whose head is exactly `logits = lm_head(backbone(...).last_hidden_state)`
@@ -126,7 +127,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         step = chunk_rows(weight.shape[0], hidden.device)
         for s in range(0, h.shape[0], step):
             hc, yc = h[s : s + step], y[s : s + step]
-            logits = F.linear(hc, weight, bias).float()  # [n, V]
+            logits = linear(hc, weight, bias).float()  # [n, V]
             target_logit = logits.gather(1, yc[:, None])
             m = logits.amax(1, keepdim=True)
             logits.sub_(m).exp_()  # unnormalised softmax
@@ -136,7 +137,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_loss = row_loss * valid[s : s + step, None]
             total += row_loss.sum()
             if want_grad:  # p W − W[y], with p = exp / z
-                pw = torch.mm(logits.to(weight.dtype), weight)
+                pw = matmul(logits.to(weight.dtype), weight)
                 g = pw / z.to(pw.dtype) - weight.index_select(0, yc)
                 if valid is not None:
                     g = g * valid[s : s + step, None].to(g.dtype)
