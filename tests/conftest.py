@@ -18,7 +18,7 @@ from greentune.models import tiny
 # Shared test helpers are imported by absolute module name (`from lora_helpers import ...`): the tests are
 # no package and run under --import-mode=importlib, so their directories go on the path here, once, for
 # every test module that uses them (tests/train uses the adapters' helpers too).
-for _helpers in ("adapters", "energy", "report"):
+for _helpers in ("adapters", "energy", "moe", "report"):
     sys.path.insert(0, str(Path(__file__).parent / _helpers))
 
 

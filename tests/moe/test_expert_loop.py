@@ -4,6 +4,7 @@ and every gradient agree bit for bit; with oneDNN's (the default on AMD CPUs) to
 
 import pytest
 import torch
+from expert_store import FakeStore
 from torch import nn
 
 from greentune import cpu_gemm
@@ -14,26 +15,12 @@ from greentune.moe.expert_loop import ExpertLoop
 E, H, FF, R = 8, 32, 48, 4
 
 
-class _Store:
-    """A stand-in quantised store: a copy of the weights, counting dequantisations."""
-
-    def __init__(self, t):
-        self.t, self.shape, self.calls = t.detach().clone(), tuple(t.shape), 0
-
-    def dequantize_expert(self, e):
-        self.calls += 1
-        return self.t[e].clone()
-
-    def add_(self, e, delta):
-        self.t[e] += delta
-
-
 def _experts(lora: bool, store: bool = False) -> SparseExperts:
     torch.manual_seed(0)
     m = SparseExperts(torch.randn(E, 2 * FF, H) * 0.1, torch.randn(E, H, FF) * 0.1, nn.SiLU())
     if store:
         for name in ("gate_up", "down"):
-            m.set_weight_store_(name, _Store(getattr(m, f"{name}_proj")))
+            m.set_weight_store_(name, FakeStore(getattr(m, f"{name}_proj")))
     if lora:
         m.lora = ExpertLoRA(E, H, FF, r=R, alpha=2 * R)
         with torch.no_grad():

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
+from expert_store import FakeStore
 
 from greentune.moe import SparseExperts, replace_experts_, sparse_experts
 
@@ -101,25 +102,11 @@ def test_unused_experts_in_a_model(tmp_path, tokenizer):
         assert g[4:].abs().sum() == 0 and g[:4].abs().sum() > 0
 
 
-class _FakeStore:
-    """Stands in for a quantised expert store: keeps a private tensor, counts dequantisations."""
-
-    def __init__(self, t):
-        self.t, self.shape, self.calls = t.detach().clone(), tuple(t.shape), 0
-
-    def dequantize_expert(self, e):
-        self.calls += 1
-        return self.t[e].clone()
-
-    def add_(self, e, delta):
-        self.t[e] += delta
-
-
 def test_store_weights_give_same_outputs_and_input_grads():
     hf = _hf_experts()
     ours = SparseExperts.from_hf(hf)
     stored = SparseExperts(hf.gate_up_proj.detach().clone(), hf.down_proj.detach().clone(), hf.act_fn)
-    stores = {n: _FakeStore(getattr(ours, f"{n}_proj")) for n in ("gate_up", "down")}
+    stores = {n: FakeStore(getattr(ours, f"{n}_proj")) for n in ("gate_up", "down")}
     for n, s in stores.items():
         stored.set_weight_store_(n, s)
     x = torch.randn(30, 32, requires_grad=True)

@@ -50,7 +50,7 @@ class ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a1, b1, a2, b2, weight: WeightOf, counts: list[int], scale: float):
         lora = a1 is not None
-        saved = []  # per expert: (rows, h [n, 2I], a [n, I], u1 [n, r], u2 [n, r])
+        saved = []  # per expert: (expert, rows, h [n, 2I], a [n, I], u1 [n, r], u2 [n, r])
         ys = []
         for e, s in _groups(counts):
             xe = x[s]
